@@ -1,0 +1,55 @@
+"""scikit-learn's bundled 8×8 digits (1,797 images): the default task, offline and small enough for seconds-long runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ConfigError
+from .base import DATASETS, DataBundle, Split
+
+
+@DATASETS.register("digits")
+@dataclass
+class Digits:
+    """A stratified split made once with ``split_seed``: test 360 / validation 180 / train 1,257 by default."""
+
+    test_size: int = 360
+    val_size: int = 180
+    split_seed: int = 0
+    flatten: bool = True
+
+    def validate(self, prefix: str) -> None:
+        for key in ("test_size", "val_size"):
+            value = getattr(self, key)
+            if not 10 <= value <= 600:
+                raise ConfigError(f"{prefix}.{key}", f"{value} is out of range; allowed: 10..600")
+
+    def load(self) -> DataBundle:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        images, labels = load_digits(return_X_y=True)
+        rest_x, test_x, rest_y, test_y = train_test_split(
+            images, labels, test_size=self.test_size, stratify=labels, random_state=self.split_seed
+        )
+        train_x, val_x, train_y, val_y = train_test_split(
+            rest_x, rest_y, test_size=self.val_size, stratify=rest_y, random_state=self.split_seed
+        )
+
+        def split(x, y) -> Split:
+            inputs = torch.tensor(x, dtype=torch.float32) / 16.0
+            if not self.flatten:
+                inputs = inputs.reshape(-1, 1, 8, 8)
+            return Split(inputs, torch.tensor(y, dtype=torch.long))
+
+        shape = [64] if self.flatten else [1, 8, 8]
+        return DataBundle(
+            name="digits",
+            task="classification",
+            train=split(train_x, train_y),
+            val=split(val_x, val_y),
+            test=split(test_x, test_y),
+            meta={"input_shape": shape, "num_classes": 10},
+        )

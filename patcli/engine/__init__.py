@@ -1,0 +1,66 @@
+"""The PAT engine: pure torch, usable without the CLI.
+
+A few lines in any training loop::
+
+    from patcli.engine import prune_during_training
+    pruner = prune_during_training(model, optimizer, sparsity=0.9, total_steps=len(loader) * epochs)
+    # ... the usual loop: loss.backward(); optimizer.step() — masks update and apply inside step()
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .allocation import ALLOCATIONS, Allocation
+from .masks import MaskSet, select_prunable
+from .patterns import PATTERNS, Pattern
+from .pruner import MaskUpdate, Pruner
+from .schedules import SCHEDULES, Schedule
+from .scorers import SCORERS, Scorer
+
+__all__ = [
+    "ALLOCATIONS",
+    "PATTERNS",
+    "SCHEDULES",
+    "SCORERS",
+    "Allocation",
+    "MaskSet",
+    "MaskUpdate",
+    "Pattern",
+    "Pruner",
+    "Schedule",
+    "Scorer",
+    "prune_during_training",
+    "select_prunable",
+]
+
+
+def _part(registry, value):
+    return registry.get(value)() if isinstance(value, str) else value
+
+
+def prune_during_training(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    sparsity: float,
+    total_steps: int,
+    scorer: str | Scorer = "magnitude",
+    schedule: str | Schedule = "agp",
+    allocation: str | Allocation = "global",
+    pattern: str | Pattern = "unstructured",
+    **options,
+) -> Pruner:
+    """A Pruner built from names or objects and attached to ``optimizer``; ``options`` go to ``Pruner``."""
+    pruner = Pruner(
+        model,
+        sparsity=sparsity,
+        total_steps=total_steps,
+        scorer=_part(SCORERS, scorer),
+        schedule=_part(SCHEDULES, schedule),
+        allocation=_part(ALLOCATIONS, allocation),
+        pattern=_part(PATTERNS, pattern),
+        **options,
+    )
+    return pruner.attach(optimizer)

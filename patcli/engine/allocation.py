@@ -1,0 +1,264 @@
+"""Layerwise allocation: a global sparsity budget → how many groups each layer prunes.
+
+Every allocator returns exact per-layer counts whose elements add up to round(target · total), up to the
+granularity of the groups, never above a layer's cap (``max_layer_sparsity``; a layer pruned to 100% cuts the
+network).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .registry import Registry
+from .threshold import lowest_counts
+
+ALLOCATIONS: Registry["Allocation"] = Registry("allocation")
+
+
+class AllocationError(ValueError):
+    """A budget the caps cannot meet."""
+
+
+@dataclass
+class LayerBudget:
+    """What an allocator sees of the prunable layers at one mask update."""
+
+    group_scores: list[torch.Tensor]  # one 1-D tensor per layer; -inf marks groups already pruned
+    group_sizes: list[int]  # elements per group, per layer
+    shapes: list[torch.Size]  # weight shapes
+    target: float  # fraction of all prunable elements to prune
+    max_layer_sparsity: float
+    loss_with_layer_pruned: Callable[[int, float], float] | None = None  # for sensitivity analysis
+
+    @property
+    def num_groups(self) -> list[int]:
+        return [s.numel() for s in self.group_scores]
+
+    @property
+    def total_elements(self) -> int:
+        return sum(g * s for g, s in zip(self.num_groups, self.group_sizes))
+
+    @property
+    def budget_elements(self) -> int:
+        return int(round(self.target * self.total_elements))
+
+    def caps(self) -> list[int]:
+        return [math.floor(self.max_layer_sparsity * g + 1e-9) for g in self.num_groups]
+
+    def floors(self) -> list[int]:
+        """Groups already pruned (scores of -inf): masks only grow, so counts never go below these."""
+        return [int(torch.isneginf(s).sum()) for s in self.group_scores]
+
+
+@dataclass
+class Allocation:
+    """Base allocator."""
+
+    def prune_counts(self, budget: LayerBudget) -> list[int]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+def check_reachable(budget: LayerBudget) -> None:
+    reachable = sum(c * s for c, s in zip(budget.caps(), budget.group_sizes))
+    if budget.budget_elements > reachable:
+        raise AllocationError(
+            f"sparsity {budget.target} needs {budget.budget_elements} pruned weights but the per-layer cap "
+            f"pruning.max_layer_sparsity={budget.max_layer_sparsity} allows at most {reachable}"
+        )
+
+
+def counts_from_sparsities(budget: LayerBudget, sparsities: list[float]) -> list[int]:
+    """Round per-layer sparsities to group counts; the largest layers then absorb the rounding gap exactly."""
+    caps, floors, sizes = budget.caps(), budget.floors(), budget.group_sizes
+    counts = [min(max(round(s * g), f), c) for s, g, f, c in zip(sparsities, budget.num_groups, floors, caps)]
+    for i in sorted(range(len(counts)), key=lambda i: -budget.num_groups[i] * sizes[i]):
+        gap = budget.budget_elements - sum(c * s for c, s in zip(counts, sizes))
+        counts[i] = min(max(counts[i] + int(gap / sizes[i]), floors[i]), caps[i])
+    return counts
+
+
+@ALLOCATIONS.register("uniform")
+@dataclass
+class Uniform(Allocation):
+    """Every layer at the global target."""
+
+    def prune_counts(self, budget: LayerBudget) -> list[int]:
+        check_reachable(budget)
+        return counts_from_sparsities(budget, [budget.target] * len(budget.group_scores))
+
+
+@ALLOCATIONS.register("global")
+@dataclass
+class Global(Allocation):
+    """One threshold over every layer's scores; layers that would pass their cap are held there."""
+
+    def prune_counts(self, budget: LayerBudget) -> list[int]:
+        check_reachable(budget)
+        return global_counts(budget.group_scores, budget.group_sizes, budget.budget_elements, budget.caps())
+
+
+def global_counts(scores: list[torch.Tensor], sizes: list[int], budget_elements: int, caps: list[int]) -> list[int]:
+    """Lowest-scored groups across layers until ``budget_elements`` elements are pruned, respecting caps."""
+    fixed: dict[int, int] = {}
+    while True:
+        free = [i for i in range(len(scores)) if i not in fixed]
+        remaining = budget_elements - sum(fixed[i] * sizes[i] for i in fixed)
+        counts = dict(zip(free, lowest_counts([scores[i] for i in free], [sizes[i] for i in free], remaining)))
+        over = [i for i in free if counts[i] > caps[i]]
+        if not over:
+            counts.update(fixed)
+            return [counts[i] for i in range(len(scores))]
+        for i in over:
+            fixed[i] = caps[i]
+
+
+@ALLOCATIONS.register("lamp")
+@dataclass
+class LAMP(Allocation):
+    """Layer-adaptive magnitude pruning (Lee et al. 2021): a global threshold on score² / Σ of the larger score².
+
+    Each layer's LAMP scores are rank-normalised, so one threshold across layers needs no hand-set scale. Scores
+    that can be negative (movement) are shifted to start at zero within their layer first.
+    """
+
+    def prune_counts(self, budget: LayerBudget) -> list[int]:
+        check_reachable(budget)
+        lamp = [lamp_scores(s) for s in budget.group_scores]
+        return global_counts(lamp, budget.group_sizes, budget.budget_elements, budget.caps())
+
+
+def lamp_scores(scores: torch.Tensor) -> torch.Tensor:
+    """score_u² / Σ_{v ≥ u} score_v² over the layer's groups sorted ascending; -inf (already pruned) stays -inf."""
+    pruned = torch.isneginf(scores)
+    values = scores.double().clone()
+    live = values[~pruned]
+    if live.numel() and live.min() < 0:
+        values[~pruned] = live - live.min()
+    values[pruned] = 0.0
+    squared = values**2
+    order = torch.argsort(squared)
+    sorted_sq = squared[order]
+    suffix = sorted_sq.flip(0).cumsum(0).flip(0)
+    lamp_sorted = torch.where(suffix > 0, sorted_sq / suffix.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    result = torch.empty_like(values)
+    result[order] = lamp_sorted
+    result[pruned] = float("-inf")
+    return result.float()
+
+
+@ALLOCATIONS.register("erk")
+@dataclass
+class ERK(Allocation):
+    """Erdős–Rényi-kernel densities (Evci et al. 2020): density ∝ Σ dims / Π dims, scaled to meet the budget.
+
+    Small layers (few connections per unit) stay denser. Layers whose density would pass 1 - min_sparsity are
+    fixed there and the scale is solved again for the rest.
+    """
+
+    power: float = 1.0
+
+    def prune_counts(self, budget: LayerBudget) -> list[int]:
+        check_reachable(budget)
+        return counts_from_sparsities(budget, erk_sparsities(budget.shapes, budget.target, budget.max_layer_sparsity, self.power))
+
+
+def erk_sparsities(shapes: list[torch.Size], target: float, max_layer_sparsity: float, power: float = 1.0) -> list[float]:
+    """Per-layer sparsities whose weighted mean is ``target`` with density_l = min(1, ε·raw_l), raw_l = (Σ dims/Π dims)^power."""
+    sizes = [math.prod(s) for s in shapes]
+    raw = [(sum(s) / math.prod(s)) ** power for s in shapes]
+    keep_total = (1.0 - target) * sum(sizes)
+    min_density = 1.0 - max_layer_sparsity
+    density: dict[int, float] = {}
+    while True:
+        free = [i for i in range(len(shapes)) if i not in density]
+        fixed_keep = sum(density[i] * sizes[i] for i in density)
+        eps = (keep_total - fixed_keep) / sum(raw[i] * sizes[i] for i in free)
+        dense_now = [i for i in free if eps * raw[i] > 1.0]
+        if dense_now:
+            for i in dense_now:
+                density[i] = 1.0
+            continue
+        sparse_now = [i for i in free if eps * raw[i] < min_density]
+        if sparse_now:
+            for i in sparse_now:
+                density[i] = min_density
+            continue
+        for i in free:
+            density[i] = eps * raw[i]
+        return [1.0 - density[i] for i in range(len(shapes))]
+
+
+@ALLOCATIONS.register("sensitivity")
+@dataclass
+class Sensitivity(Allocation):
+    """Layerwise adaptive sparsity from measured sensitivity (the article's; cf. Han et al. 2015, §4).
+
+    Once, at the first update, each layer alone is pruned to each trial sparsity and the validation loss
+    increase recorded. Every update then finds the loss-increase tolerance τ at which each layer's largest
+    sparsity with increase ≤ τ (interpolated between trials) meets the budget: insensitive layers go further.
+    """
+
+    trials: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
+    curves: list[list[float]] = field(default_factory=list, init=False, repr=False)
+
+    def measure(self, budget: LayerBudget) -> None:
+        if budget.loss_with_layer_pruned is None:
+            raise AllocationError("allocation=sensitivity needs a validation loss to measure; none was provided")
+        base = budget.loss_with_layer_pruned(0, 0.0)
+        self.curves = [
+            [max(budget.loss_with_layer_pruned(i, s) - base, 0.0) for s in self.trials] for i in range(len(budget.shapes))
+        ]
+
+    def prune_counts(self, budget: LayerBudget) -> list[int]:
+        check_reachable(budget)
+        if not self.curves:
+            self.measure(budget)
+        sizes = [g * s for g, s in zip(budget.num_groups, budget.group_sizes)]
+
+        def sparsities(tau: float) -> list[float]:
+            return [min(sparsity_within(curve, self.trials, tau), budget.max_layer_sparsity) for curve in self.curves]
+
+        def pruned(tau: float) -> float:
+            return sum(s * n for s, n in zip(sparsities(tau), sizes))
+
+        lo, hi = 0.0, max(max(c) for c in self.curves) + 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if pruned(mid) < budget.budget_elements else (lo, mid)
+        return counts_from_sparsities(budget, sparsities(hi))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"curves": torch.tensor(self.curves)} if self.curves else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "curves" in state:
+            self.curves = state["curves"].tolist()
+
+
+def sparsity_within(curve: list[float], trials: list[float], tau: float) -> float:
+    """Largest sparsity whose loss increase stays ≤ τ, linear between trial points, with (0, 0) as the origin.
+
+    The curve is made monotone first (noise can make a higher sparsity look cheaper), and past the last trial
+    the slope of the last segment extends it toward a sparsity of 1.
+    """
+    xs, ys = [0.0, *trials, 1.0], [0.0]
+    for y in curve:
+        ys.append(max(ys[-1], y))
+    last_slope = (ys[-1] - ys[-2]) / (xs[-2] - xs[-3]) if len(xs) > 2 else 1.0
+    ys.append(ys[-1] + max(last_slope, 1e-6) * (1.0 - xs[-2]))
+    for i in range(1, len(xs)):
+        if ys[i] > tau:
+            if ys[i] == ys[i - 1]:
+                return xs[i - 1]
+            return xs[i - 1] + (xs[i] - xs[i - 1]) * (tau - ys[i - 1]) / (ys[i] - ys[i - 1])
+    return xs[-1]

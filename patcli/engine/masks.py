@@ -1,0 +1,196 @@
+"""Which tensors are prunable, their keep-masks, and the two ways of enforcing them during training.
+
+Masks are keyed by parameter name, stored as ``torch.bool`` for saving, and mirrored once in the weight's dtype
+because ``torch._foreach_mul_`` by bool masks was ~6× slower than by float masks (DESIGN.md §6).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable, Protocol
+
+import torch
+from torch import nn
+
+PRUNABLE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def select_prunable(
+    model: nn.Module, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()
+) -> dict[str, nn.Parameter]:
+    """Weights of Linear/Conv layers whose name matches an ``include`` and no ``exclude`` pattern (fnmatch).
+
+    Biases, norms and embeddings are never candidates; a weight shared by two modules is listed once.
+    """
+    include, exclude = list(include), list(exclude)
+    selected: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        if not isinstance(module, PRUNABLE_MODULES):
+            continue
+        name = f"{module_name}.weight" if module_name else "weight"
+        weight = module.weight
+        if id(weight) in seen:
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            selected[name] = weight
+            seen.add(id(weight))
+    return selected
+
+
+class MaskSet:
+    """Keep-masks (True = keep) for a fixed list of named weights."""
+
+    def __init__(self, weights: dict[str, nn.Parameter]) -> None:
+        if not weights:
+            raise ValueError("no prunable weights: check pruning.include / pruning.exclude")
+        self.names = list(weights)
+        self.weights = list(weights.values())
+        self.keep = [torch.ones_like(w, dtype=torch.bool) for w in self.weights]
+        self._multipliers = [torch.ones_like(w) for w in self.weights]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def set(self, index: int, keep: torch.Tensor) -> None:
+        self.keep[index] = keep.to(dtype=torch.bool, device=self.weights[index].device)
+        self._multipliers[index] = self.keep[index].to(self.weights[index].dtype)
+
+    def zero_pruned_(self, tensors: list[torch.Tensor] | None = None) -> None:
+        """Multiply ``tensors`` (the weights by default) by the masks in place."""
+        with torch.no_grad():
+            torch._foreach_mul_(self.weights if tensors is None else tensors, self._multipliers)
+
+    def numels(self) -> list[int]:
+        return [w.numel() for w in self.weights]
+
+    def pruned_counts(self) -> torch.Tensor:
+        """Pruned elements per tensor, on the weights' device (no host sync)."""
+        return torch.stack([(~k).sum() for k in self.keep])
+
+    def sparsity(self) -> float:
+        return float(self.pruned_counts().sum().item()) / sum(self.numels())
+
+    def per_layer_sparsity(self) -> dict[str, float]:
+        counts = self.pruned_counts().tolist()
+        return {n: c / w.numel() for n, c, w in zip(self.names, counts, self.weights)}
+
+    def state_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() + m.numel() * m.element_size() for k, m in zip(self.keep, self._multipliers))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: keep.clone() for name, keep in zip(self.names, self.keep)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.names) - set(state)
+        if missing:
+            raise KeyError(f"mask state lacks {sorted(missing)}")
+        for i, name in enumerate(self.names):
+            self.set(i, state[name])
+
+
+class Masking(Protocol):
+    """How masks are enforced around ``optimizer.step()``: one obvious place where a mask is applied."""
+
+    def before_step(self) -> None: ...
+
+    def after_step(self) -> None: ...
+
+    def masks_changed(self) -> None: ...
+
+    def dense_weights(self) -> list[torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def state_bytes(self) -> int: ...
+
+
+class InplaceMasking:
+    """Zero pruned weights right after each optimizer step: the weight itself is the sparse model.
+
+    A pruned weight is 0 in every forward, and whatever its momentum or Adam moments would add is wiped at once,
+    so optimizer state never revives it. The cheapest option measured (DESIGN.md §6).
+    """
+
+    def __init__(self, masks: MaskSet) -> None:
+        self.masks = masks
+        self.enforced = True
+
+    def before_step(self) -> None:
+        pass
+
+    def after_step(self) -> None:
+        if self.enforced:
+            self.masks.zero_pruned_()
+
+    def masks_changed(self) -> None:
+        if self.enforced:
+            self.masks.zero_pruned_()
+
+    def dense_weights(self) -> list[torch.Tensor]:
+        return self.masks.weights
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def state_bytes(self) -> int:
+        return 0
+
+
+class DenseShadowMasking:
+    """Keep dense weights aside; forward and backward see masked weights; the update lands on the dense ones.
+
+    This is the straight-through update of dynamic pruning with feedback (Lin et al. 2020): a pruned weight keeps
+    learning from the gradient at the masked point, so a later mask update can bring it back.
+    """
+
+    def __init__(self, masks: MaskSet) -> None:
+        self.masks = masks
+        self.enforced = True
+        self.shadow = [w.detach().clone() for w in masks.weights]
+
+    def before_step(self) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.masks.weights, self.shadow)
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.shadow, self.masks.weights)
+        if self.enforced:
+            self.masks.zero_pruned_()
+
+    def masks_changed(self) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.masks.weights, self.shadow)
+        if self.enforced:
+            self.masks.zero_pruned_()
+
+    def dense_weights(self) -> list[torch.Tensor]:
+        return self.shadow
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"shadow.{name}": s.clone() for name, s in zip(self.masks.names, self.shadow)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for i, name in enumerate(self.masks.names):
+            self.shadow[i].copy_(state[f"shadow.{name}"])
+
+    def state_bytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.shadow)
+
+
+MASKINGS = {"inplace": InplaceMasking, "dense_shadow": DenseShadowMasking}
+
+
+def zero_optimizer_state_(optimizer: torch.optim.Optimizer, masks: MaskSet) -> None:
+    """Zero momentum / Adam moments of pruned weights, so state gathered while masked cannot revive them."""
+    with torch.no_grad():
+        for weight, keep in zip(masks.weights, masks.keep):
+            for value in optimizer.state.get(weight, {}).values():
+                if torch.is_tensor(value) and value.shape == weight.shape:
+                    value.mul_(keep)

@@ -1,0 +1,167 @@
+"""Sparsity schedules: the target sparsity at optimizer step t and the steps at which masks change.
+
+Step t counts optimizer steps from 0. Masks change at steps ``begin <= t <= end`` with
+``(t - begin) % frequency == 0``, and always at ``end`` itself, so the final target is reached exactly even when
+``end - begin`` is not a multiple of ``frequency`` (the bug in TF-MOT#684). ``begin``/``end`` are steps when given
+as ints and fractions of the run's total steps when given as floats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .registry import Registry
+
+SCHEDULES: Registry["Schedule"] = Registry("schedule")
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot run in the given number of steps; carries the offending config key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def to_step(value: int | float, total_steps: int, key: str) -> int:
+    """An int is a step; a float in [0, 1] is a fraction of the run, clamped to its last step."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ScheduleError(key, f"expected a step (int) or a fraction of the run (float), got {value!r}")
+    if isinstance(value, float):
+        if not 0.0 <= value <= 1.0:
+            raise ScheduleError(key, f"fraction {value} must be within 0.0 <= value <= 1.0")
+        return min(int(round(value * total_steps)), total_steps - 1)
+    if value < 0:
+        raise ScheduleError(key, f"step {value} must be >= 0")
+    if value > total_steps - 1:
+        raise ScheduleError(key, f"step {value} is after the run's last step {total_steps - 1} (it has {total_steps} steps)")
+    return value
+
+
+@dataclass
+class Schedule:
+    """Base schedule: subclasses give ``curve(p)`` for progress p in [0, 1]."""
+
+    begin: int | float = 0
+    end: int | float = 0.75
+    initial_sparsity: float = 0.0
+    final_sparsity: float = field(default=0.0, init=False)
+    frequency: int = field(default=1, init=False)
+    begin_step: int = field(default=0, init=False)
+    end_step: int = field(default=0, init=False)
+
+    def bind(self, total_steps: int, final_sparsity: float, frequency: int) -> "Schedule":
+        """Resolve fractions against the run length; a run that would stop before ``end`` is rejected."""
+        if total_steps < 1:
+            raise ScheduleError("trainer.max_steps", "the run has no optimizer steps")
+        if frequency < 1:
+            raise ScheduleError("pruning.frequency", f"must be >= 1, got {frequency}")
+        self.final_sparsity = float(final_sparsity)
+        self.frequency = int(frequency)
+        self.begin_step = to_step(self.begin, total_steps, "schedule.begin")
+        self.end_step = to_step(self.end, total_steps, "schedule.end")
+        if self.end_step < self.begin_step:
+            raise ScheduleError("schedule.end", f"step {self.end_step} comes before schedule.begin (step {self.begin_step})")
+        if not 0.0 <= self.initial_sparsity <= self.final_sparsity:
+            raise ScheduleError(
+                "schedule.initial_sparsity",
+                f"{self.initial_sparsity} must be within 0 <= value <= pruning.sparsity ({self.final_sparsity})",
+            )
+        return self
+
+    def progress(self, t: int) -> float:
+        if t < self.begin_step:
+            return 0.0
+        if self.end_step == self.begin_step:
+            return 1.0
+        return min(max((t - self.begin_step) / (self.end_step - self.begin_step), 0.0), 1.0)
+
+    def target(self, t: int) -> float:
+        """Target sparsity at step t (0 before ``begin``)."""
+        if t < self.begin_step:
+            return 0.0
+        return self.curve(self.progress(t))
+
+    def curve(self, p: float) -> float:
+        raise NotImplementedError
+
+    def is_update_step(self, t: int) -> bool:
+        if not self.begin_step <= t <= self.end_step:
+            return False
+        return (t - self.begin_step) % self.frequency == 0 or t == self.end_step
+
+    def masks_enforced(self, t: int) -> bool:
+        """Whether pruned weights are held at zero at step t; only phase-based schedules lift masks."""
+        return True
+
+    def update_steps(self) -> list[int]:
+        return [t for t in range(self.begin_step, self.end_step + 1) if self.is_update_step(t)]
+
+
+@SCHEDULES.register("oneshot")
+@dataclass
+class OneShot(Schedule):
+    """Prune to the final target once, at ``begin``."""
+
+    end: int | float = 0
+
+    def bind(self, total_steps: int, final_sparsity: float, frequency: int) -> "Schedule":
+        self.end = self.begin
+        return super().bind(total_steps, final_sparsity, frequency)
+
+    def curve(self, p: float) -> float:
+        return self.final_sparsity
+
+
+@SCHEDULES.register("constant")
+@dataclass
+class Constant(Schedule):
+    """The final target at every update between ``begin`` and ``end``: masks are re-chosen, sparsity stays."""
+
+    def curve(self, p: float) -> float:
+        return self.final_sparsity
+
+
+@SCHEDULES.register("linear")
+@dataclass
+class Linear(Schedule):
+    """s_i + (s_f - s_i)·p."""
+
+    def curve(self, p: float) -> float:
+        return self.initial_sparsity + (self.final_sparsity - self.initial_sparsity) * p
+
+
+@SCHEDULES.register("cubic")
+@dataclass
+class Cubic(Schedule):
+    """s_i + (s_f - s_i)·p³, as the source article writes it: prunes slowly at first."""
+
+    def curve(self, p: float) -> float:
+        return self.initial_sparsity + (self.final_sparsity - self.initial_sparsity) * p**3
+
+
+@SCHEDULES.register("agp")
+@dataclass
+class AGP(Schedule):
+    """Automated gradual pruning (Zhu & Gupta 2017; TF-MOT PolynomialDecay): s_f + (s_i - s_f)·(1 - p)^power."""
+
+    power: float = 3.0
+
+    def curve(self, p: float) -> float:
+        return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - p) ** self.power
+
+
+@SCHEDULES.register("polynomial")
+@dataclass
+class Polynomial(AGP):
+    """AGP with a configurable power (TF-MOT's name for it)."""
+
+
+@SCHEDULES.register("exponential")
+@dataclass
+class Exponential(Schedule):
+    """Density decays geometrically: 1 - s = (1 - s_i)·((1 - s_f)/(1 - s_i))^p."""
+
+    def curve(self, p: float) -> float:
+        density_initial, density_final = 1.0 - self.initial_sparsity, 1.0 - self.final_sparsity
+        return 1.0 - density_initial * (density_final / density_initial) ** p

@@ -1,0 +1,164 @@
+"""Importance per weight (higher = keep). Gradient-based scores accumulate between mask updates on the device.
+
+``observe`` runs before every optimizer step, while ``.grad`` holds the gradient at the weights the forward used;
+it launches a few ``_foreach`` kernels and never syncs with the host. Each accumulating scorer holds one float
+tensor per prunable weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .registry import Registry
+
+SCORERS: Registry["Scorer"] = Registry("scorer")
+
+
+@dataclass
+class Scorer:
+    """Base scorer: magnitude-free defaults for the accumulation hooks."""
+
+    needs_grad = False
+
+    def observe(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """See one step's gradients (only called when ``needs_grad``)."""
+
+    def scores(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Start a new accumulation window (after each mask update)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+
+@SCORERS.register("magnitude")
+@dataclass
+class Magnitude(Scorer):
+    """|w|: the classic criterion (Han et al. 2015; Zhu & Gupta 2017)."""
+
+    def scores(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [w.detach().abs() for w in weights]
+
+
+@SCORERS.register("random")
+@dataclass
+class Random(Scorer):
+    """Uniform random scores: the control every criterion must beat. Seeded, so every process draws the same."""
+
+    seed: int = 0
+    _draws: int = field(default=0, init=False, repr=False)
+
+    def scores(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed + self._draws)
+        self._draws += 1
+        return [torch.rand(w.shape, generator=generator).to(w.device) for w in weights]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"draws": torch.tensor(self._draws)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._draws = int(state["draws"])
+
+
+@dataclass
+class Accumulating(Scorer):
+    """Sums a per-step statistic of (w, g) since the last mask update."""
+
+    needs_grad = True
+    _sums: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
+    _count: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def step_statistic(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def observe(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        if not self._sums:
+            self._sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+            self._count = torch.zeros((), device=weights[0].device)
+        torch._foreach_add_(self._sums, self.step_statistic(weights, grads))
+        self._count += 1
+
+    def mean(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not self._sums:
+            raise RuntimeError(f"scorer {self.name!r} needs gradients, but none were observed before the mask update")
+        count = self._count.clamp(min=1)
+        return [s / count for s in self._sums]
+
+    def reset(self) -> None:
+        for s in self._sums:
+            s.zero_()
+        if self._count is not None:
+            self._count.zero_()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if not self._sums:
+            return {}
+        return {"count": self._count.clone(), **{f"sum.{i}": s.clone() for i, s in enumerate(self._sums)}}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "count" in state:
+            self._count = state["count"].clone()
+            self._sums = [state[f"sum.{i}"].clone() for i in range(len(state) - 1)]
+
+
+@SCORERS.register("gradient")
+@dataclass
+class Gradient(Accumulating):
+    """First-order Taylor |w·g| (Molchanov et al. 2017), averaged over the steps since the last update."""
+
+    def step_statistic(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        products = torch._foreach_mul(weights, grads)
+        torch._foreach_abs_(products)
+        return products
+
+    def scores(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.mean(weights)
+
+
+@SCORERS.register("movement")
+@dataclass
+class Movement(Accumulating):
+    """−Σ w·g (Sanh et al. 2020): weights the optimizer pushes away from zero score high.
+
+    The sum is not reset at mask updates: movement is a property of the whole fine-tuning trajectory.
+    """
+
+    def step_statistic(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        products = torch._foreach_mul(weights, grads)
+        torch._foreach_neg_(products)
+        return products
+
+    def scores(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.mean(weights)  # raises if nothing was observed
+        return [s.clone() for s in self._sums]
+
+    def reset(self) -> None:
+        pass
+
+
+@SCORERS.register("hessian")
+@dataclass
+class Hessian(Accumulating):
+    """OBD saliency ½·F·w² with F the diagonal Fisher, estimated as the mean of squared mini-batch gradients.
+
+    Squared *mini-batch* gradients estimate the per-sample Fisher scaled by about 1/B (plus the squared mean
+    gradient): the scale is the same for every weight, so the ranking — all that pruning uses — is unaffected, and
+    per-sample gradients would cost B backward passes.
+    """
+
+    def step_statistic(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        return torch._foreach_mul(grads, grads)
+
+    def scores(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        fisher = self.mean(weights)
+        return [0.5 * f * w.detach().float() ** 2 for f, w in zip(fisher, weights)]

@@ -1,0 +1,145 @@
+"""Hydra inside Typer: compose, validate, then run or multirun through Hydra itself (DESIGN.md §5).
+
+Composition errors become one-line ``UsageError``s naming the key and the allowed values. The task function is
+module-level because joblib and submitit pickle it.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from hydra.initialize import initialize_config_dir
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import TOP_LEVEL, ConfigError, RunConfig, parse_run_config
+
+CONFIG_NAME = "config"
+
+
+class UsageError(Exception):
+    """A user mistake, shown as one line and exit code 2."""
+
+
+def conf_dir() -> Path:
+    """conf/ shipped inside the package (wheel installs) or at the repository's top level (editable installs)."""
+    packaged = Path(str(resources.files("patcli"))) / "conf"
+    if (packaged / f"{CONFIG_NAME}.yaml").is_file():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+def config_groups() -> dict[str, list[str]]:
+    """Each config group and its options, read from conf/ (hydra's own groups excluded)."""
+    root = conf_dir()
+    groups = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "hydra"):
+        groups[folder.name] = sorted(f.stem for f in folder.glob("*.yaml"))
+    return groups
+
+
+if not OmegaConf.has_resolver("uid"):
+    # A short random token in run directory names: runs started in the same second never share a directory.
+    OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True)
+
+
+def _group_error(group: str, option: str) -> UsageError:
+    options = config_groups().get(group)
+    if options is None:
+        return UsageError(f"{group}: unknown config group; allowed: {', '.join(config_groups())}")
+    return UsageError(f"{group}={option}: unknown option; allowed: {', '.join(options)}")
+
+
+def _unknown_key_error(key: str) -> UsageError:
+    parent, _, _ = key.rpartition(".")
+    try:
+        cfg = GlobalHydra.instance().hydra.compose_config(CONFIG_NAME, [], run_mode=RunMode.RUN)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        allowed = [k for k in node.keys() if k != "hydra"] if isinstance(node, DictConfig) else []
+    except Exception:
+        allowed = list(TOP_LEVEL)
+    return UsageError(f"{key}: unknown key; allowed: {', '.join(f'{parent}.{a}' if parent else a for a in allowed)}")
+
+
+def translate_hydra_error(error: Exception) -> UsageError:
+    """Hydra's multi-line composition messages → one line with the key and what is allowed."""
+    text = str(error)
+    missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
+    if missing:
+        return _group_error(missing.group(1), missing.group(2))
+    missing_group = re.search(r"Could not find '([^'/]+)'", text)
+    if missing_group:
+        return _group_error(missing_group.group(1), "")
+    override = re.search(r"Could not (?:override|append to) '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
+    if override:
+        return _unknown_key_error(override.group(1))
+    if isinstance(error, OverrideParseException):
+        return UsageError(f"cannot parse override: {' '.join(text.split())}")
+    return UsageError(text.splitlines()[0] if text else error.__class__.__name__)
+
+
+def compose(overrides: list[str], run_mode: RunMode) -> DictConfig:
+    try:
+        return GlobalHydra.instance().hydra.compose_config(CONFIG_NAME, overrides, run_mode=run_mode)
+    except (MissingConfigException, ConfigCompositionException, OverrideParseException, OmegaConfBaseException) as error:
+        raise translate_hydra_error(error) from error
+
+
+def job_config(cfg: DictConfig) -> dict[str, Any]:
+    """The composed config without Hydra's own section, resolved to plain containers."""
+    try:
+        return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    except OmegaConfBaseException as error:
+        raise UsageError(f"cannot resolve config: {str(error).splitlines()[0]}") from error
+
+
+def validate(source: dict[str, Any], check: Callable[[RunConfig], None] | None = None) -> RunConfig:
+    """Parse and plan a config; every mistake becomes a UsageError before any run directory exists."""
+    from .runner import plan
+
+    try:
+        config = parse_run_config(source)
+        if check:
+            check(config)
+        plan(config)
+        return config
+    except ConfigError as error:
+        raise UsageError(str(error)) from error
+
+
+def task(cfg: DictConfig) -> float | None:
+    """Hydra's task function: one run, in the directory Hydra made for it."""
+    from . import jobs
+
+    return jobs.run_job(job_config(cfg), Path(HydraConfig.get().runtime.output_dir), HydraConfig.get().mode)
+
+
+def launch(
+    overrides: list[str],
+    *,
+    multirun: bool = False,
+    show_config: bool = False,
+    check: Callable[[RunConfig], None] | None = None,
+) -> Any:
+    """Compose + validate, then hand the run (or sweep) to Hydra. Returns Hydra's job return(s)."""
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="patcli"):
+        cfg = compose(overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
+        if show_config:
+            return OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+        if not multirun:
+            validate(job_config(cfg), check)
+        hydra = GlobalHydra.instance().hydra
+        try:
+            if multirun:
+                return hydra.multirun(CONFIG_NAME, task, overrides)
+            return hydra.run(CONFIG_NAME, task, overrides)
+        except (MissingConfigException, ConfigCompositionException, OverrideParseException) as error:
+            raise translate_hydra_error(error) from error

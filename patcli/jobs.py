@@ -1,0 +1,47 @@
+"""One job as Hydra runs it: validate, execute, print, and leave a record whatever happens.
+
+In a single run a user mistake propagates (the CLI turns it into one line and exit code 2). In a sweep a
+failing job must not stop the others: its record says ``failed`` with the error, and the job returns None.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.types import RunMode
+
+from .config import parse_run_config
+from .console import RichProgress, console, summary_table
+from .runner import execute, failed_record, plan
+
+log = logging.getLogger(__name__)
+
+
+def run_job(source: dict[str, Any], run_dir: Path, mode: RunMode | None) -> float | None:
+    """Run one job; return its validation primary metric (what a sweeper optimises), None if it failed."""
+    sweeping = mode == RunMode.MULTIRUN
+    try:
+        config = parse_run_config(source)
+        plan(config)
+        progress = None if sweeping else RichProgress(config.recipe())
+        record = execute(config, run_dir, progress)
+    except KeyboardInterrupt as error:
+        failed_record(source, run_dir, error, status="interrupted")
+        raise
+    except Exception as error:
+        failed_record(source, run_dir, error)
+        log.exception("run failed")
+        if not sweeping:
+            raise
+        console.print(f"[red]job failed[/] {run_dir}: {error.__class__.__name__}: {error}", highlight=False)
+        return None
+    if sweeping:
+        value = record.primary_value("test")
+        console.print(f"[green]done[/] {record.recipe} s={record.target_sparsity:g} seed={record.seed}: "
+                      f"{record.primary_metric} {value:.4f} → {run_dir}", highlight=False)
+    else:
+        console.print(summary_table(record))
+    return record.primary_value("val")
+

@@ -1,0 +1,127 @@
+"""The run record every command writes and ``compare`` reads (DESIGN.md §3).
+
+A run directory holds ``.hydra/`` (Hydra's own snapshot), ``metrics.jsonl`` (one line per evaluation),
+``model.safetensors`` and ``result.json``. result.json is written last and atomically, so a record that exists
+and parses describes a run that ended (with its ``status``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA_VERSION = 1
+RESULT_FILE = "result.json"
+METRICS_FILE = "metrics.jsonl"
+MODEL_FILE = "model.safetensors"
+STATUSES = ("ok", "failed", "interrupted")
+
+
+@dataclass
+class RunRecord:
+    """The result of one run; fields not known for a method stay at their defaults."""
+
+    method: str  # dense | pat | post:<baseline>
+    recipe: str
+    model: str
+    dataset: str
+    model_dataset_hash: str
+    seed: int
+    status: str = "ok"
+    schema_version: int = SCHEMA_VERSION
+    package_version: str = ""
+    scorer: str | None = None
+    schedule: str | None = None
+    allocation: str | None = None
+    pattern: str | None = None
+    target_sparsity: float = 0.0
+    achieved_sparsity: float = 0.0
+    per_layer_sparsity: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # split → metric → value
+    primary_metric: str = "accuracy"
+    higher_is_better: bool = True
+    dense_reference: dict[str, Any] | None = None  # {"run_dir", "metrics"} of the dense run this one relates to
+    params_total: int = 0
+    params_prunable: int = 0
+    params_nonzero: int = 0
+    bytes_on_disk: int = 0
+    engine_state_bytes: int = 0
+    train_steps: int = 0
+    total_train_steps: int = 0  # including the dense run a post-training baseline started from
+    train_seconds: float = 0.0
+    step_overhead: float | None = None
+    mask_updates: int = 0
+    error: str | None = None
+    run_dir: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def primary_value(self, split: str = "test", metric: str | None = None) -> float | None:
+        return self.metrics.get(split, {}).get(metric or self.primary_metric)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_record(run_dir: Path, record: RunRecord) -> Path:
+    record.run_dir = str(run_dir)
+    path = run_dir / RESULT_FILE
+    write_atomic(path, record.to_json() + "\n")
+    return path
+
+
+def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    with open(run_dir / METRICS_FILE, "a") as handle:
+        handle.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+class RecordError(ValueError):
+    """A result.json that cannot be read as a record."""
+
+
+def read_record(path: Path) -> RunRecord:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise RecordError(f"{path}: not a readable record ({error.__class__.__name__}: {error})") from error
+    if not isinstance(data, dict) or "method" not in data or "schema_version" not in data:
+        raise RecordError(f"{path}: not a patcli run record (no method/schema_version)")
+    if data["schema_version"] > SCHEMA_VERSION:
+        raise RecordError(f"{path}: schema_version {data['schema_version']} is newer than this patcli ({SCHEMA_VERSION})")
+    try:
+        record = RunRecord.from_dict(data)
+    except TypeError as error:
+        raise RecordError(f"{path}: {error}") from error
+    record.run_dir = str(Path(path).parent)
+    return record
+
+
+def find_record_files(paths: list[Path]) -> Iterator[Path]:
+    """result.json files under each path (a file is taken as is), in a stable order."""
+    for root in paths:
+        root = Path(root)
+        if root.is_file():
+            yield root
+        elif root.is_dir():
+            yield from sorted(root.rglob(RESULT_FILE))

@@ -1,0 +1,245 @@
+"""Turns a validated RunConfig into a finished run directory: build, train (with the pruner), test, record.
+
+``plan`` does everything that can fail on a user's config without training (loading data, sizing the model,
+fitting the schedule into the run), so the CLI can reject bad input before Hydra creates a run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .config import ConfigError, RunConfig
+from .data import DataBundle, load_dataset
+from .engine import MaskUpdate, Pruner, select_prunable
+from .engine.schedules import ScheduleError
+from .models import build_model
+from .records import MODEL_FILE, RESULT_FILE, RunRecord, append_metrics, read_record, write_record
+from .training import Progress, Trainer, evaluate, resolve_device, total_steps
+
+
+@dataclass
+class Plan:
+    """What a run will do, known before it starts."""
+
+    data: DataBundle
+    total_steps: int
+    update_steps: int
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def plan(config: RunConfig) -> Plan:
+    """Check the parts of a config that need the data and the run length; raise ConfigError on a mistake."""
+    data = load_dataset(config.dataset)
+    steps = total_steps(data, config.trainer)
+    build_model(config.model, data.meta)  # validates model keys
+    update_steps = 0
+    if config.pruning.enabled and config.method == "pat":
+        try:
+            schedule = dataclasses.replace(config.schedule)
+            schedule.bind(steps, config.target_sparsity, config.pruning.frequency)
+        except ScheduleError as error:
+            raise ConfigError(error.key, str(error).split(": ", 1)[1]) from error
+        update_steps = len(schedule.update_steps())
+    if config.trainer.init_from:
+        check_init_from(config)
+    return Plan(data=data, total_steps=steps, update_steps=update_steps)
+
+
+def check_init_from(config: RunConfig) -> Path:
+    run_dir = Path(config.trainer.init_from)
+    if not (run_dir / MODEL_FILE).is_file() or not (run_dir / RESULT_FILE).is_file():
+        raise ConfigError("trainer.init_from", f"{run_dir} is not a finished patcli run (needs {MODEL_FILE} and {RESULT_FILE})")
+    source = read_record(run_dir / RESULT_FILE)
+    if source.model_dataset_hash != config.model_dataset_hash():
+        raise ConfigError(
+            "trainer.init_from",
+            f"{run_dir} was trained with another model/dataset config ({source.model} on {source.dataset}); "
+            "allowed: a run with the same model and dataset settings",
+        )
+    return run_dir
+
+
+def load_weights(model: nn.Module, run_dir: Path) -> None:
+    """Load a patcli run's saved weights (safetensors: no code is unpickled)."""
+    state = load_file(str(Path(run_dir) / MODEL_FILE))
+    model.load_state_dict(state)
+
+
+def save_weights(model: nn.Module, path: Path) -> int:
+    """Save the state_dict as safetensors (a plain model of the same architecture loads it); returns bytes."""
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+    return path.stat().st_size
+
+
+def build_pruner(
+    config: RunConfig,
+    model: nn.Module,
+    steps: int,
+    evaluate_fn: Callable[[], float] | None = None,
+    on_update: Callable[[MaskUpdate], None] | None = None,
+) -> Pruner:
+    try:
+        return Pruner(
+            model,
+            sparsity=config.target_sparsity,
+            schedule=config.schedule,
+            total_steps=steps,
+            scorer=config.scorer,
+            allocation=config.allocation,
+            pattern=config.pattern,
+            frequency=config.pruning.frequency,
+            masking=config.pruning.masking,
+            include=config.pruning.include,
+            exclude=config.pruning.exclude,
+            max_layer_sparsity=config.pruning.max_layer_sparsity,
+            evaluate=evaluate_fn,
+            on_update=on_update,
+        )
+    except ScheduleError as error:
+        raise ConfigError(error.key, str(error).split(": ", 1)[1]) from error
+    except ValueError as error:
+        raise ConfigError("pruning", str(error)) from error
+
+
+def sparsity_report(model: nn.Module, config: RunConfig) -> tuple[float, dict[str, float], int]:
+    """Achieved sparsity over the prunable weights (zeros / elements), per layer, and their count."""
+    weights = select_prunable(model, config.pruning.include, config.pruning.exclude)
+    per_layer = {name: float((w == 0).sum()) / w.numel() for name, w in weights.items()}
+    prunable = sum(w.numel() for w in weights.values())
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    return (zeros / prunable if prunable else 0.0), per_layer, prunable
+
+
+def base_record(config: RunConfig, data: DataBundle) -> RunRecord:
+    metric, higher = data.primary_metric
+    pat = config.method == "pat"
+    return RunRecord(
+        method=config.method,
+        recipe=config.recipe(),
+        model=config.model.label(),
+        dataset=config.dataset.name,
+        model_dataset_hash=config.model_dataset_hash(),
+        seed=config.seed,
+        package_version=__version__,
+        scorer=config.scorer.name if pat else None,
+        schedule=config.schedule.name if pat else None,
+        allocation=config.allocation.name if pat else None,
+        pattern=config.pruning.mode if config.pruning.enabled else None,
+        target_sparsity=config.target_sparsity,
+        primary_metric=metric,
+        higher_is_better=higher,
+        extra={"dense_key": config.dense_key()},
+    )
+
+
+def finish_record(record: RunRecord, model: nn.Module, config: RunConfig, data: DataBundle, run_dir: Path, device) -> RunRecord:
+    """Test once, measure sparsity and size, save the weights; the record is complete but not yet written."""
+    record.metrics["val"] = evaluate(model, data.val.to(device), data.task)
+    record.metrics["test"] = evaluate(model, data.test.to(device), data.task)
+    record.achieved_sparsity, record.per_layer_sparsity, record.params_prunable = sparsity_report(model, config)
+    record.params_total = sum(p.numel() for p in model.parameters())
+    record.params_nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    record.bytes_on_disk = save_weights(model, run_dir / MODEL_FILE)
+    return record
+
+
+def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = None) -> RunRecord:
+    """A dense (pruning=none) or PAT run."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.trainer.threads:
+        torch.set_num_threads(config.trainer.threads)
+    seed_everything(config.seed)
+    data = load_dataset(config.dataset)
+    device = resolve_device(config.trainer.device)
+    model = build_model(config.model, data.meta)
+    if config.trainer.init_from:
+        load_weights(model, check_init_from(config))
+    trainer = Trainer(model, data, config.trainer, device, config.seed)
+    record = base_record(config, data)
+    pruner = None
+    if config.method == "pat":
+        pruner = build_pruner(
+            config,
+            trainer.model,
+            trainer.total_steps,
+            evaluate_fn=trainer.validation_loss,
+            on_update=lambda u: append_metrics(run_dir, {"kind": "mask_update", **u.__dict__}),
+        ).attach(trainer.optimizer)
+    current_sparsity = (lambda: pruner.updates[-1].sparsity if pruner.updates else 0.0) if pruner else None
+    fit = trainer.fit(
+        progress=progress,
+        on_eval=lambda row: append_metrics(run_dir, {"kind": "eval", **row}),
+        sparsity=current_sparsity,
+    )
+    if pruner:
+        pruner.detach()
+        record.engine_state_bytes = pruner.engine_state_bytes()
+        record.mask_updates = len(pruner.updates)
+        record.step_overhead = pruner.seconds / max(fit.seconds - pruner.seconds, 1e-9)
+        record.extra["revived_weights"] = sum(u.revived for u in pruner.updates)
+    record.train_steps = record.total_train_steps = fit.steps
+    record.train_seconds = round(fit.seconds, 3)
+    if config.trainer.init_from:
+        source = read_record(Path(config.trainer.init_from) / RESULT_FILE)
+        record.total_train_steps += source.total_train_steps
+        record.extra["init_from"] = str(config.trainer.init_from)
+    return finish_record(record, trainer.model, config, data, run_dir, device)
+
+
+def execute(config: RunConfig, run_dir: Path, progress: Progress | None = None) -> RunRecord:
+    """Run whatever the config describes and write its record."""
+    if config.method.startswith("post:"):
+        from .baselines import run_baseline
+
+        record = run_baseline(config, run_dir, progress)
+    else:
+        record = run_training(config, run_dir, progress)
+    record.status = "ok"
+    write_record(run_dir, record)
+    return record
+
+
+def failed_record(source: dict, run_dir: Path, error: BaseException, status: str = "failed") -> RunRecord:
+    """A record for a run that did not finish, built from the raw config so it works even when parsing failed."""
+    baseline = ((source.get("baseline") or {}).get("name")) or "none"
+    pruning = source.get("pruning") or {}
+    method = f"post:{baseline}" if baseline != "none" else ("dense" if pruning.get("mode") == "none" else "pat")
+    try:
+        from .config import parse_run_config
+
+        config = parse_run_config(source)
+        recipe, md_hash = config.recipe(), config.model_dataset_hash()
+    except Exception:  # the config itself may be what failed
+        recipe, md_hash = method, ""
+    sparsity = pruning.get("sparsity")
+    record = RunRecord(
+        method=method,
+        recipe=recipe,
+        model=str((source.get("model") or {}).get("name", "?")),
+        dataset=str((source.get("dataset") or {}).get("name", "?")),
+        model_dataset_hash=md_hash,
+        seed=int(source.get("seed", 0) or 0),
+        status=status,
+        package_version=__version__,
+        target_sparsity=float(sparsity) if isinstance(sparsity, (int, float)) else 0.0,
+        error=f"{error.__class__.__name__}: {error}",
+    )
+    write_record(run_dir, record)
+    return record
+
