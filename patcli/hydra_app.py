@@ -58,10 +58,12 @@ def _group_error(group: str, option: str) -> UsageError:
     return UsageError(f"{group}={option}: unknown option; allowed: {', '.join(options)}")
 
 
-def _unknown_key_error(key: str) -> UsageError:
+def _unknown_key_error(key: str, overrides: list[str]) -> UsageError:
+    """List the keys that exist under the same parent, in the config as the user's group choices compose it."""
     parent, _, _ = key.rpartition(".")
+    choices = [o for o in overrides if re.fullmatch(r"[\w/]+=[\w,.-]+", o)]
     try:
-        cfg = GlobalHydra.instance().hydra.compose_config(CONFIG_NAME, [], run_mode=RunMode.RUN)
+        cfg = GlobalHydra.instance().hydra.compose_config(CONFIG_NAME, choices, run_mode=RunMode.RUN)
         node = OmegaConf.select(cfg, parent) if parent else cfg
         allowed = [k for k in node.keys() if k != "hydra"] if isinstance(node, DictConfig) else []
     except Exception:
@@ -69,7 +71,7 @@ def _unknown_key_error(key: str) -> UsageError:
     return UsageError(f"{key}: unknown key; allowed: {', '.join(f'{parent}.{a}' if parent else a for a in allowed)}")
 
 
-def translate_hydra_error(error: Exception) -> UsageError:
+def translate_hydra_error(error: Exception, overrides: list[str]) -> UsageError:
     """Hydra's multi-line composition messages → one line with the key and what is allowed."""
     text = str(error)
     missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
@@ -80,7 +82,7 @@ def translate_hydra_error(error: Exception) -> UsageError:
         return _group_error(missing_group.group(1), "")
     override = re.search(r"Could not (?:override|append to) '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
     if override:
-        return _unknown_key_error(override.group(1))
+        return _unknown_key_error(override.group(1), overrides)
     if isinstance(error, OverrideParseException):
         return UsageError(f"cannot parse override: {' '.join(text.split())}")
     return UsageError(text.splitlines()[0] if text else error.__class__.__name__)
@@ -90,7 +92,7 @@ def compose(overrides: list[str], run_mode: RunMode) -> DictConfig:
     try:
         return GlobalHydra.instance().hydra.compose_config(CONFIG_NAME, overrides, run_mode=run_mode)
     except (MissingConfigException, ConfigCompositionException, OverrideParseException, OmegaConfBaseException) as error:
-        raise translate_hydra_error(error) from error
+        raise translate_hydra_error(error, overrides) from error
 
 
 def job_config(cfg: DictConfig) -> dict[str, Any]:
@@ -142,4 +144,4 @@ def launch(
                 return hydra.multirun(CONFIG_NAME, task, overrides)
             return hydra.run(CONFIG_NAME, task, overrides)
         except (MissingConfigException, ConfigCompositionException, OverrideParseException) as error:
-            raise translate_hydra_error(error) from error
+            raise translate_hydra_error(error, overrides) from error

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny models and in-process CLI runs that write under a temporary directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from patcli.cli import app
+
+# A config that trains in well under a second: the tests check behaviour, not accuracy.
+TINY = ["model.hidden=[32,32]", "trainer.epochs=2"]
+
+
+@pytest.fixture
+def tiny_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    """Run ``patcli`` in-process inside tmp_path; returns (exit code, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        result = runner.invoke(app, list(args), catch_exceptions=False)
+        return result.exit_code, result.stdout, result.stderr
+
+    return invoke
+
+
+def run_dir_of(stdout: str) -> Path:
+    """The directory a command printed as its last line (``run dir: <path>``)."""
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("run dir: "), last
+    return Path(last.removeprefix("run dir: "))
+
+
+def result_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "result.json").read_text())

@@ -1,0 +1,88 @@
+"""Allocators meet the global budget exactly and match hand-computed cases; thresholds are exact."""
+
+import math
+
+import pytest
+import torch
+
+from patcli.engine.allocation import ALLOCATIONS, AllocationError, LayerBudget, erk_sparsities, lamp_scores
+from patcli.engine.threshold import kth_smallest, lowest_counts
+
+
+def budget(scores, target, cap=0.99, shapes=None, sizes=None):
+    return LayerBudget(
+        group_scores=scores,
+        group_sizes=sizes or [1] * len(scores),
+        shapes=shapes or [torch.Size([s.numel()]) for s in scores],
+        target=target,
+        max_layer_sparsity=cap,
+    )
+
+
+def test_kth_smallest_is_exact_on_the_histogram_path_with_ties():
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 1000, (600_000,), generator=generator).float() / 7.0  # many ties, > EXACT_BELOW
+    for k in (1, 12_345, 300_000, 599_999, 600_000):
+        assert kth_smallest(values, k) == torch.sort(values).values[k - 1]
+
+
+def test_lowest_counts_splits_ties_so_the_total_is_exact():
+    scores = [torch.tensor([1.0, 2.0, 2.0, 5.0]), torch.tensor([2.0, 2.0, 9.0])]
+    assert lowest_counts(scores, [1, 1], 3) == [3, 0]
+    assert lowest_counts(scores, [1, 1], 4) == [3, 1]
+    assert sum(lowest_counts(scores, [1, 1], 5)) == 5
+
+
+def test_global_allocation_is_one_threshold_across_layers():
+    scores = [torch.tensor([0.1, 0.5, 0.9, 0.2]), torch.tensor([0.3, 0.05, 0.8, 0.7])]
+    counts = ALLOCATIONS.get("global")().prune_counts(budget(scores, 0.5))
+    assert counts == [2, 2]  # 0.05, 0.1, 0.2, 0.3 are the four lowest
+
+
+def test_global_allocation_holds_a_layer_at_its_cap_and_moves_the_rest_elsewhere():
+    scores = [torch.zeros(100), torch.arange(1, 101).float()]  # layer 0 would be taken whole
+    counts = ALLOCATIONS.get("global")().prune_counts(budget(scores, 0.6, cap=0.9))
+    assert counts == [90, 30]
+
+
+def test_uniform_allocation_prunes_each_layer_to_the_target():
+    scores = [torch.rand(1000), torch.rand(300), torch.rand(50)]
+    counts = ALLOCATIONS.get("uniform")().prune_counts(budget(scores, 0.9))
+    assert counts == [900, 270, 45]
+
+
+def test_unreachable_budget_is_an_error():
+    with pytest.raises(AllocationError, match="max_layer_sparsity"):
+        ALLOCATIONS.get("global")().prune_counts(budget([torch.rand(10), torch.rand(10)], 0.95, cap=0.9))
+
+
+def test_lamp_scores_match_the_hand_computed_case():
+    torch.testing.assert_close(lamp_scores(torch.tensor([3.0, 1.0, 2.0])), torch.tensor([1.0, 1 / 14, 4 / 13]))
+    torch.testing.assert_close(lamp_scores(torch.tensor([2.0, 4.0])), torch.tensor([0.2, 1.0]))
+
+
+def test_lamp_allocation_prunes_by_normalised_score():
+    scores = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0])]
+    lamp = ALLOCATIONS.get("lamp")()
+    assert lamp.prune_counts(budget(scores, 2 / 5)) == [1, 1]  # 1/14 and 0.2
+    assert lamp.prune_counts(budget(scores, 3 / 5)) == [2, 1]  # then 4/13
+
+
+def test_erk_densities_match_the_hand_computed_case():
+    shapes = [torch.Size([10, 20]), torch.Size([20, 5])]
+    # raw densities (10+20)/200 = 0.15 and (20+5)/100 = 0.25; keep 150 of 300 → ε = 150/55
+    eps = 150 / 55
+    assert erk_sparsities(shapes, 0.5, 0.99) == pytest.approx([1 - 0.15 * eps, 1 - 0.25 * eps])
+    # at 10% sparsity the second layer would pass density 1: it stays dense and the first takes the budget
+    assert erk_sparsities(shapes, 0.1, 0.99) == pytest.approx([0.15, 0.0])
+
+
+@pytest.mark.parametrize("name", ["uniform", "global", "lamp", "erk"])
+def test_every_allocator_meets_the_element_budget_exactly(name):
+    generator = torch.Generator().manual_seed(1)
+    shapes = [torch.Size([64, 256]), torch.Size([256, 256]), torch.Size([256, 10])]
+    scores = [torch.rand(math.prod(s), generator=generator) for s in shapes]
+    counts = ALLOCATIONS.get(name)().prune_counts(budget(scores, 0.9, shapes=shapes))
+    total = sum(math.prod(s) for s in shapes)
+    assert sum(counts) == round(0.9 * total)
+    assert all(c <= math.floor(0.99 * math.prod(s)) for c, s in zip(counts, shapes))

@@ -1,0 +1,101 @@
+"""`patcli train` end to end on a tiny config, its run record, and one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from patcli.data import load_dataset
+from patcli.config import NamedConfig
+from patcli.models import build_model
+
+from conftest import TINY, result_of, run_dir_of
+
+
+def test_train_writes_a_complete_record_and_reaches_the_target(cli, tmp_path):
+    code, out, err = cli("train", *TINY, "pruning.sparsity=0.8", f"hydra.run.dir={tmp_path}/run")
+    assert code == 0, err
+    run_dir = run_dir_of(out)
+    assert run_dir == tmp_path / "run"
+    record = result_of(run_dir)
+    assert record["status"] == "ok" and record["method"] == "pat" and record["recipe"] == "agp+magnitude+global"
+    assert record["achieved_sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert set(record["metrics"]) == {"val", "test"} and 0 <= record["metrics"]["test"]["accuracy"] <= 1
+    assert record["primary_metric"] == "accuracy" and record["higher_is_better"] is True
+    assert record["params_prunable"] == 64 * 32 + 32 * 32 + 32 * 10
+    assert record["params_total"] - record["params_nonzero"] == round(0.8 * record["params_prunable"])
+    assert record["train_steps"] == 2 * 20 and record["schema_version"] == 1
+    for key in ("package_version", "model_dataset_hash", "bytes_on_disk", "train_seconds", "per_layer_sparsity", "seed"):
+        assert key in record
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in evals if r["kind"] == "eval"] == [1.0, 2.0]
+    assert any(r["kind"] == "mask_update" for r in evals)
+    # the saved weights load into a plain model of the same architecture and hold the zeros
+    data = load_dataset(NamedConfig("digits", {}))
+    model = build_model(NamedConfig("mlp", {"hidden": [32, 32]}), data.meta)
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    zeros = sum(int((m.weight == 0).sum()) for m in model if isinstance(m, torch.nn.Linear))
+    assert zeros == round(0.8 * record["params_prunable"])
+
+
+def test_dense_run_and_init_from(cli, tmp_path):
+    code, out, _ = cli("train", *TINY, "pruning=none", f"hydra.run.dir={tmp_path}/dense")
+    assert code == 0
+    dense = result_of(run_dir_of(out))
+    assert dense["method"] == "dense" and dense["achieved_sparsity"] < 0.01 and dense["target_sparsity"] == 0
+    code, out, _ = cli("train", *TINY, f"trainer.init_from={tmp_path}/dense", "schedule=oneshot", "trainer.lr_schedule=cosine",
+                       "trainer.warmup_steps=5")
+    assert code == 0
+    tuned = result_of(run_dir_of(out))
+    assert tuned["recipe"] == "oneshot+magnitude+global+from-dense"
+    assert tuned["total_train_steps"] == dense["train_steps"] + tuned["train_steps"]
+
+
+def test_run_directories_never_collide(cli):
+    dirs = {run_dir_of(cli("train", *TINY, "trainer.max_steps=3", "pruning=none")[1]) for _ in range(3)}
+    assert len(dirs) == 3
+
+
+def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
+    code, out, _ = cli("train", "--cfg", "scorer=magnitude", "pruning.sparsity=0.7")
+    assert code == 0 and "sparsity: 0.7" in out and "name: agp" in out
+    code, out, _ = cli("train", "--help")
+    assert code == 0
+    for group in ("model", "dataset", "scorer", "schedule", "pruning", "trainer", "allocation"):
+        assert f"{group}:" in out
+    assert "agp" in out and "cubic" in out and "unstructured" in out
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("pruning.sparsity=1.5", "pruning.sparsity: 1.5 is out of range; allowed: 0.0 <= value < 1.0"),
+        ("scorer=nope", "scorer=nope: unknown option; allowed: "),
+        ("schedule.end=-3", "schedule.end: -3 is out of range"),
+        ("foo=1", "foo: unknown key; allowed: "),
+        ("trainer.foo=1", "trainer.foo: unknown key; allowed: trainer.epochs"),
+        ("trainer.epochs=abc", "trainer.epochs: expected an integer"),
+        ("schedule.end=5000", "schedule.end: step 5000 is after the run's last step"),
+        ("trainer.optimizer=lion", "trainer.optimizer: 'lion' is not allowed; allowed: adamw, adam, sgd"),
+        ("pruning=bogus", "pruning=bogus: unknown option; allowed: "),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_leaves_no_run_directory(cli, tmp_path, override, expected):
+    code, out, err = cli("train", *TINY, override)
+    assert code == 2
+    assert expected in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err + out
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_console_script_runs_in_a_fresh_process(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "patcli.cli", "train", *TINY, "trainer.max_steps=5", "schedule.end=3", "pruning.sparsity=0.5"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result_of(run_dir_of(result.stdout))["achieved_sparsity"] == pytest.approx(0.5, abs=1e-4)

@@ -1,0 +1,116 @@
+"""Pruned weights are exactly zero in every forward pass and stay zero through optimizer steps."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from patcli.engine import Pruner, prune_during_training, select_prunable
+from patcli.engine.schedules import SCHEDULES
+
+
+def train_steps(model, optimizer, steps, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        inputs = torch.randn(8, 16, generator=generator)
+        targets = torch.randint(0, 4, (8,), generator=generator)
+        loss = nn.functional.cross_entropy(model(inputs), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def zeros_in_pruned(pruner):
+    return all(bool((w[~k] == 0).all()) for w, k in zip(pruner.masks.weights, pruner.masks.keep))
+
+
+def test_select_prunable_takes_linear_weights_and_honours_include_exclude(tiny_mlp):
+    assert list(select_prunable(tiny_mlp)) == ["0.weight", "2.weight", "4.weight"]
+    assert list(select_prunable(tiny_mlp, exclude=["4.*"])) == ["0.weight", "2.weight"]
+    assert list(select_prunable(tiny_mlp, include=["2.*"])) == ["2.weight"]
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    ],
+    ids=["adamw-weight-decay", "sgd-momentum"],
+)
+@pytest.mark.parametrize("masking", ["inplace", "dense_shadow"])
+def test_pruned_weights_stay_exactly_zero_for_50_steps_after_pruning(tiny_mlp, make_optimizer, masking):
+    optimizer = make_optimizer(tiny_mlp.parameters())
+    pruner = prune_during_training(
+        tiny_mlp, optimizer, sparsity=0.8, total_steps=60, schedule="oneshot", masking=masking
+    )
+    train_steps(tiny_mlp, optimizer, 10)  # builds momentum / Adam moments before and after the one-shot prune
+    pruned_before = [~k.clone() for k in pruner.masks.keep]
+    assert pruner.sparsity() == pytest.approx(0.8, abs=1e-3)
+    train_steps(tiny_mlp, optimizer, 50, seed=1)
+    for weight, pruned in zip(pruner.masks.weights, pruned_before):
+        assert torch.count_nonzero(weight[pruned]) == 0
+    # the optimizer state of pruned weights did move: masking, not a frozen optimizer, keeps them at zero
+    moments = [optimizer.state[w] for w in pruner.masks.weights]
+    assert any(float(t[p].abs().sum()) > 0 for s, p in zip(moments, pruned_before) for t in s.values() if t.shape == p.shape)
+
+
+def test_every_forward_sees_zeros_at_pruned_positions_in_dense_shadow_mode(tiny_mlp):
+    optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.5)
+    pruner = prune_during_training(tiny_mlp, optimizer, sparsity=0.5, total_steps=20, schedule="oneshot", masking="dense_shadow")
+    seen = []
+    tiny_mlp[0].register_forward_pre_hook(lambda m, _: seen.append(bool((m.weight[~pruner.masks.keep[0]] == 0).all())))
+    train_steps(tiny_mlp, optimizer, 20)
+    assert len(seen) == 20 and all(seen[1:])
+    # the dense shadow kept learning at pruned positions (that is what lets reversal bring weights back)
+    shadow = pruner.masking.shadow[0]
+    assert float(shadow[~pruner.masks.keep[0]].abs().sum()) > 0
+
+
+def test_gradual_pruning_reaches_exact_target_with_non_dividing_frequency(tiny_mlp):
+    optimizer = torch.optim.AdamW(tiny_mlp.parameters(), lr=1e-3)
+    schedule = SCHEDULES.get("agp")(begin=3, end=47)
+    pruner = Pruner(tiny_mlp, sparsity=0.9, schedule=schedule, total_steps=60, frequency=7).attach(optimizer)
+    train_steps(tiny_mlp, optimizer, 60)
+    assert [u.step for u in pruner.updates] == [3, 10, 17, 24, 31, 38, 45, 47]
+    total = sum(pruner.masks.numels())
+    assert sum(int((w == 0).sum()) for w in pruner.masks.weights) == round(0.9 * total)
+    assert zeros_in_pruned(pruner)
+
+
+def test_masks_only_grow_during_gradual_pruning(tiny_mlp):
+    optimizer = torch.optim.AdamW(tiny_mlp.parameters(), lr=1e-2)
+    pruner = prune_during_training(tiny_mlp, optimizer, sparsity=0.9, total_steps=40, frequency=5)
+    previous = None
+    for _ in range(40):
+        train_steps(tiny_mlp, optimizer, 1)
+        if previous is not None:
+            assert all(bool((k <= p).all()) for k, p in zip(pruner.masks.keep, previous))
+        previous = [k.clone() for k in pruner.masks.keep]
+
+
+def test_saved_state_dict_loads_into_a_plain_model(tiny_mlp, tmp_path):
+    optimizer = torch.optim.AdamW(tiny_mlp.parameters(), lr=1e-3)
+    prune_during_training(tiny_mlp, optimizer, sparsity=0.7, total_steps=10, schedule="oneshot", masking="dense_shadow")
+    train_steps(tiny_mlp, optimizer, 10)
+    save_file({k: v.detach().clone() for k, v in tiny_mlp.state_dict().items()}, str(tmp_path / "m.safetensors"))
+    state = load_file(str(tmp_path / "m.safetensors"))
+    assert not any("orig" in k or "mask" in k for k in state)
+    plain = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    plain.load_state_dict(state)  # strict: same keys, same shapes
+    inputs = torch.randn(5, 16)
+    torch.testing.assert_close(plain(inputs), tiny_mlp(inputs))
+
+
+def test_engine_state_round_trips_through_state_dict(tiny_mlp):
+    optimizer = torch.optim.AdamW(tiny_mlp.parameters(), lr=1e-3)
+    pruner = prune_during_training(tiny_mlp, optimizer, sparsity=0.6, total_steps=30, scorer="gradient", frequency=4)
+    train_steps(tiny_mlp, optimizer, 13)
+    state = pruner.state_dict()
+    assert all(v.dtype == torch.bool for k, v in state.items() if k.startswith("mask."))
+    fresh = Pruner(tiny_mlp, sparsity=0.6, schedule=SCHEDULES.get("agp")(), total_steps=30,
+                   scorer=type(pruner.scorer)(), frequency=4)
+    fresh.load_state_dict(state)
+    assert fresh.step == 13
+    assert all(torch.equal(a, b) for a, b in zip(fresh.masks.keep, pruner.masks.keep))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.scorer._sums, pruner.scorer._sums))

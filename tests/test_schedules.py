@@ -1,0 +1,64 @@
+"""Schedules equal their closed forms and change masks at exactly the documented steps."""
+
+import pytest
+
+from patcli.engine.schedules import SCHEDULES, ScheduleError
+
+
+def bound(name, total=1000, sparsity=0.9, frequency=100, **params):
+    return SCHEDULES.get(name)(**params).bind(total, sparsity, frequency)
+
+
+def test_agp_matches_tfmot_polynomial_decay_at_sample_steps():
+    # TF-MOT PolynomialDecay(initial_sparsity=0.2, final_sparsity=0.9, begin_step=100, end_step=900, power=3):
+    # s(t) = (s_i - s_f) * (1 - p)^3 + s_f with p = (t - begin) / (end - begin), clipped to [0, 1].
+    schedule = bound("agp", begin=100, end=900, initial_sparsity=0.2, power=3.0)
+    expected = {100: 0.2, 300: 0.6046875, 500: 0.8125, 700: 0.8890625, 900: 0.9, 950: 0.9}
+    for step, value in expected.items():
+        assert schedule.target(step) == pytest.approx(value, abs=1e-12)
+
+
+def test_linear_cubic_and_exponential_closed_forms():
+    linear = bound("linear", begin=0, end=800, initial_sparsity=0.1)
+    cubic = bound("cubic", begin=0, end=800, initial_sparsity=0.1)
+    exponential = bound("exponential", begin=0, end=800, initial_sparsity=0.1)
+    for step in (0, 200, 400, 600, 800):
+        p = step / 800
+        assert linear.target(step) == pytest.approx(0.1 + 0.8 * p)
+        assert cubic.target(step) == pytest.approx(0.1 + 0.8 * p**3)
+        assert 1 - exponential.target(step) == pytest.approx(0.9 * (0.1 / 0.9) ** p)
+
+
+def test_cubic_starts_slowly_and_agp_starts_fast():
+    cubic, agp = bound("cubic", end=800), bound("agp", end=800)
+    assert cubic.target(200) < 0.02 and agp.target(200) > 0.5
+
+
+def test_final_target_is_applied_at_end_when_frequency_does_not_divide_the_span():
+    schedule = bound("agp", begin=10, end=107, frequency=25)
+    assert schedule.update_steps() == [10, 35, 60, 85, 107]
+    assert schedule.target(107) == 0.9
+    assert not schedule.is_update_step(108) and not schedule.is_update_step(9)
+
+
+def test_fractions_resolve_against_the_run_and_oneshot_updates_once():
+    schedule = bound("agp", total=800, begin=0.1, end=0.75)
+    assert (schedule.begin_step, schedule.end_step) == (80, 600)
+    oneshot = bound("oneshot", total=800, begin=40)
+    assert oneshot.update_steps() == [40] and oneshot.target(40) == 0.9
+
+
+def test_constant_keeps_the_final_target_at_every_update():
+    schedule = bound("constant", begin=0, end=300)
+    assert [schedule.target(t) for t in schedule.update_steps()] == [0.9] * 4
+
+
+@pytest.mark.parametrize(
+    "params, key",
+    [({"end": 1000}, "schedule.end"), ({"end": -3}, "schedule.end"), ({"begin": 500, "end": 100}, "schedule.end"),
+     ({"initial_sparsity": 0.95}, "schedule.initial_sparsity")],
+)
+def test_schedules_that_cannot_run_are_rejected_with_their_key(params, key):
+    with pytest.raises(ScheduleError) as error:
+        bound("agp", total=1000, **params)
+    assert error.value.key == key
