@@ -126,7 +126,7 @@ MASKINGS = ("inplace", "dense_shadow")
 class TrainerConfig:
     """How long and how to train; the same loop serves dense, PAT and fine-tuning runs."""
 
-    epochs: int = 40
+    epochs: int = 60
     max_steps: int | None = None
     batch_size: int = 64
     lr: float = 1e-3
