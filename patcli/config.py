@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from .engine.allocation import ALLOCATIONS, Allocation
 from .engine.patterns import PATTERNS, Pattern
-from .engine.registry import Registry
+from .engine.registry import ParamError, Registry
 from .engine.schedules import SCHEDULES, Schedule
 from .engine.scorers import SCORERS, Scorer
 
@@ -89,7 +89,10 @@ def parse(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     if unknown:
         raise ConfigError(f"{prefix}.{unknown[0]}", f"unknown key; allowed: {', '.join(sorted(fields)) or '(none)'}")
     kwargs = {name: coerce(value, hints[name], f"{prefix}.{name}") for name, value in data.items()}
-    obj = cls(**kwargs)
+    try:
+        obj = cls(**kwargs)
+    except ParamError as error:
+        raise ConfigError(f"{prefix}.{error.field}", error.message) from error
     check = getattr(obj, "validate", None)
     if callable(check):
         check(prefix)
@@ -321,6 +324,8 @@ def parse_run_config(source: Mapping[str, Any]) -> RunConfig:
         dense=dense,
         source=source,
     )
+    if pattern is not None and pattern.fixed_sparsity is not None:
+        config.allocation = ALLOCATIONS.get("uniform")()  # a fixed pattern prunes every layer alike
     check_schedule_bounds(config.schedule)
     return config
 

@@ -32,7 +32,7 @@ def run_job(source: dict[str, Any], run_dir: Path, mode: RunMode | None) -> floa
         raise
     except Exception as error:
         failed_record(source, run_dir, error)
-        log.exception("run failed")
+        log.info("run failed", exc_info=True)  # the traceback goes to run.log; the terminal gets one line
         if not sweeping:
             raise
         console.print(f"[red]job failed[/] {run_dir}: {error.__class__.__name__}: {error}", highlight=False)

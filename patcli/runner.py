@@ -49,12 +49,9 @@ def plan(config: RunConfig) -> Plan:
     build_model(config.model, data.meta)  # validates model keys
     update_steps = 0
     if config.pruning.enabled and config.method == "pat":
-        try:
-            schedule = dataclasses.replace(config.schedule)
-            schedule.bind(steps, config.target_sparsity, config.pruning.frequency)
-        except ScheduleError as error:
-            raise ConfigError(error.key, str(error).split(": ", 1)[1]) from error
-        update_steps = len(schedule.update_steps())
+        trial = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule))
+        pruner = build_pruner(trial, build_model(config.model, data.meta), steps)  # pattern fits the model?
+        update_steps = len(pruner.schedule.update_steps())
     if config.trainer.init_from:
         check_init_from(config)
     return Plan(data=data, total_steps=steps, update_steps=update_steps)

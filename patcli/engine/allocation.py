@@ -32,6 +32,9 @@ class LayerBudget:
     shapes: list[torch.Size]  # weight shapes
     target: float  # fraction of all prunable elements to prune
     max_layer_sparsity: float
+    total: int | None = None  # prunable elements; by default the groups' elements added up
+    # exact pruned elements for given counts where groups overlap (channels); None: sizes add up
+    pruned_elements: Callable[[list[int]], int] | None = None
     loss_with_layer_pruned: Callable[[int, float], float] | None = None  # for sensitivity analysis
 
     @property
@@ -40,18 +43,27 @@ class LayerBudget:
 
     @property
     def total_elements(self) -> int:
-        return sum(g * s for g, s in zip(self.num_groups, self.group_sizes))
+        return self.total if self.total is not None else sum(g * s for g, s in zip(self.num_groups, self.group_sizes))
 
     @property
     def budget_elements(self) -> int:
         return int(round(self.target * self.total_elements))
+
+    @property
+    def additive(self) -> bool:
+        return self.pruned_elements is None
+
+    def pruned(self, counts: list[int]) -> int:
+        if self.pruned_elements is not None:
+            return self.pruned_elements(counts)
+        return sum(c * s for c, s in zip(counts, self.group_sizes))
 
     def caps(self) -> list[int]:
         return [math.floor(self.max_layer_sparsity * g + 1e-9) for g in self.num_groups]
 
     def floors(self) -> list[int]:
         """Groups already pruned (scores of -inf): masks only grow, so counts never go below these."""
-        return [int(torch.isneginf(s).sum()) for s in self.group_scores]
+        return torch.stack([torch.isneginf(s).sum() for s in self.group_scores]).tolist()
 
 
 @dataclass
@@ -69,7 +81,7 @@ class Allocation:
 
 
 def check_reachable(budget: LayerBudget) -> None:
-    reachable = sum(c * s for c, s in zip(budget.caps(), budget.group_sizes))
+    reachable = budget.pruned(budget.caps())
     if budget.budget_elements > reachable:
         raise AllocationError(
             f"sparsity {budget.target} needs {budget.budget_elements} pruned weights but the per-layer cap "
@@ -78,9 +90,14 @@ def check_reachable(budget: LayerBudget) -> None:
 
 
 def counts_from_sparsities(budget: LayerBudget, sparsities: list[float]) -> list[int]:
-    """Round per-layer sparsities to group counts; the largest layers then absorb the rounding gap exactly."""
+    """Round per-layer sparsities to group counts; the largest layers then absorb the rounding gap exactly.
+
+    Overlapping groups (channels) cannot absorb a gap group by group: their rounded counts are returned as is.
+    """
     caps, floors, sizes = budget.caps(), budget.floors(), budget.group_sizes
     counts = [min(max(round(s * g), f), c) for s, g, f, c in zip(sparsities, budget.num_groups, floors, caps)]
+    if not budget.additive:
+        return counts
     for i in sorted(range(len(counts)), key=lambda i: -budget.num_groups[i] * sizes[i]):
         gap = budget.budget_elements - sum(c * s for c, s in zip(counts, sizes))
         counts[i] = min(max(counts[i] + int(gap / sizes[i]), floors[i]), caps[i])
@@ -94,7 +111,23 @@ class Uniform(Allocation):
 
     def prune_counts(self, budget: LayerBudget) -> list[int]:
         check_reachable(budget)
-        return counts_from_sparsities(budget, [budget.target] * len(budget.group_scores))
+        if budget.additive:
+            return counts_from_sparsities(budget, [budget.target] * len(budget.group_scores))
+        caps, floors = budget.caps(), budget.floors()
+
+        def counts(fraction: float) -> list[int]:
+            return [min(max(round(fraction * g), f), c) for g, f, c in zip(budget.num_groups, floors, caps)]
+
+        return closest(budget, counts)
+
+
+def closest(budget: LayerBudget, counts_at: Callable[[float], list[int]]) -> list[int]:
+    """Bisection over a monotone knob x ∈ [0, 1] for the counts whose pruned elements land nearest the budget."""
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if budget.pruned(counts_at(mid)) < budget.budget_elements else (lo, mid)
+    return min((counts_at(lo), counts_at(hi)), key=lambda c: abs(budget.pruned(c) - budget.budget_elements))
 
 
 @ALLOCATIONS.register("global")
@@ -104,7 +137,23 @@ class Global(Allocation):
 
     def prune_counts(self, budget: LayerBudget) -> list[int]:
         check_reachable(budget)
-        return global_counts(budget.group_scores, budget.group_sizes, budget.budget_elements, budget.caps())
+        return threshold_counts(budget, budget.group_scores)
+
+
+def threshold_counts(budget: LayerBudget, scores: list[torch.Tensor]) -> list[int]:
+    """Counts from one threshold over ``scores`` (exact for additive groups, bisection on rank otherwise)."""
+    if budget.additive:
+        return global_counts(scores, budget.group_sizes, budget.budget_elements, budget.caps())
+    flat = torch.cat(scores)
+    layer = torch.cat([torch.full((s.numel(),), i, device=flat.device) for i, s in enumerate(scores)])
+    ranked_layers = layer[torch.argsort(flat, stable=True)]
+    caps = budget.caps()
+
+    def counts(fraction: float) -> list[int]:
+        taken = torch.bincount(ranked_layers[: int(round(fraction * flat.numel()))], minlength=len(scores)).tolist()
+        return [min(t, c) for t, c in zip(taken, caps)]
+
+    return closest(budget, counts)
 
 
 def global_counts(scores: list[torch.Tensor], sizes: list[int], budget_elements: int, caps: list[int]) -> list[int]:
@@ -133,8 +182,7 @@ class LAMP(Allocation):
 
     def prune_counts(self, budget: LayerBudget) -> list[int]:
         check_reachable(budget)
-        lamp = [lamp_scores(s) for s in budget.group_scores]
-        return global_counts(lamp, budget.group_sizes, budget.budget_elements, budget.caps())
+        return threshold_counts(budget, [lamp_scores(s) for s in budget.group_scores])
 
 
 def lamp_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -223,19 +271,20 @@ class Sensitivity(Allocation):
         check_reachable(budget)
         if not self.curves:
             self.measure(budget)
-        sizes = [g * s for g, s in zip(budget.num_groups, budget.group_sizes)]
+        scale = max(max(c) for c in self.curves) + 1.0
 
-        def sparsities(tau: float) -> list[float]:
+        def sparsities(knob: float) -> list[float]:
+            tau = knob * scale
             return [min(sparsity_within(curve, self.trials, tau), budget.max_layer_sparsity) for curve in self.curves]
 
-        def pruned(tau: float) -> float:
-            return sum(s * n for s, n in zip(sparsities(tau), sizes))
+        def counts(knob: float) -> list[int]:
+            return [min(round(s * g), c) for s, g, c in zip(sparsities(knob), budget.num_groups, budget.caps())]
 
-        lo, hi = 0.0, max(max(c) for c in self.curves) + 1.0
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if pruned(mid) < budget.budget_elements else (lo, mid)
-        return counts_from_sparsities(budget, sparsities(hi))
+        best = closest(budget, counts)
+        if not budget.additive:
+            return best
+        fractions = [c / g for c, g in zip(best, budget.num_groups)]
+        return counts_from_sparsities(budget, fractions)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"curves": torch.tensor(self.curves)} if self.curves else {}

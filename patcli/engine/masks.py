@@ -39,13 +39,18 @@ def select_prunable(
 
 
 class MaskSet:
-    """Keep-masks (True = keep) for a fixed list of named weights."""
+    """Keep-masks (True = keep) for a fixed list of named parameters.
 
-    def __init__(self, weights: dict[str, nn.Parameter]) -> None:
+    ``accounted`` marks the ones that count toward sparsity (prunable weights); structured pruning also masks
+    biases and norm parameters so a pruned channel is wholly off, without counting them.
+    """
+
+    def __init__(self, weights: dict[str, nn.Parameter], accounted: list[bool] | None = None) -> None:
         if not weights:
             raise ValueError("no prunable weights: check pruning.include / pruning.exclude")
         self.names = list(weights)
         self.weights = list(weights.values())
+        self.accounted = accounted or [True] * len(self.weights)
         self.keep = [torch.ones_like(w, dtype=torch.bool) for w in self.weights]
         self._multipliers = [torch.ones_like(w) for w in self.weights]
 
@@ -61,19 +66,13 @@ class MaskSet:
         with torch.no_grad():
             torch._foreach_mul_(self.weights if tensors is None else tensors, self._multipliers)
 
-    def numels(self) -> list[int]:
-        return [w.numel() for w in self.weights]
-
-    def pruned_counts(self) -> torch.Tensor:
-        """Pruned elements per tensor, on the weights' device (no host sync)."""
-        return torch.stack([(~k).sum() for k in self.keep])
+    def accounted_numel(self) -> int:
+        return sum(w.numel() for w, a in zip(self.weights, self.accounted) if a)
 
     def sparsity(self) -> float:
-        return float(self.pruned_counts().sum().item()) / sum(self.numels())
-
-    def per_layer_sparsity(self) -> dict[str, float]:
-        counts = self.pruned_counts().tolist()
-        return {n: c / w.numel() for n, c, w in zip(self.names, counts, self.weights)}
+        """Fraction of accounted elements the masks prune (one host sync)."""
+        pruned = torch.stack([(~k).sum() for k, a in zip(self.keep, self.accounted) if a]).sum()
+        return float(pruned) / self.accounted_numel()
 
     def state_bytes(self) -> int:
         return sum(k.numel() * k.element_size() + m.numel() * m.element_size() for k, m in zip(self.keep, self._multipliers))

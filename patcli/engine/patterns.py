@@ -1,7 +1,8 @@
-"""Sparsity patterns: how a weight's elements form groups that are kept or pruned together.
+"""Sparsity patterns inside one weight: which elements form a group that is kept or pruned together.
 
-A pattern turns element scores into one score per group, and a number of groups to prune into an element
-keep-mask. Scores of already-pruned elements arrive as -inf, so they are chosen first and masks only grow.
+A pattern turns element scores into one score per group, picks which groups to prune given how many, and
+expands a keep flag per group back to an element mask. Weights are viewed as 2-D ``[out, in·k…]`` so "along
+the input dimension" means consecutive elements of a row, as 2:4 sparse kernels expect.
 """
 
 from __future__ import annotations
@@ -10,13 +11,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .registry import Registry
+from .registry import ParamError, Registry
 
 PATTERNS: Registry["Pattern"] = Registry("pruning mode")
 
 
 class PatternError(ValueError):
     """A pattern that does not fit a weight's shape or the requested sparsity."""
+
+
+def as_rows(shape: torch.Size) -> tuple[int, int]:
+    """A weight seen as [outputs, inputs]: conv kernels are flattened into the input side."""
+    rows = shape[0]
+    return rows, (int(torch.Size(shape[1:]).numel()) if len(shape) > 1 else 1)
 
 
 @dataclass
@@ -38,21 +45,121 @@ class Pattern:
         """One score per group (1-D)."""
         return scores.reshape(-1)
 
+    def select(self, group_scores: torch.Tensor, n_prune: int, shape: torch.Size) -> torch.Tensor:
+        """Keep flag per group: the ``n_prune`` lowest-scored groups go."""
+        keep = torch.ones_like(group_scores, dtype=torch.bool)
+        if n_prune > 0:
+            keep[torch.topk(group_scores, n_prune, largest=False, sorted=False).indices] = False
+        return keep
+
     def expand(self, group_keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """Element keep-mask from a keep flag per group."""
         return group_keep.reshape(shape)
-
-    def keep_mask(self, scores: torch.Tensor, n_prune: int) -> torch.Tensor:
-        """Keep-mask that prunes the ``n_prune`` lowest-scored groups."""
-        group_scores = self.group_scores(scores)
-        keep = torch.ones_like(group_scores, dtype=torch.bool)
-        if n_prune > 0:
-            lowest = torch.topk(group_scores, n_prune, largest=False, sorted=False).indices
-            keep[lowest] = False
-        return self.expand(keep, scores.shape)
 
 
 @PATTERNS.register("unstructured")
 @dataclass
 class Unstructured(Pattern):
     """Any element can go."""
+
+
+@PATTERNS.register("nm")
+@dataclass
+class NM(Pattern):
+    """N:M semi-structured sparsity: at most N non-zeros in every M consecutive inputs (2:4 runs on sparse tensor cores).
+
+    The sparsity is fixed at 1 - N/M. Before the final target, only elements that N:M would drop anyway are
+    pruned (the lowest M - N of each group), lowest scores first, so gradual schedules end exactly at N:M.
+    """
+
+    n: int = 2
+    m: int = 4
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n < self.m:
+            raise ParamError("n", f"{self.n}:{self.m} is not allowed; allowed: 1 <= n < m")
+
+    @property
+    def fixed_sparsity(self) -> float:
+        return 1.0 - self.n / self.m
+
+    def check(self, name: str, shape: torch.Size) -> None:
+        if as_rows(shape)[1] % self.m:
+            raise PatternError(f"{name} has {as_rows(shape)[1]} inputs per row, not a multiple of m={self.m}")
+
+    def select(self, group_scores: torch.Tensor, n_prune: int, shape: torch.Size) -> torch.Tensor:
+        blocks = group_scores.reshape(-1, self.m)
+        rank = blocks.argsort(dim=1).argsort(dim=1)
+        candidate = (rank < self.m - self.n).reshape(-1)
+        ranked = torch.where(candidate, group_scores, torch.full_like(group_scores, float("inf")))
+        n_prune = min(n_prune, int(candidate.sum()))
+        return super().select(ranked, n_prune, shape)
+
+
+@PATTERNS.register("block")
+@dataclass
+class Block(Pattern):
+    """Rectangular blocks of ``rows`` × ``cols`` elements, scored by the sum of their element scores (|w|: L1 norm)."""
+
+    rows: int = 1
+    cols: int = 4
+
+    def __post_init__(self) -> None:
+        if self.rows < 1 or self.cols < 1:
+            raise ParamError("rows", f"block {self.rows}x{self.cols} is not allowed; allowed: sizes >= 1")
+
+    def check(self, name: str, shape: torch.Size) -> None:
+        out, inputs = as_rows(shape)
+        if out % self.rows or inputs % self.cols:
+            raise PatternError(f"{name} of shape {tuple(shape)} does not divide into {self.rows}x{self.cols} blocks")
+
+    def group_size(self, shape: torch.Size) -> int:
+        return self.rows * self.cols
+
+    def _blocked(self, tensor: torch.Tensor) -> torch.Tensor:
+        out, inputs = as_rows(tensor.shape)
+        return tensor.reshape(out // self.rows, self.rows, inputs // self.cols, self.cols)
+
+    def group_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        return self._blocked(scores).sum(dim=(1, 3)).reshape(-1)
+
+    def expand(self, group_keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        out, inputs = as_rows(shape)
+        grid = group_keep.reshape(out // self.rows, 1, inputs // self.cols, 1)
+        return grid.expand(-1, self.rows, -1, self.cols).reshape(shape)
+
+
+@dataclass
+class Structured(Pattern):
+    """Whole channels across tensors (see layouts.ChannelLayout); ``reduce`` folds element scores into one per channel."""
+
+    kind = "neurons"
+    reduce: str = "l2"
+
+    def __post_init__(self) -> None:
+        if self.reduce not in ("l1", "l2"):
+            raise ParamError("reduce", f"{self.reduce!r} is not allowed; allowed: l1, l2")
+
+
+@PATTERNS.register("neurons")
+@dataclass
+class Neurons(Structured):
+    """Output features of Linear layers, with their bias and the next layer's input columns."""
+
+    kind = "neurons"
+
+
+@PATTERNS.register("filters")
+@dataclass
+class Filters(Structured):
+    """Output channels of Conv layers, with their bias, BatchNorm γ/β and the next layer's input channels."""
+
+    kind = "filters"
+
+
+@PATTERNS.register("heads")
+@dataclass
+class Heads(Structured):
+    """Whole attention heads: their Q/K/V rows and output-projection columns."""
+
+    kind = "heads"

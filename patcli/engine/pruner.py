@@ -1,8 +1,8 @@
 """The pruner: ties masks, scorer, schedule, allocation and pattern to an optimizer's steps.
 
-Score → decide → apply: the scorer says how much each weight matters, the allocation how many groups each layer
-loses, the pattern which elements form a group, and the masking how the decision is enforced. The pruner hooks
-into ``optimizer.step()``, so a training loop needs no other call.
+Score → decide → apply: the scorer says how much each weight matters, the layout (from the pattern) folds those
+scores into groups, the allocation decides how many groups each layer loses, and the masking enforces the
+decision. The pruner hooks into ``optimizer.step()``, so a training loop needs no other call.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import torch
 from torch import nn
 
 from .allocation import Allocation, LayerBudget, Uniform
+from .layouts import ChannelLayout, Layout, TensorLayout
 from .masks import MASKINGS, MaskSet, select_prunable, zero_optimizer_state_
-from .patterns import Pattern, Unstructured
+from .patterns import Pattern, Structured, Unstructured
 from .schedules import Schedule
 from .scorers import Magnitude, Scorer
+from .structure import channel_groups
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +36,19 @@ class MaskUpdate:
     revived: int = 0
 
 
+def make_layout(model: nn.Module, pattern: Pattern, include, exclude) -> Layout:
+    """Tensor layout for element/N:M/block patterns, channel layout for neurons/filters/heads."""
+    if isinstance(pattern, Structured):
+        params = dict(model.named_parameters())
+        return ChannelLayout(params, channel_groups(model, pattern.kind, include, exclude), pattern.reduce)
+    return TensorLayout(select_prunable(model, include, exclude), pattern)
+
+
 class Pruner:
     """Pruning-aware training for any model and optimizer.
 
     ``evaluate`` (a function returning a validation loss) is only needed by sensitivity-based allocation.
+    ``monotone`` masks only grow (pruned weights never return); reversal and regrowth modes turn it off.
     """
 
     def __init__(
@@ -68,16 +79,15 @@ class Pruner:
         self.sparsity_target = sparsity
         self.schedule = schedule.bind(total_steps, sparsity, frequency)
         self.scorer = scorer or Magnitude()
-        self.allocation = allocation or Uniform()
+        # a pattern that fixes the sparsity (N:M) prunes every layer alike
+        self.allocation = Uniform() if self.pattern.fixed_sparsity is not None else (allocation or Uniform())
         self.max_layer_sparsity = max_layer_sparsity
         self.monotone = monotone and getattr(self.schedule, "monotone", True)
         self.evaluate = evaluate
         self.on_update = on_update
         self.seconds = 0.0  # wall time spent in the pruner's hooks, for the per-step overhead
-        weights = select_prunable(model, include, exclude)
-        self.masks = MaskSet(weights)
-        for name, weight in weights.items():
-            self.pattern.check(name, weight.shape)
+        self.layout = make_layout(model, self.pattern, include, exclude)
+        self.masks = MaskSet(dict(zip(self.layout.names, self.layout.params)), self.layout.accounted)
         if masking not in MASKINGS:
             raise ValueError(f"unknown masking {masking!r}; allowed: {', '.join(MASKINGS)}")
         self.masking = MASKINGS[masking](self.masks)
@@ -105,11 +115,15 @@ class Pruner:
 
     # -- the step -------------------------------------------------------------------------------------------------
 
-    def before_step(self) -> None:
-        started = time.perf_counter()
+    def observe(self) -> None:
+        """Feed the current gradients to the scorer (also used alone, for calibration without training)."""
         if self.scorer.needs_grad:
             grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self.masks.weights]
             self.scorer.observe([w.detach() for w in self.masks.weights], grads)
+
+    def before_step(self) -> None:
+        started = time.perf_counter()
+        self.observe()
         self.masking.before_step()
         self.seconds += time.perf_counter() - started
 
@@ -129,22 +143,22 @@ class Pruner:
 
     # -- decisions ------------------------------------------------------------------------------------------------
 
-    def update_masks(self, t: int) -> MaskUpdate:
-        """Re-choose masks for the schedule's target at step t."""
-        target = self.schedule.target(t)
+    def update_masks(self, t: int, target: float | None = None) -> MaskUpdate:
+        """Re-choose masks for the schedule's target at step t (or an explicit ``target``)."""
+        target = self.schedule.target(t) if target is None else target
         old_keep = [k.clone() for k in self.masks.keep] if not self.monotone else None
-        scores = self._scores()
-        budget = self._budget(scores, target)
-        counts = self.allocation.prune_counts(budget)
-        for i, (element_scores, count) in enumerate(zip(scores, counts)):
-            self.masks.set(i, self.pattern.keep_mask(element_scores, count))
+        group_scores = self.group_scores()
+        counts = self.allocation.prune_counts(self._budget(group_scores, target))
+        decision = [self.layout.select(i, s, c) for i, (s, c) in enumerate(zip(group_scores, counts))]
+        for i, keep in enumerate(self.layout.set_group_keep(decision)):
+            self.masks.set(i, keep)
         self.masking.masks_changed()
         if getattr(self.schedule, "resets_optimizer_state", False) and self.optimizer is not None:
             zero_optimizer_state_(self.optimizer, self.masks)
         self.scorer.reset()
         revived = 0
         if old_keep is not None:
-            revived = int(sum(((~old) & new).sum() for old, new in zip(old_keep, self.masks.keep)))
+            revived = int(sum(((~old) & new).sum() for old, new, a in zip(old_keep, self.masks.keep, self.masks.accounted) if a))
         update = MaskUpdate(step=t, target=target, sparsity=self.masks.sparsity(), revived=revived)
         self.updates.append(update)
         log.debug("mask update at step %d: target %.4f, sparsity %.4f", t, target, update.sparsity)
@@ -152,45 +166,47 @@ class Pruner:
             self.on_update(update)
         return update
 
-    def _scores(self) -> list[torch.Tensor]:
+    def group_scores(self) -> list[torch.Tensor]:
+        """Scores per group and layer; with monotone masks, groups already pruned score -inf (chosen first)."""
         scores = [s.float() for s in self.scorer.scores(self.masking.dense_weights())]
+        grouped = self.layout.group_scores(scores)
         if self.monotone:
-            scores = [s.masked_fill(~keep, float("-inf")) for s, keep in zip(scores, self.masks.keep)]
-        return scores
+            grouped = [g.masked_fill(~k, float("-inf")) for g, k in zip(grouped, self.layout.group_keep)]
+        return grouped
 
-    def _budget(self, scores: list[torch.Tensor], target: float) -> LayerBudget:
-        shapes = [w.shape for w in self.masks.weights]
+    def _budget(self, group_scores: list[torch.Tensor], target: float) -> LayerBudget:
         return LayerBudget(
-            group_scores=[self.pattern.group_scores(s) for s in scores],
-            group_sizes=[self.pattern.group_size(shape) for shape in shapes],
-            shapes=shapes,
+            group_scores=group_scores,
+            group_sizes=self.layout.group_sizes(),
+            shapes=self.layout.shapes(),
             target=target,
             max_layer_sparsity=self.max_layer_sparsity,
-            loss_with_layer_pruned=(lambda i, s: self._loss_with_layer_pruned(i, s, scores[i])) if self.evaluate else None,
+            total=self.masks.accounted_numel(),
+            pruned_elements=self.layout.pruned_elements if isinstance(self.layout, ChannelLayout) else None,
+            loss_with_layer_pruned=(lambda i, s: self._loss_with_layer_pruned(i, s, group_scores)) if self.evaluate else None,
         )
 
-    def _loss_with_layer_pruned(self, index: int, sparsity: float, scores: torch.Tensor) -> float:
-        """Validation loss with one layer alone pruned to ``sparsity`` by its scores (sensitivity analysis)."""
-        weight = self.masks.weights[index]
-        saved = weight.detach().clone()
-        count = int(round(sparsity * self.pattern.group_scores(scores).numel()))
+    def _loss_with_layer_pruned(self, layer: int, sparsity: float, group_scores: list[torch.Tensor]) -> float:
+        """Validation loss with one layer alone pruned to ``sparsity`` of its groups (sensitivity analysis)."""
+        decision = [torch.ones_like(k) for k in self.layout.group_keep]
+        count = int(round(sparsity * group_scores[layer].numel()))
+        decision[layer] = self.layout.select(layer, group_scores[layer], count) & self.layout.group_keep[layer]
+        saved = [w.detach().clone() for w in self.masks.weights]
         with torch.no_grad():
-            weight.mul_(self.pattern.keep_mask(scores, count))
+            for weight, keep in zip(self.masks.weights, self.layout.element_masks(decision)):
+                weight.mul_(keep)
         try:
             return float(self.evaluate())
         finally:
             with torch.no_grad():
-                weight.copy_(saved)
+                torch._foreach_copy_(self.masks.weights, saved)
 
     # -- reporting and state --------------------------------------------------------------------------------------
 
     def sparsity(self) -> float:
-        """Achieved fraction of prunable weights that are exactly zero in the model."""
-        zeros = sum(int((w == 0).sum()) for w in self.masks.weights)
-        return zeros / sum(self.masks.numels())
-
-    def per_layer_sparsity(self) -> dict[str, float]:
-        return {name: float((w == 0).sum()) / w.numel() for name, w in zip(self.masks.names, self.masks.weights)}
+        """Achieved fraction of accounted (prunable) weights that are exactly zero in the model."""
+        zeros = sum(int((w == 0).sum()) for w, a in zip(self.masks.weights, self.masks.accounted) if a)
+        return zeros / self.masks.accounted_numel()
 
     def engine_state_bytes(self) -> int:
         """Memory the engine holds besides the model: masks, shadow weights, score accumulators."""
@@ -199,6 +215,7 @@ class Pruner:
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {"step": torch.tensor(self.step)}
         state.update({f"mask.{k}": v for k, v in self.masks.state_dict().items()})
+        state.update({f"groups.{i}": k.clone() for i, k in enumerate(self.layout.group_keep)})
         state.update({f"masking.{k}": v for k, v in self.masking.state_dict().items()})
         state.update({f"scorer.{k}": v for k, v in self.scorer.state_dict().items()})
         state.update({f"allocation.{k}": v for k, v in self.allocation.state_dict().items()})
@@ -210,6 +227,7 @@ class Pruner:
 
         self.step = int(state["step"])
         self.masks.load_state_dict(part("mask."))
+        self.layout.group_keep = [part("groups.")[str(i)].clone() for i in range(len(self.layout.group_keep))]
         self.masking.load_state_dict(part("masking."))
         self.scorer.load_state_dict(part("scorer."))
         self.allocation.load_state_dict(part("allocation."))

@@ -7,6 +7,15 @@ from typing import Callable, Generic, TypeVar
 T = TypeVar("T")
 
 
+class ParamError(ValueError):
+    """An engine part's parameter out of its allowed range; ``field`` names it (the config adds the prefix)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
 class Registry(Generic[T]):
     """A dictionary of named classes with a decorator to fill it and an error that lists what exists."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .registry import Registry
+from .registry import ParamError, Registry
 
 SCHEDULES: Registry["Schedule"] = Registry("schedule")
 
@@ -98,6 +98,7 @@ class Schedule:
         return [t for t in range(self.begin_step, self.end_step + 1) if self.is_update_step(t)]
 
 
+
 @SCHEDULES.register("oneshot")
 @dataclass
 class OneShot(Schedule):
@@ -165,3 +166,73 @@ class Exponential(Schedule):
     def curve(self, p: float) -> float:
         density_initial, density_final = 1.0 - self.initial_sparsity, 1.0 - self.final_sparsity
         return 1.0 - density_initial * (density_final / density_initial) ** p
+
+
+@SCHEDULES.register("alternating")
+@dataclass
+class Alternating(Schedule):
+    """The article's odd/even scheme, ≈ AC/DC (Peste et al. 2021): compressed and decompressed phases alternate.
+
+    After a dense warm-up (until ``begin``), compressed phases of ``compressed`` steps — masks chosen afresh from
+    all weights at the target the ``ramp`` schedule gives at that step, and enforced — alternate with
+    decompressed phases of ``decompressed`` steps in which every weight trains. The last ``final`` steps are one
+    compressed phase at the final target (fine-tuning). Momentum and Adam moments of pruned weights are reset at
+    the start of each compressed phase. Lengths are steps (int) or fractions of the run (float).
+    """
+
+    begin: int | float = 0.1
+    compressed: int | float = 0.1
+    decompressed: int | float = 0.1
+    final: int | float = 0.2
+    ramp: str = "agp"
+    power: float = 3.0
+    monotone = False
+    resets_optimizer_state = True
+
+    def __post_init__(self) -> None:
+        if self.ramp not in ("agp", "linear", "cubic", "constant", "exponential"):
+            raise ParamError("ramp", f"{self.ramp!r} is not allowed; allowed: agp, linear, cubic, constant, exponential")
+
+    def bind(self, total_steps: int, final_sparsity: float, frequency: int) -> "Schedule":
+        final_steps = max(to_step(self.final, total_steps, "schedule.final"), 1)
+        self.end = total_steps - final_steps  # masks reach the final target where the final phase starts
+        super().bind(total_steps, final_sparsity, frequency)
+        self.compressed_steps = max(to_step(self.compressed, total_steps, "schedule.compressed"), 1)
+        self.decompressed_steps = max(to_step(self.decompressed, total_steps, "schedule.decompressed"), 1)
+        if self.end_step <= self.begin_step:
+            raise ScheduleError(
+                "schedule.final",
+                f"the final phase ({final_steps} steps) starts at step {self.end_step}, not after the warm-up "
+                f"(schedule.begin = step {self.begin_step})",
+            )
+        params = {"power": self.power} if self.ramp == "agp" else {}
+        self._ramp = SCHEDULES.get(self.ramp)(begin=self.begin_step, end=self.end_step, initial_sparsity=self.initial_sparsity, **params)
+        self._ramp.bind(total_steps, final_sparsity, frequency)
+        return self
+
+    def curve(self, p: float) -> float:
+        return self._ramp.curve(p)
+
+    def target(self, t: int) -> float:
+        """The ramp read where this compressed phase ends, so even the first phase is sparse."""
+        if t < self.begin_step:
+            return 0.0
+        return self._ramp.target(min(t + self.compressed_steps, self.end_step))
+
+    def phase(self, t: int) -> str:
+        """dense (warm-up) | compressed | decompressed, for optimizer step t."""
+        if t < self.begin_step:
+            return "dense"
+        if t >= self.end_step:
+            return "compressed"
+        cycle = self.compressed_steps + self.decompressed_steps
+        return "compressed" if (t - self.begin_step) % cycle < self.compressed_steps else "decompressed"
+
+    def is_update_step(self, t: int) -> bool:
+        if t == self.end_step:
+            return True
+        cycle = self.compressed_steps + self.decompressed_steps
+        return self.begin_step <= t < self.end_step and (t - self.begin_step) % cycle == 0
+
+    def masks_enforced(self, t: int) -> bool:
+        return self.phase(t) == "compressed"

@@ -1,0 +1,86 @@
+"""Finding channel groups: which parameter slices belong to each neuron, filter or attention head.
+
+A model can describe itself with ``channel_groups(kind)`` (the built-in transformer does, for heads and MLP
+neurons). Otherwise a feed-forward chain (``nn.Sequential``, possibly nested) is read in order: each Linear (for
+``neurons``) or Conv (for ``filters``) produces channels; a BatchNorm right after it belongs to them; the next
+Linear/Conv consumes them along its input dimension. The last layer's outputs are the model's outputs and are
+never pruned.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable
+
+from torch import nn
+
+from .layouts import ChannelGroup, Slice
+
+PRODUCERS = {"neurons": (nn.Linear,), "filters": (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+TRANSPARENT = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.Dropout, nn.Flatten,
+               nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+               nn.Identity)
+
+
+class StructureError(ValueError):
+    """The model's structure cannot be read for this kind of group."""
+
+
+def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if not list(m.children())]
+
+
+def _matches(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
+def channel_groups(
+    model: nn.Module, kind: str, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()
+) -> list[ChannelGroup]:
+    """The prunable channel groups of ``kind`` (neurons | filters | heads) whose producing weight is included."""
+    include, exclude = list(include), list(exclude)
+    if hasattr(model, "channel_groups"):
+        groups = model.channel_groups(kind)
+    elif kind == "heads":
+        raise StructureError(f"{type(model).__name__} has no attention heads patcli can find: "
+                             "define channel_groups('heads') on the model")
+    else:
+        groups = sequential_groups(model, kind)
+    return [g for g in groups if _matches(g.slices[0].param, include, exclude)]
+
+
+def sequential_groups(model: nn.Module, kind: str) -> list[ChannelGroup]:
+    leaves = _leaves(model)
+    unknown = [type(m).__name__ for _, m in leaves if not isinstance(m, LAYERS + NORMS + TRANSPARENT)]
+    if unknown or not isinstance(model, nn.Sequential):
+        raise StructureError(
+            f"structured pruning reads feed-forward nn.Sequential chains; {type(model).__name__} "
+            f"({', '.join(sorted(set(unknown))) or 'not a Sequential'}) needs a channel_groups(kind) method"
+        )
+    groups = []
+    for i, (name, module) in enumerate(leaves):
+        if not isinstance(module, PRODUCERS[kind]):
+            continue
+        channels = module.weight.shape[0]
+        slices = [Slice(f"{name}.weight", 0)]
+        if module.bias is not None:
+            slices.append(Slice(f"{name}.bias", 0))
+        consumer = None
+        for next_name, following in leaves[i + 1 :]:
+            if isinstance(following, NORMS) and consumer is None and following.num_features == channels:
+                slices += [Slice(f"{next_name}.weight", 0), Slice(f"{next_name}.bias", 0)]
+                continue
+            if isinstance(following, LAYERS):
+                consumer = (next_name, following)
+                break
+        if consumer is None:
+            continue  # the model's output layer
+        consumer_name, consumer_module = consumer
+        inputs = consumer_module.weight.shape[1]
+        if inputs % channels:
+            raise StructureError(f"{consumer_name} takes {inputs} inputs, not a multiple of {name}'s {channels} channels")
+        slices.append(Slice(f"{consumer_name}.weight", 1, width=inputs // channels))
+        groups.append(ChannelGroup(name=name, channels=channels, slices=slices, shape=module.weight.shape))
+    return groups

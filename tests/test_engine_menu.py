@@ -1,0 +1,175 @@
+"""Every scorer × schedule × allocation reaches its target; N:M, block and alternating behave element by element."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from patcli.engine import ALLOCATIONS, PATTERNS, SCHEDULES, SCORERS, Pruner
+
+
+def tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+BATCH = (torch.randn(64, 16, generator=torch.Generator().manual_seed(3)), torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(4)))
+
+
+def loss_of(model):
+    return nn.functional.cross_entropy(model(BATCH[0]), BATCH[1])
+
+
+def train(model, optimizer, steps):
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        inputs = torch.randn(16, 16, generator=generator)
+        targets = torch.randint(0, 4, (16,), generator=generator)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+
+
+SCHEDULE_PARAMS = {"alternating": {"begin": 4, "compressed": 6, "decompressed": 3, "final": 10}}
+
+
+@pytest.mark.parametrize(
+    "scorer, schedule, allocation",
+    list(itertools.product(SCORERS.names(), SCHEDULES.names(), ALLOCATIONS.names())),
+)
+def test_every_combination_reaches_its_target_sparsity(scorer, schedule, allocation):
+    model = tiny()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pruner = Pruner(
+        model,
+        sparsity=0.8,
+        schedule=SCHEDULES.get(schedule)(**SCHEDULE_PARAMS.get(schedule, {"end": 20} if schedule != "oneshot" else {})),
+        scorer=SCORERS.get(scorer)(),
+        allocation=ALLOCATIONS.get(allocation)(),
+        total_steps=40,
+        frequency=3,
+        evaluate=lambda: float(loss_of(model).detach()),
+    ).attach(optimizer)
+    train(model, optimizer, 40)
+    total = pruner.masks.accounted_numel()
+    pruned = sum(int((~k).sum()) for k in pruner.masks.keep)
+    assert abs(pruned - round(0.8 * total)) <= 3, (pruned, round(0.8 * total))  # per-layer rounding at most
+    assert all(bool((w[~k] == 0).all()) for w, k in zip(pruner.masks.weights, pruner.masks.keep))
+    assert max(float((~k).float().mean()) for k in pruner.masks.keep) <= 0.99
+
+
+def test_gradient_scorers_accumulate_on_the_device_without_host_syncs(monkeypatch):
+    calls = []
+    for name in ("item", "cpu", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: calls.append(_n) or _o(self, *a, **k))
+
+    def syncs_in_29_steps(with_pruner: bool) -> int:
+        model = tiny()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        if with_pruner:
+            pruner = Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("agp")(begin=30, end=35), total_steps=40,
+                            scorer=SCORERS.get("movement")(), frequency=5).attach(optimizer)
+        calls.clear()
+        train(model, optimizer, 29)  # steps before the first mask update: the scorer only accumulates
+        syncs = len(calls)
+        if with_pruner:
+            assert pruner.scorer._count.item() == 29
+        return syncs
+
+    assert syncs_in_29_steps(True) == syncs_in_29_steps(False)  # the optimizer's own syncs, none added
+
+
+def test_scorers_match_their_formulas_on_a_hand_made_step():
+    weight = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    grad = torch.tensor([[0.5, 1.0], [-2.0, 0.1]])
+    expected = {
+        "magnitude": weight.abs(),
+        "gradient": (weight * grad).abs(),
+        "movement": -(weight * grad),
+        "hessian": 0.5 * grad**2 * weight**2,
+    }
+    for name, value in expected.items():
+        scorer = SCORERS.get(name)()
+        if scorer.needs_grad:
+            scorer.observe([weight], [grad])
+            scorer.observe([weight], [grad])  # two identical steps: means stay, movement sums
+        got = scorer.scores([weight])[0]
+        torch.testing.assert_close(got, value * (2 if name == "movement" else 1))
+
+
+def test_nm_keeps_at_most_n_of_every_m_inputs_element_by_element():
+    model = tiny()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pruner = Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("agp")(end=20), pattern=PATTERNS.get("nm")(n=2, m=4),
+                    allocation=ALLOCATIONS.get("global")(), total_steps=30, frequency=4).attach(optimizer)
+    train(model, optimizer, 30)
+    for weight in pruner.masks.weights:
+        groups = (weight != 0).reshape(-1, 4).sum(1)
+        assert bool((groups == 2).all()), groups  # exactly 2:4 in every group of every row
+    assert pruner.sparsity() == 0.5
+
+
+def test_nm_rejects_other_sparsities_and_shapes():
+    with pytest.raises(ValueError, match="fixes sparsity"):
+        Pruner(tiny(), sparsity=0.9, schedule=SCHEDULES.get("agp")(), pattern=PATTERNS.get("nm")(), total_steps=10)
+    odd = nn.Sequential(nn.Linear(6, 4))
+    with pytest.raises(ValueError, match="multiple of m=4"):
+        Pruner(odd, sparsity=0.5, schedule=SCHEDULES.get("agp")(), pattern=PATTERNS.get("nm")(), total_steps=10)
+
+
+def test_block_pattern_prunes_whole_blocks_element_by_element():
+    model = tiny()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pruner = Pruner(model, sparsity=0.75, schedule=SCHEDULES.get("agp")(end=20), pattern=PATTERNS.get("block")(rows=2, cols=4),
+                    allocation=ALLOCATIONS.get("global")(), total_steps=30, frequency=4).attach(optimizer)
+    train(model, optimizer, 30)
+    for weight in pruner.masks.weights:
+        out, inputs = weight.shape
+        blocks = (weight == 0).reshape(out // 2, 2, inputs // 4, 4).permute(0, 2, 1, 3).reshape(-1, 8)
+        per_block = blocks.sum(1)
+        assert bool(((per_block == 0) | (per_block == 8)).all())  # a block is all zero or all kept
+    assert pruner.sparsity() == 0.75
+
+
+def test_alternating_schedule_lifts_and_enforces_masks_step_by_step_and_resets_momentum():
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    schedule = SCHEDULES.get("alternating")(begin=5, compressed=4, decompressed=3, final=10)
+    pruner = Pruner(model, sparsity=0.8, schedule=schedule, total_steps=40).attach(optimizer)
+    phases = {}
+    generator = torch.Generator().manual_seed(0)
+    for t in range(40):
+        inputs, targets = torch.randn(16, 16, generator=generator), torch.randint(0, 4, (16,), generator=generator)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+        zero_at_pruned = all(bool((w[~k] == 0).all()) for w, k in zip(pruner.masks.weights, pruner.masks.keep))
+        phases[t] = (schedule.phase(t), pruner.sparsity(), zero_at_pruned)
+        if t in schedule.update_steps():
+            # the compressed phase starts: momentum of every pruned weight is zero
+            for weight, keep in zip(pruner.masks.weights, pruner.masks.keep):
+                assert float(optimizer.state[weight]["momentum_buffer"][~keep].abs().sum()) == 0.0
+    assert schedule.update_steps() == [5, 12, 19, 26, 30]  # a cycle of 4 + 3 from step 5; the final phase at 40 - 10
+    assert [p for p, _, _ in phases.values()][:13] == ["dense"] * 5 + ["compressed"] * 4 + ["decompressed"] * 3 + ["compressed"]
+    assert all(s == 0 for p, s, _ in list(phases.values())[:5])  # dense warm-up
+    compressed = [t for t, (p, _, _) in phases.items() if p == "compressed"]
+    assert all(phases[t][2] for t in compressed)  # masks enforced in every compressed step
+    assert phases[9][1] < 0.5  # decompressed: weights pruned before have trained away from zero
+    assert all(phases[t][1] == pytest.approx(0.8, abs=2e-3) for t in range(30, 40))  # final phase at the target
+    assert schedule.phase(30) == "compressed" and 30 in [u.step for u in pruner.updates] + [schedule.end_step]
+
+
+def test_sensitivity_allocation_gives_more_sparsity_to_insensitive_layers():
+    model = tiny()
+    with torch.no_grad():
+        model[4].weight.mul_(20.0)  # the output layer dominates the loss: pruning it hurts most
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    pruner = Pruner(model, sparsity=0.7, schedule=SCHEDULES.get("oneshot")(), allocation=ALLOCATIONS.get("sensitivity")(),
+                    total_steps=5, evaluate=lambda: float(loss_of(model).detach())).attach(optimizer)
+    train(model, optimizer, 1)
+    per_layer = [float((w == 0).float().mean()) for w in pruner.masks.weights]
+    assert per_layer[2] < per_layer[1] and per_layer[2] < 0.7
+    assert pruner.sparsity() == pytest.approx(0.7, abs=1e-3)
+    assert len(pruner.allocation.curves) == 3
