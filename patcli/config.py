@@ -170,7 +170,7 @@ class PruningConfig:
 
     mode: str = "unstructured"
     sparsity: float | None = 0.9
-    frequency: int = 10
+    frequency: int = 50
     masking: str = "inplace"
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)

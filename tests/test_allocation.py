@@ -28,9 +28,9 @@ def test_kth_smallest_is_exact_on_the_histogram_path_with_ties():
 
 def test_lowest_counts_splits_ties_so_the_total_is_exact():
     scores = [torch.tensor([1.0, 2.0, 2.0, 5.0]), torch.tensor([2.0, 2.0, 9.0])]
-    assert lowest_counts(scores, [1, 1], 3) == [3, 0]
-    assert lowest_counts(scores, [1, 1], 4) == [3, 1]
-    assert sum(lowest_counts(scores, [1, 1], 5)) == 5
+    assert lowest_counts(scores, [1, 1], 3) == ([3, 0], 2.0)
+    assert lowest_counts(scores, [1, 1], 4) == ([3, 1], 2.0)
+    assert sum(lowest_counts(scores, [1, 1], 5)[0]) == 5
 
 
 def test_global_allocation_is_one_threshold_across_layers():
@@ -86,3 +86,18 @@ def test_every_allocator_meets_the_element_budget_exactly(name):
     total = sum(math.prod(s) for s in shapes)
     assert sum(counts) == round(0.9 * total)
     assert all(c <= math.floor(0.99 * math.prod(s)) for c, s in zip(counts, shapes))
+
+
+@pytest.mark.parametrize("size", [50, 300_000])
+def test_keep_all_but_lowest_drops_exactly_n_with_ties_and_already_pruned(size):
+    from patcli.engine.threshold import keep_all_but_lowest
+
+    generator = torch.Generator().manual_seed(2)
+    scores = (torch.randint(0, 20, (size,), generator=generator)).float()
+    scores[: size // 10] = float("-inf")
+    for n in (0, size // 20, size // 10, size // 3, size - 1, size):
+        for cut in (None, torch.tensor(5.0), torch.tensor(float("-inf"))):  # a threshold hint is checked, never trusted
+            keep = keep_all_but_lowest(scores, n, cut)
+            assert int((~keep).sum()) == n
+            if 0 < n < size:  # every dropped score is <= every kept score
+                assert float(scores[~keep].max()) <= float(scores[keep].min())

@@ -36,6 +36,7 @@ class LayerBudget:
     # exact pruned elements for given counts where groups overlap (channels); None: sizes add up
     pruned_elements: Callable[[list[int]], int] | None = None
     loss_with_layer_pruned: Callable[[int, float], float] | None = None  # for sensitivity analysis
+    cut: torch.Tensor | None = None  # set by a global threshold on the raw group scores: selection can reuse it
 
     @property
     def num_groups(self) -> list[int]:
@@ -143,7 +144,10 @@ class Global(Allocation):
 def threshold_counts(budget: LayerBudget, scores: list[torch.Tensor]) -> list[int]:
     """Counts from one threshold over ``scores`` (exact for additive groups, bisection on rank otherwise)."""
     if budget.additive:
-        return global_counts(scores, budget.group_sizes, budget.budget_elements, budget.caps())
+        counts, cut = global_counts(scores, budget.group_sizes, budget.budget_elements, budget.caps())
+        if scores is budget.group_scores:  # the selection inside each layer can reuse this threshold
+            budget.cut = cut
+        return counts
     flat = torch.cat(scores)
     layer = torch.cat([torch.full((s.numel(),), i, device=flat.device) for i, s in enumerate(scores)])
     ranked_layers = layer[torch.argsort(flat, stable=True)]
@@ -156,17 +160,23 @@ def threshold_counts(budget: LayerBudget, scores: list[torch.Tensor]) -> list[in
     return closest(budget, counts)
 
 
-def global_counts(scores: list[torch.Tensor], sizes: list[int], budget_elements: int, caps: list[int]) -> list[int]:
-    """Lowest-scored groups across layers until ``budget_elements`` elements are pruned, respecting caps."""
+def global_counts(
+    scores: list[torch.Tensor], sizes: list[int], budget_elements: int, caps: list[int]
+) -> tuple[list[int], torch.Tensor | None]:
+    """Lowest-scored groups across layers until ``budget_elements`` elements are pruned, respecting caps.
+
+    Also returns the threshold when one value separates pruned from kept in every uncapped layer.
+    """
     fixed: dict[int, int] = {}
     while True:
         free = [i for i in range(len(scores)) if i not in fixed]
         remaining = budget_elements - sum(fixed[i] * sizes[i] for i in fixed)
-        counts = dict(zip(free, lowest_counts([scores[i] for i in free], [sizes[i] for i in free], remaining)))
+        found, cut = lowest_counts([scores[i] for i in free], [sizes[i] for i in free], remaining)
+        counts = dict(zip(free, found))
         over = [i for i in free if counts[i] > caps[i]]
         if not over:
             counts.update(fixed)
-            return [counts[i] for i in range(len(scores))]
+            return [counts[i] for i in range(len(scores))], cut
         for i in over:
             fixed[i] = caps[i]
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .patterns import Pattern
+from .threshold import keep_all_but_lowest
 
 
 @dataclass
@@ -57,7 +58,8 @@ class Layout:
         """Exact accounted zeros for these counts when groups overlap; None when sizes simply add up."""
         return None
 
-    def select(self, layer: int, group_scores: torch.Tensor, n_prune: int) -> torch.Tensor:
+    def select(self, layer: int, group_scores: torch.Tensor, n_prune: int, cut: torch.Tensor | None = None) -> torch.Tensor:
+        """Keep flags for one layer's groups; ``cut`` is a global threshold the allocation found, if any."""
         raise NotImplementedError
 
     def element_masks(self, group_keep: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -93,8 +95,8 @@ class TensorLayout(Layout):
     def group_sizes(self) -> list[int]:
         return [self.pattern.group_size(p.shape) for p in self.params]
 
-    def select(self, layer: int, group_scores: torch.Tensor, n_prune: int) -> torch.Tensor:
-        return self.pattern.select(group_scores, n_prune, self.params[layer].shape)
+    def select(self, layer: int, group_scores: torch.Tensor, n_prune: int, cut: torch.Tensor | None = None) -> torch.Tensor:
+        return self.pattern.select(group_scores, n_prune, self.params[layer].shape, cut)
 
     def element_masks(self, group_keep: list[torch.Tensor]) -> list[torch.Tensor]:
         return [self.pattern.expand(k, p.shape) for k, p in zip(group_keep, self.params)]
@@ -152,11 +154,8 @@ class ChannelLayout(Layout):
                 kept[self._index[part.param]] *= (group.channels - count) / group.channels
         return int(round(sum(p.numel() * (1.0 - k) for p, k, a in zip(self.params, kept, self.accounted) if a)))
 
-    def select(self, layer: int, group_scores: torch.Tensor, n_prune: int) -> torch.Tensor:
-        keep = torch.ones_like(group_scores, dtype=torch.bool)
-        if n_prune > 0:
-            keep[torch.topk(group_scores, n_prune, largest=False, sorted=False).indices] = False
-        return keep
+    def select(self, layer: int, group_scores: torch.Tensor, n_prune: int, cut: torch.Tensor | None = None) -> torch.Tensor:
+        return keep_all_but_lowest(group_scores, n_prune, cut)
 
     def element_masks(self, group_keep: list[torch.Tensor]) -> list[torch.Tensor]:
         masks = [torch.ones_like(p, dtype=torch.bool) for p in self.params]

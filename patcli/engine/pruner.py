@@ -61,7 +61,7 @@ class Pruner:
         scorer: Scorer | None = None,
         allocation: Allocation | None = None,
         pattern: Pattern | None = None,
-        frequency: int = 10,
+        frequency: int = 50,
         masking: str = "inplace",
         include: tuple[str, ...] | list[str] = ("*",),
         exclude: tuple[str, ...] | list[str] = (),
@@ -148,8 +148,9 @@ class Pruner:
         target = self.schedule.target(t) if target is None else target
         old_keep = [k.clone() for k in self.masks.keep] if not self.monotone else None
         group_scores = self.group_scores()
-        counts = self.allocation.prune_counts(self._budget(group_scores, target))
-        decision = [self.layout.select(i, s, c) for i, (s, c) in enumerate(zip(group_scores, counts))]
+        budget = self._budget(group_scores, target)
+        counts = self.allocation.prune_counts(budget)
+        decision = [self.layout.select(i, s, c, budget.cut) for i, (s, c) in enumerate(zip(group_scores, counts))]
         for i, keep in enumerate(self.layout.set_group_keep(decision)):
             self.masks.set(i, keep)
         self.masking.masks_changed()

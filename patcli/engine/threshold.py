@@ -12,8 +12,8 @@ import math
 
 import torch
 
-SMALL = 1 << 17  # below this, topk is already fast
-SAMPLE = 1 << 16
+SMALL = 1 << 15  # below this, topk is already fast
+SAMPLE = 1 << 13
 
 
 def _topk_kth(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -24,19 +24,19 @@ def _topk_kth(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest (1-indexed) of a 1-D tensor of finite values, as a 0-d tensor."""
+    """The k-th smallest (1-indexed) of a 1-D tensor without NaNs (-inf allowed), as a 0-d tensor."""
     n = values.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k} outside 1..{n}")
     if values.is_cuda or n <= SMALL:
         return _topk_kth(values, k)
     generator = torch.Generator().manual_seed(n + k)  # fixed: the same input always takes the same path
-    sample = values[torch.randint(n, (SAMPLE,), generator=generator)].sort().values
+    sample = values[torch.randint(n, (SAMPLE,), generator=generator)]
     q = k / n
     margin = 5.0 * math.sqrt(q * (1.0 - q) / SAMPLE) + 2.0 / SAMPLE  # ≈5 standard deviations of the sample quantile
-    lo_index, hi_index = math.floor((q - margin) * SAMPLE), math.ceil((q + margin) * SAMPLE)
-    lo = sample[lo_index] if lo_index >= 0 else values.new_tensor(float("-inf"))
-    hi = sample[hi_index] if hi_index < SAMPLE else values.new_tensor(float("inf"))
+    lo_rank, hi_rank = math.floor((q - margin) * SAMPLE), math.ceil((q + margin) * SAMPLE)
+    lo = torch.kthvalue(sample, lo_rank).values if lo_rank >= 1 else values.new_tensor(float("-inf"))
+    hi = torch.kthvalue(sample, hi_rank).values if hi_rank <= SAMPLE else values.new_tensor(float("inf"))
     below = int((values < lo).sum())
     window = values[(values >= lo) & (values <= hi)]
     if below < k <= below + window.numel():
@@ -44,28 +44,54 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(values, k).values  # the bracket missed (odds well under one in a million)
 
 
-def lowest_counts(scores: list[torch.Tensor], sizes: list[int], budget_elements: int) -> list[int]:
+def keep_all_but_lowest(scores: torch.Tensor, n_prune: int, cut: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep flags (1-D) that drop exactly the ``n_prune`` lowest scores; ties at the cut go by index order.
+
+    ``cut``, when known (a global threshold already found it), saves the selection: it is checked, not trusted.
+    """
+    if n_prune <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if n_prune >= scores.numel():
+        return torch.zeros_like(scores, dtype=torch.bool)
+    below = None
+    if cut is not None:
+        below, at_most = torch.stack([(scores < cut).sum(), (scores <= cut).sum()]).tolist()
+        if not below <= n_prune <= at_most:
+            cut, below = None, None
+    if cut is None:
+        cut = kth_smallest(scores, n_prune)
+        below = int((scores < cut).sum())
+    keep = scores > cut
+    ties = (scores == cut).nonzero().squeeze(1)
+    surplus = int(ties.numel()) - (n_prune - below)
+    if surplus > 0:
+        keep[ties[-surplus:]] = True
+    return keep
+
+
+def lowest_counts(
+    scores: list[torch.Tensor], sizes: list[int], budget_elements: int
+) -> tuple[list[int], torch.Tensor | None]:
     """Per layer, how many of its lowest-scored groups fall in the globally lowest ``budget_elements`` elements.
 
     ``scores`` are 1-D group scores (-inf = already pruned); ``sizes`` the elements per group of each layer.
+    Returns the counts and, for equal-sized groups, the threshold value (the k-th smallest score).
     """
     if budget_elements <= 0 or not scores:
-        return [0] * len(scores)
+        return [0] * len(scores), None
     if len(set(sizes)) == 1:
         return _equal_size_counts(scores, round(budget_elements / sizes[0]))
-    return _sorted_counts(scores, sizes, budget_elements)
+    return _sorted_counts(scores, sizes, budget_elements), None
 
 
-def _equal_size_counts(scores: list[torch.Tensor], k: int) -> list[int]:
+def _equal_size_counts(scores: list[torch.Tensor], k: int) -> tuple[list[int], torch.Tensor | None]:
     k = min(k, sum(s.numel() for s in scores))
-    neg = torch.stack([torch.isneginf(s).sum() for s in scores]).tolist()
-    if k <= sum(neg):  # fewer than already pruned: take them in layer order
-        return _fill_in_order([0] * len(scores), neg, k)
-    flat = torch.cat(scores)
-    v = kth_smallest(flat[flat > float("-inf")], k - sum(neg))
+    if k <= 0:
+        return [0] * len(scores), None
+    v = kth_smallest(torch.cat(scores), k)
     below = torch.stack([(s < v).sum() for s in scores]).tolist()
     ties = torch.stack([(s == v).sum() for s in scores]).tolist()
-    return _fill_in_order(below, ties, k)
+    return _fill_in_order(below, ties, k), v
 
 
 def _fill_in_order(counts: list[int], extra: list[int], k: int) -> list[int]:

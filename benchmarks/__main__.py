@@ -1,0 +1,31 @@
+"""Run benchmark sections and write each into BENCHMARKS.md: ``python -m benchmarks --only overhead``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from . import engine_speed
+from .common import write_section
+
+SECTIONS = {**engine_speed.SECTIONS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), help="sections to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the sections and exit")
+    args = parser.parse_args()
+    if args.list:
+        print("\n".join(sorted(SECTIONS)))
+        return
+    for name in args.only or list(SECTIONS):
+        started = time.perf_counter()
+        print(f"[{name}] running ...", flush=True)
+        body = SECTIONS[name]()
+        write_section(name, body, command=f"python -m benchmarks --only {name}")
+        print(f"[{name}] done in {time.perf_counter() - started:.0f} s → BENCHMARKS.md", flush=True)
+
+
+if __name__ == "__main__":
+    main()
