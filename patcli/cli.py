@@ -6,18 +6,23 @@ Every subcommand takes ordinary Hydra overrides (``group=option``, ``key=value``
 
 from __future__ import annotations
 
+import os
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
 
-from .console import console, print_error
+from .console import console, errors, print_error
+from .records import write_atomic
 from .hydra_app import UsageError, config_groups, launch
 
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["--help", "-h"]}
 
 app = typer.Typer(
     add_completion=False,
+    pretty_exceptions_show_locals=False,
     no_args_is_help=True,
     rich_markup_mode="rich",
     help="Pruning-aware training (PAT) of PyTorch models, with post-training baselines to compare against.",
@@ -28,7 +33,7 @@ def groups_epilog() -> str:
     """The config groups and their options, for --help (paragraphs: Typer joins single newlines)."""
     lines = ["[bold]Config groups[/] (choose with GROUP=OPTION; set keys with GROUP.KEY=VALUE):"]
     lines += [f"  [cyan]{group}[/]: {' | '.join(options)}" for group, options in config_groups().items()]
-    lines.append("Top-level keys: seed, dense. Hydra keys work too, e.g. hydra.run.dir=DIR.")
+    lines.append("Top-level keys: seed, dense, output_root. Hydra keys work too, e.g. hydra.run.dir=DIR.")
     return "\n\n".join(lines)
 
 
@@ -66,25 +71,116 @@ def train(
     console.print(f"run dir: {result.hydra_cfg.hydra.runtime.output_dir}", highlight=False, soft_wrap=True)
 
 
-@app.command(context_settings=OVERRIDES)
-def sweep(ctx: typer.Context) -> None:
-    """Hydra multirun over comma-separated values (not implemented yet)."""
-    print_error("`patcli sweep` is not implemented yet")
-    raise typer.Exit(code=2)
+@app.command(context_settings=OVERRIDES, epilog=groups_epilog())
+def sweep(
+    ctx: typer.Context,
+    cfg: Annotated[bool, typer.Option("--cfg", help="Print the composed config and exit.")] = False,
+) -> None:
+    """A Hydra multirun: comma-separated values run every combination, then the comparison table prints.
+
+    Example: patcli sweep pruning.sparsity=0.5,0.8,0.9,0.95 scorer=magnitude,movement
+    Presets: patcli sweep +experiment=pat_vs_post (dense, PAT and every baseline at five sparsities).
+    Jobs go to output_root/multirun/<date>/<time>-<id>/<n>/ (hydra.sweep.dir=DIR to choose).
+    """
+    from .sweeps import job_dirs
+
+    result = _run(ctx.args, multirun=True, show_config=cfg)
+    if cfg:
+        console.print(result, highlight=False, markup=False)
+        return
+    directories = job_dirs(result)
+    if not directories:
+        print_error("the sweep launched no jobs")
+        raise typer.Exit(code=2)
+    show_comparison(directories, None, "test", Format.table, None, None)
+    console.print(f"sweep dir: {os.path.commonpath([str(d) for d in directories])}", highlight=False, soft_wrap=True)
 
 
-@app.command("prune-post", context_settings=OVERRIDES)
-def prune_post(ctx: typer.Context) -> None:
-    """Post-training baselines from a dense run (not implemented yet)."""
-    print_error("`patcli prune-post` is not implemented yet")
-    raise typer.Exit(code=2)
+def _a_baseline(config) -> None:
+    from .baselines import BASELINES
+    from .config import ConfigError
+
+    if config.baseline.name == "none":
+        raise ConfigError("baseline", f"missing; allowed: {', '.join(BASELINES.names())}")
+
+
+@app.command("prune-post", context_settings=OVERRIDES, epilog=groups_epilog())
+def prune_post(
+    ctx: typer.Context,
+    cfg: Annotated[bool, typer.Option("--cfg", help="Print the composed config and exit.")] = False,
+) -> None:
+    """Post-training baseline: prune a trained dense run (and maybe fine-tune it), recorded like a PAT run.
+
+    Example: patcli prune-post baseline=iterative dense=outputs/runs/.../ pruning.sparsity=0.9
+    Without dense=, a matching dense run (same model, data, trainer, seed) under output_root is reused, or trained.
+    """
+    result = _run(ctx.args, show_config=cfg, check=_a_baseline)
+    if cfg:
+        console.print(result, highlight=False, markup=False)
+        return
+    console.print(f"run dir: {result.hydra_cfg.hydra.runtime.output_dir}", highlight=False, soft_wrap=True)
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    markdown = "markdown"
+    json = "json"
 
 
 @app.command()
-def compare(paths: Annotated[Optional[list[Path]], typer.Argument(help="Run or sweep directories.")] = None) -> None:
-    """PAT and baselines side by side, from run records (not implemented yet)."""
-    print_error("`patcli compare` is not implemented yet")
-    raise typer.Exit(code=2)
+def compare(
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Run or sweep directories, or result.json files.")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="Metric to show (default: each run's primary metric).")] = None,
+    split: Annotated[str, typer.Option(help="Split to show: test (default) or val.")] = "test",
+    format: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
+    output: Annotated[Optional[Path], typer.Option(help="Write to this file instead of the terminal.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw metric vs sparsity curves into this PNG.")] = None,
+) -> None:
+    """PAT and post-training baselines side by side, from run records (models are never loaded).
+
+    Rows are methods, columns target sparsities, cells the metric (mean ± std over seeds) and its difference to dense.
+    """
+    show_comparison(paths or [Path("outputs")], metric, split, format, output, plot)
+
+
+def show_comparison(paths: list[Path], metric: str | None, split: str, format: "Format", output: Path | None,
+                    plot: Path | None) -> None:
+    from . import report
+
+    if split not in ("test", "val"):
+        print_error(f"--split: {split!r} is not allowed; allowed: test, val")
+        raise typer.Exit(code=2)
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        print_error(f"PATHS: {', '.join(missing)} does not exist")
+        raise typer.Exit(code=2)
+    records, skipped = report.load_records(paths)
+    for line in skipped:
+        errors.print(f"[yellow]warning:[/] skipping {line}", highlight=False, soft_wrap=True)
+    comparison = report.compare(records, metric, split)
+    if not comparison.groups and not comparison.not_ok:
+        print_error(f"no run records (result.json) under {', '.join(map(str, paths))}")
+        raise typer.Exit(code=2)
+    if format is Format.table:
+        target = Console(record=True, width=200) if output else console
+        for table in report.rich_tables(comparison):
+            target.print(table)
+        text = target.export_text() if output else None
+    else:
+        text = {"csv": report.to_csv, "json": report.to_json, "markdown": report.to_markdown}[format.value](comparison)
+        if not output:
+            console.print(text, end="", highlight=False, markup=False, soft_wrap=True)
+    if output:
+        write_atomic(output, text)
+        console.print(f"wrote {output}", highlight=False)
+    if plot:
+        try:
+            report.plot(comparison, plot)
+        except ImportError:
+            print_error("--plot needs matplotlib: pip install 'patcli[plot]'")
+            raise typer.Exit(code=2) from None
+        console.print(f"wrote {plot}", highlight=False)
 
 
 def main() -> None:

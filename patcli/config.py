@@ -224,17 +224,25 @@ class RunConfig:
     pattern: Pattern | None
     baseline: BaselineConfig
     dense: str | None
+    output_root: str
     source: dict[str, Any]  # the composed config (without ``hydra``), as saved in the run record
 
     @property
     def method(self) -> str:
+        if self.baseline.name == "pat_from_dense":
+            return "pat"
         if self.baseline.name != "none":
             return f"post:{self.baseline.name}"
         return "pat" if self.pruning.enabled else "dense"
 
     @property
+    def needs_dense(self) -> bool:
+        """Whether the run starts from a dense run (post-training baselines and PAT from the dense checkpoint)."""
+        return self.baseline.name != "none"
+
+    @property
     def target_sparsity(self) -> float:
-        if not self.pruning.enabled and self.baseline.name == "none":
+        if not self.pruning.enabled:
             return 0.0
         if self.pruning.sparsity is None:
             return float(self.pattern.fixed_sparsity)
@@ -249,8 +257,10 @@ class RunConfig:
             parts.append(self.pruning.mode)
         if self.pruning.masking != "inplace":
             parts.append(self.pruning.masking)
-        if self.trainer.init_from:
+        if self.baseline.name == "pat_from_dense":
             parts.append("from-dense")
+        elif self.trainer.init_from:
+            parts.append("init")
         return "+".join(parts)
 
     def model_dataset_hash(self) -> str:
@@ -277,7 +287,7 @@ def _named(data: Mapping[str, Any] | None, prefix: str) -> NamedConfig:
     return NamedConfig(name=name, params=data)
 
 
-TOP_LEVEL = ("seed", "model", "dataset", "trainer", "pruning", "scorer", "schedule", "allocation", "baseline", "dense")
+TOP_LEVEL = ("seed", "model", "dataset", "trainer", "pruning", "scorer", "schedule", "allocation", "baseline", "dense", "output_root")
 
 
 def parse_run_config(source: Mapping[str, Any]) -> RunConfig:
@@ -310,6 +320,7 @@ def parse_run_config(source: Mapping[str, Any]) -> RunConfig:
     dense = source.get("dense")
     if dense is not None and not isinstance(dense, str):
         raise ConfigError("dense", f"expected a run directory, got {dense!r}")
+    output_root = coerce(source.get("output_root", "outputs"), str, "output_root")
     config = RunConfig(
         seed=seed,
         model=_named(source.get("model"), "model"),
@@ -322,6 +333,7 @@ def parse_run_config(source: Mapping[str, Any]) -> RunConfig:
         pattern=pattern,
         baseline=baseline,
         dense=dense,
+        output_root=output_root,
         source=source,
     )
     if pattern is not None and pattern.fixed_sparsity is not None:

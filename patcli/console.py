@@ -10,8 +10,9 @@ from rich.table import Table
 
 from .records import RunRecord
 
-console = Console()
-errors = Console(stderr=True)
+# Piped output (logs, CI, files) gets room for wide comparison tables; a terminal keeps its own width.
+console = Console(width=None if sys.stdout.isatty() else 160)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 class RichProgress:
@@ -22,7 +23,7 @@ class RichProgress:
         self._progress: Progress | None = None
         self._task = None
 
-    def start(self, total_steps: int) -> None:
+    def start(self, total_steps: int, label: str | None = None) -> None:
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -35,7 +36,7 @@ class RichProgress:
             transient=False,
         )
         self._progress.start()
-        self._task = self._progress.add_task(self.description, total=total_steps, loss="-", sparsity="-")
+        self._task = self._progress.add_task(label or self.description, total=total_steps, loss="-", sparsity="-")
 
     def update(self, step: int, loss: float, sparsity: float | None) -> None:
         if self._progress is not None:
@@ -58,7 +59,8 @@ def _percent(value: float | None) -> str:
 
 def summary_table(record: RunRecord) -> Table:
     """One run at a glance: method, sparsity, metrics per split, size and time."""
-    table = Table(title=f"{record.method} · {record.recipe} · {record.model} on {record.dataset}", show_header=True)
+    what = record.method if record.recipe == record.method else f"{record.method} · {record.recipe}"
+    table = Table(title=f"{what} · {record.model} on {record.dataset}", show_header=True)
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("target sparsity", _percent(record.target_sparsity))

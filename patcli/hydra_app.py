@@ -136,12 +136,31 @@ def launch(
         cfg = compose(overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
         if show_config:
             return OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
-        if not multirun:
+        if multirun:
+            prepare_sweep(overrides, cfg, check)
+        else:
             validate(job_config(cfg), check)
         hydra = GlobalHydra.instance().hydra
         try:
-            if multirun:
-                return hydra.multirun(CONFIG_NAME, task, overrides)
+            if multirun:  # Hydra's own CLI sets the mode; called directly, jobs would not know they are in a sweep
+                return hydra.multirun(CONFIG_NAME, task, [*overrides, "hydra.mode=MULTIRUN"])
             return hydra.run(CONFIG_NAME, task, overrides)
         except (MissingConfigException, ConfigCompositionException, OverrideParseException) as error:
             raise translate_hydra_error(error, overrides) from error
+
+
+def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunConfig], None] | None) -> None:
+    """Validate every job the basic sweeper will launch, then train the dense runs they share."""
+    from .console import RichProgress
+    from .sweeps import expand_jobs, prepare
+
+    jobs = expand_jobs(overrides, cfg)
+    if jobs is None:  # another sweeper (Optuna) chooses its jobs as it goes: each job validates itself
+        return
+    configs = []
+    for job in jobs:
+        try:
+            configs.append(validate(job_config(compose(job, RunMode.RUN)), check))
+        except UsageError as error:
+            raise UsageError(f"{error} (sweep job: {' '.join(job)})") from error
+    prepare(configs, RichProgress)

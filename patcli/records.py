@@ -57,6 +57,7 @@ class RunRecord:
     mask_updates: int = 0
     error: str | None = None
     run_dir: str = ""
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved job config (as in .hydra/config.yaml)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def primary_value(self, split: str = "test", metric: str | None = None) -> float | None:

@@ -48,7 +48,16 @@ def plan(config: RunConfig) -> Plan:
     steps = total_steps(data, config.trainer)
     build_model(config.model, data.meta)  # validates model keys
     update_steps = 0
-    if config.pruning.enabled and config.method == "pat":
+    if config.needs_dense:
+        from .baselines import parse_baseline
+        from .dense import check_dense_run
+
+        parse_baseline(config)
+        if not config.pruning.enabled:
+            raise ConfigError("pruning", "post-training baselines prune: choose a pruning mode, not none")
+        if config.dense:
+            check_dense_run(Path(config.dense))
+    elif config.pruning.enabled:
         trial = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule))
         pruner = build_pruner(trial, build_model(config.model, data.meta), steps)  # pattern fits the model?
         update_steps = len(pruner.schedule.update_steps())
@@ -141,6 +150,7 @@ def base_record(config: RunConfig, data: DataBundle) -> RunRecord:
         target_sparsity=config.target_sparsity,
         primary_metric=metric,
         higher_is_better=higher,
+        config=config.source,
         extra={"dense_key": config.dense_key()},
     )
 
@@ -156,7 +166,7 @@ def finish_record(record: RunRecord, model: nn.Module, config: RunConfig, data: 
     return record
 
 
-def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = None) -> RunRecord:
+def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = None, label: str | None = None) -> RunRecord:
     """A dense (pruning=none) or PAT run."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.trainer.threads:
@@ -183,6 +193,7 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
         progress=progress,
         on_eval=lambda row: append_metrics(run_dir, {"kind": "eval", **row}),
         sparsity=current_sparsity,
+        label=label,
     )
     if pruner:
         pruner.detach()
@@ -192,6 +203,10 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
         record.extra["revived_weights"] = sum(u.revived for u in pruner.updates)
     record.train_steps = record.total_train_steps = fit.steps
     record.train_seconds = round(fit.seconds, 3)
+    if config.dense:  # a dense run given for reference (sweeps that compare against one)
+        from .dense import check_dense_run, dense_reference
+
+        record.dense_reference = dense_reference(Path(config.dense), check_dense_run(Path(config.dense)))
     if config.trainer.init_from:
         source = read_record(Path(config.trainer.init_from) / RESULT_FILE)
         record.total_train_steps += source.total_train_steps
@@ -199,14 +214,14 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
     return finish_record(record, trainer.model, config, data, run_dir, device)
 
 
-def execute(config: RunConfig, run_dir: Path, progress: Progress | None = None) -> RunRecord:
+def execute(config: RunConfig, run_dir: Path, progress: Progress | None = None, label: str | None = None) -> RunRecord:
     """Run whatever the config describes and write its record."""
-    if config.method.startswith("post:"):
+    if config.needs_dense:
         from .baselines import run_baseline
 
         record = run_baseline(config, run_dir, progress)
     else:
-        record = run_training(config, run_dir, progress)
+        record = run_training(config, run_dir, progress, label)
     record.status = "ok"
     write_record(run_dir, record)
     return record
@@ -236,6 +251,7 @@ def failed_record(source: dict, run_dir: Path, error: BaseException, status: str
         package_version=__version__,
         target_sparsity=float(sparsity) if isinstance(sparsity, (int, float)) else 0.0,
         error=f"{error.__class__.__name__}: {error}",
+        config=source,
     )
     write_record(run_dir, record)
     return record

@@ -22,7 +22,7 @@ from .data import DataBundle, Split
 class Progress(Protocol):
     """What the loop reports while it runs (the CLI draws it with rich)."""
 
-    def start(self, total_steps: int) -> None: ...
+    def start(self, total_steps: int, label: str | None = None) -> None: ...
 
     def update(self, step: int, loss: float, sparsity: float | None) -> None: ...
 
@@ -131,6 +131,7 @@ class Trainer:
         on_eval: Callable[[dict], None] | None = None,
         sparsity: Callable[[], float] | None = None,
         refresh_every: int = 10,
+        label: str | None = None,
     ) -> FitResult:
         config, model = self.config, self.model
         generator = torch.Generator().manual_seed(self.seed)
@@ -138,7 +139,7 @@ class Trainer:
         result = FitResult(steps=0, seconds=0.0)
         started = time.perf_counter()
         if progress:
-            progress.start(self.total_steps)
+            progress.start(self.total_steps, label)
         model.train()
         step = 0
         try:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from patcli.cli import app
 
 # A config that trains in well under a second: the tests check behaviour, not accuracy.
-TINY = ["model.hidden=[32,32]", "trainer.epochs=2"]
+TINY = ["model.hidden=[32,32]", "trainer.epochs=2", "trainer.lr=0.01"]
 
 
 @pytest.fixture

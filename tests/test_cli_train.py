@@ -51,7 +51,7 @@ def test_dense_run_and_init_from(cli, tmp_path):
                        "trainer.warmup_steps=5")
     assert code == 0
     tuned = result_of(run_dir_of(out))
-    assert tuned["recipe"] == "oneshot+magnitude+global+from-dense"
+    assert tuned["recipe"] == "oneshot+magnitude+global+init"
     assert tuned["total_train_steps"] == dense["train_steps"] + tuned["train_steps"]
 
 

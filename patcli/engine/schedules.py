@@ -236,3 +236,17 @@ class Alternating(Schedule):
 
     def masks_enforced(self, t: int) -> bool:
         return self.phase(t) == "compressed"
+
+
+@SCHEDULES.register("fixed")
+@dataclass
+class Fixed(Schedule):
+    """Masks set before training (a post-training prune, or ``Pruner.update_masks``) are enforced, never changed."""
+
+    end: int | float = 0
+
+    def curve(self, p: float) -> float:
+        return self.final_sparsity
+
+    def is_update_step(self, t: int) -> bool:
+        return False

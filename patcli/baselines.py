@@ -1,0 +1,236 @@
+"""Post-training baselines, run through the same engine, data, loop and records as PAT.
+
+Each baseline starts from a finished dense run (rebuilt from its own saved config), prunes it with the engine's
+scorers and allocators, optionally fine-tunes with the shared training loop, and returns the fine-tune steps it
+used. ``pat_from_dense`` is the other standard comparison: PAT itself, started from the same dense checkpoint
+with the baselines' fine-tune budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ConfigError, RunConfig, TrainerConfig, parse
+from .data import DataBundle, load_dataset
+from .dense import check_dense_run, dense_reference, load_dense_config, resolve_dense
+from .engine import ALLOCATIONS, PATTERNS, SCHEDULES, Pruner
+from .engine.registry import ParamError, Registry
+from .engine.scorers import Gradient, Magnitude, Scorer
+from .models import build_model
+from .records import RunRecord
+from .runner import base_record, build_pruner, finish_record, load_weights, seed_everything
+from .training import Progress, Trainer, loss_and_outputs, resolve_device, steps_per_epoch
+
+BASELINES: Registry = Registry("baseline")
+
+
+@dataclass
+class BaselineContext:
+    """What a baseline works with: the dense model (weights loaded), its data, and the run's settings."""
+
+    config: RunConfig  # this run: target sparsity, include/exclude, baseline parameters
+    dense: RunConfig  # the dense run's own config: model, data, trainer
+    dense_steps: int
+    model: nn.Module
+    data: DataBundle
+    device: torch.device
+    progress: Progress | None
+
+    @property
+    def target(self) -> float:
+        return self.config.target_sparsity
+
+    def pruner(self, scorer: Scorer, pattern=None, allocation=None, sparsity: float | None = None) -> Pruner:
+        """A pruner whose masks only change when the baseline says (``update_masks``)."""
+        return Pruner(
+            self.model,
+            sparsity=self.target if sparsity is None else sparsity,
+            schedule=SCHEDULES.get("fixed")(),
+            total_steps=1,
+            scorer=scorer,
+            allocation=allocation or ALLOCATIONS.get("global")(),
+            pattern=pattern,
+            include=self.config.pruning.include,
+            exclude=self.config.pruning.exclude,
+            max_layer_sparsity=self.config.pruning.max_layer_sparsity,
+        )
+
+    def finetune_steps(self, fraction: float) -> int:
+        return max(1, round(fraction * self.dense_steps))
+
+    def trainer(self, steps: int, lr: float | None) -> Trainer:
+        """The shared training loop, sized to ``steps`` fine-tuning steps at ``lr`` (default: the dense run's)."""
+        dense_trainer = self.dense.trainer
+        per_epoch = steps_per_epoch(self.data, dense_trainer.batch_size)
+        config = dataclasses.replace(
+            dense_trainer, epochs=math.ceil(steps / per_epoch), max_steps=steps, lr=lr or dense_trainer.lr,
+            warmup_steps=0, init_from=None,
+        )
+        return Trainer(self.model, self.data, config, self.device, self.config.seed)
+
+
+@BASELINES.register("magnitude")
+@dataclass
+class OneShotMagnitude:
+    """One-shot global |w| pruning of the trained dense model, no fine-tuning."""
+
+    def run(self, ctx: BaselineContext) -> int:
+        ctx.pruner(Magnitude()).update_masks(0, ctx.target)
+        return 0
+
+
+@BASELINES.register("gradient")
+@dataclass
+class OneShotGradient:
+    """One-shot global first-order Taylor |w·g|, accumulated over ``calibration_batches`` training batches."""
+
+    calibration_batches: int = 16
+
+    def __post_init__(self) -> None:
+        at_least("calibration_batches", self.calibration_batches, 1)
+
+    def run(self, ctx: BaselineContext) -> int:
+        pruner = ctx.pruner(Gradient())
+        generator = torch.Generator().manual_seed(ctx.config.seed)
+        train = ctx.data.train.to(ctx.device)
+        batches = train.batches(ctx.dense.trainer.batch_size, generator)
+        for _, (inputs, targets) in zip(range(self.calibration_batches), batches):
+            ctx.model.zero_grad(set_to_none=True)
+            loss, _ = loss_and_outputs(ctx.model, ctx.data.task, inputs, targets)
+            loss.backward()
+            pruner.observe()
+        ctx.model.zero_grad(set_to_none=True)
+        pruner.update_masks(0, ctx.target)
+        return 0
+
+
+@BASELINES.register("structured")
+@dataclass
+class StructuredNorm:
+    """Whole neurons (Linear) or filters (Conv) with the lowest L2 norm, the same fraction in every layer."""
+
+    kind: str = "auto"  # auto | neurons | filters
+    allocation: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("auto", "neurons", "filters"):
+            raise ParamError("kind", f"{self.kind!r} is not allowed; allowed: auto, neurons, filters")
+        if self.allocation not in ALLOCATIONS:
+            raise ParamError("allocation", f"{self.allocation!r} is not allowed; allowed: {', '.join(ALLOCATIONS.names())}")
+
+    def run(self, ctx: BaselineContext) -> int:
+        kind = self.kind
+        if kind == "auto":
+            has_conv = any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in ctx.model.modules())
+            kind = "filters" if has_conv else "neurons"
+        pattern = PATTERNS.get(kind)(reduce="l2")
+        ctx.pruner(Magnitude(), pattern=pattern, allocation=ALLOCATIONS.get(self.allocation)()).update_masks(0, ctx.target)
+        return 0
+
+
+@BASELINES.register("iterative")
+@dataclass
+class Iterative:
+    """Han et al. 2015: ``rounds`` × (global |w| prune to a growing target, then fine-tune).
+
+    Round targets follow the cubic AGP curve s·(1 − (1 − r/rounds)³), so early rounds take the most; the
+    fine-tune budget (``finetune_fraction`` of the dense run's steps) is split evenly. ``rounds=1`` is one-shot +
+    fine-tune.
+    """
+
+    rounds: int = 3
+    finetune_fraction: float = 0.25
+    lr: float | None = None
+
+    def __post_init__(self) -> None:
+        at_least("rounds", self.rounds, 1)
+        check_budget(self.finetune_fraction, self.lr)
+
+    def run(self, ctx: BaselineContext) -> int:
+        total = ctx.finetune_steps(self.finetune_fraction)
+        per_round = [total // self.rounds + (1 if r < total % self.rounds else 0) for r in range(self.rounds)]
+        for r, steps in enumerate(per_round, start=1):
+            target = ctx.target * (1.0 - (1.0 - r / self.rounds) ** 3)
+            pruner = ctx.pruner(Magnitude(), sparsity=ctx.target)
+            pruner.update_masks(0, target)
+            if steps:
+                trainer = ctx.trainer(steps, self.lr)
+                pruner.attach(trainer.optimizer)
+                trainer.fit(progress=ctx.progress, label=f"{ctx.config.recipe()} round {r}/{self.rounds}")
+                pruner.detach()
+        return total
+
+
+@BASELINES.register("pat_from_dense")
+@dataclass
+class PATFromDense:
+    """PAT during fine-tuning of the dense checkpoint (the config's scorer, schedule, allocation and pattern),
+    with the same fine-tune budget the baselines get."""
+
+    finetune_fraction: float = 0.25
+    lr: float | None = None
+
+    def __post_init__(self) -> None:
+        check_budget(self.finetune_fraction, self.lr)
+
+    def run(self, ctx: BaselineContext) -> int:
+        steps = ctx.finetune_steps(self.finetune_fraction)
+        trainer = ctx.trainer(steps, self.lr)
+        config = dataclasses.replace(ctx.config, schedule=dataclasses.replace(ctx.config.schedule))
+        pruner = build_pruner(config, ctx.model, trainer.total_steps, evaluate_fn=trainer.validation_loss)
+        pruner.attach(trainer.optimizer)
+        trainer.fit(progress=ctx.progress, label=ctx.config.recipe())
+        pruner.detach()
+        return steps
+
+
+def at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ParamError(name, f"{value} is out of range; allowed: >= {low}")
+
+
+def check_budget(fraction: float, lr: float | None) -> None:
+    if not 0.0 < fraction <= 10.0:
+        raise ParamError("finetune_fraction", f"{fraction} is out of range; allowed: 0 < value <= 10 (of the dense steps)")
+    if lr is not None and lr <= 0:
+        raise ParamError("lr", f"{lr} is out of range; allowed: > 0 or null (the dense run's)")
+
+
+def parse_baseline(config: RunConfig):
+    """The baseline object a config names, with its parameters checked (ConfigError names the key)."""
+    if config.baseline.name not in BASELINES:
+        raise ConfigError("baseline", f"unknown baseline {config.baseline.name!r}; allowed: {', '.join(BASELINES.names())}")
+    return parse(BASELINES.get(config.baseline.name), config.baseline.params, "baseline")
+
+
+def run_baseline(config: RunConfig, run_dir: Path, progress: Progress | None = None) -> RunRecord:
+    """Prune (and maybe fine-tune) the matching dense run; the record says ``post:<name>`` (or ``pat``)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    baseline = parse_baseline(config)
+    dense_dir = resolve_dense(config, progress)
+    dense_record = check_dense_run(dense_dir)
+    dense = load_dense_config(dense_dir)
+    seed_everything(config.seed)
+    data = load_dataset(dense.dataset)
+    device = resolve_device(config.trainer.device)
+    model = build_model(dense.model, data.meta).to(device)
+    load_weights(model, dense_dir)
+    context = BaselineContext(config, dense, dense_record.train_steps, model, data, device, progress)
+    started = time.perf_counter()
+    steps = baseline.run(context)
+    record = base_record(config, data)
+    record.model, record.dataset = dense.model.label(), dense.dataset.name
+    record.model_dataset_hash = dense.model_dataset_hash()
+    record.train_steps = steps
+    record.total_train_steps = dense_record.total_train_steps + steps
+    record.train_seconds = round(time.perf_counter() - started, 3)
+    record.dense_reference = dense_reference(dense_dir, dense_record)
+    record.extra.update({"baseline": {"name": config.baseline.name, **dataclasses.asdict(baseline)}})
+    return finish_record(record, model, config, data, run_dir, device)

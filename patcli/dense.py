@@ -1,0 +1,98 @@
+"""The dense reference a post-training baseline starts from: given, found, or trained once.
+
+A dense run matches a config when model, dataset, trainer settings and seed agree (``RunConfig.dense_key``).
+Finding or training one holds a file lock per key, so parallel sweep jobs never train the same dense run twice.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+from filelock import FileLock
+from omegaconf import OmegaConf
+
+from .config import ConfigError, RunConfig, parse_run_config
+from .records import RESULT_FILE, RecordError, RunRecord, find_record_files, read_record
+
+log = logging.getLogger(__name__)
+CONFIG_SNAPSHOT = Path(".hydra") / "config.yaml"
+
+
+def dense_source(config: RunConfig) -> dict:
+    """The config of the dense run that matches ``config``: same everything, nothing pruned, no baseline."""
+    source = copy.deepcopy(config.source)
+    pruning = source.get("pruning") or {}
+    source["pruning"] = {"mode": "none", "include": pruning.get("include", ["*"]), "exclude": pruning.get("exclude", [])}
+    source["baseline"] = {"name": "none"}
+    source["dense"] = None
+    source.setdefault("trainer", {})["init_from"] = None
+    return source
+
+
+def check_dense_run(run_dir: Path) -> RunRecord:
+    """A finished dense patcli run, or a ConfigError naming ``dense``."""
+    try:
+        record = read_record(run_dir / RESULT_FILE)
+    except RecordError as error:
+        raise ConfigError("dense", f"{run_dir} is not a finished patcli run ({error})") from error
+    if record.method != "dense" or record.status != "ok":
+        raise ConfigError("dense", f"{run_dir} is a {record.status} {record.method!r} run; allowed: a finished run of "
+                          "`patcli train pruning=none`")
+    if not (run_dir / CONFIG_SNAPSHOT).is_file():
+        raise ConfigError("dense", f"{run_dir} has no {CONFIG_SNAPSHOT} to rebuild its model and data from")
+    return record
+
+
+def dense_reference(run_dir: Path, record: RunRecord) -> dict:
+    """What a record keeps of its dense run, so compare can show dense without reading it."""
+    return {"run_dir": str(run_dir), "metrics": record.metrics, "train_steps": record.total_train_steps}
+
+
+def load_dense_config(run_dir: Path) -> RunConfig:
+    """The dense run's own saved config: it rebuilds the model and data exactly."""
+    return parse_run_config(OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_SNAPSHOT), resolve=True))
+
+
+def find_dense(config: RunConfig) -> Path | None:
+    """The newest finished dense run under ``output_root`` whose key matches."""
+    key = config.dense_key()
+    matches = []
+    for path in find_record_files([Path(config.output_root)]):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if data.get("method") == "dense" and data.get("status") == "ok" and (data.get("extra") or {}).get("dense_key") == key:
+            matches.append(path.parent)
+    return max(matches, key=lambda p: (p / RESULT_FILE).stat().st_mtime) if matches else None
+
+
+def resolve_dense(config: RunConfig, progress=None) -> Path:
+    """``config.dense`` if given, else a matching dense run found or trained (under a lock) in output_root/dense/."""
+    if config.dense:
+        run_dir = Path(config.dense)
+        check_dense_run(run_dir)
+        return run_dir
+    key = config.dense_key()
+    cache = Path(config.output_root) / "dense"
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / f"{key}.lock")):
+        found = find_dense(config)
+        if found is not None:
+            return found
+        return train_dense(config, cache / key, progress)
+
+
+def train_dense(config: RunConfig, run_dir: Path, progress=None) -> Path:
+    """Train the matching dense run with the same code as ``patcli train pruning=none``."""
+    from .runner import execute
+
+    source = dense_source(config)
+    log.info("training the dense reference into %s", run_dir)
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_SNAPSHOT).write_text(OmegaConf.to_yaml(source))
+    execute(parse_run_config(source), run_dir, progress, label="dense reference")
+    return run_dir

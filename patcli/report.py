@@ -1,0 +1,373 @@
+"""Comparison tables from run records: PAT and post-training baselines side by side, per model and dataset.
+
+Reads ``result.json`` files only (never models), so it is fast and works on a cluster's output. Rows are
+methods (dense, each PAT recipe, each baseline), columns target sparsities, cells the metric pooled over seeds
+(mean ± std, n) with its difference to dense; the best cell per column is marked.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .records import RecordError, RunRecord, find_record_files, read_record
+
+POST_ORDER = ["post:magnitude", "post:gradient", "post:structured", "post:iterative"]
+
+
+@dataclass
+class Cell:
+    """One (row, sparsity) cell: the metric of every seed that ran it."""
+
+    values: list[float] = field(default_factory=list)
+    achieved: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+
+@dataclass
+class Row:
+    label: str
+    method: str
+    cells: dict[float, Cell] = field(default_factory=dict)
+    steps: set[int] = field(default_factory=set)
+
+    def steps_text(self) -> str:
+        if not self.steps:
+            return "-"
+        low, high = min(self.steps), max(self.steps)
+        return f"{low:,}" if low == high else f"{low:,}–{high:,}"
+
+
+@dataclass
+class GroupTable:
+    """Every comparable run of one model + dataset config."""
+
+    model: str
+    dataset: str
+    config_hash: str
+    metric: str
+    split: str
+    higher_is_better: bool
+    dense: Row | None = None
+    rows: dict[str, Row] = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        return f"{self.model} on {self.dataset} [{self.config_hash}] — {self.split} {self.metric}"
+
+    @property
+    def columns(self) -> list[float]:
+        return sorted({s for row in self.rows.values() for s in row.cells})
+
+    @property
+    def dense_value(self) -> float | None:
+        return self.dense.cells[0.0].mean if self.dense and 0.0 in self.dense.cells else None
+
+    def ordered_rows(self) -> list[Row]:
+        def rank(row: Row) -> tuple:
+            if row.method == "pat":
+                return (0, row.label)
+            if row.label in POST_ORDER:
+                return (1, POST_ORDER.index(row.label))
+            return (2, row.label)
+
+        return sorted(self.rows.values(), key=rank)
+
+    def best(self, column: float) -> float | None:
+        means = [row.cells[column].mean for row in self.rows.values() if column in row.cells]
+        if not means:
+            return None
+        return max(means) if self.higher_is_better else min(means)
+
+
+@dataclass
+class Comparison:
+    groups: list[GroupTable]
+    not_ok: list[RunRecord]
+
+
+def row_label(record: RunRecord) -> str:
+    return f"PAT {record.recipe}" if record.method == "pat" else record.recipe
+
+
+def load_records(paths: list[Path]) -> tuple[list[RunRecord], list[str]]:
+    """Readable records under ``paths`` and one line per file that could not be read."""
+    records, skipped = [], []
+    for path in find_record_files(paths):
+        try:
+            records.append(read_record(path))
+        except RecordError as error:
+            skipped.append(str(error))
+    return records, skipped
+
+
+# Settings that never make two runs different methods: seeds are pooled, sparsity is the column, the rest is where
+# or on what hardware a run happened.
+NOT_IDENTITY = {"seed", "pruning.sparsity", "dense", "output_root", "trainer.device", "trainer.threads", "trainer.init_from"}
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def identity(record: RunRecord) -> str:
+    """What makes two records the same recipe: their whole config except seed, sparsity and locations."""
+    flat = {k: v for k, v in flatten(record.config).items() if k not in NOT_IDENTITY}
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
+def compare(records: list[RunRecord], metric: str | None = None, split: str = "test") -> Comparison:
+    """Group ok records by model+dataset, pool seeds per (recipe, sparsity), and keep the rest apart."""
+    groups: dict[str, GroupTable] = {}
+    keyed: dict[str, dict[tuple[str, str], Row]] = {}  # group → (label, identity) → row
+    configs: dict[tuple[str, str, str], dict] = {}
+    references: dict[str, RunRecord] = {}  # dense run dir → one record that cites it
+    dense_dirs: set[str] = set()
+    for record in (r for r in records if r.status == "ok"):
+        name = metric or record.primary_metric
+        higher = record.higher_is_better if name == record.primary_metric else name == "accuracy"
+        group = groups.setdefault(record.model_dataset_hash, GroupTable(
+            record.model, record.dataset, record.model_dataset_hash, name, split, higher))
+        value = record.metrics.get(split, {}).get(name)
+        if value is None:
+            continue
+        label, key = row_label(record), identity(record)
+        row = keyed.setdefault(record.model_dataset_hash, {}).setdefault((label, key), Row(label, record.method))
+        configs[(record.model_dataset_hash, label, key)] = flatten(record.config)
+        _add(row, 0.0 if record.method == "dense" else round(record.target_sparsity, 6), value, record)
+        if record.method == "dense":
+            dense_dirs.add(str(Path(record.run_dir).resolve()))
+        elif record.dense_reference:
+            references.setdefault(str(Path(record.dense_reference.get("run_dir", "")).resolve()), record)
+    for group_key, rows in keyed.items():
+        group = groups[group_key]
+        _disambiguate(rows, {k[1:]: v for k, v in configs.items() if k[0] == group_key})
+        dense_rows = [row for (label, _), row in rows.items() if row.method == "dense"]
+        if dense_rows:  # the dense configuration with the most runs is the reference; others stay rows
+            group.dense = max(dense_rows, key=lambda r: r.cells[0.0].n)
+        group.rows = {row.label: row for row in rows.values() if row is not group.dense}
+    for ref_dir, record in references.items():  # dense runs known only through the records that cite them
+        group = groups[record.model_dataset_hash]
+        value = (record.dense_reference.get("metrics") or {}).get(split, {}).get(group.metric)
+        if ref_dir not in dense_dirs and value is not None and (group.dense is None or group.dense.label == "dense"):
+            group.dense = group.dense or Row("dense", "dense")
+            _add(group.dense, 0.0, value, None, steps=record.dense_reference.get("train_steps"))
+    not_ok = [r for r in records if r.status != "ok"]
+    return Comparison(sorted(groups.values(), key=lambda g: (g.model, g.dataset, g.config_hash)), not_ok)
+
+
+def _disambiguate(rows: dict[tuple[str, str], Row], configs: dict[tuple[str, str], dict]) -> None:
+    """Rows that share a label but not a config get the settings that tell them apart, e.g. ``[trainer.epochs=100]``."""
+    by_label: dict[str, list[tuple[str, str]]] = {}
+    for key in rows:
+        by_label.setdefault(key[0], []).append(key)
+    for label, keys in by_label.items():
+        if len(keys) < 2:
+            continue
+        flats = [configs[k] for k in keys]
+        differing = sorted({name for flat in flats for name in flat
+                            if name not in NOT_IDENTITY and len({json.dumps(f.get(name), default=str) for f in flats}) > 1})
+        for key, flat in zip(keys, flats):
+            detail = ", ".join(f"{name}={flat.get(name)}" for name in differing)
+            rows[key].label = f"{label} [{detail}]"
+
+
+def _add(row: Row, column: float, value: float, record: RunRecord | None, steps: int | None = None) -> None:
+    cell = row.cells.setdefault(column, Cell())
+    cell.values.append(value)
+    if record is not None:
+        cell.achieved.append(record.achieved_sparsity)
+        cell.seeds.append(record.seed)
+        row.steps.add(record.total_train_steps)
+    elif steps is not None:
+        row.steps.add(steps)
+
+
+# -- rendering ------------------------------------------------------------------------------------------------------
+
+
+def scale(metric: str) -> float:
+    """Accuracy is shown in percent; losses and perplexities as they are."""
+    return 100.0 if metric == "accuracy" else 1.0
+
+
+def fmt(value: float, metric: str) -> str:
+    return f"{value * scale(metric):.1f}" if metric == "accuracy" else f"{value:.3f}"
+
+
+def seeds_text(rows: list[Row]) -> str:
+    counts = {cell.n for row in rows for cell in row.cells.values()}
+    return str(counts.pop()) if len(counts) == 1 else f"{min(counts)}–{max(counts)}"
+
+
+def cell_text(cell: Cell, group: GroupTable, with_delta: bool = True) -> str:
+    """``97.2±0.3 (+0.4)``: mean ± std over seeds, and the difference to dense in the same units."""
+    text = fmt(cell.mean, group.metric)
+    if cell.n > 1:
+        text += f"±{fmt(cell.std, group.metric)}"
+    dense = group.dense_value
+    if with_delta and dense is not None:
+        text += f" ({(cell.mean - dense) * scale(group.metric):+.{1 if group.metric == 'accuracy' else 3}f})"
+    return text
+
+
+def column_label(column: float) -> str:
+    return f"{column * 100:g}%"
+
+
+def rich_tables(comparison: Comparison):
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    tables = []
+    for group in comparison.groups:
+        columns = group.columns
+        rows = group.ordered_rows()
+        table = Table(title=escape(group.title), title_justify="left", box=box.SIMPLE_HEAD)
+        table.add_column("method", min_width=24, ratio=3)
+        table.add_column("steps", justify="right", no_wrap=True)
+        table.add_column("seeds", justify="right", no_wrap=True)
+        for column in columns:
+            table.add_column(column_label(column), justify="right", min_width=8, ratio=1)
+        if group.dense:
+            dense_cell = group.dense.cells[0.0]
+            table.add_row("dense", group.dense.steps_text(), str(dense_cell.n),
+                          *[f"[dim]{cell_text(dense_cell, group, with_delta=False)}[/]" for _ in columns])
+        for row in rows:
+            cells = []
+            for column in columns:
+                cell = row.cells.get(column)
+                if cell is None:
+                    cells.append("-")
+                    continue
+                text = cell_text(cell, group)
+                cells.append(f"[bold green]{text}[/]" if cell.mean == group.best(column) else text)
+            table.add_row(escape(row.label), row.steps_text(), seeds_text([row]), *cells)
+        direction = "higher" if group.higher_is_better else "lower"
+        unit = "%, " if group.metric == "accuracy" else ""
+        table.caption = (f"{unit}mean±std over seeds (difference to dense); best per column in bold green "
+                         f"({direction} is better); steps = all training steps, dense run included")
+        tables.append(table)
+    if comparison.not_ok:
+        table = Table(title="runs that did not finish ok", title_justify="left", box=box.SIMPLE_HEAD)
+        for column in ("status", "method", "target", "run dir", "error"):
+            table.add_column(column)
+        for record in comparison.not_ok:
+            table.add_row(record.status, escape(record.recipe), f"{record.target_sparsity:g}", escape(record.run_dir),
+                          escape((record.error or "")[:120]))
+        tables.append(table)
+    return tables
+
+
+def long_rows(comparison: Comparison) -> list[dict]:
+    """One flat row per (group, method, sparsity): what csv and json formats carry."""
+    rows = []
+    for group in comparison.groups:
+        entries = ([(group.dense, 0.0)] if group.dense else []) + [
+            (row, column) for row in group.ordered_rows() for column in sorted(row.cells)
+        ]
+        for row, column in entries:
+            cell = row.cells[column]
+            dense = group.dense_value
+            rows.append({
+                "model": group.model, "dataset": group.dataset, "config_hash": group.config_hash,
+                "method": row.method, "row": row.label, "target_sparsity": column,
+                "achieved_sparsity": statistics.fmean(cell.achieved) if cell.achieved else column,
+                "split": group.split, "metric": group.metric, "mean": cell.mean, "std": cell.std, "n": cell.n,
+                "delta_vs_dense": None if dense is None else cell.mean - dense,
+                "higher_is_better": group.higher_is_better, "train_steps": row.steps_text(),
+            })
+    return rows
+
+
+def to_csv(comparison: Comparison) -> str:
+    rows = long_rows(comparison)
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def to_json(comparison: Comparison) -> str:
+    not_ok = [{"status": r.status, "recipe": r.recipe, "target_sparsity": r.target_sparsity, "run_dir": r.run_dir,
+               "error": r.error} for r in comparison.not_ok]
+    return json.dumps({"rows": long_rows(comparison), "not_ok": not_ok}, indent=2)
+
+
+def to_markdown(comparison: Comparison) -> str:
+    parts = []
+    for group in comparison.groups:
+        columns = group.columns
+        header = ["method", "steps", "seeds"] + [column_label(c) for c in columns]
+        lines = [f"**{group.title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        if group.dense:
+            dense = group.dense.cells[0.0]
+            lines.append("| " + " | ".join(["dense", group.dense.steps_text(), str(dense.n)]
+                                           + [cell_text(dense, group, False)] * len(columns)) + " |")
+        for row in group.ordered_rows():
+            cells = []
+            for column in columns:
+                cell = row.cells.get(column)
+                text = "-" if cell is None else cell_text(cell, group)
+                cells.append(f"**{text}**" if cell is not None and cell.mean == group.best(column) else text)
+            lines.append("| " + " | ".join([row.label, row.steps_text(), seeds_text([row])] + cells) + " |")
+        parts.append("\n".join(lines))
+    if comparison.not_ok:
+        lines = ["**Runs that did not finish ok**", "", "| status | method | target | run dir | error |", "|---|---|---|---|---|"]
+        lines += [f"| {r.status} | {r.recipe} | {r.target_sparsity:g} | {r.run_dir} | {(r.error or '')[:120]} |"
+                  for r in comparison.not_ok]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot(comparison: Comparison, path: Path) -> None:
+    """Metric vs target sparsity, one panel per group; dense as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = comparison.groups or []
+    figure, axes = plt.subplots(1, max(len(groups), 1), figsize=(6.5 * max(len(groups), 1), 4.5), squeeze=False)
+    for axis, group in zip(axes[0], groups):
+        factor = scale(group.metric)
+        for row in group.ordered_rows():
+            columns = sorted(row.cells)
+            axis.errorbar([c * 100 for c in columns], [row.cells[c].mean * factor for c in columns],
+                          yerr=[row.cells[c].std * factor for c in columns], marker="o", capsize=3, label=row.label)
+        if group.dense_value is not None:
+            axis.axhline(group.dense_value * factor, color="black", linestyle="--", label="dense")
+        axis.set_xlabel("target sparsity (%)")
+        axis.set_ylabel(f"{group.split} {group.metric}" + (" (%)" if group.metric == "accuracy" else ""))
+        axis.set_title(f"{group.model} on {group.dataset}")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

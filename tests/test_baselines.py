@@ -1,0 +1,98 @@
+"""Post-training baselines reach their targets, share dense runs safely, and iterative beats one-shot."""
+
+import multiprocessing
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from patcli.config import parse_run_config
+from patcli.dense import resolve_dense
+from patcli.hydra_app import conf_dir
+from patcli.runner import execute
+
+from conftest import TINY, result_of, run_dir_of
+
+
+def config_for(*overrides: str, output_root: Path):
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", [*overrides, f"output_root={output_root}"])
+    return parse_run_config(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True))
+
+
+@pytest.mark.parametrize(
+    "baseline, extra",
+    [("magnitude", []), ("gradient", ["baseline.calibration_batches=3"]), ("iterative", ["baseline.rounds=2"]),
+     ("pat_from_dense", ["schedule.end=0.5"])],
+)
+def test_each_unstructured_baseline_reaches_its_target_sparsity(tmp_path, baseline, extra):
+    config = config_for(*TINY, f"baseline={baseline}", "pruning.sparsity=0.85", *extra, output_root=tmp_path)
+    record = execute(config, tmp_path / "run")
+    assert record.status == "ok"
+    assert record.achieved_sparsity == pytest.approx(0.85, abs=1e-3)
+    assert record.method == ("pat" if baseline == "pat_from_dense" else f"post:{baseline}")
+    assert record.dense_reference["metrics"]["test"]["accuracy"] > 0.5
+    dense_steps = record.dense_reference["train_steps"]
+    assert record.total_train_steps == dense_steps + record.train_steps
+    if baseline in ("iterative", "pat_from_dense"):
+        assert record.train_steps == round(0.25 * dense_steps)
+
+
+def test_structured_baseline_zeroes_whole_neurons_near_the_target(tmp_path):
+    config = config_for(*TINY, "baseline=structured", "pruning.sparsity=0.6", output_root=tmp_path)
+    record = execute(config, tmp_path / "run")
+    assert record.achieved_sparsity == pytest.approx(0.6, abs=0.05)  # neuron granularity: 1/32 of a layer a step
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "run" / "model.safetensors"))
+    first, second = weights["1.weight"], weights["3.weight"]
+    dead_rows = (first == 0).all(dim=1)
+    assert int(dead_rows.sum()) > 0
+    assert bool((weights["1.bias"][dead_rows] == 0).all())  # the bias of a pruned neuron is off too
+    assert bool((second[:, dead_rows] == 0).all())  # and the next layer's inputs from it
+
+
+def test_iterative_beats_one_shot_magnitude_at_95_percent_on_digits(tmp_path):
+    results = {}
+    for baseline in ("magnitude", "iterative"):
+        config = config_for(f"baseline={baseline}", "pruning.sparsity=0.95", output_root=tmp_path)
+        results[baseline] = execute(config, tmp_path / baseline).metrics["test"]["accuracy"]
+    assert results["iterative"] > results["magnitude"] + 0.2, results
+
+
+def _resolve_in_process(output_root: str, queue) -> None:
+    config = config_for(*TINY, "baseline=magnitude", output_root=Path(output_root))
+    queue.put(str(resolve_dense(config)))
+
+
+def test_parallel_jobs_train_the_shared_dense_run_once(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_resolve_in_process, args=(str(tmp_path), queue)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    found = {queue.get(timeout=240) for _ in workers}
+    for worker in workers:
+        worker.join(timeout=60)
+    assert len(found) == 1  # both jobs got the same dense run
+    trained = [p for p in (tmp_path / "dense").iterdir() if p.is_dir()]
+    assert len(trained) == 1 and (trained[0] / "result.json").is_file()
+
+
+def test_prune_post_cli_reuses_a_given_dense_run_and_rejects_a_wrong_one(cli, tmp_path):
+    code, out, err = cli("train", *TINY, "pruning=none", f"hydra.run.dir={tmp_path}/dense")
+    assert code == 0, err
+    code, out, err = cli("prune-post", *TINY, "baseline=magnitude", f"dense={tmp_path}/dense", "pruning.sparsity=0.7")
+    assert code == 0, err
+    record = result_of(run_dir_of(out))
+    assert record["method"] == "post:magnitude" and record["dense_reference"]["run_dir"] == f"{tmp_path}/dense"
+    assert not (tmp_path / "outputs" / "dense").exists()  # nothing else was trained
+    code, _, err = cli("prune-post", *TINY, "baseline=magnitude", f"dense={run_dir_of(out)}")
+    assert code == 2 and "dense: " in err and "allowed: a finished run of `patcli train pruning=none`" in err
+    code, _, err = cli("prune-post", *TINY)
+    assert code == 2 and "baseline: missing; allowed: " in err
+    code, _, err = cli("train", *TINY, "baseline=magnitude")
+    assert code == 2 and "patcli prune-post" in err
+    code, _, err = cli("prune-post", *TINY, "baseline=iterative", "baseline.rounds=0")
+    assert code == 2 and "baseline.rounds: 0 is out of range" in err

@@ -1,0 +1,95 @@
+"""`patcli compare` on hand-made records: rows, cells, pooling, failures apart, and every output format."""
+
+import csv
+import io
+import json
+
+import pytest
+
+from patcli.records import RunRecord, write_record
+from patcli import report
+
+
+def record(tmp_path, name, method, recipe, sparsity, accuracy, seed=0, status="ok", steps=1000, **extra):
+    rec = RunRecord(method=method, recipe=recipe, model="mlp", dataset="digits", model_dataset_hash="h1", seed=seed,
+                    status=status, target_sparsity=sparsity, achieved_sparsity=sparsity,
+                    metrics={"test": {"accuracy": accuracy, "loss": 1 - accuracy}, "val": {"accuracy": accuracy - 0.01}},
+                    total_train_steps=steps, train_steps=steps, **extra)
+    write_record(tmp_path / name, rec)
+    return rec
+
+
+@pytest.fixture
+def runs(tmp_path):
+    record(tmp_path, "dense", "dense", "dense", 0.0, 0.970)
+    record(tmp_path, "pat-90-s0", "pat", "agp+magnitude+global", 0.9, 0.972, seed=0)
+    record(tmp_path, "pat-90-s1", "pat", "agp+magnitude+global", 0.9, 0.976, seed=1)
+    record(tmp_path, "pat-95", "pat", "agp+magnitude+global", 0.95, 0.960)
+    record(tmp_path, "mag-90", "post:magnitude", "post:magnitude", 0.9, 0.640)
+    record(tmp_path, "mag-95", "post:magnitude", "post:magnitude", 0.95, 0.390)
+    record(tmp_path, "iter-95", "post:iterative", "post:iterative", 0.95, 0.975, steps=1250)
+    record(tmp_path, "broken", "post:gradient", "post:gradient", 0.9, 0.0, status="failed", error="RuntimeError: boom")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "result.json").write_text('{"method": "pat", "schema_ver')  # half-written
+    return tmp_path
+
+
+def test_rows_cells_pooling_and_best(runs):
+    records, skipped = report.load_records([runs])
+    assert len(skipped) == 1 and "corrupt" in skipped[0]
+    comparison = report.compare(records)
+    (group,) = comparison.groups
+    assert group.columns == [0.9, 0.95] and group.dense_value == 0.970
+    assert [row.label for row in group.ordered_rows()] == ["PAT agp+magnitude+global", "post:magnitude", "post:iterative"]
+    pat = group.rows["PAT agp+magnitude+global"].cells[0.9]
+    assert pat.n == 2 and pat.mean == pytest.approx(0.974) and pat.std == pytest.approx(0.0028284, abs=1e-6)
+    assert report.cell_text(pat, group) == "97.4±0.3 (+0.4)"
+    assert group.best(0.9) == pytest.approx(0.974) and group.best(0.95) == pytest.approx(0.975)  # iterative wins at 95%
+    assert group.rows["post:iterative"].steps_text() == "1,250"
+    assert [r.status for r in comparison.not_ok] == ["failed"]
+
+
+def test_lower_is_better_for_loss(runs):
+    records, _ = report.load_records([runs])
+    (group,) = report.compare(records, metric="loss").groups
+    assert not group.higher_is_better
+    assert group.best(0.95) == pytest.approx(1 - 0.975)  # the lowest loss
+
+
+def test_cli_table_csv_json_markdown_and_plot(cli, runs):
+    code, out, err = cli("compare", str(runs))
+    assert code == 0
+    assert "skipping" in err and "corrupt" in err and len([l for l in err.splitlines() if "warning" in l]) == 1
+    lines = out.splitlines()
+    pat_line = next(l for l in lines if "PAT agp+magnitude+global" in l)
+    assert "97.4±0.3 (+0.4)" in pat_line and "96.0 (-1.0)" in pat_line
+    mag_line = next(l for l in lines if "post:magnitude" in l)
+    assert "64.0 (-33.0)" in mag_line and "39.0 (-58.0)" in mag_line
+    assert "runs that did not finish ok" in out and "RuntimeError: boom" in out
+
+    code, out, _ = cli("compare", str(runs), "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    by_key = {(r["row"], float(r["target_sparsity"])): r for r in rows}
+    assert float(by_key[("post:magnitude", 0.9)]["mean"]) == pytest.approx(0.64)
+    assert int(by_key[("PAT agp+magnitude+global", 0.9)]["n"]) == 2
+    assert float(by_key[("post:iterative", 0.95)]["delta_vs_dense"]) == pytest.approx(0.005)
+
+    code, out, _ = cli("compare", str(runs), "--format", "json", "--split", "val")
+    data = json.loads(out)
+    assert {r["row"] for r in data["rows"]} == {"dense", "PAT agp+magnitude+global", "post:magnitude", "post:iterative"}
+    assert data["rows"][0]["split"] == "val" and data["not_ok"][0]["status"] == "failed"
+
+    code, out, _ = cli("compare", str(runs), "--format", "markdown", "--output", str(runs / "table.md"), "--plot", str(runs / "curves.png"))
+    assert code == 0
+    assert "| post:iterative | 1,250 | 1 | - | **97.5 (+0.5)** |" in (runs / "table.md").read_text()
+    png = (runs / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_compare_reports_missing_or_empty_paths(cli, tmp_path):
+    code, _, err = cli("compare", str(tmp_path / "nowhere"))
+    assert code == 2 and "does not exist" in err
+    code, _, err = cli("compare", str(tmp_path))
+    assert code == 2 and "no run records" in err
+    code, _, err = cli("compare", str(tmp_path), "--split", "train")
+    assert code == 2 and "--split" in err
