@@ -77,3 +77,46 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def run_config(args: tuple[list[str], str]) -> dict:
+    """One run from Hydra overrides, in this process, through the same code path as ``patcli train``/``prune-post``;
+    returns its record as a dict (status failed with the error if it broke)."""
+    import os
+    import tempfile
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from patcli.config import parse_run_config
+    from patcli.hydra_app import conf_dir
+    from patcli.runner import execute
+
+    overrides, output_root = args
+    torch.set_num_threads(1)
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", [*overrides, f"output_root={output_root}"])
+    source = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=os.path.join(output_root, "runs")))
+    try:
+        record = execute(parse_run_config(source), run_dir)
+        return {**record.__dict__, "overrides": overrides}
+    except Exception as error:  # a benchmark reports failures, it does not stop on them
+        return {"status": "failed", "error": f"{error.__class__.__name__}: {error}", "overrides": overrides}
+
+
+def run_configs(jobs: list[list[str]], output_root: Path, workers: int = 2) -> list[dict]:
+    """Run many configs on ``workers`` processes of one torch thread each (the cores of this machine)."""
+    import multiprocessing
+
+    (output_root / "runs").mkdir(parents=True, exist_ok=True)
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return pool.map(run_config, [(job, str(output_root)) for job in jobs], chunksize=1)
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0] * 100:.1f}"
+    return f"{statistics.fmean(values) * 100:.1f} ± {statistics.stdev(values) * 100:.1f}"

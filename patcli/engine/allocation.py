@@ -64,7 +64,7 @@ class LayerBudget:
 
     def floors(self) -> list[int]:
         """Groups already pruned (scores of -inf): masks only grow, so counts never go below these."""
-        return torch.stack([torch.isneginf(s).sum() for s in self.group_scores]).tolist()
+        return torch.stack([torch.count_nonzero(torch.isneginf(s)) for s in self.group_scores]).tolist()
 
 
 @dataclass

@@ -58,8 +58,9 @@ class MaskSet:
         return len(self.names)
 
     def set(self, index: int, keep: torch.Tensor) -> None:
-        self.keep[index] = keep.to(dtype=torch.bool, device=self.weights[index].device)
-        self._multipliers[index] = self.keep[index].to(self.weights[index].dtype)
+        """Copy a decision into the existing buffers (no new allocation: large fresh tensors are slow on CPU)."""
+        self.keep[index].copy_(keep.reshape(self.keep[index].shape))
+        self._multipliers[index].copy_(self.keep[index])
 
     def zero_pruned_(self, tensors: list[torch.Tensor] | None = None) -> None:
         """Multiply ``tensors`` (the weights by default) by the masks in place."""
@@ -71,8 +72,8 @@ class MaskSet:
 
     def sparsity(self) -> float:
         """Fraction of accounted elements the masks prune (one host sync)."""
-        pruned = torch.stack([(~k).sum() for k, a in zip(self.keep, self.accounted) if a]).sum()
-        return float(pruned) / self.accounted_numel()
+        kept = torch.stack([torch.count_nonzero(k) for k, a in zip(self.keep, self.accounted) if a]).sum()
+        return 1.0 - float(kept) / self.accounted_numel()
 
     def state_bytes(self) -> int:
         return sum(k.numel() * k.element_size() + m.numel() * m.element_size() for k, m in zip(self.keep, self._multipliers))

@@ -159,7 +159,7 @@ class Pruner:
         self.scorer.reset()
         revived = 0
         if old_keep is not None:
-            revived = int(sum(((~old) & new).sum() for old, new, a in zip(old_keep, self.masks.keep, self.masks.accounted) if a))
+            revived = int(sum(torch.count_nonzero(~old & new) for old, new, a in zip(old_keep, self.masks.keep, self.masks.accounted) if a))
         update = MaskUpdate(step=t, target=target, sparsity=self.masks.sparsity(), revived=revived)
         self.updates.append(update)
         log.debug("mask update at step %d: target %.4f, sparsity %.4f", t, target, update.sparsity)
@@ -206,7 +206,7 @@ class Pruner:
 
     def sparsity(self) -> float:
         """Achieved fraction of accounted (prunable) weights that are exactly zero in the model."""
-        zeros = sum(int((w == 0).sum()) for w, a in zip(self.masks.weights, self.masks.accounted) if a)
+        zeros = sum(int(torch.count_nonzero(w == 0)) for w, a in zip(self.masks.weights, self.masks.accounted) if a)
         return zeros / self.masks.accounted_numel()
 
     def engine_state_bytes(self) -> int:

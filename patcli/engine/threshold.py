@@ -13,7 +13,11 @@ import math
 import torch
 
 SMALL = 1 << 15  # below this, topk is already fast
-SAMPLE = 1 << 13
+
+
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """Number of True entries (count_nonzero is several times faster than summing a bool tensor on CPU)."""
+    return torch.count_nonzero(mask)
 
 
 def _topk_kth(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -23,25 +27,41 @@ def _topk_kth(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(values, n - k + 1, largest=True, sorted=False).values.min()
 
 
-def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest (1-indexed) of a 1-D tensor without NaNs (-inf allowed), as a 0-d tensor."""
-    n = values.numel()
+def kth_smallest(values: torch.Tensor | list[torch.Tensor], k: int) -> torch.Tensor:
+    """The k-th smallest (1-indexed) value over one or several 1-D tensors (no NaNs; -inf allowed), as a 0-d tensor.
+
+    Several tensors are never concatenated on CPU: the sample, the counts and the bracket are taken per tensor.
+    """
+    parts = [values] if torch.is_tensor(values) else list(values)
+    n = sum(p.numel() for p in parts)
     if not 1 <= k <= n:
         raise ValueError(f"k={k} outside 1..{n}")
-    if values.is_cuda or n <= SMALL:
-        return _topk_kth(values, k)
+    if parts[0].is_cuda or n <= SMALL:
+        return _topk_kth(torch.cat(parts) if len(parts) > 1 else parts[0], k)
+    size = min(max(8192, int(16 * math.sqrt(n))), 1 << 17)  # bigger inputs: bigger sample, narrower bracket
     generator = torch.Generator().manual_seed(n + k)  # fixed: the same input always takes the same path
-    sample = values[torch.randint(n, (SAMPLE,), generator=generator)]
-    q = k / n
-    margin = 5.0 * math.sqrt(q * (1.0 - q) / SAMPLE) + 2.0 / SAMPLE  # ≈5 standard deviations of the sample quantile
-    lo_rank, hi_rank = math.floor((q - margin) * SAMPLE), math.ceil((q + margin) * SAMPLE)
-    lo = torch.kthvalue(sample, lo_rank).values if lo_rank >= 1 else values.new_tensor(float("-inf"))
-    hi = torch.kthvalue(sample, hi_rank).values if hi_rank <= SAMPLE else values.new_tensor(float("inf"))
-    below = int((values < lo).sum())
-    window = values[(values >= lo) & (values <= hi)]
+    sample = torch.cat([p[torch.randint(p.numel(), (max(1, round(size * p.numel() / n)),), generator=generator)]
+                        for p in parts])
+    size, q = sample.numel(), k / n
+    margin = 5.0 * math.sqrt(q * (1.0 - q) / size) + 2.0 / size  # ≈5 standard deviations of the sample quantile
+    lo_rank, hi_rank = math.floor((q - margin) * size), math.ceil((q + margin) * size)
+    lo = torch.kthvalue(sample, lo_rank).values if lo_rank >= 1 else sample.new_tensor(float("-inf"))
+    hi = torch.kthvalue(sample, hi_rank).values if hi_rank <= size else sample.new_tensor(float("inf"))
+    if bool(lo == hi):  # heavy ties (e.g. weights already at zero): the tied value itself is the answer
+        below = int(sum(_count(p < lo) for p in parts))
+        if below < k <= below + int(sum(_count(p == lo) for p in parts)):
+            return lo
+    # One comparison pass on the side of the bracket with fewer values, then work only on what passed.
+    if q > 0.5:
+        upper = torch.cat([p[p >= lo] for p in parts])
+        below, window = n - upper.numel(), upper[upper <= hi]
+    else:
+        lower = torch.cat([p[p <= hi] for p in parts])
+        window = lower[lower >= lo]
+        below = lower.numel() - window.numel()
     if below < k <= below + window.numel():
         return torch.kthvalue(window, k - below).values
-    return torch.kthvalue(values, k).values  # the bracket missed (odds well under one in a million)
+    return torch.kthvalue(torch.cat(parts), k).values  # the bracket missed (odds well under one in a million)
 
 
 def keep_all_but_lowest(scores: torch.Tensor, n_prune: int, cut: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,19 +73,17 @@ def keep_all_but_lowest(scores: torch.Tensor, n_prune: int, cut: torch.Tensor | 
         return torch.ones_like(scores, dtype=torch.bool)
     if n_prune >= scores.numel():
         return torch.zeros_like(scores, dtype=torch.bool)
-    below = None
-    if cut is not None:
-        below, at_most = torch.stack([(scores < cut).sum(), (scores <= cut).sum()]).tolist()
-        if not below <= n_prune <= at_most:
-            cut, below = None, None
-    if cut is None:
-        cut = kth_smallest(scores, n_prune)
-        below = int((scores < cut).sum())
-    keep = scores > cut
-    ties = (scores == cut).nonzero().squeeze(1)
-    surplus = int(ties.numel()) - (n_prune - below)
+    for attempt in (cut, None):
+        threshold = kth_smallest(scores, n_prune) if attempt is None else attempt
+        keep = scores > threshold
+        tie = scores == threshold
+        kept, tied = torch.stack([_count(keep), _count(tie)]).tolist()
+        below = scores.numel() - kept - tied
+        if below <= n_prune <= below + tied:
+            break
+    surplus = tied - (n_prune - below)
     if surplus > 0:
-        keep[ties[-surplus:]] = True
+        keep[tie.nonzero().squeeze(1)[-surplus:]] = True
     return keep
 
 
@@ -88,9 +106,9 @@ def _equal_size_counts(scores: list[torch.Tensor], k: int) -> tuple[list[int], t
     k = min(k, sum(s.numel() for s in scores))
     if k <= 0:
         return [0] * len(scores), None
-    v = kth_smallest(torch.cat(scores), k)
-    below = torch.stack([(s < v).sum() for s in scores]).tolist()
-    ties = torch.stack([(s == v).sum() for s in scores]).tolist()
+    v = kth_smallest(scores, k)
+    below = torch.stack([_count(s < v) for s in scores]).tolist()
+    ties = torch.stack([_count(s == v) for s in scores]).tolist()
     return _fill_in_order(below, ties, k), v
 
 
