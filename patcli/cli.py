@@ -183,6 +183,32 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: "
         console.print(f"wrote {plot}", highlight=False)
 
 
+@app.command("export")
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    latency: Annotated[bool, typer.Option(help="Measure CPU latency before/after (structured runs).")] = True,
+) -> None:
+    """Export a run: a physically smaller model (neurons/filters/heads) or a compressed file (unstructured).
+
+    Writes RUN_DIR/export/ and adds params, bytes and latency to RUN_DIR/result.json; load it with patcli.load_pruned.
+    """
+    from .config import ConfigError
+    from .export import export_run
+
+    try:
+        record = export_run(run_dir, measure_latency=latency)
+    except ConfigError as error:
+        print_error(str(error))
+        raise typer.Exit(code=2) from None
+    console.print(f"params {record.params_total:,} → {record.params_after:,}; bytes {record.bytes_before:,} → "
+                  f"{record.bytes_after:,} ({record.bytes_after / record.bytes_before:.3f}×)", highlight=False)
+    for batch in (1, 64):
+        if f"batch{batch}_before" in record.latency_ms:
+            before, after = record.latency_ms[f"batch{batch}_before"], record.latency_ms[f"batch{batch}_after"]
+            console.print(f"CPU latency batch {batch}: {before:.3f} ms → {after:.3f} ms ({before / after:.2f}×)", highlight=False)
+    console.print(f"export dir: {run_dir / 'export'}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     app()
 

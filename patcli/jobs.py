@@ -12,7 +12,8 @@ from typing import Any
 
 from hydra.types import RunMode
 
-from .config import parse_run_config
+from .config import ConfigError, parse_run_config
+from .engine.allocation import AllocationError
 from .console import RichProgress, console, summary_table
 from .runner import execute, failed_record, plan
 
@@ -34,6 +35,8 @@ def run_job(source: dict[str, Any], run_dir: Path, mode: RunMode | None) -> floa
         failed_record(source, run_dir, error)
         log.info("run failed", exc_info=True)  # the traceback goes to run.log; the terminal gets one line
         if not sweeping:
+            if isinstance(error, AllocationError):  # a target the caps cannot meet is the user's to fix
+                raise ConfigError("pruning.sparsity", str(error)) from error
             raise
         console.print(f"[red]job failed[/] {run_dir}: {error.__class__.__name__}: {error}", highlight=False)
         return None

@@ -49,6 +49,10 @@ class RunRecord:
     params_prunable: int = 0
     params_nonzero: int = 0
     bytes_on_disk: int = 0
+    params_after: int | None = None  # after physical removal (structured) — None until exported
+    bytes_before: int | None = None  # dense fp32 weights file
+    bytes_after: int | None = None  # exported (smaller or compressed) weights file
+    latency_ms: dict[str, float] = field(default_factory=dict)  # CPU inference, before/after export, per batch size
     engine_state_bytes: int = 0
     train_steps: int = 0
     total_train_steps: int = 0  # including the dense run a post-training baseline started from

@@ -20,7 +20,9 @@ from torch import nn
 from . import __version__
 from .config import ConfigError, RunConfig
 from .data import DataBundle, load_dataset
-from .engine import MaskUpdate, Pruner, select_prunable
+from .engine import SCHEDULES, MaskUpdate, Pruner, select_prunable
+from .engine.patterns import Structured
+from .engine.allocation import AllocationError
 from .engine.schedules import ScheduleError
 from .models import build_model
 from .records import MODEL_FILE, RESULT_FILE, RunRecord, append_metrics, read_record, write_record
@@ -57,6 +59,8 @@ def plan(config: RunConfig) -> Plan:
             raise ConfigError("pruning", "post-training baselines prune: choose a pruning mode, not none")
         if config.dense:
             check_dense_run(Path(config.dense))
+        fixed = dataclasses.replace(config, schedule=SCHEDULES.get("fixed")())
+        build_pruner(fixed, build_model(config.model, data.meta), 1)  # the target fits the per-layer caps?
     elif config.pruning.enabled:
         trial = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule))
         pruner = build_pruner(trial, build_model(config.model, data.meta), steps)  # pattern fits the model?
@@ -101,7 +105,7 @@ def build_pruner(
     on_update: Callable[[MaskUpdate], None] | None = None,
 ) -> Pruner:
     try:
-        return Pruner(
+        pruner = Pruner(
             model,
             sparsity=config.target_sparsity,
             schedule=config.schedule,
@@ -117,8 +121,12 @@ def build_pruner(
             evaluate=evaluate_fn,
             on_update=on_update,
         )
+        pruner.check_reachable()
+        return pruner
     except ScheduleError as error:
         raise ConfigError(error.key, str(error).split(": ", 1)[1]) from error
+    except AllocationError as error:
+        raise ConfigError("pruning.sparsity", str(error)) from error
     except ValueError as error:
         raise ConfigError("pruning", str(error)) from error
 
@@ -211,7 +219,12 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
         source = read_record(Path(config.trainer.init_from) / RESULT_FILE)
         record.total_train_steps += source.total_train_steps
         record.extra["init_from"] = str(config.trainer.init_from)
-    return finish_record(record, trainer.model, config, data, run_dir, device)
+    finish_record(record, trainer.model, config, data, run_dir, device)
+    if isinstance(config.pattern, Structured):  # structured runs end with a genuinely smaller model
+        from .export import export_model
+
+        export_model(trainer.model, config, data, run_dir, record)
+    return record
 
 
 def execute(config: RunConfig, run_dir: Path, progress: Progress | None = None, label: str | None = None) -> RunRecord:

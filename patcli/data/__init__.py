@@ -7,6 +7,6 @@ about a run; test is evaluated once, at the end.
 from __future__ import annotations
 
 from .base import DATASETS, DataBundle, Split, load_dataset
-from . import digits  # noqa: F401  (registers)
+from . import digits, text  # noqa: F401  (registers)
 
 __all__ = ["DATASETS", "DataBundle", "Split", "load_dataset"]

@@ -51,5 +51,5 @@ class Digits:
             train=split(train_x, train_y),
             val=split(val_x, val_y),
             test=split(test_x, test_y),
-            meta={"input_shape": shape, "num_classes": 10},
+            meta={"input_shape": shape, "image_shape": [1, 8, 8], "num_classes": 10},
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import group_scorers  # noqa: F401  (registers the channel scorers)
 from .allocation import ALLOCATIONS, Allocation
 from .masks import MaskSet, select_prunable
 from .patterns import PATTERNS, Pattern

@@ -86,7 +86,7 @@ def check_reachable(budget: LayerBudget) -> None:
     if budget.budget_elements > reachable:
         raise AllocationError(
             f"sparsity {budget.target} needs {budget.budget_elements} pruned weights but the per-layer cap "
-            f"pruning.max_layer_sparsity={budget.max_layer_sparsity} allows at most {reachable}"
+            f"max_layer_sparsity={budget.max_layer_sparsity} allows at most {reachable}; raise the cap or lower the sparsity"
         )
 
 

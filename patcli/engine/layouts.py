@@ -28,12 +28,22 @@ class Slice:
 
 @dataclass
 class ChannelGroup:
-    """The output channels of one layer and the parameter slices that belong to each."""
+    """The output channels of one layer and the parameter slices that belong to each.
+
+    ``activation`` names the module whose *input* carries the channels (along ``activation_dim``) — the values
+    that actually flow on, after any nonlinearity — for activation-based scorers; ``attention`` the module whose
+    output is a head's attention probabilities;
+    ``buffers`` are slices of buffers (BatchNorm running statistics) that surgery cuts with the parameters.
+    """
 
     name: str
     channels: int
     slices: list[Slice]
     shape: torch.Size = field(default_factory=lambda: torch.Size())  # the producing weight's shape (for ERK)
+    activation: str | None = None
+    activation_dim: int = -1
+    attention: str | None = None
+    buffers: list[Slice] = field(default_factory=list)
 
 
 class Layout:
@@ -48,7 +58,8 @@ class Layout:
     def shapes(self) -> list[torch.Size]:
         raise NotImplementedError
 
-    def group_scores(self, scores: list[torch.Tensor]) -> list[torch.Tensor]:
+    def group_scores(self, scores: list[torch.Tensor], reduce: str | None = None) -> list[torch.Tensor]:
+        """One score per group and layer from element scores of ``params`` (``reduce`` overrides the default)."""
         raise NotImplementedError
 
     def group_sizes(self) -> list[int]:
@@ -89,7 +100,7 @@ class TensorLayout(Layout):
     def shapes(self) -> list[torch.Size]:
         return [p.shape for p in self.params]
 
-    def group_scores(self, scores: list[torch.Tensor]) -> list[torch.Tensor]:
+    def group_scores(self, scores: list[torch.Tensor], reduce: str | None = None) -> list[torch.Tensor]:
         return [self.pattern.group_scores(s) for s in scores]
 
     def group_sizes(self) -> list[int]:
@@ -126,14 +137,16 @@ class ChannelLayout(Layout):
         moved = tensor.movedim(part.dim, 0)
         return moved.reshape(group.channels, -1)
 
-    def group_scores(self, scores: list[torch.Tensor]) -> list[torch.Tensor]:
+    def group_scores(self, scores: list[torch.Tensor], reduce: str | None = None) -> list[torch.Tensor]:
+        """``l2``: root of summed squares over the channel's slices; ``l1``/``sum``: their sum."""
+        reduce = reduce or self.reduce
         result = []
         for group in self.groups:
             total = torch.zeros(group.channels, device=scores[0].device)
             for part in group.slices:
                 per_channel = self._per_channel(scores[self._index[part.param]].float(), group, part)
-                total += per_channel.pow(2).sum(1) if self.reduce == "l2" else per_channel.sum(1)
-            result.append(total.sqrt() if self.reduce == "l2" else total)
+                total += per_channel.pow(2).sum(1) if reduce == "l2" else per_channel.sum(1)
+            result.append(total.sqrt() if reduce == "l2" else total)
         return result
 
     def group_sizes(self) -> list[int]:

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .allocation import Allocation, LayerBudget, Uniform
+from .allocation import Allocation, LayerBudget, Uniform, check_reachable
 from .layouts import ChannelLayout, Layout, TensorLayout
 from .masks import MASKINGS, MaskSet, select_prunable, zero_optimizer_state_
 from .patterns import Pattern, Structured, Unstructured
@@ -87,6 +87,10 @@ class Pruner:
         self.on_update = on_update
         self.seconds = 0.0  # wall time spent in the pruner's hooks, for the per-step overhead
         self.layout = make_layout(model, self.pattern, include, exclude)
+        if getattr(self.scorer, "grouped", False):
+            if not isinstance(self.layout, ChannelLayout):
+                raise ValueError(f"scorer {self.scorer.name!r} scores whole channels; allowed with pruning=neurons, filters or heads")
+            self.scorer.attach(model, self.layout)
         self.masks = MaskSet(dict(zip(self.layout.names, self.layout.params)), self.layout.accounted)
         if masking not in MASKINGS:
             raise ValueError(f"unknown masking {masking!r}; allowed: {', '.join(MASKINGS)}")
@@ -99,8 +103,9 @@ class Pruner:
     # -- wiring ---------------------------------------------------------------------------------------------------
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "Pruner":
-        """Run the pruner around every ``optimizer.step()``."""
-        self.detach()
+        """Run the pruner around every ``optimizer.step()`` (of this optimizer only)."""
+        for handle in self._handles:
+            handle.remove()
         self.optimizer = optimizer
         self._handles = [
             optimizer.register_step_pre_hook(lambda *_: self.before_step()),
@@ -109,9 +114,12 @@ class Pruner:
         return self
 
     def detach(self) -> None:
+        """Stop hooking the optimizer (and the model, for scorers that watch it)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if getattr(self.scorer, "grouped", False):
+            self.scorer.detach()
 
     # -- the step -------------------------------------------------------------------------------------------------
 
@@ -169,11 +177,17 @@ class Pruner:
 
     def group_scores(self) -> list[torch.Tensor]:
         """Scores per group and layer; with monotone masks, groups already pruned score -inf (chosen first)."""
-        scores = [s.float() for s in self.scorer.scores(self.masking.dense_weights())]
-        grouped = self.layout.group_scores(scores)
+        if getattr(self.scorer, "grouped", False):
+            grouped = self.scorer.group_scores()
+        else:
+            grouped = self.layout.group_scores([s.float() for s in self.scorer.scores(self.masking.dense_weights())])
         if self.monotone:
             grouped = [g.masked_fill(~k, float("-inf")) for g, k in zip(grouped, self.layout.group_keep)]
         return grouped
+
+    def check_reachable(self) -> None:
+        """Raise AllocationError when the final target needs more than the per-layer caps allow."""
+        check_reachable(self._budget([torch.zeros(k.numel()) for k in self.layout.group_keep], self.sparsity_target))
 
     def _budget(self, group_scores: list[torch.Tensor], target: float) -> LayerBudget:
         return LayerBudget(

@@ -21,7 +21,7 @@ LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 TRANSPARENT = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.Dropout, nn.Flatten,
                nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-               nn.Identity)
+               nn.Identity, nn.Unflatten)
 
 
 class StructureError(ValueError):
@@ -68,9 +68,11 @@ def sequential_groups(model: nn.Module, kind: str) -> list[ChannelGroup]:
         if module.bias is not None:
             slices.append(Slice(f"{name}.bias", 0))
         consumer = None
+        buffers = []
         for next_name, following in leaves[i + 1 :]:
             if isinstance(following, NORMS) and consumer is None and following.num_features == channels:
                 slices += [Slice(f"{next_name}.weight", 0), Slice(f"{next_name}.bias", 0)]
+                buffers += [Slice(f"{next_name}.running_mean", 0), Slice(f"{next_name}.running_var", 0)]
                 continue
             if isinstance(following, LAYERS):
                 consumer = (next_name, following)
@@ -82,5 +84,7 @@ def sequential_groups(model: nn.Module, kind: str) -> list[ChannelGroup]:
         if inputs % channels:
             raise StructureError(f"{consumer_name} takes {inputs} inputs, not a multiple of {name}'s {channels} channels")
         slices.append(Slice(f"{consumer_name}.weight", 1, width=inputs // channels))
-        groups.append(ChannelGroup(name=name, channels=channels, slices=slices, shape=module.weight.shape))
+        groups.append(ChannelGroup(name=name, channels=channels, slices=slices, shape=module.weight.shape,
+                                   activation=consumer_name, buffers=buffers,
+                                   activation_dim=-1 if isinstance(consumer_module, nn.Linear) else 1))
     return groups

@@ -11,7 +11,7 @@ from ..engine.registry import Registry
 
 MODELS: Registry[Any] = Registry("model")
 
-from . import mlp  # noqa: E402,F401  (registers)
+from . import cnn, gpt, mlp  # noqa: E402,F401  (registers)
 
 
 def build_model(config: NamedConfig, meta: dict[str, Any]) -> nn.Module:

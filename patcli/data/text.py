@@ -1,0 +1,158 @@
+"""Character-level language modelling: the installed Python standard library's sources, or a user's text file.
+
+Text becomes windows of ``block_size`` characters (targets shifted by one), split by position into train /
+validation / test so no window straddles two splits. The encoded corpus is cached on disk after the first build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError
+from .base import DATASETS, DataBundle, Split
+
+UNKNOWN = "\x00"  # characters outside the vocabulary map here
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PATCLI_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "patcli"))
+
+
+def read_stdlib(max_chars: int) -> str:
+    """The standard library's .py files in sorted path order, concatenated up to ``max_chars`` characters."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, total = [], 0
+    for path in sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        parts.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return "".join(parts)[:max_chars]
+
+
+def encode(text: str, max_vocab: int) -> tuple[torch.Tensor, list[str]]:
+    """Characters → ids; the ``max_vocab - 1`` most frequent characters keep their own id (ties by code point)."""
+    counts: dict[str, int] = {}
+    for char in text:
+        counts[char] = counts.get(char, 0) + 1
+    kept = sorted(sorted(counts, key=lambda c: (-counts[c], c))[: max_vocab - 1])
+    vocab = [UNKNOWN, *kept]
+    index = {c: i for i, c in enumerate(vocab)}
+    ids = torch.tensor([index.get(c, 0) for c in text], dtype=torch.uint8 if len(vocab) <= 256 else torch.int16)
+    return ids, vocab
+
+
+def windows(ids: torch.Tensor, block_size: int) -> Split:
+    n = (ids.numel() - 1) // block_size
+    inputs = ids[: n * block_size].long().reshape(n, block_size)
+    targets = ids[1 : n * block_size + 1].long().reshape(n, block_size)
+    return Split(inputs, targets)
+
+
+@dataclass
+class CharCorpus:
+    """Shared settings of the character-level corpora."""
+
+    block_size: int = 64
+    max_chars: int = 2_000_000
+    max_vocab: int = 128
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+
+    def validate(self, prefix: str) -> None:
+        if not 8 <= self.block_size <= 4096:
+            raise ConfigError(f"{prefix}.block_size", f"{self.block_size} is out of range; allowed: 8..4096")
+        if not 2 <= self.max_vocab <= 65536:
+            raise ConfigError(f"{prefix}.max_vocab", f"{self.max_vocab} is out of range; allowed: 2..65536")
+        if self.max_chars < 10 * self.block_size:
+            raise ConfigError(f"{prefix}.max_chars", f"{self.max_chars} is too small; allowed: >= 10 × block_size")
+        for key in ("val_fraction", "test_fraction"):
+            if not 0.0 < getattr(self, key) < 0.5:
+                raise ConfigError(f"{prefix}.{key}", f"{getattr(self, key)} is out of range; allowed: 0 < value < 0.5")
+
+    def text(self) -> str:
+        raise NotImplementedError
+
+    def cache_key(self) -> str:
+        raise NotImplementedError
+
+    def encoded(self) -> tuple[torch.Tensor, list[str]]:
+        """The encoded corpus, from the cache when this exact build was made before."""
+        path = cache_dir() / f"{self.name}-{self.cache_key()}.pt"
+        if path.is_file():
+            cached = torch.load(path, weights_only=True)
+            return cached["ids"], json.loads(bytes(cached["vocab"].tolist()).decode())
+        ids, vocab = encode(self.text(), self.max_vocab)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        vocab_bytes = torch.tensor(list(json.dumps(vocab).encode()), dtype=torch.uint8)
+        torch.save({"ids": ids, "vocab": vocab_bytes}, tmp)
+        os.replace(tmp, path)
+        return ids, vocab
+
+    def load(self) -> DataBundle:
+        ids, vocab = self.encoded()
+        n = ids.numel()
+        val_start = int(n * (1.0 - self.val_fraction - self.test_fraction))
+        test_start = int(n * (1.0 - self.test_fraction))
+        if test_start - val_start < 2 * self.block_size or n - test_start < 2 * self.block_size:
+            raise ConfigError("dataset", f"the corpus ({n} characters) is too short for block_size={self.block_size}")
+        return DataBundle(
+            name=self.name,
+            task="language_modeling",
+            train=windows(ids[:val_start], self.block_size),
+            val=windows(ids[val_start:test_start], self.block_size),
+            test=windows(ids[test_start:], self.block_size),
+            meta={"vocab_size": len(vocab), "block_size": self.block_size, "input_shape": [self.block_size],
+                  "num_classes": len(vocab)},
+        )
+
+
+@DATASETS.register("pysrc")
+@dataclass
+class PythonSources(CharCorpus):
+    """The installed standard library's ``.py`` sources (tests excluded), deterministic order, first ``max_chars``."""
+
+    def text(self) -> str:
+        return read_stdlib(self.max_chars)
+
+    def cache_key(self) -> str:
+        stdlib = sysconfig.get_paths()["stdlib"]
+        return hashlib.sha256(f"{stdlib}|{self.max_chars}|{self.max_vocab}".encode()).hexdigest()[:16]
+
+
+@DATASETS.register("text")
+@dataclass
+class TextFile(CharCorpus):
+    """A user's own UTF-8 text file (``dataset.path``)."""
+
+    path: str | None = None
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if not self.path:
+            raise ConfigError(f"{prefix}.path", "missing; allowed: the path of a UTF-8 text file")
+        if not Path(self.path).is_file():
+            raise ConfigError(f"{prefix}.path", f"{self.path} is not a file")
+
+    def text(self) -> str:
+        try:
+            return Path(self.path).read_text(encoding="utf-8")[: self.max_chars]
+        except UnicodeDecodeError as error:
+            raise ConfigError("dataset.path", f"{self.path} is not UTF-8 text ({error.reason})") from error
+
+    def cache_key(self) -> str:
+        stat = Path(self.path).stat()
+        key = f"{Path(self.path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.max_chars}|{self.max_vocab}"
+        return hashlib.sha256(key.encode()).hexdigest()[:16]

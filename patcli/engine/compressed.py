@@ -1,0 +1,46 @@
+"""A compressed format for unstructured sparse weights: a packed bitmask plus the non-zero values.
+
+At sparsity s a float32 tensor of n values takes n/8 bytes of mask and 4·(1−s)·n bytes of values: 0.131× the
+dense size at 90%. The round trip is exact (values are stored in their own dtype).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+FORMAT = "patcli-bitmask-v1"
+
+
+def compress(state: dict[str, torch.Tensor], min_sparsity: float = 0.5) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors at least ``min_sparsity`` zero become ``name::mask`` + ``name::values``; the rest stay dense."""
+    tensors, shapes = {}, {}
+    for name, value in state.items():
+        value = value.detach().cpu().contiguous()
+        nonzero = value != 0
+        if value.numel() >= 64 and 1.0 - float(nonzero.float().mean()) >= min_sparsity:
+            bits = np.packbits(nonzero.reshape(-1).numpy())
+            tensors[f"{name}::mask"] = torch.from_numpy(bits)
+            tensors[f"{name}::values"] = value[nonzero].clone()
+            shapes[name] = list(value.shape)
+        else:
+            tensors[name] = value.clone()
+    return tensors, {"format": FORMAT, "shapes": json.dumps(shapes)}
+
+
+def decompress(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The dense state_dict back, bit for bit."""
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"not a {FORMAT} file (format {metadata.get('format')!r})")
+    shapes = json.loads(metadata["shapes"])
+    state = {name: t for name, t in tensors.items() if "::" not in name}
+    for name, shape in shapes.items():
+        count = int(np.prod(shape))
+        mask = torch.from_numpy(np.unpackbits(tensors[f"{name}::mask"].numpy(), count=count).astype(bool))
+        values = tensors[f"{name}::values"]
+        dense = torch.zeros(count, dtype=values.dtype)
+        dense[mask] = values
+        state[name] = dense.reshape(shape)
+    return state

@@ -1,0 +1,150 @@
+"""Scorers that judge whole channels (neurons, filters, heads) rather than single weights.
+
+They need a channel layout (``pruning=neurons|filters|heads``). Data-driven ones watch the model through
+ordinary forward (pre-)hooks on the modules a ChannelGroup names (``activation``: the module whose input carries
+the channels; ``attention``), only while the model is in training mode, and keep one small accumulator per group
+on the device: no host syncs per step.
+Norm-based channel scores need no class here: ``scorer=magnitude`` with ``pruning.reduce=l1|l2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layouts import ChannelLayout
+from .scorers import SCORERS, Scorer
+
+
+@dataclass
+class GroupScorer(Scorer):
+    """Accumulates one score per channel and layer between mask updates."""
+
+    grouped = True
+    _sums: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
+    _counts: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
+    _handles: list = field(default_factory=list, init=False, repr=False)
+
+    def attach(self, model: nn.Module, layout: ChannelLayout) -> None:
+        device = layout.params[0].device
+        self._sums = [torch.zeros(g.channels, device=device) for g in layout.groups]
+        self._counts = [torch.zeros((), device=device) for _ in layout.groups]
+        self.layout = layout
+        modules = dict(model.named_modules())
+        for i, group in enumerate(layout.groups):
+            self.watch(i, group, modules)
+
+    def watch(self, index: int, group, modules: dict[str, nn.Module]) -> None:
+        """Register the hooks this scorer needs for one group (none by default)."""
+
+    def _module(self, modules: dict[str, nn.Module], name: str | None, what: str) -> nn.Module:
+        if name is None or name not in modules:
+            raise ValueError(f"scorer {self.name!r} needs each channel group to name its {what} module; the model gives {name!r}")
+        return modules[name]
+
+    def _accumulate(self, index: int, values: torch.Tensor) -> None:
+        self._sums[index] += values.detach().float()
+        self._counts[index] += 1
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def group_scores(self) -> list[torch.Tensor]:
+        if not self._sums or not any(bool(c) for c in self._counts):
+            raise RuntimeError(f"scorer {self.name!r} saw no training batches before the mask update")
+        return [s / c.clamp(min=1) for s, c in zip(self._sums, self._counts)]
+
+    def scores(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise RuntimeError(f"scorer {self.name!r} scores channels: use it with pruning=neurons|filters|heads")
+
+    def reset(self) -> None:
+        for s, c in zip(self._sums, self._counts):
+            s.zero_()
+            c.zero_()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"sum.{i}": s.clone() for i, s in enumerate(self._sums)}
+        state.update({f"count.{i}": c.clone() for i, c in enumerate(self._counts)})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for i in range(len(self._sums)):
+            self._sums[i].copy_(state[f"sum.{i}"])
+            self._counts[i].copy_(state[f"count.{i}"])
+
+
+@SCORERS.register("taylor")
+@dataclass
+class GroupTaylor(GroupScorer):
+    """|Σ_group w·g| per step, averaged (Molchanov et al. 2019): the loss change if the whole channel went to zero."""
+
+    needs_grad = True
+
+    def observe(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        products = torch._foreach_mul(weights, grads)
+        for i, summed in enumerate(self.layout.group_scores(products, reduce="sum")):
+            self._accumulate(i, summed.abs())
+
+
+@SCORERS.register("activation")
+@dataclass
+class MeanActivation(GroupScorer):
+    """Mean |activation| of each neuron or filter over the training batches: units that stay near zero go first."""
+
+    def watch(self, index: int, group, modules: dict[str, nn.Module]) -> None:
+        module = self._module(modules, group.activation, "activation")
+        dim = group.activation_dim
+
+        def hook(module: nn.Module, inputs) -> None:
+            if module.training:
+                moved = inputs[0].detach().abs().movedim(dim, 0)
+                self._accumulate(index, moved.reshape(group.channels, -1).mean(1))
+
+        self._handles.append(module.register_forward_pre_hook(hook))
+
+
+@SCORERS.register("head_importance")
+@dataclass
+class HeadImportance(GroupScorer):
+    """|∂L/∂ξ_h| for a gate ξ_h = 1 on each head's output (Michel et al. 2019), per example, averaged.
+
+    With o_h the head's output, ∂L/∂ξ_h = Σ o_h · ∂L/∂o_h: read from a tensor hook on the head-output module.
+    """
+
+    def watch(self, index: int, group, modules: dict[str, nn.Module]) -> None:
+        module = self._module(modules, group.activation, "head output")
+        dim = group.activation_dim
+
+        def hook(module: nn.Module, inputs) -> None:
+            heads = inputs[0]
+            if module.training and heads.requires_grad:
+                value = heads.detach()
+
+                def on_grad(grad: torch.Tensor) -> None:
+                    per_example = (value * grad).movedim(dim, 1).reshape(value.shape[0], group.channels, -1).sum(-1)
+                    self._accumulate(index, per_example.abs().mean(0))
+
+                heads.register_hook(on_grad)
+
+        self._handles.append(module.register_forward_pre_hook(hook))
+
+
+@SCORERS.register("attention_entropy")
+@dataclass
+class AttentionEntropy(GroupScorer):
+    """−(mean entropy of each head's attention distribution): diffuse heads (near-uniform attention) go first."""
+
+    def watch(self, index: int, group, modules: dict[str, nn.Module]) -> None:
+        module = self._module(modules, group.attention, "attention-probabilities")
+
+        def hook(module: nn.Module, inputs, probs: torch.Tensor) -> None:
+            if module.training:
+                p = probs.detach()
+                entropy = -(p * torch.log(p.clamp(min=1e-12))).sum(-1)  # (B, H, T)
+                self._accumulate(index, -entropy.mean(dim=(0, 2)))
+
+        self._handles.append(module.register_forward_hook(hook))

@@ -1,0 +1,121 @@
+"""Exporting a run: a physically smaller model (structured runs) or a compressed file (unstructured runs).
+
+``export_run`` writes ``RUN_DIR/export/`` and adds the figures (params, bytes, CPU latency) to the run record;
+``load_pruned`` loads an export in a fresh process from safetensors and the saved config (nothing unpickled).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ConfigError, NamedConfig, RunConfig, parse_run_config
+from .data import DataBundle, load_dataset
+from .engine.compressed import compress, decompress
+from .engine.patterns import Structured
+from .engine.structure import channel_groups
+from .engine.surgery import live_channels, param_count, resize_like, shapes_of, shrink
+from .models import build_model
+from .records import MODEL_FILE, RESULT_FILE, RunRecord, read_record, write_record
+
+EXPORT_DIR = "export"
+SMALL_MODEL = "model.safetensors"
+COMPRESSED = "compressed.safetensors"
+DESCRIPTION = "model.json"
+
+
+def latency_ms(model: nn.Module, inputs: torch.Tensor, repeats: int) -> float:
+    """Median CPU forward time (no grad, eval mode) after a short warm-up."""
+    model.eval()
+    with torch.no_grad():
+        for _ in range(3):
+            model(inputs)
+        samples = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            model(inputs)
+            samples.append(time.perf_counter() - started)
+    return statistics.median(samples) * 1e3
+
+
+def _save(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> int:
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path), metadata=metadata)
+    return path.stat().st_size
+
+
+def export_model(model: nn.Module, config: RunConfig, data: DataBundle, run_dir: Path, record: RunRecord,
+                 measure_latency: bool = True) -> RunRecord:
+    """Write the export next to the run and fill the record's export figures."""
+    model = model.cpu().eval()
+    out = run_dir / EXPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    record.bytes_before = (run_dir / MODEL_FILE).stat().st_size if (run_dir / MODEL_FILE).exists() else None
+    example = data.val.inputs[:64].cpu()
+    description = {"model": {"name": config.model.name, **config.model.params}, "meta": data.meta}
+    if isinstance(config.pattern, Structured):
+        groups = channel_groups(model, config.pattern.kind, config.pruning.include, config.pruning.exclude)
+        small = shrink(model, groups, live_channels(model, groups)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(small(example), model(example), rtol=1e-5, atol=1e-5)
+        description["shapes"] = shapes_of(small)
+        record.bytes_after = _save(small.state_dict(), out / SMALL_MODEL)
+        record.params_after = param_count(small)
+        if measure_latency:
+            for batch, repeats in ((1, 50), (64, 20)):
+                record.latency_ms[f"batch{batch}_before"] = latency_ms(model, example[:batch], repeats)
+                record.latency_ms[f"batch{batch}_after"] = latency_ms(small, example[:batch], repeats)
+    else:
+        tensors, metadata = compress(model.state_dict())
+        record.bytes_after = _save(tensors, out / COMPRESSED, metadata)
+        round_trip = decompress(load_file(str(out / COMPRESSED)), metadata)
+        for name, value in model.state_dict().items():
+            if not torch.equal(round_trip[name], value.cpu()):
+                raise RuntimeError(f"compressed export of {name} does not round-trip exactly")
+        record.params_after = sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    (out / DESCRIPTION).write_text(json.dumps(description, indent=2, default=str))
+    return record
+
+
+def export_run(run_dir: Path, measure_latency: bool = True) -> RunRecord:
+    """Rebuild a finished run from its own config and weights, export it, and update its result.json."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RESULT_FILE).is_file() or not (run_dir / MODEL_FILE).is_file():
+        raise ConfigError("RUN_DIR", f"{run_dir} is not a finished patcli run (needs {RESULT_FILE} and {MODEL_FILE})")
+    record = read_record(run_dir / RESULT_FILE)
+    if record.status != "ok":
+        raise ConfigError("RUN_DIR", f"{run_dir} is a {record.status} run; allowed: a finished one")
+    from omegaconf import OmegaConf
+
+    config = parse_run_config(OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=True))
+    data = load_dataset(config.dataset)
+    model = build_model(config.model, data.meta)
+    model.load_state_dict(load_file(str(run_dir / MODEL_FILE)))
+    export_model(model, config, data, run_dir, record, measure_latency)
+    write_record(run_dir, record)
+    return record
+
+
+def load_pruned(path: str | Path) -> nn.Module:
+    """Load an export (``RUN_DIR/export`` or the run directory itself) as a plain nn.Module in eval mode."""
+    path = Path(path)
+    if (path / EXPORT_DIR).is_dir():
+        path = path / EXPORT_DIR
+    description = json.loads((path / DESCRIPTION).read_text())
+    model_config = dict(description["model"])
+    name = model_config.pop("name")
+    model = build_model(NamedConfig(name, model_config), description["meta"])
+    if (path / SMALL_MODEL).is_file():
+        resize_like(model, description["shapes"])
+        model.load_state_dict(load_file(str(path / SMALL_MODEL)))
+    else:
+        with safe_open(str(path / COMPRESSED), framework="pt") as handle:
+            metadata = handle.metadata()
+        model.load_state_dict(decompress(load_file(str(path / COMPRESSED)), metadata))
+    return model.eval()

@@ -1,0 +1,199 @@
+"""Structured pruning: whole channels off, physically smaller models with the same outputs, exports, text data."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from patcli.config import NamedConfig
+from patcli.data import load_dataset
+from patcli.engine import PATTERNS, SCHEDULES, SCORERS, Pruner
+from patcli.engine.compressed import compress, decompress
+from patcli.engine.structure import channel_groups
+from patcli.engine.surgery import live_channels, param_count, resize_like, shapes_of, shrink
+from patcli.models import build_model
+
+from conftest import result_of, run_dir_of
+
+DIGITS_META = {"input_shape": [64], "image_shape": [1, 8, 8], "num_classes": 10}
+TEXT_META = {"vocab_size": 20, "block_size": 16, "input_shape": [16], "num_classes": 20}
+
+
+def model_of(name, meta, **params):
+    torch.manual_seed(0)
+    return build_model(NamedConfig(name, params), meta)
+
+
+def pruned(model, mode, sparsity, **pruner):
+    """One-shot structured prune through the engine (what a PAT run does at its final update)."""
+    p = Pruner(model, sparsity=sparsity, schedule=SCHEDULES.get("fixed")(), total_steps=1,
+               pattern=PATTERNS.get(mode)(), **pruner)
+    p.update_masks(0, sparsity)
+    return p
+
+
+def randomise_norms(model):
+    """BatchNorm with non-trivial statistics, so surgery must cut running stats correctly."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+
+
+@pytest.mark.parametrize(
+    "name, meta, params, mode, inputs",
+    [
+        ("mlp", DIGITS_META, {"hidden": [64, 48]}, "neurons", lambda: torch.rand(8, 64)),
+        ("cnn", DIGITS_META, {"channels": [8, 16, 16]}, "filters", lambda: torch.rand(8, 64)),
+        ("gpt", TEXT_META, {"n_layer": 2, "n_head": 4, "d_model": 32}, "heads", lambda: torch.randint(0, 20, (4, 16))),
+        ("gpt", TEXT_META, {"n_layer": 1, "n_head": 2, "d_model": 16}, "neurons", lambda: torch.randint(0, 20, (4, 16))),
+    ],
+)
+def test_surgery_gives_a_smaller_model_with_the_masked_models_outputs(name, meta, params, mode, inputs):
+    model = model_of(name, meta, **params)
+    randomise_norms(model)
+    pruner = pruned(model, mode, 0.5)
+    model.eval()
+    groups = pruner.layout.groups
+    for group, keep in zip(groups, pruner.layout.group_keep):  # whole channels only: a slice is all-zero or kept
+        for part in group.slices:
+            rows = dict(model.named_parameters())[part.param].detach().movedim(part.dim, 0).reshape(group.channels, -1)
+            assert bool((rows[~keep] == 0).all())
+    small = shrink(model, groups, live_channels(model, groups)).eval()
+    x = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+    masked_out = sum(int((~keep).sum()) for keep in pruner.masks.keep)
+    assert masked_out > 0 and param_count(model) - param_count(small) == masked_out  # exactly the pruned slices are gone
+    fresh = resize_like(model_of(name, meta, **params), shapes_of(small))  # what load_pruned does
+    fresh.load_state_dict(small.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), small(x))
+
+
+def test_filter_pruning_turns_off_batchnorm_gamma_and_beta():
+    model = model_of("cnn", DIGITS_META, channels=[8, 16, 16])
+    randomise_norms(model)
+    pruner = pruned(model, "filters", 0.6)
+    bn = model[2]
+    off = ~pruner.layout.group_keep[0]
+    assert int(off.sum()) > 0 and bool((bn.weight[off] == 0).all()) and bool((bn.bias[off] == 0).all())
+
+
+def test_heads_surgery_removes_heads_and_the_layer_reports_fewer():
+    model = model_of("gpt", TEXT_META, n_layer=2, n_head=4, d_model=32)
+    pruner = pruned(model, "heads", 0.5)
+    small = shrink(model, pruner.layout.groups, live_channels(model, pruner.layout.groups))
+    assert sum(block.attn.n_heads for block in small.blocks) == 4  # 8 heads, half removed
+    assert pruner.sparsity() == pytest.approx(0.5)
+
+
+def test_group_scorers_rank_channels_by_what_they_measure():
+    model = model_of("mlp", DIGITS_META, hidden=[16])
+    with torch.no_grad():  # neuron 3 is dead: no input weights, no bias
+        model[1].weight[3].zero_()
+        model[1].bias[3] = -5.0
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    pruner = Pruner(model, sparsity=0.1, schedule=SCHEDULES.get("oneshot")(begin=5), total_steps=10,
+                    pattern=PATTERNS.get("neurons")(), scorer=SCORERS.get("activation")()).attach(optimizer)
+    for _ in range(5):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(torch.rand(32, 64)), torch.randint(0, 10, (32,))).backward()
+        optimizer.step()
+    (scores,) = pruner.scorer.group_scores()
+    assert float(scores[3]) == 0.0 and float(scores.min()) == 0.0 and float(scores.max()) > 0.0
+
+    gpt = model_of("gpt", TEXT_META, n_layer=1, n_head=4, d_model=32)
+    with torch.no_grad():  # head 1 writes nothing: its output-projection columns are zero
+        gpt.blocks[0].attn.out.weight[:, 8:16].zero_()
+    for name in ("head_importance", "attention_entropy"):
+        optimizer = torch.optim.SGD(gpt.parameters(), lr=0.0)
+        pruner = Pruner(gpt, sparsity=0.25, schedule=SCHEDULES.get("oneshot")(begin=3), total_steps=5,
+                        pattern=PATTERNS.get("heads")(), scorer=SCORERS.get(name)()).attach(optimizer)
+        for _ in range(3):
+            optimizer.zero_grad()
+            tokens = torch.randint(0, 20, (4, 16))
+            nn.functional.cross_entropy(gpt(tokens).reshape(-1, 20), tokens.reshape(-1)).backward()
+            optimizer.step()
+        (scores,) = pruner.scorer.group_scores()
+        if name == "head_importance":
+            assert float(scores[1]) == 0.0 and float(scores.min()) == 0.0 and bool((scores[[0, 2, 3]] > 0).all())
+        else:  # minus the entropy: between -log(16) (uniform over 16 positions) and 0
+            assert bool((scores <= 0).all()) and bool((scores >= -torch.log(torch.tensor(16.0))).all())
+        pruner.detach()
+
+
+def test_channel_scorers_need_a_channel_pattern():
+    with pytest.raises(ValueError, match="pruning=neurons, filters or heads"):
+        Pruner(model_of("mlp", DIGITS_META, hidden=[16]), sparsity=0.5, schedule=SCHEDULES.get("agp")(), total_steps=10,
+               scorer=SCORERS.get("taylor")())
+
+
+def test_compressed_format_round_trips_exactly_and_is_small_at_90_percent():
+    torch.manual_seed(0)
+    weight = torch.randn(512, 512)
+    weight[torch.rand(512, 512) < 0.9] = 0
+    state = {"w": weight, "b": torch.randn(512)}
+    tensors, metadata = compress(state)
+    back = decompress(tensors, metadata)
+    assert torch.equal(back["w"], weight) and torch.equal(back["b"], state["b"])
+    stored = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith("w::"))
+    assert stored / (weight.numel() * 4) < 0.14
+
+
+def test_text_dataset_loads_a_user_file_into_windows(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCLI_CACHE", str(tmp_path / "cache"))
+    text = "def f(x):\n    return x + 1\n" * 200
+    path = tmp_path / "corpus.txt"
+    path.write_text(text)
+    data = load_dataset(NamedConfig("text", {"path": str(path), "block_size": 16, "max_vocab": 12}))
+    assert data.task == "language_modeling" and data.meta["vocab_size"] == 12
+    assert data.train.inputs.shape[1] == 16 and torch.equal(data.train.inputs[0, 1:], data.train.targets[0, :-1])
+    windows = len(data.train) + len(data.val) + len(data.test)
+    assert windows == pytest.approx(len(text) / 16, abs=3)
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # cached after the first build
+
+
+def test_structured_pat_run_exports_a_smaller_model_that_loads_in_a_fresh_process(cli, tmp_path):
+    code, out, err = cli("train", "model=cnn", "model.channels=[8,16,16]", "pruning=filters", "trainer.epochs=1",
+                         f"hydra.run.dir={tmp_path}/run")
+    assert code == 0, err
+    run_dir = run_dir_of(out)
+    record = result_of(run_dir)
+    assert record["params_after"] < 0.6 * record["params_total"] and record["bytes_after"] < record["bytes_before"]
+    assert {"batch1_before", "batch1_after", "batch64_before", "batch64_after"} <= set(record["latency_ms"])
+    script = (
+        "import sys, torch, patcli; from patcli.data import load_dataset; from patcli.config import NamedConfig\n"
+        f"m = patcli.load_pruned({str(run_dir)!r})\n"
+        "x = load_dataset(NamedConfig('digits', {})).val.inputs[:16]\n"
+        "print(sum(p.numel() for p in m.parameters())); print(m(x).argmax(1).tolist())"
+    )
+    fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert fresh.returncode == 0, fresh.stderr
+    params, predictions = fresh.stdout.strip().splitlines()
+    assert int(params) == record["params_after"]
+    from patcli.export import load_pruned
+
+    x = load_dataset(NamedConfig("digits", {})).val.inputs[:16]
+    assert json.loads(predictions) == load_pruned(run_dir)(x).argmax(1).tolist()
+
+
+def test_export_command_compresses_an_unstructured_run(cli, tmp_path):
+    code, out, _ = cli("train", "model.hidden=[64,64]", "trainer.epochs=1", "pruning.sparsity=0.9", f"hydra.run.dir={tmp_path}/u")
+    assert code == 0
+    code, out, err = cli("export", str(tmp_path / "u"))
+    assert code == 0, err
+    record = result_of(tmp_path / "u")
+    assert record["bytes_after"] < 0.2 * record["bytes_before"]
+    from patcli.export import load_pruned
+    from safetensors.torch import load_file
+
+    dense = load_file(str(tmp_path / "u" / "model.safetensors"))
+    assert all(torch.equal(load_pruned(tmp_path / "u").state_dict()[k], v) for k, v in dense.items())
+    code, _, err = cli("export", str(tmp_path / "missing"))
+    assert code == 2 and "not a finished patcli run" in err
