@@ -114,14 +114,14 @@ class OneShotGradient:
 @BASELINES.register("structured")
 @dataclass
 class StructuredNorm:
-    """Whole neurons (Linear) or filters (Conv) with the lowest L2 norm, the same fraction in every layer."""
+    """Whole neurons (Linear), filters (Conv) or attention heads with the lowest L2 norm, the same fraction per layer."""
 
-    kind: str = "auto"  # auto | neurons | filters
+    kind: str = "auto"  # auto (filters for conv nets, else neurons) | neurons | filters | heads
     allocation: str = "uniform"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("auto", "neurons", "filters"):
-            raise ParamError("kind", f"{self.kind!r} is not allowed; allowed: auto, neurons, filters")
+        if self.kind not in ("auto", "neurons", "filters", "heads"):
+            raise ParamError("kind", f"{self.kind!r} is not allowed; allowed: auto, neurons, filters, heads")
         if self.allocation not in ALLOCATIONS:
             raise ParamError("allocation", f"{self.allocation!r} is not allowed; allowed: {', '.join(ALLOCATIONS.names())}")
 

@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 from .engine.allocation import ALLOCATIONS, Allocation
 from .engine.patterns import PATTERNS, Pattern
+from .engine.regrowth import REGROWTHS, Regrowth
+from .engine.regularizers import REGULARIZERS, Regularizer
 from .engine.registry import ParamError, Registry
 from .engine.schedules import SCHEDULES, Schedule
 from .engine.scorers import SCORERS, Scorer
@@ -221,6 +223,8 @@ class RunConfig:
     scorer: Scorer
     schedule: Schedule
     allocation: Allocation
+    regrowth: Regrowth
+    regularizer: Regularizer | None
     pattern: Pattern | None
     baseline: BaselineConfig
     dense: str | None
@@ -244,6 +248,8 @@ class RunConfig:
     def target_sparsity(self) -> float:
         if not self.pruning.enabled:
             return 0.0
+        if self.regularizer is not None and self.regularizer.target is not None:
+            return self.regularizer.target
         if self.pruning.sparsity is None:
             return float(self.pattern.fixed_sparsity)
         return self.pruning.sparsity
@@ -255,8 +261,12 @@ class RunConfig:
         parts = [self.schedule.name, self.scorer.name, self.allocation.name]
         if self.pruning.mode != "unstructured":
             parts.append(self.pruning.mode)
-        if self.pruning.masking != "inplace":
+        if self.regrowth.name != "none":
+            parts.append(self.regrowth.name)
+        elif self.pruning.masking != "inplace":
             parts.append(self.pruning.masking)
+        if self.regularizer is not None:
+            parts.append(self.regularizer.name)
         if self.baseline.name == "pat_from_dense":
             parts.append("from-dense")
         elif self.trainer.init_from:
@@ -287,7 +297,8 @@ def _named(data: Mapping[str, Any] | None, prefix: str) -> NamedConfig:
     return NamedConfig(name=name, params=data)
 
 
-TOP_LEVEL = ("seed", "model", "dataset", "trainer", "pruning", "scorer", "schedule", "allocation", "baseline", "dense", "output_root")
+TOP_LEVEL = ("seed", "model", "dataset", "trainer", "pruning", "scorer", "schedule", "allocation", "regrowth", "regularizer",
+             "baseline", "dense", "output_root")
 
 
 def parse_run_config(source: Mapping[str, Any]) -> RunConfig:
@@ -330,6 +341,8 @@ def parse_run_config(source: Mapping[str, Any]) -> RunConfig:
         scorer=parse_named(SCORERS, source.get("scorer") or {"name": "magnitude"}, "scorer"),
         schedule=parse_named(SCHEDULES, source.get("schedule") or {"name": "agp"}, "schedule"),
         allocation=parse_named(ALLOCATIONS, source.get("allocation") or {"name": "global"}, "allocation"),
+        regrowth=parse_named(REGROWTHS, source.get("regrowth") or {"name": "none"}, "regrowth"),
+        regularizer=_regularizer(source.get("regularizer")),
         pattern=pattern,
         baseline=baseline,
         dense=dense,
@@ -339,7 +352,42 @@ def parse_run_config(source: Mapping[str, Any]) -> RunConfig:
     if pattern is not None and pattern.fixed_sparsity is not None:
         config.allocation = ALLOCATIONS.get("uniform")()  # a fixed pattern prunes every layer alike
     check_schedule_bounds(config.schedule)
+    check_combination(config)
     return config
+
+
+def _regularizer(data: Mapping[str, Any] | None) -> Regularizer | None:
+    if not data or data.get("name", "none") == "none":
+        return None
+    return parse_named(REGULARIZERS, data, "regularizer")
+
+
+def check_combination(config: RunConfig) -> None:
+    """Engine parts that cannot work together: one line saying why."""
+    regrowth, schedule, regularizer = config.regrowth, config.schedule, config.regularizer
+    if regrowth.replaces_schedule:
+        if schedule.name != "constant":
+            raise ConfigError("regrowth", f"regrowth={regrowth.name} is sparse at the target from the first step and "
+                              f"decides its own updates; allowed with schedule=constant (got schedule={schedule.name})")
+        if config.pruning.mode != "unstructured":
+            raise ConfigError("regrowth", f"regrowth={regrowth.name} drops and regrows single weights; allowed with "
+                              f"pruning=unstructured (got pruning={config.pruning.mode})")
+    if regrowth.name == "reversal" and schedule.name == "alternating":
+        raise ConfigError("regrowth", "regrowth=reversal and schedule=alternating both lift masks, in different ways; "
+                          "allowed: one of them")
+    if regularizer is not None:
+        if regrowth.name != "none":
+            raise ConfigError("regularizer", f"regularizer={regularizer.name} masks what it zeroes, which regrowth="
+                              f"{regrowth.name} would undo; allowed with regrowth=none")
+        if config.pruning.masking != "inplace":
+            raise ConfigError("regularizer", "the proximal step acts on the weights themselves; allowed with pruning.masking=inplace")
+        structured = config.pruning.mode in ("neurons", "filters", "heads")
+        if regularizer.name == "group_lasso" and not structured:
+            raise ConfigError("regularizer", "regularizer=group_lasso shrinks whole channels; allowed with pruning=neurons, "
+                              f"filters or heads (got pruning={config.pruning.mode})")
+        if regularizer.name == "lasso" and config.pruning.mode != "unstructured":
+            raise ConfigError("regularizer", "regularizer=lasso shrinks single weights; allowed with pruning=unstructured "
+                              f"(got pruning={config.pruning.mode}; use group_lasso for channels)")
 
 
 def check_schedule_bounds(schedule: Schedule) -> None:

@@ -38,6 +38,8 @@ class RunRecord:
     schedule: str | None = None
     allocation: str | None = None
     pattern: str | None = None
+    regrowth: str | None = None
+    regularizer: str | None = None
     target_sparsity: float = 0.0
     achieved_sparsity: float = 0.0
     per_layer_sparsity: dict[str, float] = field(default_factory=dict)

@@ -118,6 +118,8 @@ def build_pruner(
             include=config.pruning.include,
             exclude=config.pruning.exclude,
             max_layer_sparsity=config.pruning.max_layer_sparsity,
+            regrowth=dataclasses.replace(config.regrowth),
+            regularizer=dataclasses.replace(config.regularizer) if config.regularizer else None,
             evaluate=evaluate_fn,
             on_update=on_update,
         )
@@ -155,6 +157,8 @@ def base_record(config: RunConfig, data: DataBundle) -> RunRecord:
         schedule=config.schedule.name if pat else None,
         allocation=config.allocation.name if pat else None,
         pattern=config.pruning.mode if config.pruning.enabled else None,
+        regrowth=config.regrowth.name if pat else None,
+        regularizer=config.regularizer.name if pat and config.regularizer else None,
         target_sparsity=config.target_sparsity,
         primary_metric=metric,
         higher_is_better=higher,
@@ -220,6 +224,8 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
         record.total_train_steps += source.total_train_steps
         record.extra["init_from"] = str(config.trainer.init_from)
     finish_record(record, trainer.model, config, data, run_dir, device)
+    if config.regularizer is not None and config.regularizer.target is None:  # the penalty chose the sparsity
+        record.target_sparsity = round(record.achieved_sparsity, 2)
     if isinstance(config.pattern, Structured):  # structured runs end with a genuinely smaller model
         from .export import export_model
 

@@ -17,12 +17,16 @@ from .allocation import ALLOCATIONS, Allocation
 from .masks import MaskSet, select_prunable
 from .patterns import PATTERNS, Pattern
 from .pruner import MaskUpdate, Pruner
+from .regrowth import REGROWTHS, Regrowth
+from .regularizers import REGULARIZERS, Regularizer
 from .schedules import SCHEDULES, Schedule
 from .scorers import SCORERS, Scorer
 
 __all__ = [
     "ALLOCATIONS",
     "PATTERNS",
+    "REGROWTHS",
+    "REGULARIZERS",
     "SCHEDULES",
     "SCORERS",
     "Allocation",
@@ -30,6 +34,8 @@ __all__ = [
     "MaskUpdate",
     "Pattern",
     "Pruner",
+    "Regrowth",
+    "Regularizer",
     "Schedule",
     "Scorer",
     "prune_during_training",

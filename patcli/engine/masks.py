@@ -187,10 +187,11 @@ class DenseShadowMasking:
 MASKINGS = {"inplace": InplaceMasking, "dense_shadow": DenseShadowMasking}
 
 
-def zero_optimizer_state_(optimizer: torch.optim.Optimizer, masks: MaskSet) -> None:
-    """Zero momentum / Adam moments of pruned weights, so state gathered while masked cannot revive them."""
+def zero_optimizer_state_(optimizer: torch.optim.Optimizer, weights: list[torch.Tensor], where: list[torch.Tensor]) -> None:
+    """Zero momentum / Adam moments of ``weights`` where ``where`` is True: state gathered while a weight was
+    masked cannot revive it, and a regrown weight starts fresh."""
     with torch.no_grad():
-        for weight, keep in zip(masks.weights, masks.keep):
+        for weight, positions in zip(weights, where):
             for value in optimizer.state.get(weight, {}).values():
                 if torch.is_tensor(value) and value.shape == weight.shape:
-                    value.mul_(keep)
+                    value.masked_fill_(positions, 0)

@@ -19,6 +19,8 @@ from .allocation import Allocation, LayerBudget, Uniform, check_reachable
 from .layouts import ChannelLayout, Layout, TensorLayout
 from .masks import MASKINGS, MaskSet, select_prunable, zero_optimizer_state_
 from .patterns import Pattern, Structured, Unstructured
+from .regrowth import NoRegrowth, Regrowth
+from .regularizers import Regularizer
 from .schedules import Schedule
 from .scorers import Magnitude, Scorer
 from .structure import channel_groups
@@ -67,6 +69,8 @@ class Pruner:
         exclude: tuple[str, ...] | list[str] = (),
         max_layer_sparsity: float = 0.99,
         monotone: bool = True,
+        regrowth: Regrowth | None = None,
+        regularizer: Regularizer | None = None,
         evaluate: Callable[[], float] | None = None,
         on_update: Callable[[MaskUpdate], None] | None = None,
     ) -> None:
@@ -82,7 +86,10 @@ class Pruner:
         # a pattern that fixes the sparsity (N:M) prunes every layer alike
         self.allocation = Uniform() if self.pattern.fixed_sparsity is not None else (allocation or Uniform())
         self.max_layer_sparsity = max_layer_sparsity
-        self.monotone = monotone and getattr(self.schedule, "monotone", True)
+        self.regrowth = regrowth or NoRegrowth()
+        self.regularizer = regularizer
+        masking = self.regrowth.masking or masking
+        self.monotone = monotone and getattr(self.schedule, "monotone", True) and self.regrowth.monotone
         self.evaluate = evaluate
         self.on_update = on_update
         self.seconds = 0.0  # wall time spent in the pruner's hooks, for the per-step overhead
@@ -99,6 +106,16 @@ class Pruner:
         self.updates: list[MaskUpdate] = []
         self.optimizer: torch.optim.Optimizer | None = None
         self._handles: list = []
+        if self.regrowth.replaces_schedule:
+            if not isinstance(self.layout, TensorLayout) or type(self.pattern) is not Unstructured:
+                raise ValueError(f"regrowth={self.regrowth.name} drops and regrows single weights; allowed with pruning=unstructured")
+            self.regrowth.bind(total_steps)
+            self._adopt([k.reshape(-1) for k in self.regrowth.initial_masks(self.masks.weights, sparsity, max_layer_sparsity)])
+        if self.regularizer is not None:
+            self.regularizer.check(self.layout)
+            if masking != "inplace":
+                raise ValueError("a regularizer's proximal step acts on the weights themselves; allowed with pruning.masking=inplace")
+            self.regularizer.bind(total_steps)
 
     # -- wiring ---------------------------------------------------------------------------------------------------
 
@@ -139,49 +156,83 @@ class Pruner:
         started = time.perf_counter()
         t = self.step
         self.masking.after_step()
+        if self.regularizer is not None and self.optimizer is not None and t <= self.schedule.end_step:
+            self.regularizer.apply(self.layout, self.optimizer.param_groups[0]["lr"], t)  # then fine-tune, masks fixed
         enforced = self.schedule.masks_enforced(t)
         if enforced != self.masking.enforced:
             self.masking.enforced = enforced
             if enforced:
                 self.masking.masks_changed()
-        if self.schedule.is_update_step(t):
-            self.update_masks(t)
+        if self.regrowth.replaces_schedule:
+            if self.regrowth.is_update_step(t):
+                self.regrow(t)
+        elif self.schedule.is_update_step(t):
+            if self.regularizer is None:
+                self.update_masks(t)
+            elif t == self.schedule.end_step and self.regularizer.target is not None:
+                # closing: exactly the target by magnitude, over all weights (the penalty may have zeroed too many)
+                self.update_masks(t, self.regularizer.target, monotone=False)
+            else:
+                self.mask_zeros(t)
         self.step += 1
         self.seconds += time.perf_counter() - started
 
     # -- decisions ------------------------------------------------------------------------------------------------
 
-    def update_masks(self, t: int, target: float | None = None) -> MaskUpdate:
+    def update_masks(self, t: int, target: float | None = None, monotone: bool | None = None) -> MaskUpdate:
         """Re-choose masks for the schedule's target at step t (or an explicit ``target``)."""
         target = self.schedule.target(t) if target is None else target
-        old_keep = [k.clone() for k in self.masks.keep] if not self.monotone else None
-        group_scores = self.group_scores()
+        monotone = self.monotone if monotone is None else monotone
+        old_keep = [k.clone() for k in self.masks.keep] if not monotone else None
+        group_scores = self.group_scores(monotone)
         budget = self._budget(group_scores, target)
         counts = self.allocation.prune_counts(budget)
-        decision = [self.layout.select(i, s, c, budget.cut) for i, (s, c) in enumerate(zip(group_scores, counts))]
-        for i, keep in enumerate(self.layout.set_group_keep(decision)):
-            self.masks.set(i, keep)
-        self.masking.masks_changed()
+        self._adopt([self.layout.select(i, s, c, budget.cut) for i, (s, c) in enumerate(zip(group_scores, counts))])
         if getattr(self.schedule, "resets_optimizer_state", False) and self.optimizer is not None:
-            zero_optimizer_state_(self.optimizer, self.masks)
+            zero_optimizer_state_(self.optimizer, self.masks.weights, [~k for k in self.masks.keep])
         self.scorer.reset()
         revived = 0
         if old_keep is not None:
             revived = int(sum(torch.count_nonzero(~old & new) for old, new, a in zip(old_keep, self.masks.keep, self.masks.accounted) if a))
+        return self._record(t, target, revived)
+
+    def mask_zeros(self, t: int) -> MaskUpdate:
+        """Mask what a regularizer drove to zero (whole groups for channel layouts), so it stays zero."""
+        magnitudes = [w.detach().abs() for w in self.masks.weights]
+        grouped = self.layout.group_scores(magnitudes, reduce="l1")
+        self._adopt([(g > 0) & k for g, k in zip(grouped, self.layout.group_keep)])
+        return self._record(t, self.masks.sparsity(), 0)
+
+    def regrow(self, t: int) -> MaskUpdate:
+        """Dynamic sparse training: drop the smallest active weights, regrow as many (SET / RigL)."""
+        grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self.masks.weights]
+        keeps, regrown = self.regrowth.update(t, self.masks.weights, grads, self.masks.keep)
+        self._adopt([k.reshape(-1) for k in keeps])
+        if self.optimizer is not None:
+            zero_optimizer_state_(self.optimizer, self.masks.weights, regrown)
+        return self._record(t, self.sparsity_target, int(sum(torch.count_nonzero(r) for r in regrown)))
+
+    def _adopt(self, decision: list[torch.Tensor]) -> None:
+        """Make a keep-decision per group the masks, and enforce them."""
+        for i, keep in enumerate(self.layout.set_group_keep(decision)):
+            self.masks.set(i, keep)
+        self.masking.masks_changed()
+
+    def _record(self, t: int, target: float, revived: int) -> MaskUpdate:
         update = MaskUpdate(step=t, target=target, sparsity=self.masks.sparsity(), revived=revived)
         self.updates.append(update)
-        log.debug("mask update at step %d: target %.4f, sparsity %.4f", t, target, update.sparsity)
+        log.debug("mask update at step %d: target %.4f, sparsity %.4f, revived %d", t, target, update.sparsity, revived)
         if self.on_update:
             self.on_update(update)
         return update
 
-    def group_scores(self) -> list[torch.Tensor]:
+    def group_scores(self, monotone: bool | None = None) -> list[torch.Tensor]:
         """Scores per group and layer; with monotone masks, groups already pruned score -inf (chosen first)."""
         if getattr(self.scorer, "grouped", False):
             grouped = self.scorer.group_scores()
         else:
             grouped = self.layout.group_scores([s.float() for s in self.scorer.scores(self.masking.dense_weights())])
-        if self.monotone:
+        if self.monotone if monotone is None else monotone:
             grouped = [g.masked_fill(~k, float("-inf")) for g, k in zip(grouped, self.layout.group_keep)]
         return grouped
 

@@ -1,0 +1,102 @@
+"""Regularization-based PAT: a proximal step after each optimizer step drives weights (or whole groups) to zero.
+
+With the current learning rate η and strength λ (warmed up linearly):
+lasso: w ← sign(w)·max(|w| − ηλ, 0); group lasso: w_g ← w_g·max(0, 1 − ηλ·√|g| / ‖w_g‖), with the engine's
+channel groups (neurons, filters, heads: every slice of the channel). Weights the step zeroes become masked at
+the next mask update (every ``pruning.frequency`` steps), so they stay zero. The penalty acts until the schedule's
+``end``; there an optional ``target`` closes with an exact magnitude mask, and the rest of the run fine-tunes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .layouts import ChannelLayout, Layout
+from .registry import ParamError, Registry
+from .schedules import to_step
+
+REGULARIZERS: Registry["Regularizer"] = Registry("regularizer")
+
+
+@dataclass
+class Regularizer:
+    """Strength ``lam``, linear warm-up over ``warmup`` (steps or fraction), optional exact final ``target``."""
+
+    lam: float = 1e-4
+    warmup: int | float = 0.1
+    target: float | None = None
+    warmup_steps: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.lam < 0:
+            raise ParamError("lam", f"{self.lam} is out of range; allowed: >= 0")
+        if self.target is not None and not 0.0 <= self.target < 1.0:
+            raise ParamError("target", f"{self.target} is out of range; allowed: 0 <= value < 1 or null")
+
+    def bind(self, total_steps: int) -> "Regularizer":
+        self.warmup_steps = to_step(self.warmup, total_steps, "regularizer.warmup")
+        return self
+
+    def strength(self, t: int) -> float:
+        return self.lam * (min(1.0, (t + 1) / self.warmup_steps) if self.warmup_steps else 1.0)
+
+    def check(self, layout: Layout) -> None:
+        """Raise ValueError when the layout cannot carry this penalty."""
+
+    def apply(self, layout: Layout, lr: float, t: int) -> None:
+        raise NotImplementedError
+
+
+def soft_threshold_(weight: torch.Tensor, threshold: float) -> None:
+    """w ← sign(w)·max(|w| − threshold, 0), in place."""
+    weight.copy_(weight.sign() * (weight.abs() - threshold).clamp_(min=0.0))
+
+
+@REGULARIZERS.register("lasso")
+@dataclass
+class Lasso(Regularizer):
+    """Element-wise L1 proximal step on every prunable weight."""
+
+    def check(self, layout: Layout) -> None:
+        if isinstance(layout, ChannelLayout):
+            raise ValueError("regularizer=lasso acts on single weights; allowed with pruning=unstructured (use group_lasso for channels)")
+
+    @torch.no_grad()
+    def apply(self, layout: Layout, lr: float, t: int) -> None:
+        threshold = lr * self.strength(t)
+        for param, accounted in zip(layout.params, layout.accounted):
+            if accounted:
+                soft_threshold_(param, threshold)
+
+
+def shrink_factors(per_channel: list[torch.Tensor], threshold: float) -> torch.Tensor:
+    """max(0, 1 − threshold·√|g| / ‖w_g‖) per channel, from each slice's [channels, -1] values."""
+    norms = torch.sqrt(sum(s.pow(2).sum(1) for s in per_channel))
+    size = sum(s.shape[1] for s in per_channel)
+    return (1.0 - threshold * math.sqrt(size) / norms.clamp(min=1e-12)).clamp(min=0.0)
+
+
+@REGULARIZERS.register("group_lasso")
+@dataclass
+class GroupLasso(Regularizer):
+    """Group-lasso proximal step over whole channels (pruning=neurons|filters|heads)."""
+
+    def check(self, layout: Layout) -> None:
+        if not isinstance(layout, ChannelLayout):
+            raise ValueError("regularizer=group_lasso shrinks whole channels; allowed with pruning=neurons, filters or heads")
+
+    @torch.no_grad()
+    def apply(self, layout: Layout, lr: float, t: int) -> None:
+        """Each channel's shrink factor multiplies all of its slices (a weight in two groups is shrunk by each)."""
+        threshold = lr * self.strength(t)
+        params = dict(zip(layout.names, layout.params))
+        for group in layout.groups:
+            factor = shrink_factors([params[p.param].movedim(p.dim, 0).reshape(group.channels, -1) for p in group.slices],
+                                    threshold)
+            for part in group.slices:
+                shape = [1] * params[part.param].dim()
+                shape[part.dim] = -1
+                params[part.param].mul_(factor.repeat_interleave(part.width).reshape(shape))

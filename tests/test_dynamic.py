@@ -1,0 +1,148 @@
+"""Pruning reversal, SET/RigL and proximal (group-)lasso PAT: revival, constant active counts, closed forms."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from patcli.engine import PATTERNS, REGROWTHS, REGULARIZERS, SCHEDULES, Pruner
+from patcli.engine.layouts import ChannelGroup, ChannelLayout, Slice
+from patcli.engine.regrowth import drop_fraction_at
+from patcli.engine.regularizers import soft_threshold_
+
+
+def tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def step(model, optimizer, generator):
+    inputs = torch.randn(16, 16, generator=generator)
+    targets = torch.randint(0, 4, (16,), generator=generator)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(inputs), targets).backward()
+    optimizer.step()
+
+
+def test_reversal_brings_back_a_pruned_weight_whose_gradient_pushes_it_up():
+    model = nn.Sequential(nn.Linear(4, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.10, 1.0, 2.0, 3.0]]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    pruner = Pruner(model, sparsity=0.25, schedule=SCHEDULES.get("constant")(begin=0, end=6), total_steps=10, frequency=3,
+                    regrowth=REGROWTHS.get("reversal")()).attach(optimizer)
+    for t in range(10):  # from step 1 on, the loss rewards weight 0 alone: its gradient is large, the others' zero
+        inputs = torch.tensor([[0.0 if t == 0 else 1.0, 0.0, 0.0, 0.0]])
+        optimizer.zero_grad()
+        (-(model(inputs)).sum() * 2.0).backward()
+        optimizer.step()
+    first, later = pruner.updates[0], pruner.updates[1:]
+    assert first.step == 0 and first.revived == 0  # step 0: weight 0 (|w| = 0.1) is the one pruned
+    assert later[0].step == 3 and later[0].revived == 1  # it kept learning in the shadow and comes back...
+    assert not bool(pruner.masks.keep[0][0, 1])  # ...in place of weight 1, now the smallest
+    assert bool(pruner.masks.keep[0][0, 0])
+    assert float(model[0].weight[0, 0].detach()) > 3.0 and float(model[0].weight[0, 1].detach()) == 0.0
+    assert float(pruner.masking.shadow[0][0, 1]) == 1.0  # the pruned weight's last value is kept
+
+
+@pytest.mark.parametrize("name", ["set", "rigl"])
+def test_dynamic_sparse_training_keeps_the_exact_active_count_per_layer_at_every_step(name):
+    model = tiny()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    regrowth = REGROWTHS.get(name)(delta_t=3, end=24, init="erk")
+    pruner = Pruner(model, sparsity=0.8, schedule=SCHEDULES.get("constant")(), total_steps=30, regrowth=regrowth).attach(optimizer)
+    counts = [int(k.sum()) for k in pruner.masks.keep]
+    assert sum(w.numel() for w in pruner.masks.weights) - sum(counts) == round(0.8 * sum(w.numel() for w in pruner.masks.weights)) \
+        or abs(pruner.sparsity() - 0.8) < 0.01  # ERK: per-layer rounding
+    generator = torch.Generator().manual_seed(0)
+    changed = False
+    for t in range(30):
+        before = [k.clone() for k in pruner.masks.keep]
+        step(model, optimizer, generator)
+        assert [int(k.sum()) for k in pruner.masks.keep] == counts
+        assert all(bool((w[~k] == 0).all()) for w, k in zip(pruner.masks.weights, pruner.masks.keep))
+        changed |= any(not torch.equal(a, b) for a, b in zip(before, pruner.masks.keep))
+    assert changed and [u.step for u in pruner.updates] == [3, 6, 9, 12, 15, 18, 21, 24]
+    assert all(u.revived > 0 for u in pruner.updates[:-1])
+
+
+def test_regrown_weights_start_at_zero_with_fresh_optimizer_state():
+    model = tiny()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pruner = Pruner(model, sparsity=0.7, schedule=SCHEDULES.get("constant")(), total_steps=10,
+                    regrowth=REGROWTHS.get("rigl")(delta_t=5, end=9, init="random")).attach(optimizer)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        step(model, optimizer, generator)
+    before = [k.clone() for k in pruner.masks.keep]
+    step(model, optimizer, generator)  # step index 4 → t=5? no: the update runs after step t=5
+    step(model, optimizer, generator)
+    grown = [(~b) & k for b, k in zip(before, pruner.masks.keep)]
+    assert sum(int(g.sum()) for g in grown) > 0
+    for weight, positions in zip(pruner.masks.weights, grown):
+        assert bool((weight[positions] == 0).all())
+        state = optimizer.state[weight]
+        assert bool((state["exp_avg"][positions] == 0).all()) and bool((state["exp_avg_sq"][positions] == 0).all())
+
+
+def test_drop_fraction_follows_the_cosine_closed_form():
+    for t in (0, 25, 50, 75, 100, 150):
+        assert drop_fraction_at(t, 100, 0.3) == pytest.approx(0.15 * (1 + math.cos(math.pi * min(t, 100) / 100)))
+    assert drop_fraction_at(0, 100, 0.3) == pytest.approx(0.3) and drop_fraction_at(100, 100, 0.3) == pytest.approx(0.0)
+
+
+def test_soft_threshold_matches_its_closed_form():
+    weight = torch.tensor([-1.0, -0.05, 0.0, 0.02, 0.5, 2.0])
+    soft_threshold_(weight, 0.1)
+    torch.testing.assert_close(weight, torch.tensor([-0.9, 0.0, 0.0, 0.0, 0.4, 1.9]))
+
+
+def test_group_lasso_step_matches_the_group_shrinkage_closed_form():
+    layer = nn.Linear(2, 3)
+    nxt = nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[3.0, 4.0], [0.1, 0.0], [0.0, 1.0]]))
+        layer.bias.zero_()
+        nxt.weight.zero_()
+    params = {"a.weight": layer.weight, "a.bias": layer.bias, "b.weight": nxt.weight}
+    group = ChannelGroup("a", 3, [Slice("a.weight", 0), Slice("a.bias", 0), Slice("b.weight", 1)], layer.weight.shape)
+    layout = ChannelLayout(params, [group])
+    regularizer = REGULARIZERS.get("group_lasso")(lam=1.0, warmup=0).bind(10)
+    regularizer.apply(layout, lr=0.5, t=0)
+    size = 2 + 1 + 1  # weight row, bias, next layer's input column
+    threshold = 0.5 * 1.0 * math.sqrt(size)
+    expected = [max(0.0, 1 - threshold / n) for n in (5.0, 0.1, 1.0)]
+    torch.testing.assert_close(layer.weight[:, 0], torch.tensor([3.0, 0.1, 0.0]) * torch.tensor(expected))
+    assert float(layer.weight[1].abs().sum()) == 0.0 and float(layer.weight[2].abs().sum()) == 0.0
+
+
+def test_lasso_pat_masks_what_it_zeroes_and_can_close_at_an_exact_target():
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = Pruner(model, sparsity=0.6, schedule=SCHEDULES.get("agp")(begin=0, end=20), total_steps=30, frequency=5,
+                    regularizer=REGULARIZERS.get("lasso")(lam=0.05, warmup=0, target=0.6)).attach(optimizer)
+    generator = torch.Generator().manual_seed(0)
+    sparsities = []
+    for _ in range(30):
+        step(model, optimizer, generator)
+        sparsities.append(pruner.sparsity())
+    assert 0 < sparsities[4] < 0.6  # the penalty alone zeroes weights before the closing mask
+    assert pruner.updates[-1].step == 20 and pruner.updates[-1].target == 0.6
+    assert pruner.sparsity() == pytest.approx(0.6, abs=2e-3)  # exact (up to rounding) after closing at the end
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["regrowth=rigl", "schedule=alternating"], "allowed with schedule=constant (got schedule=alternating)"),
+        (["regrowth=set", "pruning=neurons"], "allowed with pruning=unstructured"),
+        (["regrowth=reversal", "schedule=alternating"], "both lift masks"),
+        (["regularizer=group_lasso"], "allowed with pruning=neurons, filters or heads"),
+        (["regularizer=lasso", "regrowth=reversal"], "allowed with regrowth=none"),
+        (["regrowth=rigl", "regrowth.drop_fraction=1.5"], "regrowth.drop_fraction: 1.5 is out of range"),
+    ],
+)
+def test_invalid_combinations_are_one_line_errors(cli, overrides, message):
+    code, out, err = cli("train", "trainer.epochs=1", *overrides)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
