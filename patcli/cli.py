@@ -6,10 +6,9 @@ Every subcommand takes ordinary Hydra overrides (``group=option``, ``key=value``
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -17,6 +16,9 @@ from rich.console import Console
 from .console import console, errors, print_error
 from .records import write_atomic
 from .hydra_app import UsageError, config_groups, launch
+
+if TYPE_CHECKING:
+    from .sweeps import BestTrial
 
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["--help", "-h"]}
 
@@ -79,21 +81,41 @@ def sweep(
     """A Hydra multirun: comma-separated values run every combination, then the comparison table prints.
 
     Example: patcli sweep pruning.sparsity=0.5,0.8,0.9,0.95 scorer=magnitude,movement
-    Presets: patcli sweep +experiment=pat_vs_post (dense, PAT and every baseline at five sparsities).
+    Presets: patcli sweep +experiment=pat_vs_post (dense, PAT and every baseline at five sparsities);
+    patcli sweep +experiment=tune_schedule (Optuna search of the schedule on the validation metric).
+    Parallel jobs: hydra/launcher=joblib; SLURM: hydra/launcher=submitit_slurm (pip install "patcli\\[sweep]", "patcli\\[slurm]").
     Jobs go to output_root/multirun/<date>/<time>-<id>/<n>/ (hydra.sweep.dir=DIR to choose).
     """
-    from .sweeps import job_dirs
+    from .sweeps import best_trial
 
     result = _run(ctx.args, multirun=True, show_config=cfg)
     if cfg:
         console.print(result, highlight=False, markup=False)
         return
-    directories = job_dirs(result)
-    if not directories:
+    if not result.directory.exists():
         print_error("the sweep launched no jobs")
         raise typer.Exit(code=2)
-    show_comparison(directories, None, "test", Format.table, None, None)
-    console.print(f"sweep dir: {os.path.commonpath([str(d) for d in directories])}", highlight=False, soft_wrap=True)
+    # a study chooses on validation, so its table shows validation; the best trial's test metric is reported once
+    show_comparison(result.record_paths, None, "val" if result.study else "test", Format.table, None, None)
+    if result.study:
+        show_best_trial(best_trial(result.directory))
+    console.print(f"sweep dir: {result.directory}", highlight=False, soft_wrap=True)
+
+
+def show_best_trial(best: BestTrial | None) -> None:
+    """The Optuna study's best trial (chosen on validation), and that run's test metric, reported once."""
+    from .records import RESULT_FILE, read_record
+
+    if best is None:
+        print_error("no trial finished ok, so the study has no best trial")
+        raise typer.Exit(code=1)
+    params = " ".join(f"{key}={value}" for key, value in best.params.items())
+    record = read_record(best.run_dir / RESULT_FILE) if best.run_dir else None
+    metric = record.primary_metric if record else "metric"
+    line = f"best trial: val {metric} {best.value:.4f} with {params}"
+    if record:
+        line += f"; its test {metric} {record.primary_value('test'):.4f} → {best.run_dir}"
+    console.print(line, highlight=False, soft_wrap=True)
 
 
 def _a_baseline(config) -> None:

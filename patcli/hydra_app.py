@@ -10,7 +10,7 @@ import re
 import secrets
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -21,6 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import TOP_LEVEL, ConfigError, RunConfig, parse_run_config
+
+if TYPE_CHECKING:
+    from .sweeps import SweepResult
 
 CONFIG_NAME = "config"
 
@@ -52,9 +55,24 @@ if not OmegaConf.has_resolver("uid"):
 
 
 def _group_error(group: str, option: str) -> UsageError:
+    if group.startswith("hydra/"):
+        return _hydra_group_error(group, option)
     options = config_groups().get(group)
     if options is None:
         return UsageError(f"{group}: unknown config group; allowed: {', '.join(config_groups())}")
+    return UsageError(f"{group}={option}: unknown option; allowed: {', '.join(options)}")
+
+
+def _hydra_group_error(group: str, option: str) -> UsageError:
+    """Hydra's own groups (launchers, sweepers) get their options from Hydra and its installed plugins."""
+    from .plugins import missing_plugin
+
+    hint = missing_plugin(group, option)
+    if hint:
+        return UsageError(hint)
+    options = GlobalHydra.instance().hydra.config_loader.get_group_options(group)
+    if not options:
+        return UsageError(f"{group}: unknown config group")
     return UsageError(f"{group}={option}: unknown option; allowed: {', '.join(options)}")
 
 
@@ -118,10 +136,16 @@ def validate(source: dict[str, Any], check: Callable[[RunConfig], None] | None =
 
 
 def task(cfg: DictConfig) -> float | None:
-    """Hydra's task function: one run, in the directory Hydra made for it."""
+    """Hydra's task function: one run, in the directory Hydra made for it (in a worker process under joblib)."""
     from . import jobs
+    from .plugins import job_threads
 
-    return jobs.run_job(job_config(cfg), Path(HydraConfig.get().runtime.output_dir), HydraConfig.get().mode)
+    hydra = HydraConfig.get()
+    source = job_config(cfg)
+    threads = job_threads(hydra.launcher)
+    if threads and not source["trainer"].get("threads"):  # parallel jobs must not fight over the cores
+        source["trainer"]["threads"] = threads
+    return jobs.run_job(source, Path(hydra.runtime.output_dir), hydra.mode)
 
 
 def launch(
@@ -140,22 +164,52 @@ def launch(
             prepare_sweep(overrides, cfg, check)
         else:
             validate(job_config(cfg), check)
-        hydra = GlobalHydra.instance().hydra
         try:
-            if multirun:  # Hydra's own CLI sets the mode; called directly, jobs would not know they are in a sweep
-                return hydra.multirun(CONFIG_NAME, task, [*overrides, "hydra.mode=MULTIRUN"])
-            return hydra.run(CONFIG_NAME, task, overrides)
+            if multirun:
+                return multirun_sweep(overrides, cfg)
+            return GlobalHydra.instance().hydra.run(CONFIG_NAME, task, overrides)
         except (MissingConfigException, ConfigCompositionException, OverrideParseException) as error:
             raise translate_hydra_error(error, overrides) from error
+
+
+def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
+    """Hand the sweep to Hydra's sweeper and launcher, in a sweep directory fixed beforehand.
+
+    The directory is resolved here (its ``${now:}`` and ``${uid:}``) and passed on as an override, because not every
+    sweeper returns its jobs (Optuna's returns nothing) and the summary still has to find them.
+    """
+    from .plugins import OPTUNA_SWEEPER
+    from .sweeps import SweepResult, job_dirs
+
+    try:
+        directory = str(cfg.hydra.sweep.dir)
+    except OmegaConfBaseException as error:
+        raise UsageError(f"hydra.sweep.dir: {str(error).splitlines()[0]}") from error
+    pinned = "hydra.sweep.dir='" + directory.replace("'", "\\'") + "'"
+    others = [o for o in overrides if not o.startswith("hydra.sweep.dir=")]
+    study = cfg.hydra.sweeper.get("_target_") == OPTUNA_SWEEPER
+    try:  # Hydra's own CLI sets the mode; called directly, jobs would not know they are in a sweep
+        returns = GlobalHydra.instance().hydra.multirun(CONFIG_NAME, task, [*others, pinned, "hydra.mode=MULTIRUN"])
+    except ValueError as error:
+        if not (study and "No trials are completed yet" in str(error)):
+            raise
+        returns = None  # every trial failed, so the study has no best trial; the records say why
+    return SweepResult(Path(directory).absolute(), job_dirs(returns), study=study)
 
 
 def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunConfig], None] | None) -> None:
     """Validate every job the basic sweeper will launch, then train the dense runs they share."""
     from .console import RichProgress
+    from .plugins import check_direction
     from .sweeps import expand_jobs, prepare
 
     jobs = expand_jobs(overrides, cfg)
-    if jobs is None:  # another sweeper (Optuna) chooses its jobs as it goes: each job validates itself
+    if jobs is None:  # another sweeper (Optuna) chooses its jobs as it goes: check what they share, then each checks itself
+        config = validate(job_config(cfg), check)
+        try:
+            check_direction(cfg.hydra.sweeper, config)
+        except ConfigError as error:
+            raise UsageError(str(error)) from error
         return
     configs = []
     for job in jobs:

@@ -1,4 +1,5 @@
-"""Before a Hydra multirun: expand the basic sweeper's jobs, reject bad ones, and train shared dense runs first.
+"""Around a Hydra multirun: before it, expand the basic sweeper's jobs, reject bad ones, and train shared dense runs
+first; after it, find the jobs and the Optuna study's best trial for the summary.
 
 Hydra's sweeper still launches the jobs; this only reads the same overrides the basic sweeper will expand, so a
 typo in one job stops the sweep before anything runs, and the dense runs the baselines need exist before the
@@ -7,16 +8,19 @@ first baseline job starts (each job would otherwise find or train its own under 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .config import RunConfig
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+OPTUNA_RESULTS = "optimization_results.yaml"
+OVERRIDES_FILE = ".hydra/overrides.yaml"
 
 
 def expand_jobs(overrides: list[str], cfg: DictConfig) -> list[list[str]] | None:
@@ -43,3 +47,44 @@ def prepare(configs: list[RunConfig], progress_factory) -> list[Path]:
 def job_dirs(returns: Any) -> list[Path]:
     """Every job's output directory, from Hydra's job returns."""
     return [Path(job.hydra_cfg.hydra.runtime.output_dir) for batch in returns or [] for job in batch]
+
+
+@dataclass
+class SweepResult:
+    """Where a sweep's jobs went: the sweep directory, and each job's directory when the sweeper returns them.
+
+    ``study`` is an Optuna search: it returns no jobs, and saves its best trial in the sweep directory.
+    """
+
+    directory: Path
+    job_dirs: list[Path]
+    study: bool = False
+
+    @property
+    def record_paths(self) -> list[Path]:
+        """What the summary reads: this sweep's jobs, or its whole directory when the sweeper did not list them."""
+        return self.job_dirs or [self.directory]
+
+
+@dataclass
+class BestTrial:
+    """The Optuna study's best trial: its parameters, validation value and run directory (if found)."""
+
+    params: dict[str, Any]
+    value: float
+    run_dir: Path | None
+
+
+def best_trial(sweep_dir: Path) -> BestTrial | None:
+    """Read the best trial the Optuna sweeper saved (``optimization_results.yaml``); None for other sweepers."""
+    results = sweep_dir / OPTUNA_RESULTS
+    if not results.is_file():
+        return None
+    saved = OmegaConf.to_container(OmegaConf.load(results))
+    if "best_params" not in saved:  # a multi-objective study has a Pareto front, not one best trial
+        return None
+    params = saved["best_params"]
+    wanted = {f"{key}={value}" for key, value in params.items()}  # as the sweeper wrote them into each job's overrides
+    run_dir = next((job for job in sorted(sweep_dir.glob(f"*/{OVERRIDES_FILE}"))
+                    if wanted <= set(OmegaConf.load(job))), None)
+    return BestTrial(params, float(saved["best_value"]), run_dir.parent.parent if run_dir else None)

@@ -1,0 +1,59 @@
+"""Hydra's optional sweep plugins as patcli uses them: which extra installs each, torch threads for parallel jobs,
+and the direction an Optuna study must take on the validation metric.
+
+The plugins themselves (launch, sample, tell) stay Hydra's; this only fills the gaps between them and a training job.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from .config import ConfigError, RunConfig
+
+# Options of Hydra's own groups that come from a plugin, and the patcli extra that installs it.
+PLUGIN_EXTRAS = {
+    "hydra/launcher": {"joblib": "sweep", "submitit_slurm": "slurm", "submitit_local": "slurm"},
+    "hydra/sweeper": {"optuna": "sweep"},
+}
+
+JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+
+
+def missing_plugin(group: str, option: str) -> str | None:
+    """The one-line fix when ``group=option`` names a plugin that is not installed; None if it names none."""
+    extra = PLUGIN_EXTRAS.get(group, {}).get(option)
+    if extra is None:
+        return None
+    return f"{group}={option} needs a Hydra plugin that is not installed: pip install 'patcli[{extra}]'"
+
+
+def job_threads(launcher: DictConfig) -> int | None:
+    """Torch threads for one job when the launcher runs jobs side by side on this machine: cores // parallel jobs.
+
+    Two jobs of two threads each on two cores ran slower than one job at a time (DESIGN.md §5); one thread each
+    ran ~1.7x faster. None for launchers that run one job at a time or on other machines.
+    """
+    if launcher.get("_target_") != JOBLIB_LAUNCHER:
+        return None
+    import joblib
+
+    cores = joblib.cpu_count()
+    n_jobs = int(launcher.get("n_jobs", -1))
+    parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib's meaning: -1 = all cores, -2 = all but one
+    return max(1, cores // parallel)
+
+
+def check_direction(sweeper: DictConfig, config: RunConfig) -> None:
+    """An Optuna study optimises the job's validation primary metric: its direction must be that metric's."""
+    if sweeper.get("_target_") != OPTUNA_SWEEPER:
+        return
+    from .data import load_dataset
+
+    metric, higher = load_dataset(config.dataset).primary_metric
+    wanted = "maximize" if higher else "minimize"
+    direction = sweeper.get("direction")
+    given = getattr(direction, "name", direction)  # an enum from the plugin's schema, or a list for multi-objective
+    if given != wanted:
+        better = "higher" if higher else "lower"
+        raise ConfigError("hydra.sweeper.direction", f"{given} does not fit val {metric} ({better} is better); allowed: {wanted}")

@@ -1,0 +1,19 @@
+"""A user model for sweep tests (``+model._target_=exploding_model.Exploding``): its forward raises when told to, so
+one job of a sweep fails at run time while its config is valid."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Exploding(nn.Module):
+    def __init__(self, explode: bool = False, **_: object) -> None:  # the mlp group's keys come along and are ignored
+        super().__init__()
+        self.explode = explode
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.explode:
+            raise RuntimeError("exploded on purpose")
+        return self.linear(inputs)

@@ -1,0 +1,181 @@
+"""`patcli sweep`: real Hydra multiruns with the basic and joblib launchers and the Optuna sweeper, failed jobs kept
+apart, the summary table, and one-line errors for missing plugins and a wrong study direction."""
+
+import json
+import re
+from pathlib import Path
+
+import joblib
+import optuna
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
+from omegaconf import OmegaConf
+
+from patcli.hydra_app import conf_dir
+from patcli.plugins import JOBLIB_LAUNCHER, job_threads
+
+from conftest import TINY, result_of
+
+FAST = [*TINY, "trainer.max_steps=20", "schedule.end=10"]
+EXPLODING = ["+model._target_=exploding_model.Exploding"]  # a job fails at run time when +model.explode=true
+
+
+def sweep_dir_of(stdout: str) -> Path:
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("sweep dir: "), last
+    return Path(last.removeprefix("sweep dir: "))
+
+
+def line_with(stdout: str, text: str) -> str:
+    return next(line for line in stdout.splitlines() if text in line)
+
+
+def table_row(stdout: str, label: str) -> list[str]:
+    """The cells of the table row whose first column is ``label`` (split on runs of 2+ spaces)."""
+    return next(re.split(r"\s{2,}", line.strip()) for line in stdout.splitlines() if line.strip().startswith(f"{label}  "))
+
+
+def percent(record: dict, split: str = "test") -> str:
+    return f"{record['metrics'][split]['accuracy'] * 100:.1f}"
+
+
+def test_basic_sweep_runs_every_combination_and_prints_its_table(cli, tmp_path):
+    code, out, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.8", "scorer=magnitude,movement")
+    assert code == 0, err
+    sweep_dir = sweep_dir_of(out)
+    assert re.fullmatch(r"outputs/multirun/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-[0-9a-f]{6}", str(sweep_dir.relative_to(tmp_path)))
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    records = {(r["scorer"], r["target_sparsity"]): r for r in map(result_of, jobs)}
+    assert set(records) == {(s, t) for s in ("magnitude", "movement") for t in (0.5, 0.8)}
+    for job in jobs:
+        assert (job / ".hydra" / "config.yaml").is_file() and (job / ".hydra" / "overrides.yaml").is_file()
+        assert result_of(job)["status"] == "ok"
+    assert "test accuracy" in out and "50%" in out and "80%" in out
+    for scorer in ("magnitude", "movement"):
+        row = table_row(out, f"PAT agp+{scorer}+global")
+        assert row == [f"PAT agp+{scorer}+global", "20", "1", percent(records[(scorer, 0.5)]), percent(records[(scorer, 0.8)])]
+
+
+def test_joblib_sweep_runs_side_by_side_with_cores_split_between_jobs(cli, tmp_path):
+    code, out, err = cli("sweep", *FAST, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1",
+                         f"hydra.sweep.dir={tmp_path}/sweep")
+    assert code == 0, err
+    assert sweep_dir_of(out) == tmp_path / "sweep"
+    records = [result_of(tmp_path / "sweep" / n) for n in ("0", "1")]
+    assert [r["seed"] for r in records] == [0, 1] and all(r["status"] == "ok" for r in records)
+    assert {r["config"]["trainer"]["threads"] for r in records} == {max(1, joblib.cpu_count() // 2)}
+    mean = sum(r["metrics"]["test"]["accuracy"] for r in records) / 2
+    label, steps, seeds, cell = table_row(out, "PAT agp+magnitude+global")
+    assert seeds == "2" and cell.startswith(f"{mean * 100:.1f}±")  # the two seeds pooled into one cell
+
+
+def test_threads_per_job_split_the_cores_only_under_joblib():
+    cores = joblib.cpu_count()
+    assert job_threads(OmegaConf.create({"_target_": JOBLIB_LAUNCHER, "n_jobs": -1})) == 1
+    assert job_threads(OmegaConf.create({"_target_": JOBLIB_LAUNCHER, "n_jobs": 1})) == cores
+    assert job_threads(OmegaConf.create({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"})) is None
+
+
+def test_pat_vs_post_under_joblib_trains_the_dense_run_first_and_baselines_find_it(cli, tmp_path):
+    preset = ["+experiment=pat_vs_post", "hydra.sweeper.params={baseline:'none,magnitude',pruning.sparsity:'0.8',seed:'0'}"]
+    code, out, err = cli("sweep", *TINY, *preset, "hydra/launcher=joblib", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert code == 0, err
+    (dense,) = [p for p in (tmp_path / "outputs" / "dense").iterdir() if p.is_dir()]  # trained once, before the launch
+    records = {r["method"]: r for r in (result_of(tmp_path / "sweep" / n) for n in ("0", "1"))}
+    assert set(records) == {"pat", "post:magnitude"} and all(r["status"] == "ok" for r in records.values())
+    assert tmp_path / records["post:magnitude"]["dense_reference"]["run_dir"] == dense  # relative to the working dir
+    assert table_row(out, "dense")[-1] == percent(result_of(dense))
+    delta = (records["post:magnitude"]["metrics"]["test"]["accuracy"] - result_of(dense)["metrics"]["test"]["accuracy"]) * 100
+    assert table_row(out, "post:magnitude")[-1] == f"{percent(records['post:magnitude'])} ({delta:+.1f})"
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_a_failing_job_does_not_stop_the_others(cli, tmp_path, launcher):
+    code, out, err = cli("sweep", *FAST, *EXPLODING, "+model.explode=false,true", f"hydra/launcher={launcher}",
+                         f"hydra.sweep.dir={tmp_path}/sweep")
+    assert code == 0, err
+    ok, failed = result_of(tmp_path / "sweep" / "0"), result_of(tmp_path / "sweep" / "1")
+    assert ok["status"] == "ok" and ok["model"] == "Exploding"
+    assert failed["status"] == "failed" and failed["error"] == "RuntimeError: exploded on purpose"
+    assert table_row(out, "PAT agp+magnitude+global")[-1] == percent(ok)
+    assert "runs that did not finish ok" in out and "RuntimeError: exploded on purpose" in line_with(out, "failed")
+
+
+def test_optuna_study_optimises_val_tells_failed_trials_and_prints_the_best(cli, tmp_path):
+    storage = f"sqlite:///{tmp_path}/study.db"  # a database storage: optuna 2 needs SQLAlchemy 1.x for it
+    code, out, err = cli("sweep", *FAST, *EXPLODING, "hydra/sweeper=optuna", "hydra/sweeper/sampler=grid",
+                         "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=2", "+model.explode=choice(false,true)",
+                         f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=s", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert code == 0, err
+    study = optuna.load_study(study_name="s", storage=storage)
+    states = {t.params["+model.explode"]: t.state for t in study.trials}
+    assert states == {False: optuna.trial.TrialState.COMPLETE, True: optuna.trial.TrialState.FAIL}
+    records = [result_of(tmp_path / "sweep" / n) for n in ("0", "1")]
+    (ok,) = [r for r in records if r["status"] == "ok"]
+    assert study.best_value == ok["metrics"]["val"]["accuracy"]  # validation, never test
+    assert "val accuracy" in out and table_row(out, "PAT agp+magnitude+global")[-1] == percent(ok, "val")
+    best = line_with(out, "best trial:")
+    assert f"val accuracy {study.best_value:.4f} with +model.explode=False" in best
+    assert f"its test accuracy {ok['metrics']['test']['accuracy']:.4f}" in best
+
+
+def test_optuna_study_with_no_finished_trial_says_so(cli, tmp_path):
+    code, out, err = cli("sweep", *FAST, *EXPLODING, "+model.explode=true", "hydra/sweeper=optuna",
+                         "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=1", "schedule.end=interval(5,10)")
+    assert code == 1
+    assert "no trial finished ok" in err and "exploded on purpose" in out
+
+
+def test_optuna_direction_must_fit_the_primary_metric(cli, tmp_path):
+    code, out, err = cli("sweep", *FAST, "hydra/sweeper=optuna", "schedule.end=interval(5,10)")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "hydra.sweeper.direction: minimize does not fit val accuracy (higher is better); allowed: maximize" in err
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_tune_schedule_preset_composes_an_optuna_search_on_the_validation_metric():
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", ["+experiment=tune_schedule"], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert {"schedule.end", "pruning.frequency", "scorer"} <= set(sweeper.params) and cfg.pruning.sparsity == 0.95
+
+
+SLURM = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+
+
+def test_submitit_slurm_launcher_composes_for_clusters():
+    overrides = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=30",
+                 "hydra.launcher.cpus_per_task=4", "hydra.sweep.dir=/scratch/sweep"]
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == SLURM and (launcher.partition, launcher.timeout_min, launcher.cpus_per_task) == ("gpu", 30, 4)
+    assert launcher.submitit_folder == "/scratch/sweep/.submitit/%j"
+
+
+def test_a_cluster_launcher_config_of_ones_own_composes_with_a_preset(tmp_path):
+    """The README's way: a launcher config in a folder on Hydra's search path, next to +experiment=pat_vs_post."""
+    folder = tmp_path / "conf" / "hydra" / "launcher"
+    folder.mkdir(parents=True)
+    (folder / "my_cluster.yaml").write_text("defaults:\n  - submitit_slurm\n  - _self_\npartition: gpu\ncpus_per_task: 4\n")
+    overrides = [f"hydra.searchpath=[file://{tmp_path}/conf]", "hydra/launcher=my_cluster", "+experiment=pat_vs_post"]
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides, return_hydra_config=True)
+    assert cfg.hydra.launcher._target_ == SLURM and (cfg.hydra.launcher.partition, cfg.hydra.launcher.cpus_per_task) == ("gpu", 4)
+    assert cfg.hydra.sweeper.params.baseline.startswith("none,")
+
+
+def test_a_missing_plugin_names_the_extra_to_install(cli, tmp_path, monkeypatch):
+    Plugins.instance()  # plugins register their configs when first scanned; then hide joblib as if not installed
+    monkeypatch.delitem(ConfigStore.instance().repo["hydra"]["launcher"], "joblib.yaml")
+    code, out, err = cli("sweep", *FAST, "hydra/launcher=joblib", "seed=0,1")
+    assert code == 2 and "Traceback" not in out + err
+    assert err.strip() == "error: hydra/launcher=joblib needs a Hydra plugin that is not installed: pip install 'patcli[sweep]'"
+    code, _, err = cli("sweep", *FAST, "hydra/sweeper=nope")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "hydra/sweeper=nope: unknown option; allowed: basic, optuna" in err
+    assert not (tmp_path / "outputs").exists()
