@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import engine_speed, structured, sweep_launchers
+from . import engine_speed, gpu, quality, structured, sweep_launchers
 from .common import write_section
 
-SECTIONS = {**engine_speed.SECTIONS, **structured.SECTIONS, **sweep_launchers.SECTIONS}
+SECTIONS = {**engine_speed.SECTIONS, **gpu.SECTIONS, **quality.SECTIONS, **structured.SECTIONS, **sweep_launchers.SECTIONS}
 
 
 def main() -> None:

@@ -94,11 +94,12 @@ def run_config(args: tuple[list[str], str]) -> dict:
 
     overrides, output_root = args
     torch.set_num_threads(1)
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = compose("config", [*overrides, f"output_root={output_root}"])
-    source = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    os.makedirs(os.path.join(output_root, "runs"), exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=os.path.join(output_root, "runs")))
     try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = compose("config", [*overrides, f"output_root={output_root}"])
+        source = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
         record = execute(parse_run_config(source), run_dir)
         return {**record.__dict__, "overrides": overrides}
     except Exception as error:  # a benchmark reports failures, it does not stop on them

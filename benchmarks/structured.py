@@ -94,7 +94,7 @@ def export_size() -> str:
 
 
 LM = ["model=gpt", "dataset=pysrc", "trainer.batch_size=32", "trainer.lr=0.003", "trainer.lr_schedule=cosine",
-      "trainer.warmup_steps=20", "trainer.max_steps=400", "pruning.frequency=20"]
+      "trainer.warmup_steps=40", "trainer.max_steps=800", "pruning.frequency=20"]
 
 
 def _loss(record: dict) -> str:
@@ -107,13 +107,13 @@ def char_lm(workers: int = 2) -> str:
     jobs = {("dense", 0.0): [*LM, "pruning=none"]}
     for s in sparsities:
         jobs[("post:magnitude (one-shot)", s)] = [*LM, "baseline=magnitude", f"pruning.sparsity={s}"]
-        jobs[("post:iterative rounds=1 (one-shot + 100 fine-tune steps)", s)] = [
+        jobs[("post:iterative rounds=1 (one-shot + 200 fine-tune steps)", s)] = [
             *LM, "baseline=iterative", "baseline.rounds=1", f"pruning.sparsity={s}"]
         jobs[("PAT agp+magnitude+global", s)] = [*LM, f"pruning.sparsity={s}"]
     jobs[("PAT heads (magnitude l2, uniform)", 0.5)] = [*LM, "pruning=heads", "allocation=uniform"]
     jobs[("PAT heads (head_importance, uniform)", 0.5)] = [*LM, "pruning=heads", "allocation=uniform", "scorer=head_importance"]
     jobs[("post:structured heads (l2, one-shot)", 0.5)] = [*LM, "pruning=heads", "baseline=structured", "baseline.kind=heads"]
-    jobs[("post:structured heads + 100 fine-tune steps", 0.5)] = [
+    jobs[("post:structured heads + 200 fine-tune steps", 0.5)] = [
         *LM, "pruning=heads", "baseline=pat_from_dense", "schedule=oneshot", "allocation=uniform"]
     with tempfile.TemporaryDirectory() as folder:
         dense_job = jobs.pop(("dense", 0.0))
@@ -138,7 +138,7 @@ def char_lm(workers: int = 2) -> str:
                           f"{record['achieved_sparsity']:.0%} of attention weights"])
     return (
         "gpt (2 layers × 4 heads, d_model 128, context 64) on `pysrc` (first 2M characters of the standard library), "
-        "400 steps of AdamW (lr 3e-3, cosine, 20 warm-up) at batch 32; validation loss (nats/char). Steps = all "
+        "800 steps of AdamW (lr 3e-3, cosine, 40 warm-up) at batch 32; validation loss (nats/char). Steps = all "
         "training steps including the dense run a post-training method starts from.\n\n"
         + table(["method", "total steps", "dense", "50%", "80%", "90%", "95%"], rows)
         + "\n\n50% of the attention heads removed (every block keeps half; `pruning=heads`, target: validation loss within "

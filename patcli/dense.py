@@ -90,9 +90,6 @@ def train_dense(config: RunConfig, run_dir: Path, progress=None) -> Path:
     """Train the matching dense run with the same code as ``patcli train pruning=none``."""
     from .runner import execute
 
-    source = dense_source(config)
     log.info("training the dense reference into %s", run_dir)
-    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_SNAPSHOT).write_text(OmegaConf.to_yaml(source))
-    execute(parse_run_config(source), run_dir, progress, label="dense reference")
+    execute(parse_run_config(dense_source(config)), run_dir, progress, label="dense reference")
     return run_dir

@@ -19,7 +19,7 @@ from torch import nn
 from .config import ConfigError, NamedConfig, RunConfig, parse_run_config
 from .data import DataBundle, load_dataset
 from .engine.compressed import compress, decompress
-from .engine.patterns import Structured
+from .engine.patterns import NM, Structured
 from .engine.structure import channel_groups
 from .engine.surgery import live_channels, param_count, resize_like, shapes_of, shrink
 from .models import build_model
@@ -72,6 +72,9 @@ def export_model(model: nn.Module, config: RunConfig, data: DataBundle, run_dir:
                 record.latency_ms[f"batch{batch}_before"] = latency_ms(model, example[:batch], repeats)
                 record.latency_ms[f"batch{batch}_after"] = latency_ms(small, example[:batch], repeats)
     else:
+        if isinstance(config.pattern, NM):
+            record.extra["semi_structured"] = semi_structured_plan(model, example.shape[0])
+            description["semi_structured"] = record.extra["semi_structured"]
         tensors, metadata = compress(model.state_dict())
         record.bytes_after = _save(tensors, out / COMPRESSED, metadata)
         round_trip = decompress(load_file(str(out / COMPRESSED)), metadata)
@@ -81,6 +84,17 @@ def export_model(model: nn.Module, config: RunConfig, data: DataBundle, run_dir:
         record.params_after = sum(int(torch.count_nonzero(p)) for p in model.parameters())
     (out / DESCRIPTION).write_text(json.dumps(description, indent=2, default=str))
     return record
+
+
+def semi_structured_plan(model: nn.Module, tokens: int) -> dict | str:
+    """Per 2:4 layer, dense vs sparse-kernel time on this machine's GPU, or why it was not measured."""
+    if not torch.cuda.is_available():
+        return "no CUDA device here: 2:4 kernels not measured (export on a GPU machine to measure and convert)"
+    import copy
+
+    from .engine import semi_structured
+
+    return semi_structured.plan(copy.deepcopy(model).cuda(), tokens)
 
 
 def export_run(run_dir: Path, measure_latency: bool = True) -> RunRecord:
@@ -102,8 +116,11 @@ def export_run(run_dir: Path, measure_latency: bool = True) -> RunRecord:
     return record
 
 
-def load_pruned(path: str | Path) -> nn.Module:
-    """Load an export (``RUN_DIR/export`` or the run directory itself) as a plain nn.Module in eval mode."""
+def load_pruned(path: str | Path, device: str | None = None) -> nn.Module:
+    """Load an export (``RUN_DIR/export`` or the run directory itself) as a plain nn.Module in eval mode.
+
+    With ``device="cuda"``, 2:4 layers the export measured as faster with sparse kernels are converted (fp16).
+    """
     path = Path(path)
     if (path / EXPORT_DIR).is_dir():
         path = path / EXPORT_DIR
@@ -118,4 +135,9 @@ def load_pruned(path: str | Path) -> nn.Module:
         with safe_open(str(path / COMPRESSED), framework="pt") as handle:
             metadata = handle.metadata()
         model.load_state_dict(decompress(load_file(str(path / COMPRESSED)), metadata))
-    return model.eval()
+    plan = description.get("semi_structured")
+    if device == "cuda" and isinstance(plan, dict):
+        from .engine import semi_structured
+
+        return semi_structured.apply(model, plan).eval()
+    return model.to(device).eval() if device else model.eval()

@@ -22,6 +22,7 @@ from .config import ConfigError, RunConfig
 from .data import DataBundle, load_dataset
 from .engine import SCHEDULES, MaskUpdate, Pruner, select_prunable
 from .engine.patterns import Structured
+from .engine.pruner import make_layout
 from .engine.allocation import AllocationError
 from .engine.schedules import ScheduleError
 from .models import build_model
@@ -134,8 +135,15 @@ def build_pruner(
 
 
 def sparsity_report(model: nn.Module, config: RunConfig) -> tuple[float, dict[str, float], int]:
-    """Achieved sparsity over the prunable weights (zeros / elements), per layer, and their count."""
-    weights = select_prunable(model, config.pruning.include, config.pruning.exclude)
+    """Achieved sparsity over the prunable weights (zeros / elements), per layer, and their count.
+
+    For channel modes the prunable weights are those the channels span (heads: the attention projections).
+    """
+    if isinstance(config.pattern, Structured):
+        layout = make_layout(model, config.pattern, config.pruning.include, config.pruning.exclude)
+        weights = {n: p for n, p, counted in zip(layout.names, layout.params, layout.accounted) if counted}
+    else:
+        weights = select_prunable(model, config.pruning.include, config.pruning.exclude)
     per_layer = {name: float((w == 0).sum()) / w.numel() for name, w in weights.items()}
     prunable = sum(w.numel() for w in weights.values())
     zeros = sum(int((w == 0).sum()) for w in weights.values())
@@ -235,6 +243,12 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
 
 def execute(config: RunConfig, run_dir: Path, progress: Progress | None = None, label: str | None = None) -> RunRecord:
     """Run whatever the config describes and write its record."""
+    snapshot = run_dir / ".hydra" / "config.yaml"
+    if not snapshot.exists():  # a run started outside Hydra still carries the config that rebuilds it
+        from omegaconf import OmegaConf
+
+        snapshot.parent.mkdir(parents=True, exist_ok=True)
+        snapshot.write_text(OmegaConf.to_yaml(config.source))
     if config.needs_dense:
         from .baselines import run_baseline
 

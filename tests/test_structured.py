@@ -197,3 +197,34 @@ def test_export_command_compresses_an_unstructured_run(cli, tmp_path):
     assert all(torch.equal(load_pruned(tmp_path / "u").state_dict()[k], v) for k, v in dense.items())
     code, _, err = cli("export", str(tmp_path / "missing"))
     assert code == 2 and "not a finished patcli run" in err
+
+
+def test_heads_run_on_a_text_file_reports_sparsity_over_the_attention_weights(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCLI_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "corpus.txt").write_text("for i in range(10):\n    print(i * i)\n" * 300)
+    code, out, err = cli("train", "model=gpt", "model.d_model=32", "model.n_head=4", "dataset=text",
+                         f"dataset.path={tmp_path / 'corpus.txt'}", "dataset.block_size=16", "pruning=heads",
+                         "allocation=uniform", "scorer=head_importance", "trainer.max_steps=30", "schedule.end=20",
+                         "pruning.frequency=5", f"hydra.run.dir={tmp_path}/run")
+    assert code == 0, err
+    record = result_of(tmp_path / "run")
+    assert record["achieved_sparsity"] == 0.5  # 4 of 8 heads: half of the Q/K/V/O weights
+    assert record["primary_metric"] == "loss" and record["higher_is_better"] is False and "perplexity" in record["metrics"]["val"]
+    per_head = 3 * (8 * 32 + 8) + 32 * 8  # Q/K/V rows with their biases, output-projection columns (head_dim 8)
+    assert record["params_total"] - record["params_after"] == 2 * 2 * per_head  # 2 heads removed in each of 2 blocks
+
+
+def test_nm_export_says_why_no_2_4_kernels_were_measured_without_a_gpu(cli, tmp_path):
+    from patcli.engine.semi_structured import is_2_to_4
+
+    code, _, err = cli("train", "model.hidden=[64,64]", "trainer.epochs=1", "pruning=nm", f"hydra.run.dir={tmp_path}/nm")
+    assert code == 0, err
+    code, _, err = cli("export", str(tmp_path / "nm"), "--no-latency")
+    assert code == 0, err
+    record = result_of(tmp_path / "nm")
+    assert "no CUDA device" in record["extra"]["semi_structured"]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "nm" / "model.safetensors"))
+    assert is_2_to_4(weights["1.weight"]) and is_2_to_4(weights["3.weight"])
+    assert not is_2_to_4(torch.ones(4, 8))
