@@ -41,7 +41,7 @@ RECIPE_GRID = {
     "trainer.lr_schedule": ["constant", "cosine"],
     "pruning.frequency": [10, 50],
     "allocation": ["global", "lamp"],
-    "schedule.end": [0.6, 0.75],
+    "scorer": ["magnitude", "hessian"],
 }
 # Dense gets a search of the same size over its own settings.
 DENSE_GRID = {
@@ -146,9 +146,12 @@ def quality(workers: int = 2) -> str:
 def dynamic(workers: int = 2) -> str:
     """Reversal, SET, RigL and lasso PAT beside AGP PAT and one-shot + fine-tune, at equal training steps."""
     epochs = 60  # 1,200 steps for every method; one-shot + fine-tune: 48 dense epochs + 240 fine-tune steps
+    sgd = ["trainer.optimizer=sgd", "trainer.lr=0.05", "trainer.weight_decay=0.0001"]
     methods = {
         "PAT agp + magnitude": [],
         "PAT agp + reversal": ["regrowth=reversal"],
+        "PAT agp + magnitude, SGD": sgd,
+        "PAT agp + reversal, SGD": [*sgd, "regrowth=reversal"],
         "SET (erk)": ["regrowth=set"],
         "RigL (erk)": ["regrowth=rigl"],
         "lasso PAT (closing mask)": ["regularizer=lasso", "regularizer.lam=0.5"],
@@ -193,7 +196,8 @@ def dynamic(workers: int = 2) -> str:
         lm_rows.append([name, f"{record['total_train_steps']:,}", f"{record['metrics']['val']['loss']:.3f}",
                         f"{record['achieved_sparsity']:.1%}"])
     return (
-        "Digits (MLP 64-256-256-10), every method at the same total of 1,200 training steps (one-shot + fine-tune: "
+        "Digits (MLP 64-256-256-10), AdamW lr 1e-3 unless a row says SGD (momentum 0.9, lr 0.05), every method at the "
+        "same total of 1,200 training steps (one-shot + fine-tune: "
         "960 dense steps, then prune and 240 fine-tune steps); SET/RigL update every 50 steps until 75% of the run, "
         "drop fraction 0.3 cosine-annealed, ERK start; lasso λ=0.5 until the schedule's end, then an exact closing "
         "magnitude mask. Test accuracy %, mean ± std over seeds 3–5; revived = weights brought back over the run "

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, RunConfig, TrainerConfig, parse
+from .config import ConfigError, RunConfig, parse
 from .data import DataBundle, load_dataset
 from .dense import check_dense_run, dense_reference, load_dense_config, resolve_dense
 from .engine import ALLOCATIONS, PATTERNS, SCHEDULES, Pruner

@@ -85,6 +85,3 @@ def print_error(message: str) -> None:
     """A user mistake: one line on stderr."""
     errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
-
-def is_interactive() -> bool:
-    return sys.stdout.isatty()

@@ -18,7 +18,6 @@ SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.safetensors"
-STATUSES = ("ok", "failed", "interrupted")
 
 
 @dataclass

@@ -7,6 +7,7 @@ fitting the schedule into the run), so the CLI can reject bad input before Hydra
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from .engine.schedules import ScheduleError
 from .models import build_model
 from .records import MODEL_FILE, RESULT_FILE, RunRecord, append_metrics, read_record, write_record
 from .training import Progress, Trainer, evaluate, resolve_device, total_steps
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -200,6 +203,9 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
     trainer = Trainer(model, data, config.trainer, device, config.seed)
     record = base_record(config, data)
     pruner = None
+    if config.regrowth.name == "reversal" and config.trainer.optimizer != "sgd":
+        log.warning("regrowth=reversal with trainer.optimizer=%s: reversal is meant for SGD; under Adam pruned weights "
+                    "random-walk and masks churn (see BENCHMARKS.md, dynamic)", config.trainer.optimizer)
     if config.method == "pat":
         pruner = build_pruner(
             config,

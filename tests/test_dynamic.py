@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from patcli.engine import PATTERNS, REGROWTHS, REGULARIZERS, SCHEDULES, Pruner
+from patcli.engine import REGROWTHS, REGULARIZERS, SCHEDULES, Pruner
 from patcli.engine.layouts import ChannelGroup, ChannelLayout, Slice
 from patcli.engine.regrowth import drop_fraction_at
 from patcli.engine.regularizers import soft_threshold_
@@ -57,7 +57,7 @@ def test_dynamic_sparse_training_keeps_the_exact_active_count_per_layer_at_every
         or abs(pruner.sparsity() - 0.8) < 0.01  # ERK: per-layer rounding
     generator = torch.Generator().manual_seed(0)
     changed = False
-    for t in range(30):
+    for _ in range(30):
         before = [k.clone() for k in pruner.masks.keep]
         step(model, optimizer, generator)
         assert [int(k.sum()) for k in pruner.masks.keep] == counts

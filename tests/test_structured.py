@@ -12,7 +12,6 @@ from patcli.config import NamedConfig
 from patcli.data import load_dataset
 from patcli.engine import PATTERNS, SCHEDULES, SCORERS, Pruner
 from patcli.engine.compressed import compress, decompress
-from patcli.engine.structure import channel_groups
 from patcli.engine.surgery import live_channels, param_count, resize_like, shapes_of, shrink
 from patcli.models import build_model
 

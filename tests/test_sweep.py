@@ -1,7 +1,6 @@
 """`patcli sweep`: real Hydra multiruns with the basic and joblib launchers and the Optuna sweeper, failed jobs kept
 apart, the summary table, and one-line errors for missing plugins and a wrong study direction."""
 
-import json
 import re
 from pathlib import Path
 

@@ -14,8 +14,6 @@ from ..engine.registry import Registry
 
 DATASETS: Registry[Any] = Registry("dataset")
 
-TASKS = ("classification", "language_modeling")
-
 
 @dataclass
 class Split:

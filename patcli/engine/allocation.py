@@ -261,12 +261,15 @@ def erk_sparsities(shapes: list[torch.Size], target: float, max_layer_sparsity: 
 class Sensitivity(Allocation):
     """Layerwise adaptive sparsity from measured sensitivity (the article's; cf. Han et al. 2015, §4).
 
-    Once, at the first update, each layer alone is pruned to each trial sparsity and the validation loss
-    increase recorded. Every update then finds the loss-increase tolerance τ at which each layer's largest
-    sparsity with increase ≤ τ (interpolated between trials) meets the budget: insensitive layers go further.
+    At a mask update each layer alone is pruned to each trial sparsity and the validation loss increase recorded
+    (at every update with ``refresh``, since a barely trained model's sensitivities say little; otherwise once).
+    The update then finds the loss-increase tolerance τ at which each layer's largest sparsity with increase ≤ τ
+    (interpolated between trials) meets the budget: insensitive layers go further. Cost per measurement: one
+    validation pass per layer and trial.
     """
 
     trials: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
+    refresh: bool = True
     curves: list[list[float]] = field(default_factory=list, init=False, repr=False)
 
     def measure(self, budget: LayerBudget) -> None:
@@ -279,7 +282,7 @@ class Sensitivity(Allocation):
 
     def prune_counts(self, budget: LayerBudget) -> list[int]:
         check_reachable(budget)
-        if not self.curves:
+        if self.refresh or not self.curves:
             self.measure(budget)
         scale = max(max(c) for c in self.curves) + 1.0
 

@@ -181,6 +181,3 @@ class ChannelLayout(Layout):
                 masks[i] &= along.reshape(view)
         return masks
 
-
-def total_accounted(layout: Layout) -> int:
-    return sum(p.numel() for p, a in zip(layout.params, layout.accounted) if a)

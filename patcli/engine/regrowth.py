@@ -39,7 +39,11 @@ class NoRegrowth(Regrowth):
 @REGROWTHS.register("reversal")
 @dataclass
 class Reversal(Regrowth):
-    """Pruning reversal: dense weights keep training, masks are re-chosen from them, pruned weights can return."""
+    """Pruning reversal: dense weights keep training, masks are re-chosen from them, pruned weights can return.
+
+    Meant for SGD (as in DPF): Adam's per-coordinate normalisation moves a pruned weight's shadow as fast as a kept
+    weight, whatever its gradient, so masks churn and accuracy drops at high sparsity (BENCHMARKS.md, ``dynamic``).
+    """
 
     monotone = False
     masking = "dense_shadow"

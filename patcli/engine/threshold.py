@@ -38,21 +38,27 @@ def kth_smallest(values: torch.Tensor | list[torch.Tensor], k: int) -> torch.Ten
         raise ValueError(f"k={k} outside 1..{n}")
     if parts[0].is_cuda or n <= SMALL:
         return _topk_kth(torch.cat(parts) if len(parts) > 1 else parts[0], k)
-    size = min(max(8192, int(16 * math.sqrt(n))), 1 << 17)  # bigger inputs: bigger sample, narrower bracket
+    pruned = int(sum(_count(torch.isneginf(p)) for p in parts))  # already-pruned scores (-inf) come first
+    if k <= pruned:
+        return parts[0].new_tensor(float("-inf"))
+    k_live, n_live = k - pruned, n - pruned
+    size = min(max(8192, int(16 * math.sqrt(n_live))), 1 << 17)  # bigger inputs: bigger sample, narrower bracket
     generator = torch.Generator().manual_seed(n + k)  # fixed: the same input always takes the same path
-    sample = torch.cat([p[torch.randint(p.numel(), (max(1, round(size * p.numel() / n)),), generator=generator)]
+    draw = min(n, int(size * n / n_live) + 1)  # enough draws that about ``size`` of them are live
+    sample = torch.cat([p[torch.randint(p.numel(), (max(1, round(draw * p.numel() / n)),), generator=generator)]
                         for p in parts])
-    size, q = sample.numel(), k / n
-    margin = 5.0 * math.sqrt(q * (1.0 - q) / size) + 2.0 / size  # ≈5 standard deviations of the sample quantile
+    sample = sample[sample > float("-inf")]
+    size, q = sample.numel(), k_live / n_live
+    margin = 5.0 * math.sqrt(q * (1.0 - q) / max(size, 1)) + 2.0 / max(size, 1)  # ≈5 std of the sample quantile
     lo_rank, hi_rank = math.floor((q - margin) * size), math.ceil((q + margin) * size)
     lo = torch.kthvalue(sample, lo_rank).values if lo_rank >= 1 else sample.new_tensor(float("-inf"))
     hi = torch.kthvalue(sample, hi_rank).values if hi_rank <= size else sample.new_tensor(float("inf"))
-    if bool(lo == hi):  # heavy ties (e.g. weights already at zero): the tied value itself is the answer
+    if bool(lo == hi):  # heavy ties: the tied value itself is the answer
         below = int(sum(_count(p < lo) for p in parts))
         if below < k <= below + int(sum(_count(p == lo) for p in parts)):
             return lo
     # One comparison pass on the side of the bracket with fewer values, then work only on what passed.
-    if q > 0.5:
+    if (1.0 - q) * n_live < pruned + q * n_live:
         upper = torch.cat([p[p >= lo] for p in parts])
         below, window = n - upper.numel(), upper[upper <= hi]
     else:
