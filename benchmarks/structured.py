@@ -121,7 +121,7 @@ def char_lm(workers: int = 2) -> str:
         results.update(zip(jobs, run_configs(list(jobs.values()), Path(folder), workers=workers)))
     dense = results[("dense", 0.0)]
     dense_loss = dense["metrics"]["val"]["loss"]
-    rows = [["dense", f"{dense['total_train_steps']:,}", _loss(dense), "", "", ""]]
+    rows = [["dense", f"{dense['total_train_steps']:,}", _loss(dense), *[""] * len(sparsities)]]
     names = [n for n, s in jobs if s and "heads" not in n]
     for name in dict.fromkeys(names):
         cells = [_loss(results[(name, s)]) for s in sparsities]

@@ -101,3 +101,13 @@ def test_keep_all_but_lowest_drops_exactly_n_with_ties_and_already_pruned(size):
             assert int((~keep).sum()) == n
             if 0 < n < size:  # every dropped score is <= every kept score
                 assert float(scores[~keep].max()) <= float(scores[keep].min())
+
+
+@pytest.mark.parametrize("live", [3, 500, 40_000])
+def test_kth_smallest_is_exact_when_most_scores_are_already_pruned(live):
+    generator = torch.Generator().manual_seed(live)
+    scores = [torch.full((300_000,), float("-inf")), torch.full((100_000,), float("-inf"))]
+    scores[0][:live] = torch.rand(live, generator=generator)
+    everything = torch.sort(torch.cat(scores)).values
+    for k in (1, 400_000 - live, 400_000 - live + 1, 400_000 - (live + 1) // 2, 400_000):
+        assert kth_smallest(scores, k) == everything[k - 1]

@@ -92,6 +92,8 @@ class MaskSet:
 class Masking(Protocol):
     """How masks are enforced around ``optimizer.step()``: one obvious place where a mask is applied."""
 
+    acts_before_step: bool
+
     def before_step(self) -> None: ...
 
     def after_step(self) -> None: ...
@@ -113,6 +115,8 @@ class InplaceMasking:
     A pruned weight is 0 in every forward, and whatever its momentum or Adam moments would add is wiped at once,
     so optimizer state never revives it. The cheapest option measured (DESIGN.md §6).
     """
+
+    acts_before_step = False
 
     def __init__(self, masks: MaskSet) -> None:
         self.masks = masks
@@ -148,6 +152,8 @@ class DenseShadowMasking:
     This is the straight-through update of dynamic pruning with feedback (Lin et al. 2020): a pruned weight keeps
     learning from the gradient at the masked point, so a later mask update can bring it back.
     """
+
+    acts_before_step = True
 
     def __init__(self, masks: MaskSet) -> None:
         self.masks = masks

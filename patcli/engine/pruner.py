@@ -124,10 +124,9 @@ class Pruner:
         for handle in self._handles:
             handle.remove()
         self.optimizer = optimizer
-        self._handles = [
-            optimizer.register_step_pre_hook(lambda *_: self.before_step()),
-            optimizer.register_step_post_hook(lambda *_: self.after_step()),
-        ]
+        self._handles = [optimizer.register_step_post_hook(lambda *_: self.after_step())]
+        if self.scorer.needs_grad or self.masking.acts_before_step:  # the common case needs only the post-step hook
+            self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.before_step()))
         return self
 
     def detach(self) -> None:

@@ -38,16 +38,23 @@ def kth_smallest(values: torch.Tensor | list[torch.Tensor], k: int) -> torch.Ten
         raise ValueError(f"k={k} outside 1..{n}")
     if parts[0].is_cuda or n <= SMALL:
         return _topk_kth(torch.cat(parts) if len(parts) > 1 else parts[0], k)
-    pruned = int(sum(_count(torch.isneginf(p)) for p in parts))  # already-pruned scores (-inf) come first
-    if k <= pruned:
-        return parts[0].new_tensor(float("-inf"))
-    k_live, n_live = k - pruned, n - pruned
-    size = min(max(8192, int(16 * math.sqrt(n_live))), 1 << 17)  # bigger inputs: bigger sample, narrower bracket
     generator = torch.Generator().manual_seed(n + k)  # fixed: the same input always takes the same path
-    draw = min(n, int(size * n / n_live) + 1)  # enough draws that about ``size`` of them are live
-    sample = torch.cat([p[torch.randint(p.numel(), (max(1, round(draw * p.numel() / n)),), generator=generator)]
-                        for p in parts])
-    sample = sample[sample > float("-inf")]
+
+    def draw(count: int) -> torch.Tensor:
+        return torch.cat([p[torch.randint(p.numel(), (max(1, round(count * p.numel() / n)),), generator=generator)]
+                          for p in parts])
+
+    size = min(max(8192, int(16 * math.sqrt(n))), 1 << 17)  # bigger inputs: bigger sample, narrower bracket
+    sample, pruned = draw(size), 0
+    if bool(torch.isneginf(sample).any()):  # already-pruned scores (-inf): count them exactly, bracket the rest
+        pruned = int(sum(_count(torch.isneginf(p)) for p in parts))
+        if k <= pruned:
+            return parts[0].new_tensor(float("-inf"))
+        sample = draw(min(n, int(size * n / (n - pruned)) + 1))
+        sample = sample[sample > float("-inf")]
+        if sample.numel() < 1024:  # almost everything is pruned: the few live values are cheap to take exactly
+            return torch.kthvalue(torch.cat([p[p > float("-inf")] for p in parts]), k - pruned).values
+    k_live, n_live = k - pruned, n - pruned
     size, q = sample.numel(), k_live / n_live
     margin = 5.0 * math.sqrt(q * (1.0 - q) / max(size, 1)) + 2.0 / max(size, 1)  # ≈5 std of the sample quantile
     lo_rank, hi_rank = math.floor((q - margin) * size), math.ceil((q + margin) * size)
