@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 
 from . import engine_speed, gpu, quality, structured, sweep_launchers
@@ -15,6 +16,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), help="sections to run (default: all)")
     parser.add_argument("--list", action="store_true", help="list the sections and exit")
+    parser.add_argument("--workers", type=int, help="parallel runs for the accuracy sections (default: 2, this machine's cores)")
     args = parser.parse_args()
     if args.list:
         print("\n".join(sorted(SECTIONS)))
@@ -22,7 +24,9 @@ def main() -> None:
     for name in args.only or list(SECTIONS):
         started = time.perf_counter()
         print(f"[{name}] running ...", flush=True)
-        body = SECTIONS[name]()
+        section = SECTIONS[name]
+        takes_workers = "workers" in inspect.signature(section).parameters
+        body = section(workers=args.workers) if args.workers and takes_workers else section()
         write_section(name, body, command=f"python -m benchmarks --only {name}")
         print(f"[{name}] done in {time.perf_counter() - started:.0f} s → BENCHMARKS.md", flush=True)
 

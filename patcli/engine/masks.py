@@ -38,6 +38,21 @@ def select_prunable(
     return selected
 
 
+def as_bytes(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask viewed as uint8 (no copy): converting that to float is ~10× faster on CPU than from bool."""
+    return mask.view(torch.uint8)
+
+
+def minus_inf_where_pruned(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``scores`` with -inf wherever ``keep`` is False, as a new tensor.
+
+    Computed as scores + (1 - 1/keep): exact (adds 0 or -inf) and ~10× faster on CPU than ``masked_fill`` with a
+    bool mask, whose kernel is not vectorised.
+    """
+    offset = as_bytes(keep).to(scores.dtype).reciprocal_().neg_().add_(1)
+    return offset.add_(scores)
+
+
 class MaskSet:
     """Keep-masks (True = keep) for a fixed list of named parameters.
 
@@ -60,7 +75,7 @@ class MaskSet:
     def set(self, index: int, keep: torch.Tensor) -> None:
         """Copy a decision into the existing buffers (no new allocation: large fresh tensors are slow on CPU)."""
         self.keep[index].copy_(keep.reshape(self.keep[index].shape))
-        self._multipliers[index].copy_(self.keep[index])
+        self._multipliers[index].copy_(as_bytes(self.keep[index]))
 
     def zero_pruned_(self, tensors: list[torch.Tensor] | None = None) -> None:
         """Multiply ``tensors`` (the weights by default) by the masks in place."""

@@ -17,7 +17,7 @@ from torch import nn
 
 from .allocation import Allocation, LayerBudget, Uniform, check_reachable
 from .layouts import ChannelLayout, Layout, TensorLayout
-from .masks import MASKINGS, MaskSet, select_prunable, zero_optimizer_state_
+from .masks import MASKINGS, MaskSet, minus_inf_where_pruned, select_prunable, zero_optimizer_state_
 from .patterns import Pattern, Structured, Unstructured
 from .regrowth import NoRegrowth, Regrowth
 from .regularizers import Regularizer
@@ -232,7 +232,7 @@ class Pruner:
         else:
             grouped = self.layout.group_scores([s.float() for s in self.scorer.scores(self.masking.dense_weights())])
         if self.monotone if monotone is None else monotone:
-            grouped = [g.masked_fill(~k, float("-inf")) for g, k in zip(grouped, self.layout.group_keep)]
+            grouped = [minus_inf_where_pruned(g, k) for g, k in zip(grouped, self.layout.group_keep)]
         return grouped
 
     def check_reachable(self) -> None:

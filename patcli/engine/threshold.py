@@ -89,14 +89,13 @@ def keep_all_but_lowest(scores: torch.Tensor, n_prune: int, cut: torch.Tensor | 
     for attempt in (cut, None):
         threshold = kth_smallest(scores, n_prune) if attempt is None else attempt
         keep = scores > threshold
+        at_or_below = scores.numel() - int(_count(keep))
+        if at_or_below == n_prune:  # the usual case: no tie straddles the cut
+            return keep
         tie = scores == threshold
-        kept, tied = torch.stack([_count(keep), _count(tie)]).tolist()
-        below = scores.numel() - kept - tied
-        if below <= n_prune <= below + tied:
+        if at_or_below - int(_count(tie)) <= n_prune <= at_or_below:
             break
-    surplus = tied - (n_prune - below)
-    if surplus > 0:
-        keep[tie.nonzero().squeeze(1)[-surplus:]] = True
+    keep[tie.nonzero().squeeze(1)[n_prune - at_or_below :]] = True  # ties kept from the back, pruned in index order
     return keep
 
 
