@@ -12,7 +12,7 @@ import math
 
 import torch
 
-SMALL = 1 << 15  # below this, topk is already fast
+SMALL = 100_000  # below this, topk is faster than sampling (measured with and without pruned -inf scores)
 
 
 def _count(mask: torch.Tensor) -> torch.Tensor:
