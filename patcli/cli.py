@@ -100,6 +100,10 @@ def sweep(
     if result.study:
         show_best_trial(best_trial(result.directory))
     console.print(f"sweep dir: {result.directory}", highlight=False, soft_wrap=True)
+    failed = result.failed_jobs()
+    if failed and not result.study:  # a study's failed trials are part of its search; its best trial is the result
+        print_error(f"{failed} of {len(result.job_dirs)} jobs failed (listed apart in the table above)")
+        raise typer.Exit(code=1)
 
 
 def show_best_trial(best: BestTrial | None) -> None:

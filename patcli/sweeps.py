@@ -66,6 +66,19 @@ class SweepResult:
         return self.job_dirs or [self.directory]
 
 
+    def failed_jobs(self) -> int:
+        """Jobs whose record is missing or does not say ok (they are in the table; the exit code tells scripts)."""
+        from .records import RESULT_FILE, RecordError, read_record
+
+        failed = 0
+        for job_dir in self.job_dirs:
+            try:
+                failed += read_record(job_dir / RESULT_FILE).status != "ok"
+            except RecordError:
+                failed += 1
+        return failed
+
+
 @dataclass
 class BestTrial:
     """The Optuna study's best trial: its parameters, validation value and run directory (if found)."""

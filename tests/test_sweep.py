@@ -95,7 +95,8 @@ def test_pat_vs_post_under_joblib_trains_the_dense_run_first_and_baselines_find_
 def test_a_failing_job_does_not_stop_the_others(cli, tmp_path, launcher):
     code, out, err = cli("sweep", *FAST, *EXPLODING, "+model.explode=false,true", f"hydra/launcher={launcher}",
                          f"hydra.sweep.dir={tmp_path}/sweep")
-    assert code == 0, err
+    assert code == 1 and err.strip() == "error: 1 of 2 jobs failed (listed apart in the table above)", err
+    assert out.strip().splitlines()[-1] == f"sweep dir: {tmp_path}/sweep"
     ok, failed = result_of(tmp_path / "sweep" / "0"), result_of(tmp_path / "sweep" / "1")
     assert ok["status"] == "ok" and ok["model"] == "Exploding"
     assert failed["status"] == "failed" and failed["error"] == "RuntimeError: exploded on purpose"
