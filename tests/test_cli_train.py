@@ -99,3 +99,20 @@ def test_console_script_runs_in_a_fresh_process(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result_of(run_dir_of(result.stdout))["achieved_sparsity"] == pytest.approx(0.5, abs=1e-4)
+
+
+@pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_trainer_builds_the_configured_optimizer_with_its_fused_kernel(name, cls):
+    from torch import nn
+
+    from patcli.config import TrainerConfig
+    from patcli.training import make_optimizer
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    model[2].bias.requires_grad_(False)  # frozen parameters are left out
+    optimizer = make_optimizer(model, TrainerConfig(optimizer=name, lr=0.02, weight_decay=0.3, momentum=0.7))
+    assert type(optimizer) is cls and optimizer.defaults["fused"] is True
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 0.02 and group["weight_decay"] == 0.3 and len(group["params"]) == 3
+    if name == "sgd":
+        assert group["momentum"] == 0.7
