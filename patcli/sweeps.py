@@ -65,7 +65,6 @@ class SweepResult:
         """What the summary reads: this sweep's jobs, or its whole directory when the sweeper did not list them."""
         return self.job_dirs or [self.directory]
 
-
     def failed_jobs(self) -> int:
         """Jobs whose record is missing or does not say ok (they are in the table; the exit code tells scripts)."""
         from .records import RESULT_FILE, RecordError, read_record

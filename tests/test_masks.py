@@ -114,3 +114,19 @@ def test_engine_state_round_trips_through_state_dict(tiny_mlp):
     assert fresh.step == 13
     assert all(torch.equal(a, b) for a, b in zip(fresh.masks.keep, pruner.masks.keep))
     assert all(torch.equal(a, b) for a, b in zip(fresh.scorer._sums, pruner.scorer._sums))
+
+
+def test_minus_inf_where_pruned_equals_masked_fill():
+    from patcli.engine.masks import minus_inf_where_pruned
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        scores = torch.randn(5000, generator=generator, dtype=dtype)
+        scores[::7] = 0.0
+        scores[::11] = -0.0
+        scores[::13] = float("-inf")
+        keep = torch.rand(5000, generator=generator) > 0.4
+        expected = scores.masked_fill(~keep, float("-inf"))
+        result = minus_inf_where_pruned(scores, keep)
+        assert result.dtype == dtype and torch.equal(result, expected)
+        assert torch.equal(scores.isneginf() | ~keep, result.isneginf())

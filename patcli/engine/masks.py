@@ -46,8 +46,8 @@ def as_bytes(mask: torch.Tensor) -> torch.Tensor:
 def minus_inf_where_pruned(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``scores`` with -inf wherever ``keep`` is False, as a new tensor.
 
-    Computed as scores + (1 - 1/keep): exact (adds 0 or -inf) and ~10× faster on CPU than ``masked_fill`` with a
-    bool mask, whose kernel is not vectorised.
+    Computed as scores + (1 - 1/keep): exact (adds 0 or -inf; scores are finite or -inf) and ~10× faster on CPU
+    than ``masked_fill`` with a bool mask, whose kernel is not vectorised.
     """
     offset = as_bytes(keep).to(scores.dtype).reciprocal_().neg_().add_(1)
     return offset.add_(scores)
