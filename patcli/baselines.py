@@ -22,6 +22,7 @@ from .data import DataBundle, load_dataset
 from .dense import check_dense_run, dense_reference, load_dense_config, resolve_dense
 from .engine import ALLOCATIONS, PATTERNS, SCHEDULES, Pruner
 from .engine.registry import ParamError, Registry
+from .engine.structure import StructureError, channel_groups
 from .engine.scorers import Gradient, Magnitude, Scorer
 from .models import build_model
 from .records import RunRecord
@@ -125,12 +126,20 @@ class StructuredNorm:
         if self.allocation not in ALLOCATIONS:
             raise ParamError("allocation", f"{self.allocation!r} is not allowed; allowed: {', '.join(ALLOCATIONS.names())}")
 
+    def kind_for(self, model: nn.Module) -> str:
+        if self.kind != "auto":
+            return self.kind
+        return "filters" if any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in model.modules()) else "neurons"
+
+    def check(self, model: nn.Module) -> None:
+        """The model has the groups this kind removes (before any run starts)."""
+        try:
+            channel_groups(model, self.kind_for(model))
+        except StructureError as error:
+            raise ConfigError("baseline.kind", f"{error}; allowed here: another kind, or auto") from error
+
     def run(self, ctx: BaselineContext) -> int:
-        kind = self.kind
-        if kind == "auto":
-            has_conv = any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in ctx.model.modules())
-            kind = "filters" if has_conv else "neurons"
-        pattern = PATTERNS.get(kind)(reduce="l2")
+        pattern = PATTERNS.get(self.kind_for(ctx.model))(reduce="l2")
         ctx.pruner(Magnitude(), pattern=pattern, allocation=ALLOCATIONS.get(self.allocation)()).update_masks(0, ctx.target)
         return 0
 

@@ -23,7 +23,7 @@ from .engine.patterns import NM, Structured
 from .engine.structure import channel_groups
 from .engine.surgery import live_channels, param_count, resize_like, shapes_of, shrink
 from .models import build_model
-from .records import MODEL_FILE, RESULT_FILE, RunRecord, read_record, write_record
+from .records import MODEL_FILE, RESULT_FILE, RecordError, RunRecord, read_record, write_record
 
 EXPORT_DIR = "export"
 SMALL_MODEL = "model.safetensors"
@@ -102,12 +102,18 @@ def export_run(run_dir: Path, measure_latency: bool = True) -> RunRecord:
     run_dir = Path(run_dir)
     if not (run_dir / RESULT_FILE).is_file() or not (run_dir / MODEL_FILE).is_file():
         raise ConfigError("RUN_DIR", f"{run_dir} is not a finished patcli run (needs {RESULT_FILE} and {MODEL_FILE})")
-    record = read_record(run_dir / RESULT_FILE)
+    snapshot = run_dir / ".hydra" / "config.yaml"
+    if not snapshot.is_file():
+        raise ConfigError("RUN_DIR", f"{run_dir} has no config snapshot (.hydra/config.yaml) to rebuild its model from")
+    try:
+        record = read_record(run_dir / RESULT_FILE)
+    except RecordError as error:
+        raise ConfigError("RUN_DIR", str(error)) from error
     if record.status != "ok":
         raise ConfigError("RUN_DIR", f"{run_dir} is a {record.status} run; allowed: a finished one")
     from omegaconf import OmegaConf
 
-    config = parse_run_config(OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=True))
+    config = parse_run_config(OmegaConf.to_container(OmegaConf.load(snapshot), resolve=True))
     data = load_dataset(config.dataset)
     model = build_model(config.model, data.meta)
     model.load_state_dict(load_file(str(run_dir / MODEL_FILE)))

@@ -58,7 +58,9 @@ def plan(config: RunConfig) -> Plan:
         from .baselines import parse_baseline
         from .dense import check_dense_run
 
-        parse_baseline(config)
+        baseline = parse_baseline(config)
+        if hasattr(baseline, "check"):
+            baseline.check(build_model(config.model, data.meta))
         if not config.pruning.enabled:
             raise ConfigError("pruning", "post-training baselines prune: choose a pruning mode, not none")
         if config.dense:

@@ -158,6 +158,16 @@ def test_text_dataset_loads_a_user_file_into_windows(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache").iterdir())) == 1  # cached after the first build
 
 
+def test_text_dataset_ids_hold_vocabularies_beyond_int16(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCLI_CACHE", str(tmp_path / "cache"))
+    text = "".join(chr(0x20000 + i) for i in range(40_000)) * 2  # 40,000 distinct CJK (extension B) characters
+    path = tmp_path / "wide.txt"
+    path.write_text(text, encoding="utf-8")
+    data = load_dataset(NamedConfig("text", {"path": str(path), "block_size": 16, "max_vocab": 65536}))
+    assert data.meta["vocab_size"] == 40_001  # the characters and the unknown id
+    assert int(data.train.inputs.max()) > 32_767
+
+
 def test_structured_pat_run_exports_a_smaller_model_that_loads_in_a_fresh_process(cli, tmp_path):
     code, out, err = cli("train", "model=cnn", "model.channels=[8,16,16]", "pruning=filters", "trainer.epochs=1",
                          f"hydra.run.dir={tmp_path}/run")
@@ -196,6 +206,9 @@ def test_export_command_compresses_an_unstructured_run(cli, tmp_path):
     assert all(torch.equal(load_pruned(tmp_path / "u").state_dict()[k], v) for k, v in dense.items())
     code, _, err = cli("export", str(tmp_path / "missing"))
     assert code == 2 and "not a finished patcli run" in err
+    (tmp_path / "u" / "result.json").write_text("{half a record")
+    code, _, err = cli("export", str(tmp_path / "u"))
+    assert code == 2 and err.startswith("error: RUN_DIR: ") and "not a readable record" in err
 
 
 def test_heads_run_on_a_text_file_reports_sparsity_over_the_attention_weights(cli, tmp_path, monkeypatch):

@@ -49,7 +49,7 @@ def encode(text: str, max_vocab: int) -> tuple[torch.Tensor, list[str]]:
     kept = sorted(sorted(counts, key=lambda c: (-counts[c], c))[: max_vocab - 1])
     vocab = [UNKNOWN, *kept]
     index = {c: i for i, c in enumerate(vocab)}
-    ids = torch.tensor([index.get(c, 0) for c in text], dtype=torch.uint8 if len(vocab) <= 256 else torch.int16)
+    ids = torch.tensor([index.get(c, 0) for c in text], dtype=torch.uint8 if len(vocab) <= 256 else torch.int32)
     return ids, vocab
 
 
@@ -151,6 +151,8 @@ class TextFile(CharCorpus):
             return Path(self.path).read_text(encoding="utf-8")[: self.max_chars]
         except UnicodeDecodeError as error:
             raise ConfigError("dataset.path", f"{self.path} is not UTF-8 text ({error.reason})") from error
+        except OSError as error:
+            raise ConfigError("dataset.path", f"{self.path} cannot be read ({error.strerror or error})") from error
 
     def cache_key(self) -> str:
         stat = Path(self.path).stat()
