@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from patcli.engine.allocation import ALLOCATIONS, AllocationError, LayerBudget, erk_sparsities, lamp_scores
-from patcli.engine.threshold import kth_smallest, lowest_counts
+from patcli.engine.threshold import count, greater, kth_smallest, kth_smallest_counts, lowest_counts
 
 
 def budget(scores, target, cap=0.99, shapes=None, sizes=None):
@@ -111,3 +111,29 @@ def test_kth_smallest_is_exact_when_most_scores_are_already_pruned(live):
     everything = torch.sort(torch.cat(scores)).values
     for k in (1, 400_000 - live, 400_000 - live + 1, 400_000 - (live + 1) // 2, 400_000):
         assert kth_smallest(scores, k) == everything[k - 1]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kth_smallest_counts_are_exact_per_tensor(seed):
+    """Random sizes over the sampling threshold, ties, zeros and pruned (-inf) scores: value and counts match a sort."""
+    generator = torch.Generator().manual_seed(seed)
+    parts = []
+    for size in torch.randint(1_000, 90_000, (3,), generator=generator).tolist():
+        part = torch.randint(0, 5_000, (size,), generator=generator).float() / 3.0
+        part[torch.rand(size, generator=generator) < 0.3 * (seed % 3)] = float("-inf")
+        parts.append(part)
+    everything = torch.sort(torch.cat(parts)).values
+    for k in torch.randint(1, everything.numel() + 1, (5,), generator=generator).tolist():
+        value, below, at = kth_smallest_counts(parts, k)
+        assert value == everything[k - 1]
+        assert below == [int((p < value).sum()) for p in parts]
+        assert at == [int((p == value).sum()) for p in parts]
+
+
+def test_numpy_backed_comparisons_match_torch():
+    values = torch.tensor([0.5, -1.0, float("-inf"), 2.0, 0.5, 0.0])
+    assert torch.equal(greater(values, torch.tensor(0.5)), values > 0.5)
+    assert greater(values, 0.5).dtype == torch.bool
+    assert count(values > 0) == 3 and count(torch.tensor([True, False, True])) == 2
+    half = values.to(torch.bfloat16)  # numpy has no bfloat16: torch does it
+    assert torch.equal(greater(half, 0.0), values > 0.0)

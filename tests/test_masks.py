@@ -116,8 +116,8 @@ def test_engine_state_round_trips_through_state_dict(tiny_mlp):
     assert all(torch.equal(a, b) for a, b in zip(fresh.scorer._sums, pruner.scorer._sums))
 
 
-def test_minus_inf_where_pruned_equals_masked_fill():
-    from patcli.engine.masks import minus_inf_where_pruned
+def test_minus_inf_marking_equals_masked_fill():
+    from patcli.engine.masks import mark_pruned_, minus_inf_where_pruned
 
     generator = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64):
@@ -130,3 +130,20 @@ def test_minus_inf_where_pruned_equals_masked_fill():
         result = minus_inf_where_pruned(scores, keep)
         assert result.dtype == dtype and torch.equal(result, expected)
         assert torch.equal(scores.isneginf() | ~keep, result.isneginf())
+        scores[::17] = float("inf")  # the in-place marking also keeps +inf where kept
+        in_place = scores.clone()
+        assert mark_pruned_(in_place, keep.to(dtype)) is in_place  # no new tensor
+        assert torch.equal(in_place, scores.masked_fill(~keep, float("-inf")))
+
+
+def test_magnitude_masks_reuse_one_score_buffer_per_weight_on_cpu(tiny_mlp):
+    optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.1)
+    pruner = prune_during_training(tiny_mlp, optimizer, sparsity=0.7, total_steps=20, frequency=5)
+    before = pruner.engine_state_bytes()
+    train_steps(tiny_mlp, optimizer, 12)
+    buffers = [b.data_ptr() for b in pruner._scratch]
+    train_steps(tiny_mlp, optimizer, 8)
+    assert [b.data_ptr() for b in pruner._scratch] == buffers  # the same memory at every update
+    weights = sum(w.numel() * w.element_size() for w in pruner.masks.weights)
+    assert pruner.engine_state_bytes() == before + weights  # and it is counted as engine state
+    assert pruner.sparsity() == pytest.approx(0.7, abs=1 / pruner.masks.accounted_numel())

@@ -58,7 +58,7 @@ class GroupScorer(Scorer):
             raise RuntimeError(f"scorer {self.name!r} saw no training batches before the mask update")
         return [s / c.clamp(min=1) for s, c in zip(self._sums, self._counts)]
 
-    def scores(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    def scores(self, weights: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         raise RuntimeError(f"scorer {self.name!r} scores channels: use it with pruning=neurons|filters|heads")
 
     def reset(self) -> None:

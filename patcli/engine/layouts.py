@@ -54,6 +54,7 @@ class Layout:
     accounted: list[bool]
     layer_names: list[str]
     group_keep: list[torch.Tensor]
+    elementwise = False  # one group per element of each param (group scores are element scores)
 
     def shapes(self) -> list[torch.Size]:
         raise NotImplementedError
@@ -77,8 +78,9 @@ class Layout:
         raise NotImplementedError
 
     def set_group_keep(self, group_keep: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Adopt a decision; returns the element masks for ``params``."""
-        self.group_keep = [k.clone() for k in group_keep]
+        """Adopt a decision (copied into the existing flags: no new tensors); returns the element masks for ``params``."""
+        for current, new in zip(self.group_keep, group_keep):
+            current.copy_(new.reshape(current.shape))
         return self.element_masks(self.group_keep)
 
 
@@ -96,6 +98,7 @@ class TensorLayout(Layout):
         self.group_keep = [
             torch.ones(p.numel() // pattern.group_size(p.shape), dtype=torch.bool, device=p.device) for p in self.params
         ]
+        self.elementwise = all(pattern.group_size(p.shape) == 1 for p in self.params)
 
     def shapes(self) -> list[torch.Size]:
         return [p.shape for p in self.params]

@@ -12,6 +12,8 @@ from typing import Iterable, Protocol
 import torch
 from torch import nn
 
+from .threshold import count
+
 PRUNABLE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -53,6 +55,16 @@ def minus_inf_where_pruned(scores: torch.Tensor, keep: torch.Tensor) -> torch.Te
     return offset.add_(scores)
 
 
+def mark_pruned_(scores: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """Set ``scores`` to -inf where the float mask ``multiplier`` is 0, in place (scores must not be NaN).
+
+    s·m/m is exactly s where m = 1 and 0/0 = NaN where m = 0, which ``nan_to_num_`` turns into -inf: three
+    vectorised passes and no new tensor (a fresh multi-MB tensor costs page faults on CPU).
+    """
+    inf = float("inf")
+    return scores.mul_(multiplier).div_(multiplier).nan_to_num_(nan=-inf, posinf=inf, neginf=-inf)
+
+
 class MaskSet:
     """Keep-masks (True = keep) for a fixed list of named parameters.
 
@@ -77,6 +89,11 @@ class MaskSet:
         self.keep[index].copy_(keep.reshape(self.keep[index].shape))
         self._multipliers[index].copy_(as_bytes(self.keep[index]))
 
+    @property
+    def multipliers(self) -> list[torch.Tensor]:
+        """The masks as 1.0 / 0.0 in each weight's dtype (read-only for callers)."""
+        return self._multipliers
+
     def zero_pruned_(self, tensors: list[torch.Tensor] | None = None) -> None:
         """Multiply ``tensors`` (the weights by default) by the masks in place."""
         with torch.no_grad():
@@ -86,9 +103,9 @@ class MaskSet:
         return sum(w.numel() for w, a in zip(self.weights, self.accounted) if a)
 
     def sparsity(self) -> float:
-        """Fraction of accounted elements the masks prune (one host sync)."""
-        kept = torch.stack([torch.count_nonzero(k) for k, a in zip(self.keep, self.accounted) if a]).sum()
-        return 1.0 - float(kept) / self.accounted_numel()
+        """Fraction of accounted elements the masks prune."""
+        kept = sum(count(k) for k, a in zip(self.keep, self.accounted) if a)
+        return 1.0 - kept / self.accounted_numel()
 
     def state_bytes(self) -> int:
         return sum(k.numel() * k.element_size() + m.numel() * m.element_size() for k, m in zip(self.keep, self._multipliers))

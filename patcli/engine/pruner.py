@@ -17,7 +17,7 @@ from torch import nn
 
 from .allocation import Allocation, LayerBudget, Uniform, check_reachable
 from .layouts import ChannelLayout, Layout, TensorLayout
-from .masks import MASKINGS, MaskSet, minus_inf_where_pruned, select_prunable, zero_optimizer_state_
+from .masks import MASKINGS, MaskSet, mark_pruned_, minus_inf_where_pruned, select_prunable, zero_optimizer_state_
 from .patterns import Pattern, Structured, Unstructured
 from .regrowth import NoRegrowth, Regrowth
 from .regularizers import Regularizer
@@ -103,6 +103,7 @@ class Pruner:
             raise ValueError(f"unknown masking {masking!r}; allowed: {', '.join(MASKINGS)}")
         self.masking = MASKINGS[masking](self.masks)
         self.step = 0
+        self._scratch: list[torch.Tensor] | None = None
         self.updates: list[MaskUpdate] = []
         self.optimizer: torch.optim.Optimizer | None = None
         self._handles: list = []
@@ -230,10 +231,26 @@ class Pruner:
         if getattr(self.scorer, "grouped", False):
             grouped = self.scorer.group_scores()
         else:
-            grouped = self.layout.group_scores([s.float() for s in self.scorer.scores(self.masking.dense_weights())])
+            scores = self.scorer.scores(self.masking.dense_weights(), out=self._score_buffers())
+            grouped = self.layout.group_scores([s.float() for s in scores])
         if self.monotone if monotone is None else monotone:
-            grouped = [minus_inf_where_pruned(g, k) for g, k in zip(grouped, self.layout.group_keep)]
+            if self.layout.elementwise:  # one group per element: the float masks mark the scores in place
+                grouped = [mark_pruned_(g, m.reshape(-1)) for g, m in zip(grouped, self.masks.multipliers)]
+            else:
+                grouped = [minus_inf_where_pruned(g, k) for g, k in zip(grouped, self.layout.group_keep)]
         return grouped
+
+    def _score_buffers(self) -> list[torch.Tensor] | None:
+        """Score tensors reused across updates, on CPU, for scorers without an accumulator of their own.
+
+        A fresh multi-MB tensor on CPU pays page faults every update (~20 ms per 40 MB here); CUDA's caching
+        allocator already reuses memory, and accumulating scorers return tensors of their own.
+        """
+        if self.scorer.needs_grad or self.masks.weights[0].device.type != "cpu":
+            return None
+        if self._scratch is None:
+            self._scratch = [torch.empty_like(w) for w in self.masks.weights]
+        return self._scratch
 
     def check_reachable(self) -> None:
         """Raise AllocationError when the final target needs more than the per-layer caps allow."""
@@ -274,8 +291,9 @@ class Pruner:
         return zeros / self.masks.accounted_numel()
 
     def engine_state_bytes(self) -> int:
-        """Memory the engine holds besides the model: masks, shadow weights, score accumulators."""
-        return self.masks.state_bytes() + self.masking.state_bytes() + self.scorer.state_bytes()
+        """Memory the engine holds besides the model: masks, shadow weights, score accumulators or buffers."""
+        scratch = sum(t.numel() * t.element_size() for t in self._scratch or [])
+        return self.masks.state_bytes() + self.masking.state_bytes() + self.scorer.state_bytes() + scratch
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {"step": torch.tensor(self.step)}

@@ -25,7 +25,9 @@ class Scorer:
     def observe(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """See one step's gradients (only called when ``needs_grad``)."""
 
-    def scores(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    def scores(self, weights: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Scores shaped like ``weights``, in tensors the caller may overwrite: fresh ones, or ``out`` (buffers shaped
+        and typed like the weights, reused across updates) where the scorer can write there."""
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -46,8 +48,10 @@ class Scorer:
 class Magnitude(Scorer):
     """|w|: the classic criterion (Han et al. 2015; Zhu & Gupta 2017)."""
 
-    def scores(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [w.detach().abs() for w in weights]
+    def scores(self, weights: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        if out is None:
+            return [w.detach().abs() for w in weights]
+        return [torch.abs(w.detach(), out=o) for w, o in zip(weights, out)]
 
 
 @SCORERS.register("random")
@@ -58,9 +62,11 @@ class Random(Scorer):
     seed: int = 0
     _draws: int = field(default=0, init=False, repr=False)
 
-    def scores(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    def scores(self, weights: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed + self._draws)
         self._draws += 1
+        if out is not None:  # buffers are only handed out on CPU, where this generator draws
+            return [torch.rand(w.shape, generator=generator, dtype=o.dtype, out=o) for w, o in zip(weights, out)]
         return [torch.rand(w.shape, generator=generator).to(w.device) for w in weights]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -121,7 +127,7 @@ class Gradient(Accumulating):
         torch._foreach_abs_(products)
         return products
 
-    def scores(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    def scores(self, weights: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         return self.mean(weights)
 
 
@@ -138,7 +144,7 @@ class Movement(Accumulating):
         torch._foreach_neg_(products)
         return products
 
-    def scores(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    def scores(self, weights: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         self.mean(weights)  # raises if nothing was observed
         return [s.clone() for s in self._sums]
 
@@ -159,6 +165,6 @@ class Hessian(Accumulating):
     def step_statistic(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
         return torch._foreach_mul(grads, grads)
 
-    def scores(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    def scores(self, weights: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         fisher = self.mean(weights)
         return [0.5 * f * w.detach().float() ** 2 for f, w in zip(fisher, weights)]
