@@ -152,7 +152,7 @@ def mask_update(sizes: tuple[int, ...] = (1_000_000, 10_000_000, 50_000_000), re
                 torch._foreach_copy_(pruner.masks.weights, dense)
             for i, keep in enumerate(pruner.layout.group_keep):
                 keep.fill_(True)
-                pruner.masks.keep[i].fill_(True)
+                pruner.masks.set(i, torch.ones_like(pruner.masks.keep[i]))
 
         update = timed(lambda: pruner.update_masks(0, target=0.9), before=restore)
         exact = sum(int((~keep).sum()) for keep in pruner.masks.keep) == k
