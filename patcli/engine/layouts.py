@@ -70,8 +70,12 @@ class Layout:
         """Exact accounted zeros for these counts when groups overlap; None when sizes simply add up."""
         return None
 
-    def select(self, layer: int, group_scores: torch.Tensor, n_prune: int, cut: torch.Tensor | None = None) -> torch.Tensor:
-        """Keep flags for one layer's groups; ``cut`` is a global threshold the allocation found, if any."""
+    def select(self, layer: int, group_scores: torch.Tensor, n_prune: int, cut: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Keep flags for one layer's groups; ``cut`` is a global threshold the allocation found, if any.
+
+        ``out``, a bool buffer of the result's size, may receive the flags (no new tensor); use the returned tensor.
+        """
         raise NotImplementedError
 
     def element_masks(self, group_keep: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -80,7 +84,8 @@ class Layout:
     def set_group_keep(self, group_keep: list[torch.Tensor]) -> list[torch.Tensor]:
         """Adopt a decision (copied into the existing flags: no new tensors); returns the element masks for ``params``."""
         for current, new in zip(self.group_keep, group_keep):
-            current.copy_(new.reshape(current.shape))
+            if new.data_ptr() != current.data_ptr():  # select may have written into the flags already
+                current.copy_(new.reshape(current.shape))
         return self.element_masks(self.group_keep)
 
 
@@ -109,8 +114,9 @@ class TensorLayout(Layout):
     def group_sizes(self) -> list[int]:
         return [self.pattern.group_size(p.shape) for p in self.params]
 
-    def select(self, layer: int, group_scores: torch.Tensor, n_prune: int, cut: torch.Tensor | None = None) -> torch.Tensor:
-        return self.pattern.select(group_scores, n_prune, self.params[layer].shape, cut)
+    def select(self, layer: int, group_scores: torch.Tensor, n_prune: int, cut: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.pattern.select(group_scores, n_prune, self.params[layer].shape, cut, out)
 
     def element_masks(self, group_keep: list[torch.Tensor]) -> list[torch.Tensor]:
         return [self.pattern.expand(k, p.shape) for k, p in zip(group_keep, self.params)]
@@ -170,8 +176,9 @@ class ChannelLayout(Layout):
                 kept[self._index[part.param]] *= (group.channels - count) / group.channels
         return int(round(sum(p.numel() * (1.0 - k) for p, k, a in zip(self.params, kept, self.accounted) if a)))
 
-    def select(self, layer: int, group_scores: torch.Tensor, n_prune: int, cut: torch.Tensor | None = None) -> torch.Tensor:
-        return keep_all_but_lowest(group_scores, n_prune, cut)
+    def select(self, layer: int, group_scores: torch.Tensor, n_prune: int, cut: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        return keep_all_but_lowest(group_scores, n_prune, cut, out)
 
     def element_masks(self, group_keep: list[torch.Tensor]) -> list[torch.Tensor]:
         masks = [torch.ones_like(p, dtype=torch.bool) for p in self.params]

@@ -80,6 +80,7 @@ class MaskSet:
         self.accounted = accounted or [True] * len(self.weights)
         self.keep = [torch.ones_like(w, dtype=torch.bool) for w in self.weights]
         self._multipliers = [torch.ones_like(w) for w in self.weights]
+        self.pruned_counts = [0] * len(self.weights)  # per tensor, kept up to date by set()
 
     def __len__(self) -> int:
         return len(self.names)
@@ -88,6 +89,7 @@ class MaskSet:
         """Copy a decision into the existing buffers (no new allocation: large fresh tensors are slow on CPU)."""
         self.keep[index].copy_(keep.reshape(self.keep[index].shape))
         self._multipliers[index].copy_(as_bytes(self.keep[index]))
+        self.pruned_counts[index] = self.keep[index].numel() - count(self.keep[index])
 
     @property
     def multipliers(self) -> list[torch.Tensor]:
@@ -104,8 +106,7 @@ class MaskSet:
 
     def sparsity(self) -> float:
         """Fraction of accounted elements the masks prune."""
-        kept = sum(count(k) for k, a in zip(self.keep, self.accounted) if a)
-        return 1.0 - kept / self.accounted_numel()
+        return sum(c for c, a in zip(self.pruned_counts, self.accounted) if a) / self.accounted_numel()
 
     def state_bytes(self) -> int:
         return sum(k.numel() * k.element_size() + m.numel() * m.element_size() for k, m in zip(self.keep, self._multipliers))

@@ -46,9 +46,11 @@ class Pattern:
         """One score per group (1-D)."""
         return scores.reshape(-1)
 
-    def select(self, group_scores: torch.Tensor, n_prune: int, shape: torch.Size, cut: torch.Tensor | None = None) -> torch.Tensor:
-        """Keep flag per group: the ``n_prune`` lowest-scored groups go (``cut``: a known threshold, if any)."""
-        return keep_all_but_lowest(group_scores, n_prune, cut)
+    def select(self, group_scores: torch.Tensor, n_prune: int, shape: torch.Size, cut: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Keep flag per group: the ``n_prune`` lowest-scored groups go (``cut``: a known threshold, if any; ``out``:
+        a bool buffer that may receive the flags)."""
+        return keep_all_but_lowest(group_scores, n_prune, cut, out)
 
     def expand(self, group_keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """Element keep-mask from a keep flag per group."""
@@ -85,7 +87,8 @@ class NM(Pattern):
         if as_rows(shape)[1] % self.m:
             raise PatternError(f"{name} has {as_rows(shape)[1]} inputs per row, not a multiple of m={self.m}")
 
-    def select(self, group_scores: torch.Tensor, n_prune: int, shape: torch.Size, cut: torch.Tensor | None = None) -> torch.Tensor:
+    def select(self, group_scores: torch.Tensor, n_prune: int, shape: torch.Size, cut: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         blocks = group_scores.reshape(-1, self.m)
         rank = blocks.argsort(dim=1).argsort(dim=1)
         candidate = (rank < self.m - self.n).reshape(-1)

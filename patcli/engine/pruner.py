@@ -187,7 +187,9 @@ class Pruner:
         group_scores = self.group_scores(monotone)
         budget = self._budget(group_scores, target)
         counts = self.allocation.prune_counts(budget)
-        self._adopt([self.layout.select(i, s, c, budget.cut) for i, (s, c) in enumerate(zip(group_scores, counts))])
+        # the new flags go straight into the layout's (the old ones are not read again before _adopt)
+        self._adopt([self.layout.select(i, s, c, budget.cut, out=self.layout.group_keep[i])
+                     for i, (s, c) in enumerate(zip(group_scores, counts))])
         if getattr(self.schedule, "resets_optimizer_state", False) and self.optimizer is not None:
             zero_optimizer_state_(self.optimizer, self.masks.weights, [~k for k in self.masks.keep])
         self.scorer.reset()
@@ -235,7 +237,8 @@ class Pruner:
             grouped = self.layout.group_scores([s.float() for s in scores])
         if self.monotone if monotone is None else monotone:
             if self.layout.elementwise:  # one group per element: the float masks mark the scores in place
-                grouped = [mark_pruned_(g, m.reshape(-1)) for g, m in zip(grouped, self.masks.multipliers)]
+                grouped = [mark_pruned_(g, m.reshape(-1)) if pruned else g
+                           for g, m, pruned in zip(grouped, self.masks.multipliers, self.masks.pruned_counts)]
             else:
                 grouped = [minus_inf_where_pruned(g, k) for g, k in zip(grouped, self.layout.group_keep)]
         return grouped

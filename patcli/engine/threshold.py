@@ -33,12 +33,13 @@ def count(mask: torch.Tensor) -> int:
     return int(np.count_nonzero(array)) if array is not None else int(torch.count_nonzero(mask))
 
 
-def greater(values: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
-    """``values > threshold`` as a bool tensor."""
+def greater(values: torch.Tensor, threshold: torch.Tensor | float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``values > threshold`` as a bool tensor (written into ``out`` when given)."""
     array = _numpy(values)
-    if array is None:
-        return values > threshold
-    return torch.from_numpy(np.greater(array, array.dtype.type(float(threshold))))
+    if array is None or (out is not None and _numpy(out) is None):
+        return torch.gt(values, threshold, out=out) if out is not None else values > threshold
+    flags = np.greater(array, array.dtype.type(float(threshold)), out=None if out is None else _numpy(out))
+    return out if out is not None else torch.from_numpy(flags)
 
 
 def below_and_at(values: torch.Tensor, threshold: torch.Tensor) -> tuple[int, int]:
@@ -82,7 +83,7 @@ def kth_smallest_counts(values: torch.Tensor | list[torch.Tensor], k: int) -> tu
     return parts[0].new_tensor(v), list(below), list(at)
 
 
-CHUNK = 1 << 16  # values per pass of _below_and_between: its temporaries stay in the CPU cache
+CHUNK = 1 << 17  # values per pass of _below_and_between: its temporaries stay in the CPU cache
 
 
 def _below_and_between(values: np.ndarray, lo, hi) -> tuple[int, np.ndarray]:
@@ -121,9 +122,23 @@ def _kth_smallest_numpy(parts: list[np.ndarray], k: int, n: int):
             samples.append(a[np.arange(0, m * stride, stride) + rng.integers(stride, size=m)])
         return np.concatenate(samples)
 
+    def bracket(sample: np.ndarray, q: float):
+        """Sample values below and above the q-quantile by ≈5 standard deviations of the sample quantile."""
+        size = sample.size
+        margin = 5.0 * math.sqrt(q * (1.0 - q) / size) + 2.0 / size
+        lo_rank, hi_rank = max(math.floor((q - margin) * size), 0), min(math.ceil((q + margin) * size), size + 1)
+        # one topk of the smaller side, sorted, gives both ranks
+        largest = size - lo_rank + 1 <= hi_rank
+        count = min(size - lo_rank + 1 if largest else hi_rank, size)
+        ends = torch.topk(torch.from_numpy(sample), count, largest=largest, sorted=True).values.numpy()
+        rank_of = (lambda r: ends[size - r]) if largest else (lambda r: ends[r - 1])
+        lo = rank_of(lo_rank) if lo_rank >= 1 else sample.dtype.type(-np.inf)
+        return lo, rank_of(hi_rank) if hi_rank <= size else sample.dtype.type(np.inf)
+
     size = min(max(8192, int(16 * math.sqrt(n))), 1 << 17)  # bigger inputs: bigger sample, narrower bracket
-    sample, pruned = draw(size), 0
-    if np.isneginf(sample).any():  # already-pruned scores (-inf): count them exactly, bracket the rest
+    sample = draw(size)
+    lo, hi = bracket(sample, k / n)
+    if lo == -np.inf:  # the k-th may lie among or just above already-pruned (-inf) scores: count those, bracket the rest
         pruned = sum(int(np.count_nonzero(np.isneginf(a))) for a in parts)
         if k <= pruned:
             return parts[0].dtype.type(-np.inf), None, None
@@ -131,11 +146,7 @@ def _kth_smallest_numpy(parts: list[np.ndarray], k: int, n: int):
         sample = sample[sample > -np.inf]
         if sample.size < 1024:  # almost everything is pruned: the few live values are cheap to take exactly
             return _kth(np.concatenate([a[a > -np.inf] for a in parts]), k - pruned), None, None
-    size, q = sample.size, (k - pruned) / (n - pruned)
-    margin = 5.0 * math.sqrt(q * (1.0 - q) / size) + 2.0 / size  # ≈5 std of the sample quantile
-    lo_rank, hi_rank = math.floor((q - margin) * size), math.ceil((q + margin) * size)
-    lo = _kth(sample, lo_rank) if lo_rank >= 1 else sample.dtype.type(-np.inf)
-    hi = _kth(sample, hi_rank) if hi_rank <= size else sample.dtype.type(np.inf)
+        lo, hi = bracket(sample, (k - pruned) / (n - pruned))
     below_lo, windows = zip(*(_below_and_between(a, lo, hi) for a in parts))
     total_below = sum(below_lo)
     window = np.concatenate(windows)
@@ -146,18 +157,19 @@ def _kth_smallest_numpy(parts: list[np.ndarray], k: int, n: int):
     return v, below, [int(np.count_nonzero(w == v)) for w in windows]
 
 
-def keep_all_but_lowest(scores: torch.Tensor, n_prune: int, cut: torch.Tensor | None = None) -> torch.Tensor:
+def keep_all_but_lowest(scores: torch.Tensor, n_prune: int, cut: torch.Tensor | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
     """Keep flags (1-D) that drop exactly the ``n_prune`` lowest scores; ties at the cut go by index order.
 
     ``cut``, when known (a global threshold already found it), saves the selection: it is checked, not trusted.
+    ``out``: a bool buffer of the same size to write the flags into (no new tensor).
     """
-    if n_prune <= 0:
-        return torch.ones_like(scores, dtype=torch.bool)
-    if n_prune >= scores.numel():
-        return torch.zeros_like(scores, dtype=torch.bool)
+    if n_prune <= 0 or n_prune >= scores.numel():
+        keep = n_prune <= 0
+        return out.fill_(keep) if out is not None else torch.full_like(scores, keep, dtype=torch.bool)
     for attempt in (cut, None):
         threshold = kth_smallest(scores, n_prune) if attempt is None else attempt
-        keep = greater(scores, threshold)
+        keep = greater(scores, threshold, out)
         at_or_below = scores.numel() - count(keep)
         if at_or_below == n_prune:  # the usual case: no tie straddles the cut
             return keep
