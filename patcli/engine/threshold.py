@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-SMALL = 100_000  # below this, topk over everything is faster than sampling (measured)
+SMALL = 100_000  # below this, topk over the live values beats sampling in later updates, near the -inf (measured)
 NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
@@ -108,8 +108,11 @@ def _kth(values: np.ndarray, k: int, by=lambda t, k: torch.kthvalue(t, k).values
 
 def _kth_smallest_numpy(parts: list[np.ndarray], k: int, n: int):
     """(value, below, at): the counts per part when the bracket gave them for free, else None."""
-    if n <= SMALL:
-        return _kth(np.concatenate(parts), k, by=_topk_kth), None, None
+    if n <= SMALL:  # topk over the live (not -inf) values: later updates of a gradual schedule have few of them
+        values = np.concatenate(parts)
+        live = values[np.flatnonzero(values > -np.inf)]
+        pruned = values.size - live.size
+        return (_kth(live, k - pruned, by=_topk_kth) if k > pruned else values.dtype.type(-np.inf)), None, None
     rng = np.random.default_rng(n + k)  # fixed: the same input always takes the same path
 
     def draw(count: int) -> np.ndarray:
