@@ -40,11 +40,14 @@ def run_job(source: dict[str, Any], run_dir: Path, mode: RunMode | None) -> floa
             raise
         console.print(f"[red]job failed[/] {run_dir}: {error.__class__.__name__}: {error}", highlight=False)
         return None
-    if sweeping:
-        value = record.primary_value("test")
+    if sweeping:  # a sweeper optimises the validation value: show it first
+        val, test = (record.primary_value(split) for split in ("val", "test"))
         console.print(f"[green]done[/] {record.recipe} s={record.target_sparsity:g} seed={record.seed}: "
-                      f"{record.primary_metric} {value:.4f} → {run_dir}", highlight=False)
+                      f"val {record.primary_metric} {_number(val)}, test {_number(test)} → {run_dir}", highlight=False)
     else:
         console.print(summary_table(record))
     return record.primary_value("val")
 
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -53,6 +53,9 @@ def test_basic_sweep_runs_every_combination_and_prints_its_table(cli, tmp_path):
         assert (job / ".hydra" / "config.yaml").is_file() and (job / ".hydra" / "overrides.yaml").is_file()
         assert result_of(job)["status"] == "ok"
     assert "test accuracy" in out and "50%" in out and "80%" in out
+    first = records[("magnitude", 0.5)]  # each job's line shows the validation value a sweeper optimises, then test
+    (line,) = [line for line in out.splitlines() if "magnitude" in line and "s=0.5 seed=0" in line]
+    assert f"val accuracy {first['metrics']['val']['accuracy']:.4f}, test {first['metrics']['test']['accuracy']:.4f}" in line
     for scorer in ("magnitude", "movement"):
         row = table_row(out, f"PAT agp+{scorer}+global")
         assert row == [f"PAT agp+{scorer}+global", "20", "1", percent(records[(scorer, 0.5)]), percent(records[(scorer, 0.8)])]

@@ -61,7 +61,7 @@ def _topk_kth(values: torch.Tensor, k: int) -> torch.Tensor:
 def kth_smallest(values: torch.Tensor | list[torch.Tensor], k: int) -> torch.Tensor:
     """The k-th smallest (1-indexed) value over one or several 1-D tensors (no NaNs; -inf allowed), as a 0-d tensor.
 
-    Several tensors are never concatenated on CPU: the sample, the counts and the bracket are taken per tensor.
+    Above ``SMALL`` values, several tensors are never concatenated on CPU: sample, counts and bracket go per tensor.
     """
     return kth_smallest_counts(values, k)[0]
 
