@@ -190,6 +190,11 @@ def test_structured_pat_run_exports_a_smaller_model_that_loads_in_a_fresh_proces
 
     x = load_dataset(NamedConfig("digits", {})).val.inputs[:16]
     assert json.loads(predictions) == load_pruned(run_dir)(x).argmax(1).tolist()
+    import patcli
+
+    on_cpu = patcli.load_pruned(run_dir, device="cpu")  # the device reaches the loader (cuda adds 2:4 kernels)
+    assert json.loads(predictions) == on_cpu(x).argmax(1).tolist()
+    assert {p.device.type for p in on_cpu.parameters()} == {"cpu"}
 
 
 def test_export_command_compresses_an_unstructured_run(cli, tmp_path):
