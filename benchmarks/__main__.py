@@ -25,9 +25,11 @@ def main() -> None:
         started = time.perf_counter()
         print(f"[{name}] running ...", flush=True)
         section = SECTIONS[name]
-        takes_workers = "workers" in inspect.signature(section).parameters
-        body = section(workers=args.workers) if args.workers and takes_workers else section()
-        write_section(name, body, command=f"python -m benchmarks --only {name}")
+        workers = inspect.signature(section).parameters.get("workers")
+        body = section(workers=args.workers) if args.workers and workers else section()
+        parallel = (args.workers or workers.default) if workers else None
+        command = f"python -m benchmarks --only {name}" + (f" --workers {args.workers}" if args.workers and workers else "")
+        write_section(name, body, command=command, parallel_runs=parallel)
         print(f"[{name}] done in {time.perf_counter() - started:.0f} s → BENCHMARKS.md", flush=True)
 
 

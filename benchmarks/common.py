@@ -26,20 +26,22 @@ ratios against a baseline measured in the same process, interleaved, so machine 
 """
 
 
-def machine() -> str:
+def machine(parallel_runs: int | None = None) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, Python {platform.python_version()}{gpu}"
+    threads = (f"{parallel_runs} runs at a time in processes of 1 torch thread each" if parallel_runs
+               else f"{torch.get_num_threads()} torch thread(s)")
+    return f"{cpu}, {threads}, torch {torch.__version__}, Python {platform.python_version()}{gpu}"
 
 
-def write_section(name: str, body: str, command: str | None = None) -> None:
-    """Replace (or append) section ``name`` of BENCHMARKS.md."""
+def write_section(name: str, body: str, command: str | None = None, parallel_runs: int | None = None) -> None:
+    """Replace (or append) section ``name`` of BENCHMARKS.md (``parallel_runs``: for sections of many runs)."""
     command = command or "python -m benchmarks " + " ".join(sys.argv[1:])
     block = (
         f"<!-- section: {name} -->\n"
         f"## {name}\n\n"
-        f"Reproduce: `{command}` ({date.today().isoformat()}; {machine()})\n\n"
+        f"Reproduce: `{command}` ({date.today().isoformat()}; {machine(parallel_runs)})\n\n"
         f"{body.strip()}\n"
         f"<!-- /section: {name} -->"
     )
