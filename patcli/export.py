@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .config import ConfigError, NamedConfig, RunConfig, parse_run_config
@@ -24,6 +24,7 @@ from .engine.structure import channel_groups
 from .engine.surgery import live_channels, param_count, resize_like, shapes_of, shrink
 from .models import build_model
 from .records import MODEL_FILE, RESULT_FILE, RecordError, RunRecord, read_record, write_record
+from .runner import save_tensors
 
 EXPORT_DIR = "export"
 SMALL_MODEL = "model.safetensors"
@@ -45,11 +46,6 @@ def latency_ms(model: nn.Module, inputs: torch.Tensor, repeats: int) -> float:
     return statistics.median(samples) * 1e3
 
 
-def _save(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> int:
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path), metadata=metadata)
-    return path.stat().st_size
-
-
 def export_model(model: nn.Module, config: RunConfig, data: DataBundle, run_dir: Path, record: RunRecord,
                  measure_latency: bool = True) -> RunRecord:
     """Write the export next to the run and fill the record's export figures."""
@@ -65,7 +61,7 @@ def export_model(model: nn.Module, config: RunConfig, data: DataBundle, run_dir:
         with torch.no_grad():
             torch.testing.assert_close(small(example), model(example), rtol=1e-5, atol=1e-5)
         description["shapes"] = shapes_of(small)
-        record.bytes_after = _save(small.state_dict(), out / SMALL_MODEL)
+        record.bytes_after = save_tensors(small.state_dict(), out / SMALL_MODEL)
         record.params_after = param_count(small)
         if measure_latency:
             for batch, repeats in ((1, 50), (64, 20)):
@@ -76,7 +72,7 @@ def export_model(model: nn.Module, config: RunConfig, data: DataBundle, run_dir:
             record.extra["semi_structured"] = semi_structured_plan(model, example.shape[0])
             description["semi_structured"] = record.extra["semi_structured"]
         tensors, metadata = compress(model.state_dict())
-        record.bytes_after = _save(tensors, out / COMPRESSED, metadata)
+        record.bytes_after = save_tensors(tensors, out / COMPRESSED, metadata)
         round_trip = decompress(load_file(str(out / COMPRESSED)), metadata)
         for name, value in model.state_dict().items():
             if not torch.equal(round_trip[name], value.cpu()):

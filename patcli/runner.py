@@ -96,10 +96,9 @@ def load_weights(model: nn.Module, run_dir: Path) -> None:
     model.load_state_dict(state)
 
 
-def save_weights(model: nn.Module, path: Path) -> int:
-    """Save the state_dict as safetensors (a plain model of the same architecture loads it); returns bytes."""
-    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
+def save_tensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> int:
+    """Save tensors (a state_dict: a plain model of the same architecture loads it) as safetensors; returns bytes."""
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path), metadata=metadata)
     return path.stat().st_size
 
 
@@ -187,7 +186,7 @@ def finish_record(record: RunRecord, model: nn.Module, config: RunConfig, data: 
     record.achieved_sparsity, record.per_layer_sparsity, record.params_prunable = sparsity_report(model, config)
     record.params_total = sum(p.numel() for p in model.parameters())
     record.params_nonzero = sum(int((p != 0).sum()) for p in model.parameters())
-    record.bytes_on_disk = save_weights(model, run_dir / MODEL_FILE)
+    record.bytes_on_disk = save_tensors(model.state_dict(), run_dir / MODEL_FILE)
     return record
 
 
