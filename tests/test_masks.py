@@ -147,3 +147,17 @@ def test_magnitude_masks_reuse_one_score_buffer_per_weight_on_cpu(tiny_mlp):
     weights = sum(w.numel() * w.element_size() for w in pruner.masks.weights)
     assert pruner.engine_state_bytes() == before + weights  # and it is counted as engine state
     assert pruner.sparsity() == pytest.approx(0.7, abs=1 / pruner.masks.accounted_numel())
+
+
+def test_a_scorer_of_ones_own_without_score_buffers_still_works(tiny_mlp):
+    from patcli.engine.scorers import Scorer
+
+    class SquaredMagnitude(Scorer):  # written against the plain scores(weights) signature
+        def scores(self, weights):
+            return [w.detach() ** 2 for w in weights]
+
+    optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.1)
+    pruner = Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=10,
+                    scorer=SquaredMagnitude()).attach(optimizer)
+    train_steps(tiny_mlp, optimizer, 3)
+    assert pruner._scratch is None and pruner.sparsity() == pytest.approx(0.5, abs=1 / pruner.masks.accounted_numel())

@@ -7,6 +7,7 @@ decision. The pruner hooks into ``optimizer.step()``, so a training loop needs n
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -233,7 +234,9 @@ class Pruner:
         if getattr(self.scorer, "grouped", False):
             grouped = self.scorer.group_scores()
         else:
-            scores = self.scorer.scores(self.masking.dense_weights(), out=self._score_buffers())
+            buffers = self._score_buffers()
+            weights = self.masking.dense_weights()
+            scores = self.scorer.scores(weights) if buffers is None else self.scorer.scores(weights, out=buffers)
             grouped = self.layout.group_scores([s.float() for s in scores])
         if self.monotone if monotone is None else monotone:
             if self.layout.elementwise:  # one group per element: the float masks mark the scores in place
@@ -249,7 +252,8 @@ class Pruner:
         A fresh multi-MB tensor on CPU pays page faults every update (~20 ms per 40 MB here); CUDA's caching
         allocator already reuses memory, and accumulating scorers return tensors of their own.
         """
-        if self.scorer.needs_grad or self.masks.weights[0].device.type != "cpu":
+        takes_out = "out" in inspect.signature(self.scorer.scores).parameters  # a scorer of one's own may not
+        if not takes_out or self.scorer.needs_grad or self.masks.weights[0].device.type != "cpu":
             return None
         if self._scratch is None:
             self._scratch = [torch.empty_like(w) for w in self.masks.weights]
