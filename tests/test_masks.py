@@ -117,7 +117,7 @@ def test_engine_state_round_trips_through_state_dict(tiny_mlp):
 
 
 def test_minus_inf_marking_equals_masked_fill():
-    from patcli.engine.masks import mark_pruned_, minus_inf_where_pruned
+    from patcli.engine.masks import as_bytes, mark_pruned_
 
     generator = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64):
@@ -127,7 +127,7 @@ def test_minus_inf_marking_equals_masked_fill():
         scores[::13] = float("-inf")
         keep = torch.rand(5000, generator=generator) > 0.4
         expected = scores.masked_fill(~keep, float("-inf"))
-        result = minus_inf_where_pruned(scores, keep)
+        result = mark_pruned_(scores.clone(), as_bytes(keep).to(dtype))  # the way group flags are marked
         assert result.dtype == dtype and torch.equal(result, expected)
         assert torch.equal(scores.isneginf() | ~keep, result.isneginf())
         scores[::17] = float("inf")  # the in-place marking also keeps +inf where kept

@@ -18,7 +18,7 @@ from torch import nn
 
 from .allocation import Allocation, LayerBudget, Uniform, check_reachable
 from .layouts import ChannelLayout, Layout, TensorLayout
-from .masks import MASKINGS, MaskSet, mark_pruned_, minus_inf_where_pruned, select_prunable, zero_optimizer_state_
+from .masks import MASKINGS, MaskSet, as_bytes, mark_pruned_, select_prunable, zero_optimizer_state_
 from .patterns import Pattern, Structured, Unstructured
 from .regrowth import NoRegrowth, Regrowth
 from .regularizers import Regularizer
@@ -105,6 +105,11 @@ class Pruner:
         self.masking = MASKINGS[masking](self.masks)
         self.step = 0
         self._scratch: list[torch.Tensor] | None = None
+        self._scorer_takes_buffers = (  # a scorer of one's own may not take out=
+            "out" in inspect.signature(self.scorer.scores).parameters
+            and not self.scorer.needs_grad
+            and self.masks.weights[0].device.type == "cpu"
+        )
         self.updates: list[MaskUpdate] = []
         self.optimizer: torch.optim.Optimizer | None = None
         self._handles: list = []
@@ -239,11 +244,11 @@ class Pruner:
             scores = self.scorer.scores(weights) if buffers is None else self.scorer.scores(weights, out=buffers)
             grouped = self.layout.group_scores([s.float() for s in scores])
         if self.monotone if monotone is None else monotone:
-            if self.layout.elementwise:  # one group per element: the float masks mark the scores in place
+            if self.layout.elementwise:  # one group per element: the float masks already held mark the scores
                 grouped = [mark_pruned_(g, m.reshape(-1)) if pruned else g
                            for g, m, pruned in zip(grouped, self.masks.multipliers, self.masks.pruned_counts)]
             else:
-                grouped = [minus_inf_where_pruned(g, k) for g, k in zip(grouped, self.layout.group_keep)]
+                grouped = [mark_pruned_(g, as_bytes(k).to(g.dtype)) for g, k in zip(grouped, self.layout.group_keep)]
         return grouped
 
     def _score_buffers(self) -> list[torch.Tensor] | None:
@@ -252,8 +257,7 @@ class Pruner:
         A fresh multi-MB tensor on CPU pays page faults every update (~20 ms per 40 MB here); CUDA's caching
         allocator already reuses memory, and accumulating scorers return tensors of their own.
         """
-        takes_out = "out" in inspect.signature(self.scorer.scores).parameters  # a scorer of one's own may not
-        if not takes_out or self.scorer.needs_grad or self.masks.weights[0].device.type != "cpu":
+        if not self._scorer_takes_buffers:
             return None
         if self._scratch is None:
             self._scratch = [torch.empty_like(w) for w in self.masks.weights]
