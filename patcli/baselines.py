@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import ConfigError, RunConfig, parse
 from .data import DataBundle, load_dataset
-from .dense import check_dense_run, dense_reference, load_dense_config, resolve_dense
+from .dense import check_dense_run, dense_reference, load_run_config, resolve_dense
 from .engine import ALLOCATIONS, PATTERNS, SCHEDULES, Pruner
 from .engine.registry import ParamError, Registry
 from .engine.structure import StructureError, channel_groups
@@ -225,7 +225,7 @@ def run_baseline(config: RunConfig, run_dir: Path, progress: Progress | None = N
     baseline = parse_baseline(config)
     dense_dir = resolve_dense(config, progress)
     dense_record = check_dense_run(dense_dir)
-    dense = load_dense_config(dense_dir)
+    dense = load_run_config(dense_dir)
     seed_everything(config.seed)
     data = load_dataset(dense.dataset)
     device = resolve_device(config.trainer.device)

@@ -51,8 +51,8 @@ def dense_reference(run_dir: Path, record: RunRecord) -> dict:
     return {"run_dir": str(run_dir), "metrics": record.metrics, "train_steps": record.total_train_steps}
 
 
-def load_dense_config(run_dir: Path) -> RunConfig:
-    """The dense run's own saved config: it rebuilds the model and data exactly."""
+def load_run_config(run_dir: Path) -> RunConfig:
+    """A run's own saved config (its Hydra snapshot): it rebuilds the model and data exactly."""
     return parse_run_config(OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_SNAPSHOT), resolve=True))
 
 

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import ConfigError, NamedConfig, RunConfig, parse_run_config
+from .config import ConfigError, NamedConfig, RunConfig
 from .data import DataBundle, load_dataset
 from .engine.compressed import compress, decompress
 from .engine.patterns import NM, Structured
@@ -24,6 +24,7 @@ from .engine.structure import channel_groups
 from .engine.surgery import live_channels, param_count, resize_like, shapes_of, shrink
 from .models import build_model
 from .records import MODEL_FILE, RESULT_FILE, RecordError, RunRecord, read_record, write_record
+from .dense import CONFIG_SNAPSHOT, load_run_config
 from .runner import save_tensors
 
 EXPORT_DIR = "export"
@@ -98,18 +99,15 @@ def export_run(run_dir: Path, measure_latency: bool = True) -> RunRecord:
     run_dir = Path(run_dir)
     if not (run_dir / RESULT_FILE).is_file() or not (run_dir / MODEL_FILE).is_file():
         raise ConfigError("RUN_DIR", f"{run_dir} is not a finished patcli run (needs {RESULT_FILE} and {MODEL_FILE})")
-    snapshot = run_dir / ".hydra" / "config.yaml"
-    if not snapshot.is_file():
-        raise ConfigError("RUN_DIR", f"{run_dir} has no config snapshot (.hydra/config.yaml) to rebuild its model from")
+    if not (run_dir / CONFIG_SNAPSHOT).is_file():
+        raise ConfigError("RUN_DIR", f"{run_dir} has no config snapshot ({CONFIG_SNAPSHOT}) to rebuild its model from")
     try:
         record = read_record(run_dir / RESULT_FILE)
     except RecordError as error:
         raise ConfigError("RUN_DIR", str(error)) from error
     if record.status != "ok":
         raise ConfigError("RUN_DIR", f"{run_dir} is a {record.status} run; allowed: a finished one")
-    from omegaconf import OmegaConf
-
-    config = parse_run_config(OmegaConf.to_container(OmegaConf.load(snapshot), resolve=True))
+    config = load_run_config(run_dir)
     data = load_dataset(config.dataset)
     model = build_model(config.model, data.meta)
     model.load_state_dict(load_file(str(run_dir / MODEL_FILE)))

@@ -214,6 +214,9 @@ def test_export_command_compresses_an_unstructured_run(cli, tmp_path):
     (tmp_path / "u" / "result.json").write_text("{half a record")
     code, _, err = cli("export", str(tmp_path / "u"))
     assert code == 2 and err.startswith("error: RUN_DIR: ") and "not a readable record" in err
+    (tmp_path / "u" / ".hydra" / "config.yaml").unlink()
+    code, _, err = cli("export", str(tmp_path / "u"))
+    assert code == 2 and err.startswith("error: RUN_DIR: ") and "no config snapshot (.hydra/config.yaml)" in err
 
 
 def test_heads_run_on_a_text_file_reports_sparsity_over_the_attention_weights(cli, tmp_path, monkeypatch):
