@@ -186,3 +186,23 @@ def test_sensitivity_allocation_gives_more_sparsity_to_insensitive_layers():
     assert per_layer[2] < per_layer[1] and per_layer[2] < 0.7
     assert pruner.sparsity() == pytest.approx(0.7, abs=1e-3)
     assert len(pruner.allocation.curves) == 3
+
+
+def test_sensitivity_measures_up_to_the_cap_instead_of_extrapolating():
+    """A layer that looks free at every configured trial but breaks at the cap is not sent to the cap."""
+    from patcli.engine.allocation import LayerBudget
+
+    def loss(layer: int, sparsity: float) -> float:
+        if layer == 0:
+            return sparsity  # steadily more sensitive
+        return 0.0 if sparsity <= 0.9 else 100.0  # flat over the trials, broken at the cap
+
+    budget = LayerBudget(group_scores=[torch.rand(1000), torch.rand(1000)], group_sizes=[1, 1],
+                         shapes=[torch.Size([10, 100])] * 2, target=0.8, max_layer_sparsity=0.99,
+                         loss_with_layer_pruned=loss)
+    allocation = ALLOCATIONS.get("sensitivity")(trials=[0.5, 0.9])
+    counts = allocation.prune_counts(budget)
+    assert allocation.points(budget) == [0.5, 0.9, 0.99]
+    assert [len(c) for c in allocation.curves] == [3, 3] and allocation.curves[1][2] == pytest.approx(100.0)
+    assert sum(counts) == 1600
+    assert 900 <= counts[1] <= 905  # just past its last free point, not at the cap (990)

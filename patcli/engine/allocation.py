@@ -264,20 +264,28 @@ class Sensitivity(Allocation):
     At a mask update each layer alone is pruned to each trial sparsity and the validation loss increase recorded
     (at every update with ``refresh``, since a barely trained model's sensitivities say little; otherwise once).
     The update then finds the loss-increase tolerance τ at which each layer's largest sparsity with increase ≤ τ
-    (interpolated between trials) meets the budget: insensitive layers go further. Cost per measurement: one
-    validation pass per layer and trial.
+    (interpolated between trials) meets the budget: insensitive layers go further. The per-layer cap is always
+    measured too, so no layer is sent past its last measured point on a guess (a flat last segment once let the
+    output layer of a 99%-sparse MLP go to its cap with 3 weights left). Cost per measurement: one validation pass
+    per layer and trial.
     """
 
     trials: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
     refresh: bool = True
     curves: list[list[float]] = field(default_factory=list, init=False, repr=False)
 
+    def points(self, budget: LayerBudget) -> list[float]:
+        """The trial sparsities below the per-layer cap, and the cap itself."""
+        cap = budget.max_layer_sparsity
+        return sorted({t for t in self.trials if t < cap} | {cap})
+
     def measure(self, budget: LayerBudget) -> None:
         if budget.loss_with_layer_pruned is None:
             raise AllocationError("allocation=sensitivity needs a validation loss to measure; none was provided")
         base = budget.loss_with_layer_pruned(0, 0.0)
         self.curves = [
-            [max(budget.loss_with_layer_pruned(i, s) - base, 0.0) for s in self.trials] for i in range(len(budget.shapes))
+            [max(budget.loss_with_layer_pruned(i, s) - base, 0.0) for s in self.points(budget)]
+            for i in range(len(budget.shapes))
         ]
 
     def prune_counts(self, budget: LayerBudget) -> list[int]:
@@ -286,9 +294,10 @@ class Sensitivity(Allocation):
             self.measure(budget)
         scale = max(max(c) for c in self.curves) + 1.0
 
+        points = self.points(budget)
+
         def sparsities(knob: float) -> list[float]:
-            tau = knob * scale
-            return [min(sparsity_within(curve, self.trials, tau), budget.max_layer_sparsity) for curve in self.curves]
+            return [sparsity_within(curve, points, knob * scale) for curve in self.curves]
 
         def counts(knob: float) -> list[int]:
             return [min(round(s * g), c) for s, g, c in zip(sparsities(knob), budget.num_groups, budget.caps())]
@@ -308,16 +317,12 @@ class Sensitivity(Allocation):
 
 
 def sparsity_within(curve: list[float], trials: list[float], tau: float) -> float:
-    """Largest sparsity whose loss increase stays ≤ τ, linear between trial points, with (0, 0) as the origin.
-
-    The curve is made monotone first (noise can make a higher sparsity look cheaper), and past the last trial
-    the slope of the last segment extends it toward a sparsity of 1.
-    """
-    xs, ys = [0.0, *trials, 1.0], [0.0]
+    """Largest sparsity whose loss increase stays ≤ τ, linear between trial points, with (0, 0) as the origin;
+    at most the last trial (the per-layer cap). The curve is made monotone first (noise can make a higher sparsity
+    look cheaper)."""
+    xs, ys = [0.0, *trials], [0.0]
     for y in curve:
         ys.append(max(ys[-1], y))
-    last_slope = (ys[-1] - ys[-2]) / (xs[-2] - xs[-3]) if len(xs) > 2 else 1.0
-    ys.append(ys[-1] + max(last_slope, 1e-6) * (1.0 - xs[-2]))
     for i in range(1, len(xs)):
         if ys[i] > tau:
             if ys[i] == ys[i - 1]:
