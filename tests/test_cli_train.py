@@ -82,10 +82,15 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
         ("schedule.end=5000", "schedule.end: step 5000 is after the run's last step"),
         ("trainer.optimizer=lion", "trainer.optimizer: 'lion' is not allowed; allowed: adamw, adam, sgd"),
         ("pruning=bogus", "pruning=bogus: unknown option; allowed: "),
+        ("schedule.power=-1", "schedule.power: -1.0 is out of range; allowed: > 0"),
+        ("allocation=sensitivity allocation.trials=[0.5,1.5]", "allocation.trials: 1.5 is out of range"),
+        ("allocation=erk allocation.power=-2", "allocation.power: -2.0 is out of range"),
+        ("schedule=alternating schedule.end=0.5", "schedule.end: unknown key; allowed: schedule.name, schedule.begin"),
+        ("schedule=alternating schedule.final=0.9 schedule.begin=0.5", "schedule.final: the final phase"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_no_run_directory(cli, tmp_path, override, expected):
-    code, out, err = cli("train", *TINY, override)
+    code, out, err = cli("train", *TINY, *override.split())
     assert code == 2
     assert expected in err and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err + out

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .registry import Registry
+from .registry import ParamError, Registry
 from .threshold import lowest_counts
 
 ALLOCATIONS: Registry["Allocation"] = Registry("allocation")
@@ -225,6 +225,10 @@ class ERK(Allocation):
 
     power: float = 1.0
 
+    def __post_init__(self) -> None:
+        if not self.power >= 0:
+            raise ParamError("power", f"{self.power} is out of range; allowed: >= 0 (0 = uniform)")
+
     def prune_counts(self, budget: LayerBudget) -> list[int]:
         check_reachable(budget)
         return counts_from_sparsities(budget, erk_sparsities(budget.shapes, budget.target, budget.max_layer_sparsity, self.power))
@@ -273,6 +277,11 @@ class Sensitivity(Allocation):
     trials: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
     refresh: bool = True
     curves: list[list[float]] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.trials if not 0 < t < 1]
+        if bad:
+            raise ParamError("trials", f"{bad[0]} is out of range; allowed: sparsities 0 < value < 1")
 
     def points(self, budget: LayerBudget) -> list[float]:
         """The trial sparsities below the per-layer cap, and the cap itself."""

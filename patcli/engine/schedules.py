@@ -148,8 +148,16 @@ class AGP(Schedule):
 
     power: float = 3.0
 
+    def __post_init__(self) -> None:
+        check_power(self.power)
+
     def curve(self, p: float) -> float:
         return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - p) ** self.power
+
+
+def check_power(power: float) -> None:
+    if not power > 0:
+        raise ParamError("power", f"{power} is out of range; allowed: > 0")
 
 
 @SCHEDULES.register("polynomial")
@@ -181,6 +189,7 @@ class Alternating(Schedule):
     """
 
     begin: int | float = 0.1
+    end: int | float = field(default=0.0, init=False)  # where the final phase starts: set by ``final``
     compressed: int | float = 0.1
     decompressed: int | float = 0.1
     final: int | float = 0.2
@@ -190,21 +199,23 @@ class Alternating(Schedule):
     resets_optimizer_state = True
 
     def __post_init__(self) -> None:
+        check_power(self.power)
         if self.ramp not in ("agp", "linear", "cubic", "constant", "exponential"):
             raise ParamError("ramp", f"{self.ramp!r} is not allowed; allowed: agp, linear, cubic, constant, exponential")
 
     def bind(self, total_steps: int, final_sparsity: float, frequency: int) -> "Schedule":
         final_steps = max(to_step(self.final, total_steps, "schedule.final"), 1)
         self.end = total_steps - final_steps  # masks reach the final target where the final phase starts
+        warm_up = to_step(self.begin, total_steps, "schedule.begin")
+        if self.end <= warm_up:
+            raise ScheduleError(
+                "schedule.final",
+                f"the final phase ({final_steps} steps) starts at step {self.end}, not after the warm-up "
+                f"(schedule.begin = step {warm_up})",
+            )
         super().bind(total_steps, final_sparsity, frequency)
         self.compressed_steps = max(to_step(self.compressed, total_steps, "schedule.compressed"), 1)
         self.decompressed_steps = max(to_step(self.decompressed, total_steps, "schedule.decompressed"), 1)
-        if self.end_step <= self.begin_step:
-            raise ScheduleError(
-                "schedule.final",
-                f"the final phase ({final_steps} steps) starts at step {self.end_step}, not after the warm-up "
-                f"(schedule.begin = step {self.begin_step})",
-            )
         params = {"power": self.power} if self.ramp == "agp" else {}
         self._ramp = SCHEDULES.get(self.ramp)(begin=self.begin_step, end=self.end_step, initial_sparsity=self.initial_sparsity, **params)
         self._ramp.bind(total_steps, final_sparsity, frequency)
