@@ -207,6 +207,10 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
     if config.regrowth.name == "reversal" and config.trainer.optimizer != "sgd":
         log.warning("regrowth=reversal with trainer.optimizer=%s: reversal is meant for SGD; under Adam pruned weights "
                     "random-walk and masks churn (see BENCHMARKS.md, dynamic)", config.trainer.optimizer)
+    chosen = (config.source.get("allocation") or {}).get("name")
+    if config.pattern is not None and config.pattern.fixed_sparsity is not None and chosen not in (None, "uniform", "global"):
+        log.warning("pruning=%s prunes every layer to %g: allocation=%s does not apply (uniform)",
+                    config.pattern.name, config.pattern.fixed_sparsity, chosen)
     if config.method == "pat":
         pruner = build_pruner(
             config,

@@ -121,3 +121,10 @@ def test_trainer_builds_the_configured_optimizer_with_its_fused_kernel(name, cls
     assert group["lr"] == 0.02 and group["weight_decay"] == 0.3 and len(group["params"]) == 3
     if name == "sgd":
         assert group["momentum"] == 0.7
+
+
+def test_a_fixed_pattern_warns_that_a_chosen_allocation_does_not_apply(cli, caplog):
+    code, out, err = cli("train", *TINY, "trainer.max_steps=4", "pruning=nm", "allocation=lamp")
+    assert code == 0, err
+    assert "pruning=nm prunes every layer to 0.5: allocation=lamp does not apply (uniform)" in out + err + caplog.text
+    assert result_of(run_dir_of(out))["per_layer_sparsity"] == {"1.weight": 0.5, "3.weight": 0.5, "5.weight": 0.5}
