@@ -46,6 +46,18 @@ class ChannelGroup:
     buffers: list[Slice] = field(default_factory=list)
 
 
+def channel_rows(tensor: torch.Tensor, channels: int, part: Slice) -> torch.Tensor:
+    """[channels, everything else] view of one slice: row c holds what channel c owns of ``tensor``."""
+    return tensor.movedim(part.dim, 0).reshape(channels, -1)
+
+
+def along_slice(per_channel: torch.Tensor, part: Slice, ndim: int) -> torch.Tensor:
+    """One value per channel, shaped to broadcast over the slice's parameter (``width`` entries each along ``dim``)."""
+    view = [1] * ndim
+    view[part.dim] = -1
+    return per_channel.repeat_interleave(part.width).reshape(view)
+
+
 class Layout:
     """Masked parameters (``names``/``params``), which of them count toward sparsity, and their layers of groups."""
 
@@ -141,11 +153,6 @@ class ChannelLayout(Layout):
     def shapes(self) -> list[torch.Size]:
         return [g.shape for g in self.groups]
 
-    def _per_channel(self, tensor: torch.Tensor, group: ChannelGroup, part: Slice) -> torch.Tensor:
-        """[channels, everything else] view of one slice."""
-        moved = tensor.movedim(part.dim, 0)
-        return moved.reshape(group.channels, -1)
-
     def group_scores(self, scores: list[torch.Tensor], reduce: str | None = None) -> list[torch.Tensor]:
         """``l2``: root of summed squares over the channel's slices; ``l1``/``sum``: their sum."""
         reduce = reduce or self.reduce
@@ -153,7 +160,7 @@ class ChannelLayout(Layout):
         for group in self.groups:
             total = torch.zeros(group.channels, device=scores[0].device)
             for part in group.slices:
-                per_channel = self._per_channel(scores[self._index[part.param]].float(), group, part)
+                per_channel = channel_rows(scores[self._index[part.param]].float(), group.channels, part)
                 total += per_channel.pow(2).sum(1) if reduce == "l2" else per_channel.sum(1)
             result.append(total.sqrt() if reduce == "l2" else total)
         return result
@@ -185,9 +192,6 @@ class ChannelLayout(Layout):
         for group, keep in zip(self.groups, group_keep):
             for part in group.slices:
                 i = self._index[part.param]
-                along = keep.repeat_interleave(part.width)
-                view = [1] * masks[i].dim()
-                view[part.dim] = -1
-                masks[i] &= along.reshape(view)
+                masks[i] &= along_slice(keep, part, masks[i].dim())
         return masks
 

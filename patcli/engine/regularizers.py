@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .layouts import ChannelLayout, Layout
+from .layouts import ChannelLayout, Layout, along_slice, channel_rows
 from .registry import ParamError, Registry
 from .schedules import to_step
 
@@ -95,9 +95,6 @@ class GroupLasso(Regularizer):
         threshold = lr * self.strength(t)
         params = dict(zip(layout.names, layout.params))
         for group in layout.groups:
-            factor = shrink_factors([params[p.param].movedim(p.dim, 0).reshape(group.channels, -1) for p in group.slices],
-                                    threshold)
+            factor = shrink_factors([channel_rows(params[p.param], group.channels, p) for p in group.slices], threshold)
             for part in group.slices:
-                shape = [1] * params[part.param].dim()
-                shape[part.dim] = -1
-                params[part.param].mul_(factor.repeat_interleave(part.width).reshape(shape))
+                params[part.param].mul_(along_slice(factor, part, params[part.param].dim()))

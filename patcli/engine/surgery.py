@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import nn
 
-from .layouts import ChannelGroup
+from .layouts import ChannelGroup, channel_rows
 
 
 def live_channels(model: nn.Module, groups: list[ChannelGroup]) -> list[torch.Tensor]:
@@ -24,8 +24,7 @@ def live_channels(model: nn.Module, groups: list[ChannelGroup]) -> list[torch.Te
     for group in groups:
         alive = torch.zeros(group.channels, dtype=torch.bool, device=next(iter(tensors.values())).device)
         for part in group.slices:
-            moved = tensors[part.param].detach().movedim(part.dim, 0).reshape(group.channels, -1)
-            alive |= (moved != 0).any(dim=1)
+            alive |= (channel_rows(tensors[part.param].detach(), group.channels, part) != 0).any(dim=1)
         keep.append(alive)
     return keep
 
