@@ -206,3 +206,16 @@ def test_sensitivity_measures_up_to_the_cap_instead_of_extrapolating():
     assert [len(c) for c in allocation.curves] == [3, 3] and allocation.curves[1][2] == pytest.approx(100.0)
     assert sum(counts) == 1600
     assert 900 <= counts[1] <= 905  # just past its last free point, not at the cap (990)
+
+
+def test_sensitivity_prunes_where_loss_per_removed_weight_is_lowest():
+    """Equal loss curves in sparsity, but one layer holds 100× the weights: its weights are the cheap ones."""
+    from patcli.engine.allocation import LayerBudget, lower_hull
+
+    budget = LayerBudget(group_scores=[torch.rand(100), torch.rand(10_000)], group_sizes=[1, 1],
+                         shapes=[torch.Size([10, 10]), torch.Size([100, 100])], target=0.5, max_layer_sparsity=0.99,
+                         loss_with_layer_pruned=lambda layer, sparsity: sparsity)
+    assert ALLOCATIONS.get("sensitivity")(trials=[0.5, 0.9]).prune_counts(budget) == [0, 5050]
+    # a concave run of trial points is replaced by its chord; a convex one is kept
+    assert lower_hull([0.0, 0.5, 1.0], [0.0, 0.9, 1.0]) == [(0.0, 0.0), (1.0, 1.0)]
+    assert lower_hull([0.0, 0.5, 1.0], [0.0, 0.1, 1.0]) == [(0.0, 0.0), (0.5, 0.1), (1.0, 1.0)]

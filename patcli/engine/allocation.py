@@ -267,11 +267,11 @@ class Sensitivity(Allocation):
 
     At a mask update each layer alone is pruned to each trial sparsity and the validation loss increase recorded
     (at every update with ``refresh``, since a barely trained model's sensitivities say little; otherwise once).
-    The update then finds the loss-increase tolerance τ at which each layer's largest sparsity with increase ≤ τ
-    (interpolated between trials) meets the budget: insensitive layers go further. The per-layer cap is always
-    measured too, so no layer is sent past its last measured point on a guess (a flat last segment once let the
-    output layer of a 99%-sparse MLP go to its cap with 3 weights left). Cost per measurement: one validation pass
-    per layer and trial.
+    Each layer's curve, linear between trials, is replaced by its lower convex hull; the budget is then filled with
+    the hull segments that cost the least loss per pruned weight first, across layers. Insensitive layers go
+    further, and a small layer is not pruned hard merely because its loss curve is flat in sparsity: what counts
+    is loss per weight removed. The per-layer cap is measured too, so no layer goes past its last measured point
+    on a guess. Cost per measurement: one validation pass per layer and trial.
     """
 
     trials: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
@@ -301,21 +301,17 @@ class Sensitivity(Allocation):
         check_reachable(budget)
         if self.refresh or not self.curves:
             self.measure(budget)
-        scale = max(max(c) for c in self.curves) + 1.0
-
-        points = self.points(budget)
-
-        def sparsities(knob: float) -> list[float]:
-            return [sparsity_within(curve, points, knob * scale) for curve in self.curves]
+        elements = [g * size for g, size in zip(budget.num_groups, budget.group_sizes)]
+        segments = cheapest_first(self.curves, self.points(budget), elements)
 
         def counts(knob: float) -> list[int]:
-            return [min(round(s * g), c) for s, g, c in zip(sparsities(knob), budget.num_groups, budget.caps())]
+            sparsities = sparsities_after(segments, len(self.curves), knob * len(segments))
+            return [min(round(s * g), c) for s, g, c in zip(sparsities, budget.num_groups, budget.caps())]
 
         best = closest(budget, counts)
         if not budget.additive:
             return best
-        fractions = [c / g for c, g in zip(best, budget.num_groups)]
-        return counts_from_sparsities(budget, fractions)
+        return counts_from_sparsities(budget, [c / g for c, g in zip(best, budget.num_groups)])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"curves": torch.tensor(self.curves)} if self.curves else {}
@@ -325,16 +321,42 @@ class Sensitivity(Allocation):
             self.curves = state["curves"].tolist()
 
 
-def sparsity_within(curve: list[float], trials: list[float], tau: float) -> float:
-    """Largest sparsity whose loss increase stays ≤ τ, linear between trial points, with (0, 0) as the origin;
-    at most the last trial (the per-layer cap). The curve is made monotone first (noise can make a higher sparsity
-    look cheaper)."""
-    xs, ys = [0.0, *trials], [0.0]
-    for y in curve:
-        ys.append(max(ys[-1], y))
-    for i in range(1, len(xs)):
-        if ys[i] > tau:
-            if ys[i] == ys[i - 1]:
-                return xs[i - 1]
-            return xs[i - 1] + (xs[i] - xs[i - 1]) * (tau - ys[i - 1]) / (ys[i] - ys[i - 1])
-    return xs[-1]
+def lower_hull(xs: list[float], ys: list[float]) -> list[tuple[float, float]]:
+    """The lower convex hull of points sorted by x (Andrew's monotone chain): slopes only grow along it."""
+    hull: list[tuple[float, float]] = []
+    for point in zip(xs, ys):
+        while len(hull) >= 2:
+            (x0, y0), (x1, y1) = hull[-2], hull[-1]
+            if (y1 - y0) * (point[0] - x0) < (point[1] - y0) * (x1 - x0):
+                break  # the middle point lies below the chord: keep it
+            hull.pop()
+        hull.append(point)
+    return hull
+
+
+def cheapest_first(curves: list[list[float]], trials: list[float], elements: list[int]) -> list[tuple[int, float, float]]:
+    """Every layer's hull segments (layer, from, to sparsity), ordered by loss increase per pruned element.
+
+    Curves start at (0, 0) and are made monotone first (noise can make a higher sparsity look cheaper). Within a
+    layer, hull slopes grow, so each layer's segments keep their order; ties go by layer, then sparsity.
+    """
+    segments = []
+    for layer, (curve, n) in enumerate(zip(curves, elements)):
+        ys = [0.0]
+        for y in curve:
+            ys.append(max(ys[-1], y))
+        hull = lower_hull([0.0, *trials], ys)
+        for (x0, y0), (x1, y1) in zip(hull, hull[1:]):
+            segments.append(((y1 - y0) / ((x1 - x0) * n), layer, x0, x1))
+    segments.sort()
+    return [(layer, x0, x1) for _, layer, x0, x1 in segments]
+
+
+def sparsities_after(segments: list[tuple[int, float, float]], layers: int, taken: float) -> list[float]:
+    """Per-layer sparsity once the first ``taken`` segments (a fraction of the last one) are pruned."""
+    sparsities = [0.0] * layers
+    for i, (layer, x0, x1) in enumerate(segments):
+        if taken <= i:
+            break
+        sparsities[layer] = x0 + (x1 - x0) * min(1.0, taken - i)
+    return sparsities
