@@ -347,7 +347,7 @@ def cheapest_first(curves: list[list[float]], trials: list[float], elements: lis
             ys.append(max(ys[-1], y))
         hull = lower_hull([0.0, *trials], ys)
         for (x0, y0), (x1, y1) in zip(hull, hull[1:]):
-            segments.append(((y1 - y0) / ((x1 - x0) * n), layer, x0, x1))
+            segments.append(((y1 - y0) / ((x1 - x0) * max(n, 1)), layer, x0, x1))
     segments.sort()
     return [(layer, x0, x1) for _, layer, x0, x1 in segments]
 
