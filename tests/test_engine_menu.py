@@ -219,3 +219,17 @@ def test_sensitivity_prunes_where_loss_per_removed_weight_is_lowest():
     # a concave run of trial points is replaced by its chord; a convex one is kept
     assert lower_hull([0.0, 0.5, 1.0], [0.0, 0.9, 1.0]) == [(0.0, 0.0), (1.0, 1.0)]
     assert lower_hull([0.0, 0.5, 1.0], [0.0, 0.1, 1.0]) == [(0.0, 0.0), (0.5, 0.1), (1.0, 1.0)]
+
+
+@pytest.mark.parametrize("pattern, message", [
+    (PATTERNS.get("nm")(n=2, m=4), "0.weight has 9 inputs per row, not a multiple of m=4; leave it dense with pruning.exclude=['0.weight']"),
+    (PATTERNS.get("block")(rows=1, cols=4), "0.weight of shape (8, 1, 3, 3) does not divide into 1x4 blocks; leave it dense with pruning.exclude=['0.weight']"),
+])
+def test_a_pattern_that_does_not_fit_a_layer_names_it_and_how_to_leave_it_dense(pattern, message):
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))  # 1·3·3 = 9 inputs per filter, 8·3·3 = 72
+    with pytest.raises(ValueError) as error:
+        Pruner(model, sparsity=0.5 if pattern.name == "nm" else 0.8, schedule=SCHEDULES.get("oneshot")(), total_steps=5,
+               pattern=pattern)
+    assert str(error.value) == message
+    Pruner(model, sparsity=0.5 if pattern.name == "nm" else 0.8, schedule=SCHEDULES.get("oneshot")(), total_steps=5,
+           pattern=pattern, exclude=["0.weight"])  # the suggested fix works

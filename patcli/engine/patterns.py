@@ -85,7 +85,8 @@ class NM(Pattern):
 
     def check(self, name: str, shape: torch.Size) -> None:
         if as_rows(shape)[1] % self.m:
-            raise PatternError(f"{name} has {as_rows(shape)[1]} inputs per row, not a multiple of m={self.m}")
+            raise PatternError(f"{name} has {as_rows(shape)[1]} inputs per row, not a multiple of m={self.m}; "
+                               f"leave it dense with pruning.exclude=['{name}']")
 
     def select(self, group_scores: torch.Tensor, n_prune: int, shape: torch.Size, cut: torch.Tensor | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,7 +113,8 @@ class Block(Pattern):
     def check(self, name: str, shape: torch.Size) -> None:
         out, inputs = as_rows(shape)
         if out % self.rows or inputs % self.cols:
-            raise PatternError(f"{name} of shape {tuple(shape)} does not divide into {self.rows}x{self.cols} blocks")
+            raise PatternError(f"{name} of shape {tuple(shape)} does not divide into {self.rows}x{self.cols} blocks; "
+                               f"leave it dense with pruning.exclude=['{name}']")
 
     def group_size(self, shape: torch.Size) -> int:
         return self.rows * self.cols
