@@ -25,7 +25,7 @@ from .engine import SCHEDULES, MaskUpdate, Pruner, select_prunable
 from .engine.patterns import Structured
 from .engine.pruner import make_layout
 from .engine.allocation import AllocationError
-from .engine.schedules import ScheduleError
+from .engine.schedules import Schedule, ScheduleError
 from .models import build_model
 from .records import MODEL_FILE, RESULT_FILE, RunRecord, append_metrics, read_record, write_record
 from .training import Progress, Trainer, evaluate, resolve_device, total_steps
@@ -100,6 +100,18 @@ def save_tensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str,
     """Save tensors (a state_dict: a plain model of the same architecture loads it) as safetensors; returns bytes."""
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path), metadata=metadata)
     return path.stat().st_size
+
+
+def warn_if_one_jump(schedule: Schedule, frequency: int) -> None:
+    """A gradual schedule whose updates are too sparse for its ramp prunes everything at one step: say so."""
+    gradual = schedule.curve(0.0) < schedule.curve(1.0) and getattr(schedule, "monotone", True)
+    steps = schedule.update_steps()
+    rising = [t for t in steps if schedule.target(t) > schedule.initial_sparsity]
+    if gradual and len(rising) == 1:
+        log.warning("schedule=%s reaches %.4g sparsity in one jump at step %d (mask updates every pruning.frequency=%d "
+                    "steps, a ramp of %d steps): that is one-shot pruning; lower pruning.frequency or train longer",
+                    type(schedule).__name__.lower(), schedule.final_sparsity, rising[0], frequency,
+                    schedule.end_step - schedule.begin_step)
 
 
 def build_pruner(
@@ -219,6 +231,7 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
             evaluate_fn=trainer.validation_loss,
             on_update=lambda u: append_metrics(run_dir, {"kind": "mask_update", **u.__dict__}),
         ).attach(trainer.optimizer)
+        warn_if_one_jump(pruner.schedule, config.pruning.frequency)
     current_sparsity = (lambda: pruner.updates[-1].sparsity if pruner.updates else 0.0) if pruner else None
     fit = trainer.fit(
         progress=progress,

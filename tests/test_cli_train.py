@@ -128,3 +128,13 @@ def test_a_fixed_pattern_warns_that_a_chosen_allocation_does_not_apply(cli, capl
     assert code == 0, err
     assert "pruning=nm prunes every layer to 0.5: allocation=lamp does not apply (uniform)" in out + err + caplog.text
     assert result_of(run_dir_of(out))["per_layer_sparsity"] == {"1.weight": 0.5, "3.weight": 0.5, "5.weight": 0.5}
+
+
+def test_a_ramp_with_too_few_mask_updates_is_called_one_shot(cli, caplog):
+    code, out, err = cli("train", *TINY)  # 40 steps, AGP until step 30, an update every 50 steps: one jump
+    assert code == 0, err
+    assert "schedule=agp reaches 0.9 sparsity in one jump at step 30" in out + err + caplog.text
+    caplog.clear()
+    code, out, err = cli("train", *TINY, "pruning.frequency=5")
+    assert code == 0, err
+    assert "one jump" not in out + err + caplog.text

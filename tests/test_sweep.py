@@ -17,7 +17,7 @@ from patcli.plugins import JOBLIB_LAUNCHER, job_threads
 
 from conftest import TINY, result_of
 
-FAST = [*TINY, "trainer.max_steps=20", "schedule.end=10"]
+FAST = [*TINY, "trainer.max_steps=20", "schedule.end=10", "pruning.frequency=5"]
 EXPLODING = ["+model._target_=exploding_model.Exploding"]  # a job fails at run time when +model.explode=true
 
 
