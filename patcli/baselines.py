@@ -123,8 +123,9 @@ class StructuredNorm:
     def __post_init__(self) -> None:
         if self.kind not in ("auto", "neurons", "filters", "heads"):
             raise ParamError("kind", f"{self.kind!r} is not allowed; allowed: auto, neurons, filters, heads")
-        if self.allocation not in ALLOCATIONS:
-            raise ParamError("allocation", f"{self.allocation!r} is not allowed; allowed: {', '.join(ALLOCATIONS.names())}")
+        allowed = [name for name in ALLOCATIONS.names() if not ALLOCATIONS.get(name).needs_loss]  # one-shot: no loss to measure
+        if self.allocation not in allowed:
+            raise ParamError("allocation", f"{self.allocation!r} is not allowed; allowed: {', '.join(allowed)}")
 
     def kind_for(self, model: nn.Module) -> str:
         if self.kind != "auto":

@@ -66,10 +66,10 @@ def plan(config: RunConfig) -> Plan:
         if config.dense:
             check_dense_run(Path(config.dense))
         fixed = dataclasses.replace(config, schedule=SCHEDULES.get("fixed")())
-        build_pruner(fixed, build_model(config.model, data.meta), 1)  # the target fits the per-layer caps?
+        build_pruner(fixed, build_model(config.model, data.meta), 1, evaluate_fn=never_called)  # the target fits the caps?
     elif config.pruning.enabled:
         trial = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule))
-        pruner = build_pruner(trial, build_model(config.model, data.meta), steps)  # pattern fits the model?
+        pruner = build_pruner(trial, build_model(config.model, data.meta), steps, evaluate_fn=never_called)  # pattern fits?
         update_steps = len(pruner.schedule.update_steps())
     if config.trainer.init_from:
         check_init_from(config)
@@ -100,6 +100,11 @@ def save_tensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str,
     """Save tensors (a state_dict: a plain model of the same architecture loads it) as safetensors; returns bytes."""
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path), metadata=metadata)
     return path.stat().st_size
+
+
+def never_called() -> float:
+    """The validation loss of a pruner built only to check a plan: it never updates masks."""
+    raise AssertionError("a planning pruner evaluated a loss")
 
 
 def warn_if_one_jump(schedule: Schedule, frequency: int) -> None:

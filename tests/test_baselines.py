@@ -96,5 +96,7 @@ def test_prune_post_cli_reuses_a_given_dense_run_and_rejects_a_wrong_one(cli, tm
     assert code == 2 and "patcli prune-post" in err
     code, _, err = cli("prune-post", *TINY, "baseline=iterative", "baseline.rounds=0")
     assert code == 2 and "baseline.rounds: 0 is out of range" in err
+    code, _, err = cli("prune-post", *TINY, "baseline=structured", "baseline.allocation=sensitivity")  # one-shot: no loss
+    assert code == 2 and "baseline.allocation: 'sensitivity' is not allowed; allowed: erk, global, lamp, uniform" in err
     code, _, err = cli("prune-post", *TINY, "baseline=structured", "baseline.kind=heads")  # an MLP has no heads
     assert code == 2 and err.startswith("error: baseline.kind: ") and "no attention heads" in err and len(err.strip().splitlines()) == 1

@@ -233,3 +233,9 @@ def test_a_pattern_that_does_not_fit_a_layer_names_it_and_how_to_leave_it_dense(
     assert str(error.value) == message
     Pruner(model, sparsity=0.5 if pattern.name == "nm" else 0.8, schedule=SCHEDULES.get("oneshot")(), total_steps=5,
            pattern=pattern, exclude=["0.weight"])  # the suggested fix works
+
+
+def test_sensitivity_without_a_loss_to_measure_fails_when_built_not_mid_training():
+    with pytest.raises(ValueError, match="pass evaluate="):
+        Pruner(tiny(), sparsity=0.5, schedule=SCHEDULES.get("agp")(), total_steps=10,
+               allocation=ALLOCATIONS.get("sensitivity")())

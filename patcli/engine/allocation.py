@@ -69,7 +69,9 @@ class LayerBudget:
 
 @dataclass
 class Allocation:
-    """Base allocator."""
+    """Base allocator; ``needs_loss``: it measures a validation loss (the pruner's ``evaluate``)."""
+
+    needs_loss = False
 
     def prune_counts(self, budget: LayerBudget) -> list[int]:
         raise NotImplementedError
@@ -276,6 +278,7 @@ class Sensitivity(Allocation):
 
     trials: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
     refresh: bool = True
+    needs_loss = True
     curves: list[list[float]] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
