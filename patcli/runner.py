@@ -115,7 +115,7 @@ def warn_if_one_jump(schedule: Schedule, frequency: int) -> None:
     if gradual and len(rising) == 1:
         log.warning("schedule=%s reaches %.4g sparsity in one jump at step %d (mask updates every pruning.frequency=%d "
                     "steps, a ramp of %d steps): that is one-shot pruning; lower pruning.frequency or train longer",
-                    type(schedule).__name__.lower(), schedule.final_sparsity, rising[0], frequency,
+                    schedule.name, schedule.final_sparsity, rising[0], frequency,
                     schedule.end_step - schedule.begin_step)
 
 

@@ -87,7 +87,7 @@ class Pruner:
         # a pattern that fixes the sparsity (N:M) prunes every layer alike
         self.allocation = Uniform() if self.pattern.fixed_sparsity is not None else (allocation or Uniform())
         if self.allocation.needs_loss and evaluate is None:
-            raise ValueError(f"{type(self.allocation).__name__} allocation measures each layer's loss: pass evaluate=, "
+            raise ValueError(f"allocation={self.allocation.name} measures each layer's loss: pass evaluate=, "
                              "a function returning a validation loss")
         self.max_layer_sparsity = max_layer_sparsity
         self.regrowth = regrowth or NoRegrowth()
