@@ -47,8 +47,12 @@ def check_dense_run(run_dir: Path) -> RunRecord:
 
 
 def dense_reference(run_dir: Path, record: RunRecord) -> dict:
-    """What a record keeps of its dense run, so compare can show dense without reading it."""
-    return {"run_dir": str(run_dir), "metrics": record.metrics, "train_steps": record.total_train_steps}
+    """What a record keeps of its dense run, so compare can show dense without reading it.
+
+    Compare matches the dense run by ``run_id``: the directory may be moved or read from elsewhere.
+    """
+    return {"run_dir": str(run_dir.resolve()), "run_id": record.run_id, "metrics": record.metrics,
+            "train_steps": record.total_train_steps}
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

@@ -6,6 +6,7 @@ module-level because joblib and submitit pickle it.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 from importlib import resources
@@ -26,6 +27,12 @@ if TYPE_CHECKING:
     from .sweeps import SweepResult
 
 CONFIG_NAME = "config"
+START_DIR_ENV = "PATCLI_START_DIR"  # set in every sweep job by Hydra (hydra.job.env_set): where the sweep started
+
+
+def quoted(value: str) -> str:
+    """A value as a quoted Hydra override string (paths may hold characters the override grammar reserves)."""
+    return "'" + value.replace("'", "\\'") + "'"
 
 
 class UsageError(Exception):
@@ -141,6 +148,11 @@ def task(cfg: DictConfig) -> float | None:
     from .plugins import job_threads
 
     hydra = HydraConfig.get()
+    started_in = os.environ.get(START_DIR_ENV)
+    if started_in and os.getcwd() != started_in and os.path.isdir(started_in):
+        # a reused joblib worker may sit where an earlier sweep of this process started: relative paths in the
+        # config (output_root, dense, dataset.path) mean the directory the sweep was started from
+        os.chdir(started_in)
     source = job_config(cfg)
     threads = job_threads(hydra.launcher)
     if threads and not source["trainer"].get("threads"):  # parallel jobs must not fight over the cores
@@ -182,19 +194,19 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
     from .sweeps import SweepResult, job_dirs
 
     try:
-        directory = str(cfg.hydra.sweep.dir)
+        directory = str(Path(cfg.hydra.sweep.dir).absolute())  # a joblib worker's own cwd may differ
     except OmegaConfBaseException as error:
         raise UsageError(f"hydra.sweep.dir: {str(error).splitlines()[0]}") from error
-    pinned = "hydra.sweep.dir='" + directory.replace("'", "\\'") + "'"
+    pinned = [f"hydra.sweep.dir={quoted(directory)}", f"++hydra.job.env_set.{START_DIR_ENV}={quoted(os.getcwd())}"]
     others = [o for o in overrides if not o.startswith("hydra.sweep.dir=")]
     study = cfg.hydra.sweeper.get("_target_") == OPTUNA_SWEEPER
     try:  # Hydra's own CLI sets the mode; called directly, jobs would not know they are in a sweep
-        returns = GlobalHydra.instance().hydra.multirun(CONFIG_NAME, task, [*others, pinned, "hydra.mode=MULTIRUN"])
+        returns = GlobalHydra.instance().hydra.multirun(CONFIG_NAME, task, [*others, *pinned, "hydra.mode=MULTIRUN"])
     except ValueError as error:
         if not (study and "No trials are completed yet" in str(error)):
             raise
         returns = None  # every trial failed, so the study has no best trial; the records say why
-    return SweepResult(Path(directory).absolute(), job_dirs(returns), study=study)
+    return SweepResult(Path(directory), job_dirs(returns), study=study)
 
 
 def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunConfig], None] | None) -> None:

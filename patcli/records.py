@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -62,6 +63,7 @@ class RunRecord:
     mask_updates: int = 0
     error: str | None = None
     run_dir: str = ""
+    run_id: str = ""  # set when first written; what records that cite this run (dense_reference) match on
     config: dict[str, Any] = field(default_factory=dict)  # the resolved job config (as in .hydra/config.yaml)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -92,6 +94,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_record(run_dir: Path, record: RunRecord) -> Path:
     record.run_dir = str(run_dir)
+    record.run_id = record.run_id or uuid.uuid4().hex
     path = run_dir / RESULT_FILE
     write_atomic(path, record.to_json() + "\n")
     return path

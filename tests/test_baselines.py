@@ -1,6 +1,7 @@
 """Post-training baselines reach their targets, share dense runs safely, and iterative beats one-shot."""
 
 import multiprocessing
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ from omegaconf import OmegaConf
 from patcli.config import parse_run_config
 from patcli.dense import resolve_dense
 from patcli.hydra_app import conf_dir
+from patcli.records import find_record_files, read_record
+from patcli.report import compare
 from patcli.runner import execute
 
 from conftest import TINY, result_of, run_dir_of
@@ -98,5 +101,21 @@ def test_prune_post_cli_reuses_a_given_dense_run_and_rejects_a_wrong_one(cli, tm
     assert code == 2 and "baseline.rounds: 0 is out of range" in err
     code, _, err = cli("prune-post", *TINY, "baseline=structured", "baseline.allocation=sensitivity")  # one-shot: no loss
     assert code == 2 and "baseline.allocation: 'sensitivity' is not allowed; allowed: erk, global, lamp, uniform" in err
+
+
+def test_compare_counts_a_cited_dense_run_once_after_the_runs_are_moved(cli, tmp_path):
+    """A baseline cites its dense run by id: read from a moved copy, the dense run is still one run, not two."""
+    code, _, err = cli("train", *TINY, "pruning=none", "hydra.run.dir=runs/dense")
+    assert code == 0, err
+    code, _, err = cli("prune-post", *TINY, "baseline=magnitude", "dense=runs/dense", "hydra.run.dir=runs/post")
+    assert code == 0, err
+    dense, post = result_of(tmp_path / "runs" / "dense"), result_of(tmp_path / "runs" / "post")
+    assert post["dense_reference"]["run_id"] == dense["run_id"] != ""
+    assert post["dense_reference"]["run_dir"] == str((tmp_path / "runs" / "dense").resolve())
+    shutil.move(tmp_path / "runs", tmp_path / "moved")
+    comparison = compare([read_record(p) for p in find_record_files([tmp_path / "moved"])])
+    (group,) = comparison.groups
+    assert group.dense.cells[0.0].values == [dense["metrics"]["test"]["accuracy"]]
+    assert list(group.rows) == ["post:magnitude"]
     code, _, err = cli("prune-post", *TINY, "baseline=structured", "baseline.kind=heads")  # an MLP has no heads
     assert code == 2 and err.startswith("error: baseline.kind: ") and "no attention heads" in err and len(err.strip().splitlines()) == 1

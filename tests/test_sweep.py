@@ -88,7 +88,7 @@ def test_pat_vs_post_under_joblib_trains_the_dense_run_first_and_baselines_find_
     (dense,) = [p for p in (tmp_path / "outputs" / "dense").iterdir() if p.is_dir()]  # trained once, before the launch
     records = {r["method"]: r for r in (result_of(tmp_path / "sweep" / n) for n in ("0", "1"))}
     assert set(records) == {"pat", "post:magnitude"} and all(r["status"] == "ok" for r in records.values())
-    assert tmp_path / records["post:magnitude"]["dense_reference"]["run_dir"] == dense  # relative to the working dir
+    assert records["post:magnitude"]["dense_reference"]["run_dir"] == str(dense.resolve())
     assert table_row(out, "dense")[-1] == percent(result_of(dense))
     delta = (records["post:magnitude"]["metrics"]["test"]["accuracy"] - result_of(dense)["metrics"]["test"]["accuracy"]) * 100
     assert table_row(out, "post:magnitude")[-1] == f"{percent(records['post:magnitude'])} ({delta:+.1f})"
