@@ -290,6 +290,8 @@ def config_hash(data: Any) -> str:
 def _named(data: Mapping[str, Any] | None, prefix: str) -> NamedConfig:
     data = dict(data or {})
     if "_target_" in data:
+        if not data["_target_"]:
+            raise ConfigError(f"{prefix}._target_", f"missing; allowed: the dotted path of a class, e.g. {prefix}._target_=my_package.MyModel")
         return NamedConfig(name=str(data["_target_"]).rsplit(".", 1)[-1], params=data)
     name = data.pop("name", None)
     if not isinstance(name, str):

@@ -93,7 +93,8 @@ def _unknown_key_error(key: str, overrides: list[str]) -> UsageError:
         allowed = [k for k in node.keys() if k != "hydra"] if isinstance(node, DictConfig) else []
     except Exception:
         allowed = list(TOP_LEVEL)
-    return UsageError(f"{key}: unknown key; allowed: {', '.join(f'{parent}.{a}' if parent else a for a in allowed)}")
+    hint = "; for a model of your own: model=custom model._target_=package.Class" if key == "model._target_" else ""
+    return UsageError(f"{key}: unknown key; allowed: {', '.join(f'{parent}.{a}' if parent else a for a in allowed)}{hint}")
 
 
 def translate_hydra_error(error: Exception, overrides: list[str]) -> UsageError:

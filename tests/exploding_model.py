@@ -1,4 +1,4 @@
-"""A user model for sweep tests (``+model._target_=exploding_model.Exploding``): its forward raises when told to, so
+"""A user model for sweep tests (``model=custom model._target_=exploding_model.Exploding``): its forward raises when told to, so
 one job of a sweep fails at run time while its config is valid."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from torch import nn
 
 
 class Exploding(nn.Module):
-    def __init__(self, explode: bool = False, **_: object) -> None:  # the mlp group's keys come along and are ignored
+    def __init__(self, explode: bool = False) -> None:
         super().__init__()
         self.explode = explode
         self.linear = nn.Linear(64, 10)

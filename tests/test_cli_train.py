@@ -87,6 +87,8 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
         ("allocation=erk allocation.power=-2", "allocation.power: -2.0 is out of range"),
         ("schedule=alternating schedule.end=0.5", "schedule.end: unknown key; allowed: schedule.name, schedule.begin"),
         ("schedule=alternating schedule.final=0.9 schedule.begin=0.5", "schedule.final: the final phase"),
+        ("model._target_=torch.nn.Linear", "model._target_: unknown key; allowed: model.name, model.hidden, model.activation, "
+         "model.dropout; for a model of your own: model=custom model._target_=package.Class"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_no_run_directory(cli, tmp_path, override, expected):
@@ -95,6 +97,18 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_run_directory(cli, tmp_path,
     assert expected in err and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err + out
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_model_of_ones_own_gets_exactly_the_keys_given(cli, tmp_path):
+    code, out, err = cli("train", "model=custom", "model._target_=torch.nn.Linear", "+model.in_features=64",
+                         "+model.out_features=10", "trainer.epochs=2", "pruning.sparsity=0.5", f"hydra.run.dir={tmp_path}/run")
+    assert code == 0, err
+    record = result_of(tmp_path / "run")
+    assert record["model"] == "Linear" and record["params_prunable"] == 640
+    assert record["achieved_sparsity"] == pytest.approx(0.5, abs=1 / 640)
+    assert record["config"]["model"] == {"_target_": "torch.nn.Linear", "in_features": 64, "out_features": 10}
+    code, _, err = cli("train", "model=custom")
+    assert code == 2 and err.startswith("error: model._target_: missing; allowed: the dotted path of a class"), err
 
 
 def test_console_script_runs_in_a_fresh_process(tmp_path):

@@ -18,7 +18,8 @@ from patcli.plugins import JOBLIB_LAUNCHER, job_threads
 from conftest import TINY, result_of
 
 FAST = [*TINY, "trainer.max_steps=20", "schedule.end=10", "pruning.frequency=5"]
-EXPLODING = ["+model._target_=exploding_model.Exploding"]  # a job fails at run time when +model.explode=true
+# FAST with a model of the user's own, whose job fails at run time when +model.explode=true
+EXPLODING = [*(o for o in FAST if not o.startswith("model.")), "model=custom", "model._target_=exploding_model.Exploding"]
 
 
 def sweep_dir_of(stdout: str) -> Path:
@@ -96,7 +97,7 @@ def test_pat_vs_post_under_joblib_trains_the_dense_run_first_and_baselines_find_
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])
 def test_a_failing_job_does_not_stop_the_others(cli, tmp_path, launcher):
-    code, out, err = cli("sweep", *FAST, *EXPLODING, "+model.explode=false,true", f"hydra/launcher={launcher}",
+    code, out, err = cli("sweep", *EXPLODING, "+model.explode=false,true", f"hydra/launcher={launcher}",
                          f"hydra.sweep.dir={tmp_path}/sweep")
     assert code == 1 and err.strip() == "error: 1 of 2 jobs failed (listed apart in the table above)", err
     assert out.strip().splitlines()[-1] == f"sweep dir: {tmp_path}/sweep"
@@ -109,7 +110,7 @@ def test_a_failing_job_does_not_stop_the_others(cli, tmp_path, launcher):
 
 def test_optuna_study_optimises_val_tells_failed_trials_and_prints_the_best(cli, tmp_path):
     storage = f"sqlite:///{tmp_path}/study.db"  # a database storage: optuna 2 needs SQLAlchemy 1.x for it
-    code, out, err = cli("sweep", *FAST, *EXPLODING, "hydra/sweeper=optuna", "hydra/sweeper/sampler=grid",
+    code, out, err = cli("sweep", *EXPLODING, "hydra/sweeper=optuna", "hydra/sweeper/sampler=grid",
                          "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=2", "+model.explode=choice(false,true)",
                          f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=s", f"hydra.sweep.dir={tmp_path}/sweep")
     assert code == 0, err
@@ -126,7 +127,7 @@ def test_optuna_study_optimises_val_tells_failed_trials_and_prints_the_best(cli,
 
 
 def test_optuna_study_with_no_finished_trial_says_so(cli, tmp_path):
-    code, out, err = cli("sweep", *FAST, *EXPLODING, "+model.explode=true", "hydra/sweeper=optuna",
+    code, out, err = cli("sweep", *EXPLODING, "+model.explode=true", "hydra/sweeper=optuna",
                          "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=1", "schedule.end=interval(5,10)")
     assert code == 1
     assert "no trial finished ok" in err and "exploded on purpose" in out
