@@ -79,6 +79,16 @@ class RunRecord:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once, at import (setting it is process-wide)
+
+
+def with_default_mode(path: Path | str) -> None:
+    """Give a file the permissions of any file this user creates (temporary files and safetensors' are 0600, which
+    would hide records and weights from the rest of a team sharing an outputs folder)."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +96,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        with_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

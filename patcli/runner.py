@@ -27,7 +27,7 @@ from .engine.pruner import make_layout
 from .engine.allocation import AllocationError
 from .engine.schedules import Schedule, ScheduleError
 from .models import build_model
-from .records import MODEL_FILE, RESULT_FILE, RunRecord, append_metrics, read_record, write_record
+from .records import MODEL_FILE, RESULT_FILE, RunRecord, append_metrics, read_record, with_default_mode, write_record
 from .training import Progress, Trainer, evaluate, resolve_device, total_steps
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ def load_weights(model: nn.Module, run_dir: Path) -> None:
 def save_tensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> int:
     """Save tensors (a state_dict: a plain model of the same architecture loads it) as safetensors; returns bytes."""
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path), metadata=metadata)
+    with_default_mode(path)
     return path.stat().st_size
 
 

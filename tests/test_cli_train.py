@@ -40,6 +40,9 @@ def test_train_writes_a_complete_record_and_reaches_the_target(cli, tmp_path):
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     zeros = sum(int((m.weight == 0).sum()) for m in model if isinstance(m, torch.nn.Linear))
     assert zeros == round(0.8 * record["params_prunable"])
+    # written like any file of the user's (a temporary file's 0600 would hide them from a team sharing outputs/)
+    modes = {name: (run_dir / name).stat().st_mode & 0o777 for name in ("result.json", "model.safetensors", "metrics.jsonl")}
+    assert len(set(modes.values())) == 1 and modes["metrics.jsonl"] != 0o600, modes
 
 
 def test_dense_run_and_init_from(cli, tmp_path):
