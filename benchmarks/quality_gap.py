@@ -1,0 +1,120 @@
+"""What closes the digits gap of the quality section: probes with training options patcli does not have yet.
+
+The engine issue's targets (98.0% at 98%, 97.0% at 99%) are missed by its own options. This section adds two
+standard remedies to the training loss of the recommended recipe, here only (probes, not patcli options):
+distillation from the tuned dense model of the same seed, and ±1-pixel shifts of the 8×8 images. Selection stays
+honest: the probes are compared on validation (seeds 0–2) and reported on test (seeds 3–5), trained on the train split
+and refit on train + validation, with the recipe alone measured beside them in the same run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .common import mean_std, run_config, table
+from .quality import CAP, REFIT, TEST_SEEDS, TUNE_SEEDS
+
+# The choices of the quality section's searches on validation (BENCHMARKS.md, quality): the probes start from them.
+RECOMMENDED = ["trainer.lr=0.01", "trainer.lr_schedule=constant", "pruning.frequency=50", "allocation=global",
+               "scorer=hessian", "trainer.epochs=100"]
+TUNED_DENSE = ["pruning=none", "trainer.lr=0.01", "trainer.lr_schedule=constant", "trainer.epochs=100",
+               "trainer.weight_decay=0.01", "trainer.batch_size=64"]
+ALPHA, TEMPERATURE = 0.5, 4.0  # distillation: the usual Hinton et al. weighting, not tuned here
+SPARSITIES = (0.98, 0.99)
+PROBES = ("recipe alone", f"+ distillation (α {ALPHA}, T {TEMPERATURE:g})", "+ ±1-pixel shifts")
+
+_probe: dict = {"teacher": None, "shift": False}  # set per job, read by the loss below (in the worker process)
+
+
+def shifted(inputs: torch.Tensor) -> torch.Tensor:
+    """Each flattened 8×8 image moved by -1, 0 or +1 pixel in x and in y (zeros shifted in)."""
+    n = inputs.shape[0]
+    padded = F.pad(inputs.reshape(n, 8, 8), (1, 1, 1, 1))
+    rows = torch.randint(0, 3, (n, 1)) + torch.arange(8)
+    cols = torch.randint(0, 3, (n, 1)) + torch.arange(8)
+    return padded[torch.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]].reshape(n, 64)
+
+
+def probe_loss(original):
+    def loss_and_outputs(model, task, inputs, targets):
+        if model.training and _probe["shift"]:
+            inputs = shifted(inputs)
+        loss, outputs = original(model, task, inputs, targets)
+        teacher = _probe["teacher"]
+        if model.training and teacher is not None:
+            with torch.no_grad():
+                soft = F.softmax(teacher(inputs) / TEMPERATURE, -1)
+            distill = F.kl_div(F.log_softmax(outputs / TEMPERATURE, -1), soft, reduction="batchmean") * TEMPERATURE ** 2
+            loss = (1 - ALPHA) * loss + ALPHA * distill
+        return loss, outputs
+    return loss_and_outputs
+
+
+def install_probe() -> None:
+    """Pool initializer: wrap the trainer's loss in this worker."""
+    from patcli import training
+
+    training.loss_and_outputs = probe_loss(training.loss_and_outputs)
+
+
+def probe_job(args) -> dict:
+    probe, overrides, extra, root = args
+    _probe.update(teacher=None, shift=probe == PROBES[2])
+    if probe == PROBES[1]:
+        from patcli.dense import load_run_config
+        from patcli.models import build_model
+        from patcli.data import load_dataset
+        from patcli.runner import load_weights
+
+        seed = [o for o in overrides if o.startswith("seed=")]
+        dense = run_config(([*TUNED_DENSE, *seed, *extra], root))
+        if dense.get("status") != "ok":
+            return dense
+        config = load_run_config(Path(dense["run_dir"]))
+        teacher = build_model(config.model, load_dataset(config.dataset).meta)
+        load_weights(teacher, Path(dense["run_dir"]))
+        _probe["teacher"] = teacher.eval()
+    return run_config(([*overrides, *extra], root))
+
+
+def quality_gap(workers: int = 2) -> str:
+    jobs = {}
+    for probe in PROBES:
+        for s in SPARSITIES:
+            for split, seeds, protocols in (("val", TUNE_SEEDS, {"": []}), ("test", TEST_SEEDS, {"": [], " refit": [REFIT]})):
+                for protocol, extra in protocols.items():
+                    for seed in seeds:
+                        overrides = [*RECOMMENDED, f"pruning.sparsity={s}", f"seed={seed}", CAP]
+                        jobs[(probe, split + protocol, s, seed)] = (probe, overrides, extra)
+    with tempfile.TemporaryDirectory() as folder:
+        with multiprocessing.get_context("spawn").Pool(workers, initializer=install_probe) as pool:
+            records = pool.map(probe_job, [(*job, folder) for job in jobs.values()], chunksize=1)
+    pooled: dict = {}
+    for (probe, protocol, s, _), record in zip(jobs, records):
+        if record.get("status") != "ok":
+            raise RuntimeError(f"probe run {probe} {protocol} {s} failed: {record.get('error')}")
+        pooled.setdefault((probe, protocol, s), []).append(record["metrics"][protocol.split()[0]]["accuracy"])
+    columns = [(p, s) for p in ("val", "test", "test refit") for s in SPARSITIES]
+    rows = [[probe, *[mean_std(pooled[(probe, p, s)]) for p, s in columns]] for probe in PROBES]
+    chosen = max(PROBES, key=lambda probe: statistics.fmean(v for s in SPARSITIES for v in pooled[(probe, "val", s)]))
+    reached = {s: statistics.fmean(pooled[(chosen, "test refit", s)]) * 100 for s in SPARSITIES}
+    return (
+        f"The recommended recipe of the quality section ({' '.join(RECOMMENDED)}) with two training options patcli "
+        f"does not have yet, added to the training loss by this benchmark only: distillation from the tuned dense "
+        f"model of the same seed ({' '.join(TUNED_DENSE[1:])}; loss (1 − α)·CE + α·T²·KL at temperature T; refit "
+        f"runs distil from a refit teacher), and every training image shifted by −1, 0 or +1 pixel in x and y. "
+        f"Accuracy %, mean ± std: validation over seeds 0–2, test over seeds 3–5, trained on train (1,257) and refit "
+        f"on train + validation (1,427).\n\n"
+        + table(["probe", *[f"{p} {s:.0%}" for p, s in columns]], rows)
+        + f"\n\nBest on validation (mean of 98% and 99%): {chosen}; refit, on test: {reached[0.98]:.1f}% at 98% "
+        f"(target 98.0%), {reached[0.99]:.1f}% at 99% (target 97.0%)."
+    )
+
+
+SECTIONS = {"quality_gap": quality_gap}
