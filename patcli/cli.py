@@ -48,6 +48,9 @@ def _run(args: list[str], **kwargs) -> object:
     except (UsageError, ConfigError) as error:
         print_error(str(error))
         raise typer.Exit(code=2) from None
+    except KeyboardInterrupt:
+        print_error("interrupted (a run already started is recorded in its result.json with status 'interrupted')")
+        raise typer.Exit(code=130) from None
 
 
 def _not_a_baseline(config) -> None:

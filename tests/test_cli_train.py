@@ -114,6 +114,18 @@ def test_a_model_of_ones_own_gets_exactly_the_keys_given(cli, tmp_path):
     assert code == 2 and err.startswith("error: model._target_: missing; allowed: the dotted path of a class"), err
 
 
+def test_ctrl_c_records_the_run_as_interrupted_and_exits_130(cli, tmp_path, monkeypatch):
+    from patcli import jobs
+
+    def interrupted(config, run_dir, progress=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs, "execute", interrupted)
+    code, _, err = cli("train", *TINY, f"hydra.run.dir={tmp_path}/run")
+    assert code == 130 and err.strip() == "error: interrupted (a run already started is recorded in its result.json with status 'interrupted')"
+    assert result_of(tmp_path / "run")["status"] == "interrupted"
+
+
 def test_console_script_runs_in_a_fresh_process(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "patcli.cli", "train", *TINY, "trainer.max_steps=5", "schedule.end=3", "pruning.sparsity=0.5"],
