@@ -187,6 +187,10 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: "
     records, skipped = report.load_records(paths)
     for line in skipped:
         errors.print(f"[yellow]warning:[/] skipping {line}", highlight=False, soft_wrap=True)
+    known = sorted({name for r in records if r.status == "ok" for name in r.metrics.get(split, {})})
+    if metric and known and metric not in known:
+        print_error(f"--metric: {metric!r} is in no {split} record; allowed: {', '.join(known)}")
+        raise typer.Exit(code=2)
     comparison = report.compare(records, metric, split)
     if not comparison.groups and not comparison.not_ok:
         print_error(f"no run records (result.json) under {', '.join(map(str, paths))}")
@@ -205,6 +209,7 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: "
         console.print(f"wrote {output}", highlight=False)
     if plot:
         try:
+            plot.parent.mkdir(parents=True, exist_ok=True)  # as --output does
             report.plot(comparison, plot)
         except ImportError:
             print_error("--plot needs matplotlib: pip install 'patcli[plot]'")

@@ -79,10 +79,11 @@ def test_cli_table_csv_json_markdown_and_plot(cli, runs):
     assert {r["row"] for r in data["rows"]} == {"dense", "PAT agp+magnitude+global", "post:magnitude", "post:iterative"}
     assert data["rows"][0]["split"] == "val" and data["not_ok"][0]["status"] == "failed"
 
-    code, out, _ = cli("compare", str(runs), "--format", "markdown", "--output", str(runs / "table.md"), "--plot", str(runs / "curves.png"))
+    code, out, _ = cli("compare", str(runs), "--format", "markdown", "--output", str(runs / "table.md"),
+                       "--plot", str(runs / "figures" / "curves.png"))  # a folder that does not exist yet
     assert code == 0
     assert "| post:iterative | 1,250 | 1 | - | **97.5 (+0.5)** |" in (runs / "table.md").read_text()
-    png = (runs / "curves.png").read_bytes()
+    png = (runs / "figures" / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
@@ -93,3 +94,10 @@ def test_compare_reports_missing_or_empty_paths(cli, tmp_path):
     assert code == 2 and "no run records" in err
     code, _, err = cli("compare", str(tmp_path), "--split", "train")
     assert code == 2 and "--split" in err
+
+
+def test_compare_names_the_metrics_the_records_hold_for_a_wrong_one(cli, runs):
+    code, out, err = cli("compare", str(runs), "--metric", "acuracy")
+    assert code == 2 and err.strip().splitlines()[-1] == "error: --metric: 'acuracy' is in no test record; allowed: accuracy, loss"
+    code, out, _ = cli("compare", str(runs), "--metric", "loss", "--format", "json")
+    assert code == 0 and {r["metric"] for r in json.loads(out)["rows"]} == {"loss"}
