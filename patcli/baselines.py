@@ -26,7 +26,7 @@ from .engine.structure import StructureError, channel_groups
 from .engine.scorers import Gradient, Magnitude, Scorer
 from .models import build_model
 from .records import RunRecord
-from .runner import base_record, build_pruner, finish_record, load_weights, seed_everything
+from .runner import allocation_loss, base_record, build_pruner, finish_record, load_weights, seed_everything
 from .training import Progress, Trainer, loss_and_outputs, resolve_device, steps_per_epoch
 
 BASELINES: Registry = Registry("baseline")
@@ -194,7 +194,7 @@ class PATFromDense:
         steps = ctx.finetune_steps(self.finetune_fraction)
         trainer = ctx.trainer(steps, self.lr)
         config = dataclasses.replace(ctx.config, schedule=dataclasses.replace(ctx.config.schedule))
-        pruner = build_pruner(config, ctx.model, trainer.total_steps, evaluate_fn=trainer.validation_loss)
+        pruner = build_pruner(config, ctx.model, trainer.total_steps, evaluate_fn=allocation_loss(config, trainer))
         pruner.attach(trainer.optimizer)
         trainer.fit(progress=ctx.progress, label=ctx.config.recipe())
         pruner.detach()

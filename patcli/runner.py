@@ -7,6 +7,7 @@ fitting the schedule into the run), so the CLI can reject bad input before Hydra
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 from dataclasses import dataclass
@@ -118,6 +119,11 @@ def warn_if_one_jump(schedule: Schedule, frequency: int) -> None:
                     "steps, a ramp of %d steps): that is one-shot pruning; lower pruning.frequency or train longer",
                     schedule.name, schedule.final_sparsity, rising[0], frequency,
                     schedule.end_step - schedule.begin_step)
+
+
+def allocation_loss(config: RunConfig, trainer: Trainer) -> Callable[[], float]:
+    """The validation loss a loss-measuring allocation calls, over as many batches as it asks for."""
+    return functools.partial(trainer.validation_loss, getattr(config.allocation, "batches", None))
 
 
 def build_pruner(
@@ -234,7 +240,7 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
             config,
             trainer.model,
             trainer.total_steps,
-            evaluate_fn=trainer.validation_loss,
+            evaluate_fn=allocation_loss(config, trainer),
             on_update=lambda u: append_metrics(run_dir, {"kind": "mask_update", **u.__dict__}),
         ).attach(trainer.optimizer)
         warn_if_one_jump(pruner.schedule, config.pruning.frequency)

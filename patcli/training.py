@@ -86,14 +86,17 @@ def loss_and_outputs(model: nn.Module, task: str, inputs: torch.Tensor, targets:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, task: str, batch_size: int = 512) -> dict[str, float]:
-    """Mean loss and accuracy (classification) or perplexity (language modelling) over a split."""
+def evaluate(model: nn.Module, split: Split, task: str, batch_size: int = 512, max_batches: int | None = None) -> dict[str, float]:
+    """Mean loss and accuracy (classification) or perplexity (language modelling) over a split (or its first
+    ``max_batches`` batches, always the same ones)."""
     was_training = model.training
     model.eval()
     total_loss = torch.zeros((), device=split.inputs.device)
     correct = torch.zeros((), device=split.inputs.device)
     count = 0
-    for inputs, targets in split.batches(batch_size):
+    for index, (inputs, targets) in enumerate(split.batches(batch_size)):
+        if max_batches is not None and index == max_batches:
+            break
         loss, outputs = loss_and_outputs(model, task, inputs, targets)
         n = targets.numel()
         total_loss += loss * n
@@ -135,8 +138,8 @@ class Trainer:
             lambda step: lr_factor(step, self.total_steps, config.warmup_steps, config.lr_schedule),
         )
 
-    def validation_loss(self) -> float:
-        return evaluate(self.model, self.val_split, self.data.task)["loss"]
+    def validation_loss(self, max_batches: int | None = None) -> float:
+        return evaluate(self.model, self.val_split, self.data.task, max_batches=max_batches)["loss"]
 
     def fit(
         self,

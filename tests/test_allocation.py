@@ -137,3 +137,17 @@ def test_numpy_backed_comparisons_match_torch():
     assert count(values > 0) == 3 and count(torch.tensor([True, False, True])) == 2
     half = values.to(torch.bfloat16)  # numpy has no bfloat16: torch does it
     assert torch.equal(greater(half, 0.0), values > 0.0)
+
+
+def test_sensitivity_measures_on_its_first_held_out_batches(tiny_mlp):
+    from patcli.data.base import Split
+    from patcli.training import evaluate
+
+    generator = torch.Generator().manual_seed(0)
+    split = Split(torch.randn(1100, 16, generator=generator), torch.randint(0, 4, (1100,), generator=generator))
+    first = evaluate(tiny_mlp, split, "classification", max_batches=1)
+    assert first == evaluate(tiny_mlp, Split(split.inputs[:512], split.targets[:512]), "classification")
+    assert evaluate(tiny_mlp, split, "classification", max_batches=3) == evaluate(tiny_mlp, split, "classification")
+    assert ALLOCATIONS.get("sensitivity")().batches == 8
+    with pytest.raises(ValueError, match="batches: 0 is out of range"):
+        ALLOCATIONS.get("sensitivity")(batches=0)

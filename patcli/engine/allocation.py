@@ -278,6 +278,7 @@ class Sensitivity(Allocation):
 
     trials: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
     refresh: bool = True
+    batches: int | None = 8  # held-out batches per measurement, for whoever builds ``evaluate``; None = all
     needs_loss = True
     curves: list[list[float]] = field(default_factory=list, init=False, repr=False)
 
@@ -285,6 +286,8 @@ class Sensitivity(Allocation):
         bad = [t for t in self.trials if not 0 < t < 1]
         if bad:
             raise ParamError("trials", f"{bad[0]} is out of range; allowed: sparsities 0 < value < 1")
+        if self.batches is not None and self.batches < 1:
+            raise ParamError("batches", f"{self.batches} is out of range; allowed: >= 1 or null (the whole split)")
 
     def points(self, budget: LayerBudget) -> list[float]:
         """The trial sparsities below the per-layer cap, and the cap itself."""
