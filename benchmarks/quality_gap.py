@@ -2,9 +2,9 @@
 
 The engine issue's targets (98.0% at 98%, 97.0% at 99%) are missed by its own options. This section adds two
 standard remedies to the training loss of the recommended recipe, here only (probes, not patcli options):
-distillation from the tuned dense model of the same seed, and ±1-pixel shifts of the 8×8 images. Selection stays
-honest: the probes are compared on validation (seeds 0–2) and reported on test (seeds 3–5), trained on the train split
-and refit on train + validation, with the recipe alone measured beside them in the same run.
+distillation from the tuned dense model of the same seed (α and T chosen on validation), and ±1-pixel shifts of the
+8×8 images. Selection stays honest: the probes are compared on validation (seeds 0–2) and reported on test (seeds
+3–5), trained on the train split and refit on train + validation, with the recipe alone measured beside them.
 """
 
 from __future__ import annotations
@@ -25,11 +25,15 @@ RECOMMENDED = ["trainer.lr=0.01", "trainer.lr_schedule=constant", "pruning.frequ
                "scorer=hessian", "trainer.epochs=100"]
 TUNED_DENSE = ["pruning=none", "trainer.lr=0.01", "trainer.lr_schedule=constant", "trainer.epochs=100",
                "trainer.weight_decay=0.01", "trainer.batch_size=64"]
-ALPHA, TEMPERATURE = 0.5, 4.0  # distillation: the usual Hinton et al. weighting, not tuned here
 SPARSITIES = (0.98, 0.99)
-PROBES = ("recipe alone", f"+ distillation (α {ALPHA}, T {TEMPERATURE:g})", "+ ±1-pixel shifts")
+# name → (distillation weight α and temperature T, or None; shifted images): α and T are chosen on validation
+PROBES = {
+    "recipe alone": (None, False),
+    **{f"+ distillation (α {a}, T {t})": ((a, t), False) for a in (0.5, 0.9) for t in (2, 4)},
+    "+ ±1-pixel shifts": (None, True),
+}
 
-_probe: dict = {"teacher": None, "shift": False}  # set per job, read by the loss below (in the worker process)
+_probe: dict = {"distill": None, "teacher": None, "shift": False}  # set per job, read by the loss (in the worker)
 
 
 def shifted(inputs: torch.Tensor) -> torch.Tensor:
@@ -48,10 +52,11 @@ def probe_loss(original):
         loss, outputs = original(model, task, inputs, targets)
         teacher = _probe["teacher"]
         if model.training and teacher is not None:
+            alpha, temperature = _probe["distill"]
             with torch.no_grad():
-                soft = F.softmax(teacher(inputs) / TEMPERATURE, -1)
-            distill = F.kl_div(F.log_softmax(outputs / TEMPERATURE, -1), soft, reduction="batchmean") * TEMPERATURE ** 2
-            loss = (1 - ALPHA) * loss + ALPHA * distill
+                soft = F.softmax(teacher(inputs) / temperature, -1)
+            distill = F.kl_div(F.log_softmax(outputs / temperature, -1), soft, reduction="batchmean") * temperature ** 2
+            loss = (1 - alpha) * loss + alpha * distill
         return loss, outputs
     return loss_and_outputs
 
@@ -65,8 +70,9 @@ def install_probe() -> None:
 
 def probe_job(args) -> dict:
     probe, overrides, extra, root = args
-    _probe.update(teacher=None, shift=probe == PROBES[2])
-    if probe == PROBES[1]:
+    distill, shift = PROBES[probe]
+    _probe.update(distill=distill, teacher=None, shift=shift)
+    if distill:
         from patcli.dense import load_run_config
         from patcli.models import build_model
         from patcli.data import load_dataset
@@ -109,6 +115,7 @@ def quality_gap(workers: int = 2) -> str:
         f"does not have yet, added to the training loss by this benchmark only: distillation from the tuned dense "
         f"model of the same seed ({' '.join(TUNED_DENSE[1:])}; loss (1 − α)·CE + α·T²·KL at temperature T; refit "
         f"runs distil from a refit teacher), and every training image shifted by −1, 0 or +1 pixel in x and y. "
+        f"Every probe is run and reported; the verdict below takes the one best on validation. "
         f"Accuracy %, mean ± std: validation over seeds 0–2, test over seeds 3–5, trained on train (1,257) and refit "
         f"on train + validation (1,427).\n\n"
         + table(["probe", *[f"{p} {s:.0%}" for p, s in columns]], rows)
