@@ -151,3 +151,23 @@ def test_sensitivity_measures_on_its_first_held_out_batches(tiny_mlp):
     assert ALLOCATIONS.get("sensitivity")().batches == 8
     with pytest.raises(ValueError, match="batches: 0 is out of range"):
         ALLOCATIONS.get("sensitivity")(batches=0)
+
+
+def test_the_runner_gives_sensitivity_the_loss_over_its_batches_only(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from patcli.config import parse_run_config
+    from patcli.data import load_dataset
+    from patcli.hydra_app import conf_dir
+    from patcli.models import build_model
+    from patcli.runner import allocation_loss
+    from patcli.training import Trainer
+
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", ["allocation=sensitivity", "allocation.batches=1", "dataset.val_size=600"])
+    config = parse_run_config(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True))
+    data = load_dataset(config.dataset)
+    trainer = Trainer(build_model(config.model, data.meta), data, config.trainer, torch.device("cpu"), seed=0)
+    loss = allocation_loss(config, trainer)()
+    assert loss == trainer.validation_loss(1) and loss != trainer.validation_loss()  # 600 samples: two batches

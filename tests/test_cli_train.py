@@ -1,6 +1,7 @@
 """`patcli train` end to end on a tiny config, its run record, and one-line errors for bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -42,7 +43,9 @@ def test_train_writes_a_complete_record_and_reaches_the_target(cli, tmp_path):
     assert zeros == round(0.8 * record["params_prunable"])
     # written like any file of the user's (a temporary file's 0600 would hide them from a team sharing outputs/)
     modes = {name: (run_dir / name).stat().st_mode & 0o777 for name in ("result.json", "model.safetensors", "metrics.jsonl")}
-    assert len(set(modes.values())) == 1 and modes["metrics.jsonl"] != 0o600, modes
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert set(modes.values()) == {0o666 & ~umask}, modes
 
 
 def test_dense_run_and_init_from(cli, tmp_path):
