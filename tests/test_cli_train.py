@@ -171,3 +171,24 @@ def test_a_ramp_with_too_few_mask_updates_is_called_one_shot(cli, caplog):
     code, out, err = cli("train", *TINY, "pruning.frequency=5")
     assert code == 0, err
     assert "one jump" not in out + err + caplog.text
+
+
+def test_digits_folds_partition_the_non_test_images_and_never_move_the_test_split():
+    def rows(split):
+        return {tuple(row.tolist()) for row in split.inputs}
+
+    default = load_dataset(NamedConfig("digits", {}))
+    folds = [load_dataset(NamedConfig("digits", {"val_fold": i})) for i in range(8)]
+    val_sets = [rows(bundle.val) for bundle in folds]
+    non_test = rows(default.train) | rows(default.val)
+    assert all(torch.equal(bundle.test.inputs, default.test.inputs) for bundle in folds)
+    assert sum(len(bundle.val) for bundle in folds) == 1437 and set().union(*val_sets) == non_test
+    assert all(not (a & b) for i, a in enumerate(val_sets) for b in val_sets[i + 1:])
+    assert all(len(bundle.train) + len(bundle.val) == 1437 and not rows(bundle.train) & rows(bundle.val) for bundle in folds)
+    assert all(torch.bincount(bundle.val.targets, minlength=10).min() >= 17 for bundle in folds)  # stratified
+
+
+def test_a_digits_fold_out_of_range_is_a_one_line_error(cli, tmp_path):
+    code, out, err = cli("train", *TINY, "dataset.val_fold=8")
+    assert code == 2 and "dataset.val_fold: 8 is out of range; allowed: null or 0..7" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
