@@ -283,6 +283,10 @@ class RunConfig:
         return config_hash({"md": self.model_dataset_hash(), "trainer": trainer, "seed": self.seed})
 
 
+# What the pruning groups default to (conf/config.yaml): a dense run that names anything else was asked for pruning.
+PRUNING_DEFAULTS = {"scorer": "magnitude", "schedule": "agp", "allocation": "global"}
+
+
 def config_hash(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

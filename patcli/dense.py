@@ -14,7 +14,7 @@ from pathlib import Path
 from filelock import FileLock
 from omegaconf import OmegaConf
 
-from .config import ConfigError, RunConfig, parse_run_config
+from .config import PRUNING_DEFAULTS, ConfigError, RunConfig, parse_run_config
 from .records import RESULT_FILE, RecordError, RunRecord, find_record_files, read_record
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ def dense_source(config: RunConfig) -> dict:
     pruning = source.get("pruning") or {}
     source["pruning"] = {"mode": "none", "include": pruning.get("include", ["*"]), "exclude": pruning.get("exclude", [])}
     source["baseline"] = {"name": "none"}
+    source.update({group: {"name": name} for group, name in PRUNING_DEFAULTS.items()})  # nothing to score or schedule
     source["dense"] = None
     source.setdefault("trainer", {})["init_from"] = None
     return source

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .config import ConfigError, RunConfig
+from .config import PRUNING_DEFAULTS, ConfigError, RunConfig
 from .data import DataBundle, load_dataset
 from .engine import SCHEDULES, MaskUpdate, Pruner, select_prunable
 from .engine.patterns import Structured
@@ -119,6 +119,14 @@ def warn_if_one_jump(schedule: Schedule, frequency: int) -> None:
                     "steps, a ramp of %d steps): that is one-shot pruning; lower pruning.frequency or train longer",
                     schedule.name, schedule.final_sparsity, rising[0], frequency,
                     schedule.end_step - schedule.begin_step)
+
+
+def warn_if_dense_ignores(config: RunConfig) -> None:
+    """pruning=none trains dense: a scorer, schedule or allocation chosen with it would be dropped without a word."""
+    ignored = [f"{group}={name}" for group, default in PRUNING_DEFAULTS.items()
+               if (name := (config.source.get(group) or {}).get("name", default)) != default]
+    if config.method == "dense" and ignored:
+        log.warning("pruning=none trains dense: %s do%s not apply", ", ".join(ignored), "es" if len(ignored) == 1 else "")
 
 
 def allocation_loss(config: RunConfig, trainer: Trainer) -> Callable[[], float]:
@@ -231,6 +239,7 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
     if config.regrowth.name == "reversal" and config.trainer.optimizer != "sgd":
         log.warning("regrowth=reversal with trainer.optimizer=%s: reversal is meant for SGD; under Adam pruned weights "
                     "random-walk and masks churn (see BENCHMARKS.md, dynamic)", config.trainer.optimizer)
+    warn_if_dense_ignores(config)
     chosen = (config.source.get("allocation") or {}).get("name")
     if config.pattern is not None and config.pattern.fixed_sparsity is not None and chosen not in (None, "uniform", "global"):
         log.warning("pruning=%s prunes every layer to %g: allocation=%s does not apply (uniform)",

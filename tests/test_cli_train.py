@@ -163,6 +163,17 @@ def test_a_fixed_pattern_warns_that_a_chosen_allocation_does_not_apply(cli, capl
     assert result_of(run_dir_of(out))["per_layer_sparsity"] == {"1.weight": 0.5, "3.weight": 0.5, "5.weight": 0.5}
 
 
+def test_a_dense_run_warns_that_the_pruning_options_it_was_given_do_not_apply(cli, caplog):
+    code, out, err = cli("train", *TINY, "trainer.max_steps=4", "pruning=none", "scorer=movement", "schedule=cubic")
+    assert code == 0, err
+    assert "pruning=none trains dense: scorer=movement, schedule=cubic do not apply" in out + err + caplog.text
+    assert result_of(run_dir_of(out))["method"] == "dense"
+    caplog.clear()
+    code, out, err = cli("train", *TINY, "trainer.max_steps=4", "pruning=none")
+    assert code == 0, err
+    assert "trains dense" not in out + err + caplog.text
+
+
 def test_a_ramp_with_too_few_mask_updates_is_called_one_shot(cli, caplog):
     code, out, err = cli("train", *TINY)  # 40 steps, AGP until step 30, an update every 50 steps: one jump
     assert code == 0, err
