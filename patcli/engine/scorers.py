@@ -78,42 +78,43 @@ class Random(Scorer):
 
 @dataclass
 class Accumulating(Scorer):
-    """Sums a per-step statistic of (w, g) since the last mask update."""
+    """Sums a per-step statistic of (w, g) since the last mask update.
+
+    The step count lives on the host: it is known without asking the device, so counting costs no kernel.
+    """
 
     needs_grad = True
     _sums: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
-    _count: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _count: int = field(default=0, init=False, repr=False)
 
-    def step_statistic(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    def accumulate(self, sums: list[torch.Tensor], weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Add this step's statistic into ``sums`` in place."""
         raise NotImplementedError
 
     def observe(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         if not self._sums:
             self._sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
-            self._count = torch.zeros((), device=weights[0].device)
-        torch._foreach_add_(self._sums, self.step_statistic(weights, grads))
+        self.accumulate(self._sums, weights, grads)
         self._count += 1
 
     def mean(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
         if not self._sums:
             raise RuntimeError(f"scorer {self.name!r} needs gradients, but none were observed before the mask update")
-        count = self._count.clamp(min=1)
-        return [s / count for s in self._sums]
+        return [s / max(self._count, 1) for s in self._sums]
 
     def reset(self) -> None:
         for s in self._sums:
             s.zero_()
-        if self._count is not None:
-            self._count.zero_()
+        self._count = 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if not self._sums:
             return {}
-        return {"count": self._count.clone(), **{f"sum.{i}": s.clone() for i, s in enumerate(self._sums)}}
+        return {"count": torch.tensor(float(self._count)), **{f"sum.{i}": s.clone() for i, s in enumerate(self._sums)}}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if "count" in state:
-            self._count = state["count"].clone()
+            self._count = int(state["count"])
             self._sums = [state[f"sum.{i}"].clone() for i in range(len(state) - 1)]
 
 
@@ -122,10 +123,10 @@ class Accumulating(Scorer):
 class Gradient(Accumulating):
     """First-order Taylor |w·g| (Molchanov et al. 2017), averaged over the steps since the last update."""
 
-    def step_statistic(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    def accumulate(self, sums: list[torch.Tensor], weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         products = torch._foreach_mul(weights, grads)
         torch._foreach_abs_(products)
-        return products
+        torch._foreach_add_(sums, products)
 
     def scores(self, weights: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         return self.mean(weights)
@@ -139,10 +140,8 @@ class Movement(Accumulating):
     The sum is not reset at mask updates: movement is a property of the whole fine-tuning trajectory.
     """
 
-    def step_statistic(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        products = torch._foreach_mul(weights, grads)
-        torch._foreach_neg_(products)
-        return products
+    def accumulate(self, sums: list[torch.Tensor], weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        torch._foreach_addcmul_(sums, weights, grads, value=-1.0)
 
     def scores(self, weights: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         self.mean(weights)  # raises if nothing was observed
@@ -162,8 +161,8 @@ class Hessian(Accumulating):
     per-sample gradients would cost B backward passes.
     """
 
-    def step_statistic(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        return torch._foreach_mul(grads, grads)
+    def accumulate(self, sums: list[torch.Tensor], weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        torch._foreach_addcmul_(sums, grads, grads)
 
     def scores(self, weights: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         fisher = self.mean(weights)
