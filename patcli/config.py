@@ -274,13 +274,17 @@ class RunConfig:
         return "+".join(parts)
 
     def model_dataset_hash(self) -> str:
-        """Groups runs that are comparable: same model and dataset config."""
-        return config_hash({"model": self.source.get("model"), "dataset": self.source.get("dataset")})
+        """Groups runs that are comparable: same model and dataset config. The folds of one dataset are one dataset
+        (compare pools them like seeds), and leaving the fold out keeps the hash of runs made before folds existed."""
+        dataset = {k: v for k, v in (self.source.get("dataset") or {}).items() if k != "val_fold"}
+        return config_hash({"model": self.source.get("model"), "dataset": dataset})
 
     def dense_key(self) -> str:
-        """Identifies the dense run a baseline needs: model, dataset, trainer (minus init) and seed."""
+        """Identifies the dense run a baseline needs: model, dataset (fold included), trainer (minus init) and seed."""
         trainer = {k: v for k, v in (self.source.get("trainer") or {}).items() if k not in ("init_from", "device", "threads")}
-        return config_hash({"md": self.model_dataset_hash(), "trainer": trainer, "seed": self.seed})
+        fold = (self.source.get("dataset") or {}).get("val_fold")
+        return config_hash({"md": self.model_dataset_hash(), "trainer": trainer, "seed": self.seed,
+                            **({"val_fold": fold} if fold is not None else {})})
 
 
 # What the pruning groups default to (conf/config.yaml): a dense run that names anything else was asked for pruning.

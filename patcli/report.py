@@ -117,9 +117,10 @@ def load_records(paths: list[Path]) -> tuple[list[RunRecord], list[str]]:
     return records, skipped
 
 
-# Settings that never make two runs different methods: seeds are pooled, sparsity is the column, the rest is where
-# or on what hardware a run happened.
-NOT_IDENTITY = {"seed", "pruning.sparsity", "dense", "output_root", "trainer.device", "trainer.threads", "trainer.init_from"}
+# Settings that never make two runs different methods: seeds and cross-validation folds are pooled, sparsity is the
+# column, the rest is where or on what hardware a run happened.
+NOT_IDENTITY = {"seed", "dataset.val_fold", "pruning.sparsity", "dense", "output_root", "trainer.device", "trainer.threads",
+                "trainer.init_from"}
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, object]:

@@ -203,3 +203,28 @@ def test_a_digits_fold_out_of_range_is_a_one_line_error(cli, tmp_path):
     code, out, err = cli("train", *TINY, "dataset.val_fold=8")
     assert code == 2 and "dataset.val_fold: 8 is out of range; allowed: null or 0..7" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
+
+
+def test_folds_pool_in_compare_but_each_fold_gets_its_own_dense_run(cli, tmp_path):
+    for fold in (0, 1):
+        code, out, err = cli("prune-post", *TINY, "baseline=magnitude", "pruning.sparsity=0.5", f"dataset.val_fold={fold}")
+        assert code == 0, err
+    dense_runs = sorted(d for d in (tmp_path / "outputs" / "dense").iterdir() if d.is_dir())
+    assert len(dense_runs) == 2  # fold 1's baseline must not prune a model trained on fold 1's validation images
+    assert {result_of(d)["config"]["dataset"]["val_fold"] for d in dense_runs} == {0, 1}
+    code, out, err = cli("compare", "outputs", "--split", "val", "--format", "json")
+    assert code == 0, err
+    rows = {row["row"]: row for row in json.loads(out)["rows"]}
+    assert set(rows) == {"dense", "post:magnitude"} and len({row["config_hash"] for row in rows.values()}) == 1
+    assert rows["dense"]["n"] == rows["post:magnitude"]["n"] == 2  # one row each, pooling both folds
+
+
+def test_the_fold_leaves_the_model_dataset_hash_of_older_runs_unchanged():
+    from patcli.config import parse_run_config
+
+    def config(**dataset):
+        return parse_run_config({"model": {"name": "mlp"}, "dataset": {"name": "digits", **dataset}, "pruning": {"mode": "none"}})
+
+    legacy, unset, fold = config(), config(val_fold=None), config(val_fold=3)
+    assert legacy.model_dataset_hash() == unset.model_dataset_hash() == fold.model_dataset_hash()
+    assert legacy.dense_key() == unset.dense_key() != fold.dense_key()
