@@ -168,7 +168,7 @@ def compare(
 ) -> None:
     """PAT and post-training baselines side by side, from run records (models are never loaded).
 
-    Rows are methods, columns target sparsities, cells the metric (mean ± std over seeds) and its difference to dense.
+    Rows are methods, columns target sparsities, cells the metric (mean ± std over seeds and folds) and its difference to dense.
     """
     show_comparison(paths or [Path("outputs")], metric, split, format, output, plot)
 

@@ -2,7 +2,7 @@
 
 Reads ``result.json`` files only (never models), so it is fast and works on a cluster's output. Rows are
 methods (dense, each PAT recipe, each baseline), columns target sparsities, cells the metric pooled over seeds
-(mean ± std, n) with its difference to dense; the best cell per column is marked.
+and cross-validation folds (mean ± std, n) with its difference to dense; the best cell per column is marked.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ POST_ORDER = ["post:magnitude", "post:gradient", "post:structured", "post:iterat
 
 @dataclass
 class Cell:
-    """One (row, sparsity) cell: the metric of every seed that ran it."""
+    """One (row, sparsity) cell: the metric of every run (seed, fold) of it."""
 
     values: list[float] = field(default_factory=list)
     achieved: list[float] = field(default_factory=list)
@@ -220,13 +220,13 @@ def fmt(value: float, metric: str) -> str:
     return f"{value * scale(metric):.1f}" if metric == "accuracy" else f"{value:.3f}"
 
 
-def seeds_text(rows: list[Row]) -> str:
+def runs_text(rows: list[Row]) -> str:
     counts = {cell.n for row in rows for cell in row.cells.values()}
     return str(counts.pop()) if len(counts) == 1 else f"{min(counts)}–{max(counts)}"
 
 
 def cell_text(cell: Cell, group: GroupTable, with_delta: bool = True) -> str:
-    """``97.2±0.3 (+0.4)``: mean ± std over seeds, and the difference to dense in the same units."""
+    """``97.2±0.3 (+0.4)``: mean ± std over runs, and the difference to dense in the same units."""
     text = fmt(cell.mean, group.metric)
     if cell.n > 1:
         text += f"±{fmt(cell.std, group.metric)}"
@@ -252,7 +252,7 @@ def rich_tables(comparison: Comparison):
         table = Table(title=escape(group.title), title_justify="left", box=box.SIMPLE_HEAD)
         table.add_column("method", min_width=24, ratio=3)
         table.add_column("steps", justify="right", no_wrap=True)
-        table.add_column("seeds", justify="right", no_wrap=True)
+        table.add_column("runs", justify="right", no_wrap=True)
         for column in columns:
             table.add_column(column_label(column), justify="right", min_width=8, ratio=1)
         if group.dense:
@@ -268,10 +268,10 @@ def rich_tables(comparison: Comparison):
                     continue
                 text = cell_text(cell, group)
                 cells.append(f"[bold green]{text}[/]" if cell.mean == group.best(column) else text)
-            table.add_row(escape(row.label), row.steps_text(), seeds_text([row]), *cells)
+            table.add_row(escape(row.label), row.steps_text(), runs_text([row]), *cells)
         direction = "higher" if group.higher_is_better else "lower"
         unit = "%, " if group.metric == "accuracy" else ""
-        table.caption = (f"{unit}mean±std over seeds (difference to dense); best per column in bold green "
+        table.caption = (f"{unit}mean±std over runs, i.e. seeds and folds (difference to dense); best per column in bold green "
                          f"({direction} is better); steps = all training steps, dense run included")
         tables.append(table)
     if comparison.not_ok:
@@ -326,7 +326,7 @@ def to_markdown(comparison: Comparison) -> str:
     parts = []
     for group in comparison.groups:
         columns = group.columns
-        header = ["method", "steps", "seeds"] + [column_label(c) for c in columns]
+        header = ["method", "steps", "runs"] + [column_label(c) for c in columns]
         lines = [f"**{group.title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         if group.dense:
             dense = group.dense.cells[0.0]
@@ -338,7 +338,7 @@ def to_markdown(comparison: Comparison) -> str:
                 cell = row.cells.get(column)
                 text = "-" if cell is None else cell_text(cell, group)
                 cells.append(f"**{text}**" if cell is not None and cell.mean == group.best(column) else text)
-            lines.append("| " + " | ".join([row.label, row.steps_text(), seeds_text([row])] + cells) + " |")
+            lines.append("| " + " | ".join([row.label, row.steps_text(), runs_text([row])] + cells) + " |")
         parts.append("\n".join(lines))
     if comparison.not_ok:
         lines = ["**Runs that did not finish ok**", "", "| status | method | target | run dir | error |", "|---|---|---|---|---|"]
