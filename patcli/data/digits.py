@@ -36,7 +36,7 @@ class Digits:
         folds = self.folds()
         if self.val_fold is not None and not 0 <= self.val_fold < folds:
             raise ConfigError(f"{prefix}.val_fold", f"{self.val_fold} is out of range; allowed: null or 0..{folds - 1}"
-                                                    f" ({folds} folds of about {self.val_size} images)")
+                                                    f" ({folds} folds of about {(IMAGES - self.test_size) // folds} images)")
 
     def folds(self) -> int:
         return max(2, round((IMAGES - self.test_size) / self.val_size))
