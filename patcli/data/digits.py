@@ -17,9 +17,9 @@ IMAGES = 1797  # in scikit-learn's digits
 class Digits:
     """A stratified split made once with ``split_seed``: test 360 / validation 180 / train 1,257 by default.
 
-    ``val_fold`` selects one fold of a stratified k-fold split of the non-test images (k = their count / val_size, rounded)
-    as validation, so recipes can be compared by cross-validation: 180 validation images are too few to rank
-    recipes a few tenths of a percent apart, and the test split never moves.
+    ``val_fold`` makes one fold of a stratified k-fold split of the non-test images the validation split (k = their
+    count / val_size, rounded), so recipes can be compared by cross-validation: 180 validation images are too few to
+    rank recipes a few tenths of a percent apart. The test split never moves.
     """
 
     test_size: int = 360
