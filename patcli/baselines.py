@@ -225,7 +225,7 @@ def run_baseline(config: RunConfig, run_dir: Path, progress: Progress | None = N
     run_dir.mkdir(parents=True, exist_ok=True)
     baseline = parse_baseline(config)
     dense_dir = resolve_dense(config, progress)
-    dense_record = check_dense_run(dense_dir)
+    dense_record = check_dense_run(dense_dir, config)
     dense = load_run_config(dense_dir)
     seed_everything(config.seed)
     data = load_dataset(dense.dataset)

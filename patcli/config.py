@@ -13,6 +13,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 from .engine.allocation import ALLOCATIONS, Allocation
@@ -279,16 +280,23 @@ class RunConfig:
         dataset = {k: v for k, v in (self.source.get("dataset") or {}).items() if k != "val_fold"}
         return config_hash({"model": self.source.get("model"), "dataset": dataset})
 
+    def val_fold(self) -> int | None:
+        return (self.source.get("dataset") or {}).get("val_fold")
+
+    def check_same_fold(self, key: str, run_dir: Path, other: Mapping[str, Any]) -> None:
+        """A run trained on another cross-validation fold saw this run's validation images: refuse to build on it."""
+        fold = (other.get("dataset") or {}).get("val_fold")
+        if fold != self.val_fold():
+            raise ConfigError(key, f"{run_dir} was trained with dataset.val_fold={fold if fold is not None else 'null'}, "
+                                   f"this run uses {self.val_fold() if self.val_fold() is not None else 'null'} (its "
+                                   "training images include this run's validation images); allowed: a run of the same fold")
+
     def dense_key(self) -> str:
         """Identifies the dense run a baseline needs: model, dataset (fold included), trainer (minus init) and seed."""
         trainer = {k: v for k, v in (self.source.get("trainer") or {}).items() if k not in ("init_from", "device", "threads")}
-        fold = (self.source.get("dataset") or {}).get("val_fold")
+        fold = self.val_fold()
         return config_hash({"md": self.model_dataset_hash(), "trainer": trainer, "seed": self.seed,
                             **({"val_fold": fold} if fold is not None else {})})
-
-
-# What the pruning groups default to (conf/config.yaml): a dense run that names anything else was asked for pruning.
-PRUNING_DEFAULTS = {"scorer": "magnitude", "schedule": "agp", "allocation": "global"}
 
 
 def config_hash(data: Any) -> str:

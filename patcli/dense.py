@@ -14,7 +14,8 @@ from pathlib import Path
 from filelock import FileLock
 from omegaconf import OmegaConf
 
-from .config import PRUNING_DEFAULTS, ConfigError, RunConfig, parse_run_config
+from .config import ConfigError, RunConfig, parse_run_config
+from .hydra_app import pruning_defaults
 from .records import RESULT_FILE, RecordError, RunRecord, find_record_files, read_record
 
 log = logging.getLogger(__name__)
@@ -27,14 +28,14 @@ def dense_source(config: RunConfig) -> dict:
     pruning = source.get("pruning") or {}
     source["pruning"] = {"mode": "none", "include": pruning.get("include", ["*"]), "exclude": pruning.get("exclude", [])}
     source["baseline"] = {"name": "none"}
-    source.update({group: {"name": name} for group, name in PRUNING_DEFAULTS.items()})  # nothing to score or schedule
+    source.update(copy.deepcopy(pruning_defaults()))  # nothing to score, schedule or regrow: a dense run's own
     source["dense"] = None
     source.setdefault("trainer", {})["init_from"] = None
     return source
 
 
-def check_dense_run(run_dir: Path) -> RunRecord:
-    """A finished dense patcli run, or a ConfigError naming ``dense``."""
+def check_dense_run(run_dir: Path, config: RunConfig) -> RunRecord:
+    """A finished dense patcli run of ``config``'s fold, or a ConfigError naming ``dense``."""
     try:
         record = read_record(run_dir / RESULT_FILE)
     except RecordError as error:
@@ -44,6 +45,7 @@ def check_dense_run(run_dir: Path) -> RunRecord:
                           "`patcli train pruning=none`")
     if not (run_dir / CONFIG_SNAPSHOT).is_file():
         raise ConfigError("dense", f"{run_dir} has no {CONFIG_SNAPSHOT} to rebuild its model and data from")
+    config.check_same_fold("dense", run_dir, record.config)
     return record
 
 
@@ -79,7 +81,7 @@ def resolve_dense(config: RunConfig, progress=None) -> Path:
     """``config.dense`` if given, else a matching dense run found or trained (under a lock) in output_root/dense/."""
     if config.dense:
         run_dir = Path(config.dense)
-        check_dense_run(run_dir)
+        check_dense_run(run_dir, config)
         return run_dir
     key = config.dense_key()
     cache = Path(config.output_root) / "dense"

@@ -6,6 +6,7 @@ module-level because joblib and submitit pickle it.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import secrets
@@ -28,6 +29,21 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "config"
 START_DIR_ENV = "PATCLI_START_DIR"  # set in every sweep job by Hydra (hydra.job.env_set): where the sweep started
+
+
+PRUNING_GROUPS = ("scorer", "schedule", "allocation", "regrowth")
+
+
+@functools.cache
+def pruning_defaults() -> dict[str, dict[str, Any]]:
+    """The options conf/config.yaml picks for the groups only pruning uses, with their parameters: what a dense run
+    records for them (callers copy before changing them)."""
+    picked: dict[str, str] = {}
+    for entry in OmegaConf.load(conf_dir() / f"{CONFIG_NAME}.yaml").defaults:
+        if isinstance(entry, DictConfig):
+            picked.update(entry)
+    return {group: OmegaConf.to_container(OmegaConf.load(conf_dir() / group / f"{picked[group]}.yaml"))
+            for group in PRUNING_GROUPS}
 
 
 def quoted(value: str) -> str:

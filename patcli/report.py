@@ -117,10 +117,9 @@ def load_records(paths: list[Path]) -> tuple[list[RunRecord], list[str]]:
     return records, skipped
 
 
-# Settings that never make two runs different methods: seeds and cross-validation folds are pooled, sparsity is the
-# column, the rest is where or on what hardware a run happened.
-NOT_IDENTITY = {"seed", "dataset.val_fold", "pruning.sparsity", "dense", "output_root", "trainer.device", "trainer.threads",
-                "trainer.init_from"}
+# Settings that never make two runs different methods: seeds are pooled, sparsity is the column, the rest is where
+# or on what hardware a run happened. Cross-validation folds pool too, see ``settings``.
+NOT_IDENTITY = {"seed", "pruning.sparsity", "dense", "output_root", "trainer.device", "trainer.threads", "trainer.init_from"}
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, object]:
@@ -134,9 +133,17 @@ def flatten(data: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def settings(record: RunRecord) -> dict[str, object]:
+    """The record's flat config, its fold replaced by whether it has one: the folds of a cross-validation pool
+    together, never with runs of the fixed validation split (which they overlap)."""
+    flat = flatten(record.config)
+    flat["cross_validation"] = flat.pop("dataset.val_fold", None) is not None
+    return flat
+
+
 def identity(record: RunRecord) -> str:
-    """What makes two records the same recipe: their whole config except seed, sparsity and locations."""
-    flat = {k: v for k, v in flatten(record.config).items() if k not in NOT_IDENTITY}
+    """What makes two records the same recipe: their whole config except seed, fold, sparsity and locations."""
+    flat = {k: v for k, v in settings(record).items() if k not in NOT_IDENTITY}
     return json.dumps(flat, sort_keys=True, default=str)
 
 
@@ -157,7 +164,7 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
             continue
         label, key = row_label(record), identity(record)
         row = keyed.setdefault(record.model_dataset_hash, {}).setdefault((label, key), Row(label, record.method))
-        configs[(record.model_dataset_hash, label, key)] = flatten(record.config)
+        configs[(record.model_dataset_hash, label, key)] = settings(record)
         _add(row, 0.0 if record.method == "dense" else round(record.target_sparsity, 6), value, record)
         if record.method == "dense":
             dense_runs.update(filter(None, (record.run_id, str(Path(record.run_dir).resolve()))))

@@ -20,13 +20,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .config import PRUNING_DEFAULTS, ConfigError, RunConfig
+from .config import ConfigError, RunConfig
 from .data import DataBundle, load_dataset
 from .engine import SCHEDULES, MaskUpdate, Pruner, select_prunable
 from .engine.patterns import Structured
 from .engine.pruner import make_layout
 from .engine.allocation import AllocationError
 from .engine.schedules import Schedule, ScheduleError
+from .hydra_app import pruning_defaults
 from .models import build_model
 from .records import MODEL_FILE, RESULT_FILE, RunRecord, append_metrics, read_record, with_default_mode, write_record
 from .training import Progress, Trainer, evaluate, resolve_device, total_steps
@@ -65,7 +66,7 @@ def plan(config: RunConfig) -> Plan:
         if not config.pruning.enabled:
             raise ConfigError("pruning", "post-training baselines prune: choose a pruning mode, not none")
         if config.dense:
-            check_dense_run(Path(config.dense))
+            check_dense_run(Path(config.dense), config)
         fixed = dataclasses.replace(config, schedule=SCHEDULES.get("fixed")())
         build_pruner(fixed, build_model(config.model, data.meta), 1, evaluate_fn=never_called)  # the target fits the caps?
     elif config.pruning.enabled:
@@ -88,6 +89,7 @@ def check_init_from(config: RunConfig) -> Path:
             f"{run_dir} was trained with another model/dataset config ({source.model} on {source.dataset}); "
             "allowed: a run with the same model and dataset settings",
         )
+    config.check_same_fold("trainer.init_from", run_dir, source.config)
     return run_dir
 
 
@@ -122,9 +124,10 @@ def warn_if_one_jump(schedule: Schedule, frequency: int) -> None:
 
 
 def warn_if_dense_ignores(config: RunConfig) -> None:
-    """pruning=none trains dense: a scorer, schedule or allocation chosen with it would be dropped without a word."""
-    ignored = [f"{group}={name}" for group, default in PRUNING_DEFAULTS.items()
-               if (name := (config.source.get(group) or {}).get("name", default)) != default]
+    """pruning=none trains dense: a scorer, schedule, allocation or regrowth chosen with it would be dropped without
+    a word."""
+    ignored = [f"{group}={name}" for group, default in pruning_defaults().items()
+               if (name := (config.source.get(group) or {}).get("name", default["name"])) != default["name"]]
     if config.method == "dense" and ignored:
         log.warning("pruning=none trains dense: %s do%s not apply", ", ".join(ignored), "es" if len(ignored) == 1 else "")
 
@@ -236,7 +239,7 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
     trainer = Trainer(model, data, config.trainer, device, config.seed)
     record = base_record(config, data)
     pruner = None
-    if config.regrowth.name == "reversal" and config.trainer.optimizer != "sgd":
+    if config.method == "pat" and config.regrowth.name == "reversal" and config.trainer.optimizer != "sgd":
         log.warning("regrowth=reversal with trainer.optimizer=%s: reversal is meant for SGD; under Adam pruned weights "
                     "random-walk and masks churn (see BENCHMARKS.md, dynamic)", config.trainer.optimizer)
     warn_if_dense_ignores(config)
@@ -271,7 +274,7 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
     if config.dense:  # a dense run given for reference (sweeps that compare against one)
         from .dense import check_dense_run, dense_reference
 
-        record.dense_reference = dense_reference(Path(config.dense), check_dense_run(Path(config.dense)))
+        record.dense_reference = dense_reference(Path(config.dense), check_dense_run(Path(config.dense), config))
     if config.trainer.init_from:
         source = read_record(Path(config.trainer.init_from) / RESULT_FILE)
         record.total_train_steps += source.total_train_steps

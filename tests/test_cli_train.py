@@ -164,14 +164,33 @@ def test_a_fixed_pattern_warns_that_a_chosen_allocation_does_not_apply(cli, capl
 
 
 def test_a_dense_run_warns_that_the_pruning_options_it_was_given_do_not_apply(cli, caplog):
-    code, out, err = cli("train", *TINY, "trainer.max_steps=4", "pruning=none", "scorer=movement", "schedule=cubic")
+    code, out, err = cli("train", *TINY, "trainer.max_steps=4", "pruning=none", "scorer=movement", "schedule=cubic",
+                         "regrowth=reversal")
     assert code == 0, err
-    assert "pruning=none trains dense: scorer=movement, schedule=cubic do not apply" in out + err + caplog.text
+    said = out + err + caplog.text
+    assert "pruning=none trains dense: scorer=movement, schedule=cubic, regrowth=reversal do not apply" in said
+    assert "reversal is meant for SGD" not in said
     assert result_of(run_dir_of(out))["method"] == "dense"
     caplog.clear()
     code, out, err = cli("train", *TINY, "trainer.max_steps=4", "pruning=none")
     assert code == 0, err
     assert "trains dense" not in out + err + caplog.text
+
+
+def test_the_dense_reference_of_a_baseline_records_the_default_pruning_groups(cli, tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from patcli.hydra_app import pruning_defaults
+
+    code, out, err = cli("prune-post", *TINY, "baseline=pat_from_dense", "pruning.sparsity=0.5", "scorer=movement",
+                         "schedule=cubic", "allocation=lamp", "regrowth=reversal", "trainer.optimizer=sgd")
+    assert code == 0, err
+    assert "does not apply" not in out + err + caplog.text
+    (dense,) = [d for d in (tmp_path / "outputs" / "dense").iterdir() if d.is_dir()]
+    snapshot = OmegaConf.to_container(OmegaConf.load(dense / ".hydra" / "config.yaml"))
+    assert {group: snapshot[group] for group in pruning_defaults()} == pruning_defaults()
+    assert pruning_defaults()["schedule"] == {"name": "agp", "begin": 0, "end": 0.75, "initial_sparsity": 0.0, "power": 3.0}
+    assert result_of(run_dir_of(out))["config"]["scorer"]["name"] == "movement"
 
 
 def test_a_ramp_with_too_few_mask_updates_is_called_one_shot(cli, caplog):
@@ -205,26 +224,57 @@ def test_a_digits_fold_out_of_range_is_a_one_line_error(cli, tmp_path):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
 
 
-def test_folds_pool_in_compare_but_each_fold_gets_its_own_dense_run(cli, tmp_path):
-    for fold in (0, 1):
-        code, out, err = cli("prune-post", *TINY, "baseline=magnitude", "pruning.sparsity=0.5", f"dataset.val_fold={fold}")
+def test_folds_pool_in_compare_apart_from_fixed_split_runs_and_each_fold_gets_its_own_dense_run(cli, tmp_path):
+    for fold in (0, 1, None):
+        chosen = [f"dataset.val_fold={fold}"] if fold is not None else []
+        code, out, err = cli("prune-post", *TINY, "baseline=magnitude", "pruning.sparsity=0.5", *chosen)
         assert code == 0, err
     dense_runs = sorted(d for d in (tmp_path / "outputs" / "dense").iterdir() if d.is_dir())
-    assert len(dense_runs) == 2  # fold 1's baseline must not prune a model trained on fold 1's validation images
-    assert {result_of(d)["config"]["dataset"]["val_fold"] for d in dense_runs} == {0, 1}
+    assert len(dense_runs) == 3  # fold 1's baseline must not prune a model trained on fold 1's validation images
+    assert {result_of(d)["config"]["dataset"]["val_fold"] for d in dense_runs} == {0, 1, None}
     code, out, err = cli("compare", "outputs", "--split", "val", "--format", "json")
     assert code == 0, err
-    rows = {row["row"]: row for row in json.loads(out)["rows"]}
-    assert set(rows) == {"dense", "post:magnitude"} and len({row["config_hash"] for row in rows.values()}) == 1
-    assert rows["dense"]["n"] == rows["post:magnitude"]["n"] == 2  # one row each, pooling both folds
+    rows = json.loads(out)["rows"]
+    assert len({row["config_hash"] for row in rows}) == 1  # one table: folds are the same model and dataset
+    baselines = {row["row"]: row["n"] for row in rows if row["method"] == "post:magnitude"}
+    # the folds pool into one row; the fixed split's run (whose validation images the folds overlap) stays apart
+    assert baselines == {"post:magnitude [cross_validation=True]": 2, "post:magnitude [cross_validation=False]": 1}
+
+
+def test_a_run_of_another_fold_cannot_be_built_on(cli, tmp_path):
+    code, out, err = cli("train", *TINY, "pruning=none", "dataset.val_fold=0")
+    assert code == 0, err
+    fold_0 = run_dir_of(out)
+    for other in (["dataset.val_fold=5"], []):
+        for given in (f"trainer.init_from={fold_0}", f"dense={fold_0}"):
+            command = "prune-post" if given.startswith("dense") else "train"
+            code, out, err = cli(command, *TINY, "baseline=magnitude" if command == "prune-post" else "pruning.sparsity=0.5",
+                                 given, *other)
+            fold = other[0].split("=")[1] if other else "null"
+            assert code == 2, (given, other)
+            assert f"was trained with dataset.val_fold=0, this run uses {fold}" in err and len(err.strip().splitlines()) == 1
+    code, out, err = cli("prune-post", *TINY, "baseline=magnitude", f"dense={fold_0}", "dataset.val_fold=0")
+    assert code == 0, err
+
+
+def test_a_fold_needs_folds_that_hold_every_digit(cli, tmp_path):
+    code, out, err = cli("train", *TINY, "dataset.val_fold=0", "dataset.val_size=10")
+    assert code == 2 and "dataset.val_size: 10 is too small for cross-validation folds that hold every digit" in err
 
 
 def test_the_fold_leaves_the_model_dataset_hash_of_older_runs_unchanged():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
     from patcli.config import parse_run_config
+    from patcli.hydra_app import conf_dir
 
-    def config(**dataset):
-        return parse_run_config({"model": {"name": "mlp"}, "dataset": {"name": "digits", **dataset}, "pruning": {"mode": "none"}})
+    def config(*overrides):
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = compose("config", list(overrides))
+        return parse_run_config(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True))
 
-    legacy, unset, fold = config(), config(val_fold=None), config(val_fold=3)
-    assert legacy.model_dataset_hash() == unset.model_dataset_hash() == fold.model_dataset_hash()
-    assert legacy.dense_key() == unset.dense_key() != fold.dense_key()
+    default, fold = config(), config("dataset.val_fold=3")
+    # the hash and dense key of the default config computed by patcli before folds existed (commit b2e46b4)
+    assert default.model_dataset_hash() == fold.model_dataset_hash() == "9571b9344bc8"
+    assert default.dense_key() == "111b70191749" != fold.dense_key()

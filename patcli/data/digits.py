@@ -10,6 +10,9 @@ from ..config import ConfigError
 from .base import DATASETS, DataBundle, Split
 
 IMAGES = 1797  # in scikit-learn's digits
+# At 20 images a fold, every test_size leaves each digit in more non-test images than there are folds (>= 56 more);
+# at 10, StratifiedKFold runs out of the rarest digit.
+MIN_FOLD_SIZE = 20
 
 
 @DATASETS.register("digits")
@@ -33,6 +36,9 @@ class Digits:
             value = getattr(self, key)
             if not 10 <= value <= 600:
                 raise ConfigError(f"{prefix}.{key}", f"{value} is out of range; allowed: 10..600")
+        if self.val_fold is not None and self.val_size < MIN_FOLD_SIZE:  # more folds than images of the rarest digit
+            raise ConfigError(f"{prefix}.val_size", f"{self.val_size} is too small for cross-validation folds that hold "
+                                                    f"every digit; allowed with val_fold: {MIN_FOLD_SIZE}..600")
         folds = self.folds()
         if self.val_fold is not None and not 0 <= self.val_fold < folds:
             raise ConfigError(f"{prefix}.val_fold", f"{self.val_fold} is out of range; allowed: null or 0..{folds - 1}"
