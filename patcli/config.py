@@ -285,10 +285,10 @@ class RunConfig:
 
     def check_same_fold(self, key: str, run_dir: Path, other: Mapping[str, Any]) -> None:
         """A run trained on another cross-validation fold saw this run's validation images: refuse to build on it."""
-        fold = (other.get("dataset") or {}).get("val_fold")
-        if fold != self.val_fold():
-            raise ConfigError(key, f"{run_dir} was trained with dataset.val_fold={fold if fold is not None else 'null'}, "
-                                   f"this run uses {self.val_fold() if self.val_fold() is not None else 'null'} (its "
+        theirs, ours = (other.get("dataset") or {}).get("val_fold"), self.val_fold()
+        if theirs != ours:
+            shown = ["null" if fold is None else fold for fold in (theirs, ours)]
+            raise ConfigError(key, f"{run_dir} was trained with dataset.val_fold={shown[0]}, this run uses {shown[1]} (its "
                                    "training images include this run's validation images); allowed: a run of the same fold")
 
     def dense_key(self) -> str:

@@ -126,9 +126,11 @@ def warn_if_one_jump(schedule: Schedule, frequency: int) -> None:
 def warn_if_dense_ignores(config: RunConfig) -> None:
     """pruning=none trains dense: a scorer, schedule, allocation or regrowth chosen with it would be dropped without
     a word."""
+    if config.method != "dense":
+        return
     ignored = [f"{group}={name}" for group, default in pruning_defaults().items()
                if (name := (config.source.get(group) or {}).get("name", default["name"])) != default["name"]]
-    if config.method == "dense" and ignored:
+    if ignored:
         log.warning("pruning=none trains dense: %s do%s not apply", ", ".join(ignored), "es" if len(ignored) == 1 else "")
 
 
@@ -244,7 +246,8 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
                     "random-walk and masks churn (see BENCHMARKS.md, dynamic)", config.trainer.optimizer)
     warn_if_dense_ignores(config)
     chosen = (config.source.get("allocation") or {}).get("name")
-    if config.pattern is not None and config.pattern.fixed_sparsity is not None and chosen not in (None, "uniform", "global"):
+    default = pruning_defaults()["allocation"]["name"]
+    if config.pattern is not None and config.pattern.fixed_sparsity is not None and chosen not in (None, "uniform", default):
         log.warning("pruning=%s prunes every layer to %g: allocation=%s does not apply (uniform)",
                     config.pattern.name, config.pattern.fixed_sparsity, chosen)
     if config.method == "pat":
