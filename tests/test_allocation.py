@@ -88,6 +88,56 @@ def test_every_allocator_meets_the_element_budget_exactly(name):
     assert all(c <= math.floor(0.99 * math.prod(s)) for c, s in zip(counts, shapes))
 
 
+@pytest.mark.parametrize("name", ["uniform", "global", "lamp", "erk", "sensitivity"])
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.8])
+def test_every_allocator_meets_the_budget_with_neurons_within_one_channel(name, target):
+    """A pruned neuron also zeroes the next layer's input column, so channel counts are searched, not rounded."""
+    from torch import nn
+
+    from patcli.engine import PATTERNS, SCHEDULES, Pruner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 10))
+    pruner = Pruner(model, sparsity=target, schedule=SCHEDULES.get("oneshot")(), total_steps=10,
+                    allocation=ALLOCATIONS.get(name)(), pattern=PATTERNS.get("neurons")(), evaluate=lambda: 0.0)
+    pruner.update_masks(0)
+    widest_channel = 64 + 32  # a neuron of the first layer: its weight row and the next layer's input column
+    assert abs(pruner.sparsity() - target) <= widest_channel / pruner.masks.accounted_numel()
+
+
+def test_sensitivity_measures_the_cap_as_the_allocation_rounds_it_never_the_whole_layer():
+    from torch import nn
+
+    from patcli.engine import PATTERNS, SCHEDULES, Pruner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    zeroed_rows = []
+
+    def evaluate():
+        zeroed_rows.append(max(int((model[i].weight.abs().sum(1) == 0).sum()) for i in (0, 2)))
+        return 0.0
+
+    pruner = Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=5,
+                    allocation=ALLOCATIONS.get("sensitivity")(), pattern=PATTERNS.get("neurons")(), evaluate=evaluate)
+    pruner.update_masks(0)
+    assert max(zeroed_rows) == math.floor(0.99 * 16)  # 15 of 16 neurons at the 0.99 cap point
+
+
+@pytest.mark.parametrize("init", ["erk", "random"])
+def test_dynamic_sparse_training_beyond_the_cap_is_an_allocation_error(init):
+    from torch import nn
+
+    from patcli.engine import SCHEDULES, Pruner
+    from patcli.engine.regrowth import REGROWTHS
+
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
+    for sparsity, cap in ((0.995, 0.99), (0.9, 0.5)):
+        with pytest.raises(AllocationError, match="max_layer_sparsity"):
+            Pruner(model, sparsity=sparsity, schedule=SCHEDULES.get("constant")(), total_steps=50,
+                   max_layer_sparsity=cap, regrowth=REGROWTHS.get("rigl")(init=init))
+
+
 @pytest.mark.parametrize("size", [50, 300_000])
 def test_keep_all_but_lowest_drops_exactly_n_with_ties_and_already_pruned(size):
     from patcli.engine.threshold import keep_all_but_lowest

@@ -174,6 +174,34 @@ def test_alternating_schedule_lifts_and_enforces_masks_step_by_step_and_resets_m
     assert schedule.phase(30) == "compressed" and 30 in [u.step for u in pruner.updates] + [schedule.end_step]
 
 
+@pytest.mark.parametrize("decompressed", [1, 3])
+def test_alternating_frees_every_decompressed_step_and_rechooses_masks_from_the_trained_weights(decompressed):
+    """Pruned weights train from the first decompressed step on, and each compressed phase keeps the largest
+    weights as they stand after the decompressed phase, so some pruned weights come back (AC/DC)."""
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    schedule = SCHEDULES.get("alternating")(begin=4, compressed=4, decompressed=decompressed, final=8, ramp="constant")
+    before_update = {}
+    # registered before the pruner's hook, so it sees each step's weights before the pruner touches them
+    optimizer.register_step_post_hook(lambda *_: before_update.update({pruner.step: [w.detach().clone() for w in pruner.masks.weights]}))
+    pruner = Pruner(model, sparsity=0.5, schedule=schedule, total_steps=40).attach(optimizer)
+    generator = torch.Generator().manual_seed(0)
+    for t in range(40):
+        optimizer.zero_grad()
+        model(torch.randn(16, 16, generator=generator)).pow(2).mean().backward()
+        optimizer.step()
+        masked_but_nonzero = sum(int(((w != 0) & ~k).sum()) for w, k in zip(pruner.masks.weights, pruner.masks.keep))
+        if schedule.phase(t) == "decompressed":
+            assert masked_but_nonzero > 0, t
+        else:
+            assert masked_but_nonzero == 0, t
+        if t in schedule.update_steps() and schedule.phase(t - 1) != "compressed":  # a compressed phase starts
+            for weight, keep in zip(before_update[t], pruner.masks.keep):  # uniform allocation: a threshold per layer
+                assert float(weight[keep].abs().min()) >= float(weight[~keep].abs().max()), t
+    if decompressed > 1:  # one free step is too short for a pruned weight to overtake a kept one here
+        assert sum(u.revived for u in pruner.updates) > 0
+
+
 def test_sensitivity_allocation_gives_more_sparsity_to_insensitive_layers():
     model = tiny()
     with torch.no_grad():

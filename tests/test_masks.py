@@ -116,6 +116,65 @@ def test_engine_state_round_trips_through_state_dict(tiny_mlp):
     assert all(torch.equal(a, b) for a, b in zip(fresh.scorer._sums, pruner.scorer._sums))
 
 
+@pytest.mark.parametrize(
+    "recipe, split",
+    [
+        # stopped just before a compressed phase starts: its masks come from the weights the decompressed phase trained
+        (dict(schedule=("alternating", dict(begin=4, compressed=4, decompressed=4, final=8))), 12),
+        (dict(regrowth=("set", dict(delta_t=4, end=30))), 9),  # SET's random regrowth positions continue
+        (dict(regrowth=("rigl", dict(delta_t=4, end=30))), 9),
+        (dict(scorer="hessian"), 13),  # mid-accumulation
+    ],
+    ids=["alternating", "set", "rigl", "hessian"],
+)
+def test_a_run_resumed_from_state_dicts_matches_the_uninterrupted_run_exactly(recipe, split):
+    from patcli.engine.regrowth import REGROWTHS
+    from patcli.engine.scorers import SCORERS
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        schedule_name, schedule_params = recipe.get("schedule", ("linear", dict(begin=0, end=20)))
+        regrowth_name, regrowth_params = recipe.get("regrowth", ("none", {}))
+        pruner = Pruner(model, sparsity=0.8, schedule=SCHEDULES.get(schedule_name)(**schedule_params), total_steps=40,
+                        scorer=SCORERS.get(recipe.get("scorer", "magnitude"))(), frequency=4,
+                        regrowth=REGROWTHS.get(regrowth_name)(**regrowth_params))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+        return model, pruner.attach(optimizer), optimizer
+
+    def train(model, optimizer, steps):
+        for t in steps:
+            generator = torch.Generator().manual_seed(t)
+            inputs, targets = torch.randn(8, 16, generator=generator), torch.randint(0, 4, (8,), generator=generator)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(inputs), targets).backward()
+            optimizer.step()
+
+    model, pruner, optimizer = build()
+    train(model, optimizer, range(40))
+    model_a, pruner_a, optimizer_a = build()
+    train(model_a, optimizer_a, range(split))
+    model_b, pruner_b, optimizer_b = build()
+    model_b.load_state_dict(model_a.state_dict())
+    optimizer_b.load_state_dict(optimizer_a.state_dict())
+    pruner_b.load_state_dict(pruner_a.state_dict())
+    train(model_b, optimizer_b, range(split, 40))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model_b.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(pruner.masks.keep, pruner_b.masks.keep))
+    assert [u.revived for u in pruner.updates if u.step >= split] == [u.revived for u in pruner_b.updates]
+    if "schedule" in recipe:
+        assert pruner_b.updates[0].revived > 0  # the phase after the split did bring weights back
+
+
+def test_engine_state_bytes_counts_every_tensor_the_engine_holds(tiny_mlp):
+    optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.1)
+    pruner = prune_during_training(tiny_mlp, optimizer, sparsity=0.5, total_steps=10, schedule="oneshot")
+    train_steps(tiny_mlp, optimizer, 1)  # the update makes the score buffers
+    elements = pruner.masks.accounted_numel()
+    # bool keep-mask, float copy, the layout's bool group flags (one per weight, unstructured), float score buffer
+    assert pruner.engine_state_bytes() == elements * (1 + 4 + 1 + 4)
+
+
 def test_minus_inf_marking_equals_masked_fill():
     from patcli.engine.masks import as_bytes, mark_pruned_
 

@@ -233,7 +233,16 @@ class ERK(Allocation):
 
     def prune_counts(self, budget: LayerBudget) -> list[int]:
         check_reachable(budget)
-        return counts_from_sparsities(budget, erk_sparsities(budget.shapes, budget.target, budget.max_layer_sparsity, self.power))
+
+        def sparsities(target: float) -> list[float]:
+            return erk_sparsities(budget.shapes, target, budget.max_layer_sparsity, self.power)
+
+        if budget.additive:
+            return counts_from_sparsities(budget, sparsities(budget.target))
+        # a pruned channel also zeroes the next layer's inputs: search the ERK target whose counts meet the budget
+        caps, floors = budget.caps(), budget.floors()
+        return closest(budget, lambda knob: [min(max(round(s * g), f), c) for s, g, f, c
+                                             in zip(sparsities(knob), budget.num_groups, floors, caps)])
 
 
 def erk_sparsities(shapes: list[torch.Size], target: float, max_layer_sparsity: float, power: float = 1.0) -> list[float]:
@@ -245,6 +254,8 @@ def erk_sparsities(shapes: list[torch.Size], target: float, max_layer_sparsity: 
     density: dict[int, float] = {}
     while True:
         free = [i for i in range(len(shapes)) if i not in density]
+        if not free:  # every layer at its cap or dense: the target is out of reach, the caps hold
+            return [1.0 - density[i] for i in range(len(shapes))]
         fixed_keep = sum(density[i] * sizes[i] for i in density)
         eps = (keep_total - fixed_keep) / sum(raw[i] * sizes[i] for i in free)
         dense_now = [i for i in free if eps * raw[i] > 1.0]

@@ -120,7 +120,7 @@ class Masking(Protocol):
 
     def before_step(self) -> None: ...
 
-    def after_step(self) -> None: ...
+    def after_step(self, zero: bool = True) -> None: ...
 
     def masks_changed(self) -> None: ...
 
@@ -149,8 +149,8 @@ class InplaceMasking:
     def before_step(self) -> None:
         pass
 
-    def after_step(self) -> None:
-        if self.enforced:
+    def after_step(self, zero: bool = True) -> None:
+        if self.enforced and zero:
             self.masks.zero_pruned_()
 
     def masks_changed(self) -> None:
@@ -188,10 +188,10 @@ class DenseShadowMasking:
         with torch.no_grad():
             torch._foreach_copy_(self.masks.weights, self.shadow)
 
-    def after_step(self) -> None:
+    def after_step(self, zero: bool = True) -> None:
         with torch.no_grad():
             torch._foreach_copy_(self.shadow, self.masks.weights)
-        if self.enforced:
+        if self.enforced and zero:
             self.masks.zero_pruned_()
 
     def masks_changed(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -120,6 +121,7 @@ class Pruner:
             if not isinstance(self.layout, TensorLayout) or type(self.pattern) is not Unstructured:
                 raise ValueError(f"regrowth={self.regrowth.name} drops and regrows single weights; allowed with pruning=unstructured")
             self.regrowth.bind(total_steps)
+            self.check_reachable()  # the masks start at the target: the caps must allow it
             self._adopt([k.reshape(-1) for k in self.regrowth.initial_masks(self.masks.weights, sparsity, max_layer_sparsity)])
         if self.regularizer is not None:
             self.regularizer.check(self.layout)
@@ -164,27 +166,35 @@ class Pruner:
     def after_step(self) -> None:
         started = time.perf_counter()
         t = self.step
-        self.masking.after_step()
+        enforced = self.schedule.masks_enforced(t)
+        # A compressed phase starts with masks chosen afresh from the weights as trained: zeroing them with the old
+        # masks first would throw away what the pruned ones learned while decompressed.
+        entering = enforced and not self.masking.enforced
+        self.masking.enforced = enforced
+        self.masking.after_step(zero=not entering)
         if self.regularizer is not None and self.optimizer is not None and t <= self.schedule.end_step:
             self.regularizer.apply(self.layout, self.optimizer.param_groups[0]["lr"], t)  # then fine-tune, masks fixed
-        enforced = self.schedule.masks_enforced(t)
-        if enforced != self.masking.enforced:
-            self.masking.enforced = enforced
-            if enforced:
-                self.masking.masks_changed()
-        if self.regrowth.replaces_schedule:
-            if self.regrowth.is_update_step(t):
-                self.regrow(t)
-        elif self.schedule.is_update_step(t):
-            if self.regularizer is None:
-                self.update_masks(t)
-            elif t == self.schedule.end_step and self.regularizer.target is not None:
-                # closing: exactly the target by magnitude, over all weights (the penalty may have zeroed too many)
-                self.update_masks(t, self.regularizer.target, monotone=False)
-            else:
-                self.mask_zeros(t)
+        if not self._scheduled_update(t) and entering:
+            self.masking.masks_changed()
         self.step += 1
         self.seconds += time.perf_counter() - started
+
+    def _scheduled_update(self, t: int) -> bool:
+        """The mask update due at step t, if any (each one enforces the masks it makes)."""
+        if self.regrowth.replaces_schedule:
+            if not self.regrowth.is_update_step(t):
+                return False
+            self.regrow(t)
+        elif not self.schedule.is_update_step(t):
+            return False
+        elif self.regularizer is None:
+            self.update_masks(t)
+        elif t == self.schedule.end_step and self.regularizer.target is not None:
+            # closing: exactly the target by magnitude, over all weights (the penalty may have zeroed too many)
+            self.update_masks(t, self.regularizer.target, monotone=False)
+        else:
+            self.mask_zeros(t)
+        return True
 
     # -- decisions ------------------------------------------------------------------------------------------------
 
@@ -285,7 +295,8 @@ class Pruner:
     def _loss_with_layer_pruned(self, layer: int, sparsity: float, group_scores: list[torch.Tensor]) -> float:
         """Validation loss with one layer alone pruned to ``sparsity`` of its groups (sensitivity analysis)."""
         decision = [torch.ones_like(k) for k in self.layout.group_keep]
-        count = int(round(sparsity * group_scores[layer].numel()))
+        groups = group_scores[layer].numel()  # the cap point measured as the allocation rounds it: never the whole layer
+        count = min(round(sparsity * groups), math.floor(self.max_layer_sparsity * groups + 1e-9))
         decision[layer] = self.layout.select(layer, group_scores[layer], count) & self.layout.group_keep[layer]
         saved = [w.detach().clone() for w in self.masks.weights]
         with torch.no_grad():
@@ -305,9 +316,11 @@ class Pruner:
         return zeros / self.masks.accounted_numel()
 
     def engine_state_bytes(self) -> int:
-        """Memory the engine holds besides the model: masks, shadow weights, score accumulators or buffers."""
-        scratch = sum(t.numel() * t.element_size() for t in self._scratch or [])
-        return self.masks.state_bytes() + self.masking.state_bytes() + self.scorer.state_bytes() + scratch
+        """Memory the engine holds besides the model: masks, the layout's group flags, shadow weights, score
+        accumulators or buffers."""
+        held = [*(self._scratch or []), *self.layout.group_keep]
+        return (self.masks.state_bytes() + self.masking.state_bytes() + self.scorer.state_bytes()
+                + sum(t.numel() * t.element_size() for t in held))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {"step": torch.tensor(self.step)}
@@ -316,6 +329,7 @@ class Pruner:
         state.update({f"masking.{k}": v for k, v in self.masking.state_dict().items()})
         state.update({f"scorer.{k}": v for k, v in self.scorer.state_dict().items()})
         state.update({f"allocation.{k}": v for k, v in self.allocation.state_dict().items()})
+        state.update({f"regrowth.{k}": v for k, v in self.regrowth.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -328,5 +342,6 @@ class Pruner:
         self.masking.load_state_dict(part("masking."))
         self.scorer.load_state_dict(part("scorer."))
         self.allocation.load_state_dict(part("allocation."))
+        self.regrowth.load_state_dict(part("regrowth."))
         self.masking.enforced = self.schedule.masks_enforced(max(self.step - 1, 0))
         self.masking.masks_changed()

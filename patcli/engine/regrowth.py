@@ -29,6 +29,12 @@ class Regrowth:
     masking = None  # the masking it needs, if any
     replaces_schedule = False  # True: the mode decides when and how masks change
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
 
 @REGROWTHS.register("none")
 @dataclass
@@ -81,6 +87,14 @@ class DynamicSparse(Regrowth):
 
     def is_update_step(self, t: int) -> bool:
         return 0 < t <= self.end_step and t % self.delta_t == 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The random stream (SET's regrowth positions), so a resumed run regrows where the uninterrupted one would."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "generator" in state:  # absent in checkpoints written before it was saved
+            self.generator.set_state(state["generator"])
 
     def initial_masks(self, weights: list[torch.Tensor], target: float, max_layer_sparsity: float) -> list[torch.Tensor]:
         """Random positions, exactly round(s_l · n_l) pruned per layer (s_l uniform or ERK)."""
