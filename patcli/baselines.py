@@ -231,7 +231,7 @@ def run_baseline(config: RunConfig, run_dir: Path, progress: Progress | None = N
     data = load_dataset(dense.dataset)
     device = resolve_device(config.trainer.device)
     model = build_model(dense.model, data.meta).to(device)
-    load_weights(model, dense_dir)
+    load_weights(model, dense_dir, "dense")
     context = BaselineContext(config, dense, dense_record.train_steps, model, data, device, progress)
     started = time.perf_counter()
     steps = baseline.run(context)

@@ -173,9 +173,13 @@ def compare(
     show_comparison(paths or [Path("outputs")], metric, split, format, output, plot)
 
 
+PLOT_FORMATS = (".png", ".pdf", ".svg")
+
+
 def show_comparison(paths: list[Path], metric: str | None, split: str, format: "Format", output: Path | None,
                     plot: Path | None) -> None:
     from . import report
+    from .paths import unwritable_reason
 
     if split not in ("test", "val"):
         print_error(f"--split: {split!r} is not allowed; allowed: test, val")
@@ -183,6 +187,14 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: "
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         print_error(f"PATHS: {', '.join(missing)} does not exist")
+        raise typer.Exit(code=2)
+    for option, path in (("--output", output), ("--plot", plot)):
+        why = path and unwritable_reason(path, want_dir=False)
+        if why:
+            print_error(f"{option}: {why}")
+            raise typer.Exit(code=2)
+    if plot and plot.suffix.lower() not in PLOT_FORMATS:
+        print_error(f"--plot: {plot.name!r} has no image extension; allowed: a file ending in {', '.join(PLOT_FORMATS)}")
         raise typer.Exit(code=2)
     records, skipped = report.load_records(paths)
     for line in skipped:

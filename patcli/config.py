@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ class ConfigError(ValueError):
     """A user mistake in the configuration: ``key`` is the dotted config path."""
 
     def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
+        super().__init__(f"{key}: {' '.join(message.split())}")  # one line, whatever a wrapped error held
         self.key = key
 
 
@@ -64,7 +65,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is dict or hint is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(key, f"expected a mapping, got {value!r}")
-        return dict(value)
+        item = (typing.get_args(hint) or (str, Any))[1]
+        return {k: coerce(v, item, f"{key}.{k}") for k, v in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -154,8 +156,14 @@ class TrainerConfig:
             raise ConfigError(f"{prefix}.max_steps", f"{self.max_steps} is out of range; allowed: >= 1 or null")
         if self.batch_size < 1:
             raise ConfigError(f"{prefix}.batch_size", f"{self.batch_size} is out of range; allowed: >= 1")
-        if self.lr <= 0:
-            raise ConfigError(f"{prefix}.lr", f"{self.lr} is out of range; allowed: > 0")
+        if not 0 < self.lr < math.inf:  # also refuses nan
+            raise ConfigError(f"{prefix}.lr", f"{self.lr} is out of range; allowed: a finite number > 0")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"{prefix}.weight_decay", f"{self.weight_decay} is out of range; allowed: a finite number >= 0")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"{prefix}.momentum", f"{self.momentum} is out of range; allowed: 0 <= value < 1")
+        if self.grad_clip is not None and not 0 < self.grad_clip < math.inf:  # a negative clip flips the gradient
+            raise ConfigError(f"{prefix}.grad_clip", f"{self.grad_clip} is out of range; allowed: a finite number > 0, or null (no clipping)")
         if self.warmup_steps < 0:
             raise ConfigError(f"{prefix}.warmup_steps", f"{self.warmup_steps} is out of range; allowed: >= 0")
         if self.eval_every < 1:

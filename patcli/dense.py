@@ -36,6 +36,8 @@ def dense_source(config: RunConfig) -> dict:
 
 def check_dense_run(run_dir: Path, config: RunConfig) -> RunRecord:
     """A finished dense patcli run of ``config``'s fold, or a ConfigError naming ``dense``."""
+    if not run_dir.is_dir():
+        raise ConfigError("dense", f"{run_dir} is not a directory; allowed: a run directory (the folder of its {RESULT_FILE})")
     try:
         record = read_record(run_dir / RESULT_FILE)
     except RecordError as error:
@@ -45,6 +47,9 @@ def check_dense_run(run_dir: Path, config: RunConfig) -> RunRecord:
                           "`patcli train pruning=none`")
     if not (run_dir / CONFIG_SNAPSHOT).is_file():
         raise ConfigError("dense", f"{run_dir} has no {CONFIG_SNAPSHOT} to rebuild its model and data from")
+    if record.model_dataset_hash != config.model_dataset_hash():  # the baseline would prune another model than it records
+        raise ConfigError("dense", f"{run_dir} was trained with another model/dataset config ({record.model} on "
+                                   f"{record.dataset}); allowed: a dense run with this run's model and dataset settings")
     config.check_same_fold("dense", run_dir, record.config)
     return record
 

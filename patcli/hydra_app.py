@@ -125,6 +125,10 @@ def translate_hydra_error(error: Exception, overrides: list[str]) -> UsageError:
     override = re.search(r"Could not (?:override|append to) '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
     if override:
         return _unknown_key_error(override.group(1), overrides)
+    ambiguous = re.search(r"Ambiguous value for argument '([^'=]+)=([^']*)'", text)
+    if ambiguous:  # a comma list given to train/prune-post
+        return UsageError(f"{ambiguous.group(1)}: {ambiguous.group(2)} is several values; allowed: one value, a list "
+                          f"{ambiguous.group(1)}=[a,b], or several runs with patcli sweep {ambiguous.group(1)}={ambiguous.group(2)}")
     if isinstance(error, OverrideParseException):
         return UsageError(f"cannot parse override: {' '.join(text.split())}")
     return UsageError(text.splitlines()[0] if text else error.__class__.__name__)
@@ -159,6 +163,32 @@ def validate(source: dict[str, Any], check: Callable[[RunConfig], None] | None =
         raise UsageError(str(error)) from error
 
 
+def check_run_dir(overrides: list[str], cfg: DictConfig, multirun: bool) -> None:
+    """The run (or sweep) directory Hydra will make can be made: else one line naming the key that placed it."""
+    from .paths import unwritable_reason
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if not any(o.startswith(f"{key}=") for o in overrides):
+        key = "output_root"
+    try:
+        directory = Path(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
+    except OmegaConfBaseException as error:
+        raise UsageError(f"{key}: {str(error).splitlines()[0]}") from error
+    why = unwritable_reason(directory, want_dir=True)
+    if why:
+        raise UsageError(f"{key}: {why}")
+
+
+def check_device_here(config: RunConfig) -> None:
+    """A device this machine lacks (trainer.device=cuda) fails before any run directory exists."""
+    from .training import resolve_device
+
+    try:
+        resolve_device(config.trainer.device)
+    except ConfigError as error:
+        raise UsageError(str(error)) from error
+
+
 def task(cfg: DictConfig) -> float | None:
     """Hydra's task function: one run, in the directory Hydra made for it (in a worker process under joblib)."""
     from . import jobs
@@ -189,10 +219,11 @@ def launch(
         cfg = compose(overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
         if show_config:
             return OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+        check_run_dir(overrides, cfg, multirun)
         if multirun:
             prepare_sweep(overrides, cfg, check)
         else:
-            validate(job_config(cfg), check)
+            check_device_here(validate(job_config(cfg), check))
         try:
             if multirun:
                 return multirun_sweep(overrides, cfg)
@@ -229,9 +260,13 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
 def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunConfig], None] | None) -> None:
     """Validate every job the basic sweeper will launch, then train the dense runs they share."""
     from .console import RichProgress
-    from .plugins import check_direction
+    from .plugins import check_direction, check_launcher
     from .sweeps import expand_jobs, prepare
 
+    try:
+        check_launcher(cfg.hydra.launcher)
+    except ConfigError as error:
+        raise UsageError(str(error)) from error
     jobs = expand_jobs(overrides, cfg)
     if jobs is None:  # another sweeper (Optuna) chooses its jobs as it goes: check what they share, then each checks itself
         config = validate(job_config(cfg), check)
@@ -241,9 +276,12 @@ def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunCon
             raise UsageError(str(error)) from error
         return
     configs = []
+    here = "submitit" not in str(cfg.hydra.launcher.get("_target_", ""))  # a cluster launcher runs jobs elsewhere
     for job in jobs:
         try:
             configs.append(validate(job_config(compose(job, RunMode.RUN)), check))
+            if here:
+                check_device_here(configs[-1])
         except UsageError as error:
             raise UsageError(f"{error} (sweep job: {' '.join(job)})") from error
     prepare(configs, RichProgress)

@@ -44,6 +44,18 @@ def job_threads(launcher: DictConfig) -> int | None:
     return max(1, cores // parallel)
 
 
+def check_launcher(launcher: DictConfig) -> None:
+    """joblib's n_jobs 0 (or below -cores) launches nothing and fails inside joblib: say so before the sweep starts."""
+    if launcher.get("_target_") != JOBLIB_LAUNCHER:
+        return
+    import joblib
+
+    cores, n_jobs = joblib.cpu_count(), launcher.get("n_jobs", -1)
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0 or n_jobs < -cores:
+        raise ConfigError("hydra.launcher.n_jobs", f"{n_jobs!r} is out of range; allowed: jobs at a time >= 1, or -1 "
+                                                   f"(one per core) to -{cores} (-k: one per core but k-1)")
+
+
 def check_direction(sweeper: DictConfig, config: RunConfig) -> None:
     """An Optuna study optimises the job's validation primary metric: its direction must be that metric's."""
     if sweeper.get("_target_") != OPTUNA_SWEEPER:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import typing
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,8 +76,11 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """A record from parsed JSON; a field of the wrong type (hand-edited, damaged) is a ConfigError naming it."""
+        from .config import coerce
+
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: coerce(v, hints[k], k) for k, v in data.items() if k in hints})
 
 
 _UMASK = os.umask(0o022)
@@ -127,12 +131,14 @@ def read_record(path: Path) -> RunRecord:
         raise RecordError(f"{path}: not a readable record ({error.__class__.__name__}: {error})") from error
     if not isinstance(data, dict) or "method" not in data or "schema_version" not in data:
         raise RecordError(f"{path}: not a patcli run record (no method/schema_version)")
-    if data["schema_version"] > SCHEMA_VERSION:
-        raise RecordError(f"{path}: schema_version {data['schema_version']} is newer than this patcli ({SCHEMA_VERSION})")
     try:
         record = RunRecord.from_dict(data)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:  # a missing field, or one of the wrong type (ConfigError names it)
         raise RecordError(f"{path}: {error}") from error
+    if record.schema_version > SCHEMA_VERSION:
+        raise RecordError(f"{path}: schema_version {record.schema_version} is newer than this patcli ({SCHEMA_VERSION})")
+    if record.status == "ok" and record.primary_value("test") is None and record.primary_value("val") is None:
+        raise RecordError(f"{path}: a finished run without its {record.primary_metric} metric")
     record.run_dir = str(Path(path).parent)
     return record
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,5 +379,10 @@ def plot(comparison: Comparison, path: Path) -> None:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    partial = Path(path).with_name(f".{Path(path).name}.tmp{Path(path).suffix}")  # the format follows the suffix
+    try:
+        figure.savefig(partial, dpi=120)
+        os.replace(partial, path)  # as --output: a reader never sees half an image
+    finally:
+        partial.unlink(missing_ok=True)
+        plt.close(figure)

@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -29,8 +30,8 @@ from .engine.allocation import AllocationError
 from .engine.schedules import Schedule, ScheduleError
 from .hydra_app import pruning_defaults
 from .models import build_model
-from .records import MODEL_FILE, RESULT_FILE, RunRecord, append_metrics, read_record, with_default_mode, write_record
-from .training import Progress, Trainer, evaluate, resolve_device, total_steps
+from .records import MODEL_FILE, RESULT_FILE, RecordError, RunRecord, append_metrics, read_record, with_default_mode, write_record
+from .training import Progress, Trainer, evaluate, loss_and_outputs, resolve_device, total_steps
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ def plan(config: RunConfig) -> Plan:
     """Check the parts of a config that need the data and the run length; raise ConfigError on a mistake."""
     data = load_dataset(config.dataset)
     steps = total_steps(data, config.trainer)
-    build_model(config.model, data.meta)  # validates model keys
+    model = build_model(config.model, data.meta)  # validates model keys
+    check_model_fits(model, data)
     update_steps = 0
     if config.needs_dense:
         from .baselines import parse_baseline
@@ -67,6 +69,7 @@ def plan(config: RunConfig) -> Plan:
             raise ConfigError("pruning", "post-training baselines prune: choose a pruning mode, not none")
         if config.dense:
             check_dense_run(Path(config.dense), config)
+            load_weights(model, Path(config.dense), "dense")  # readable, and of this model
         fixed = dataclasses.replace(config, schedule=SCHEDULES.get("fixed")())
         build_pruner(fixed, build_model(config.model, data.meta), 1, evaluate_fn=never_called)  # the target fits the caps?
     elif config.pruning.enabled:
@@ -74,15 +77,31 @@ def plan(config: RunConfig) -> Plan:
         pruner = build_pruner(trial, build_model(config.model, data.meta), steps, evaluate_fn=never_called)  # pattern fits?
         update_steps = len(pruner.schedule.update_steps())
     if config.trainer.init_from:
-        check_init_from(config)
+        load_weights(model, check_init_from(config), "trainer.init_from")
     return Plan(data=data, total_steps=steps, update_steps=update_steps)
+
+
+def check_model_fits(model: nn.Module, data: DataBundle) -> None:
+    """One forward pass and loss on two training samples: a model of one's own whose input or output size does not
+    fit the data fails here, in one line, instead of at the first training step with a run directory half-written."""
+    inputs, targets = data.train.inputs[:2], data.train.targets[:2]
+    try:
+        with torch.no_grad():
+            loss_and_outputs(model.eval(), data.task, inputs, targets)  # eval: no batch statistics move
+    except (RuntimeError, IndexError, ValueError, TypeError) as error:
+        wanted = ", ".join(f"{k}={v}" for k, v in data.meta.items() if k in ("input_shape", "num_classes", "vocab_size"))
+        raise ConfigError("model", f"does not fit dataset={data.name} ({error.__class__.__name__}: {error}); "
+                                   f"allowed: a model for {wanted}") from error
 
 
 def check_init_from(config: RunConfig) -> Path:
     run_dir = Path(config.trainer.init_from)
     if not (run_dir / MODEL_FILE).is_file() or not (run_dir / RESULT_FILE).is_file():
         raise ConfigError("trainer.init_from", f"{run_dir} is not a finished patcli run (needs {MODEL_FILE} and {RESULT_FILE})")
-    source = read_record(run_dir / RESULT_FILE)
+    try:
+        source = read_record(run_dir / RESULT_FILE)
+    except RecordError as error:
+        raise ConfigError("trainer.init_from", f"{run_dir} is not a finished patcli run ({error})") from error
     if source.model_dataset_hash != config.model_dataset_hash():
         raise ConfigError(
             "trainer.init_from",
@@ -93,10 +112,15 @@ def check_init_from(config: RunConfig) -> Path:
     return run_dir
 
 
-def load_weights(model: nn.Module, run_dir: Path) -> None:
-    """Load a patcli run's saved weights (safetensors: no code is unpickled)."""
-    state = load_file(str(Path(run_dir) / MODEL_FILE))
-    model.load_state_dict(state)
+def load_weights(model: nn.Module, run_dir: Path, key: str) -> None:
+    """Load a patcli run's saved weights (safetensors: no code is unpickled); a damaged file, or one of another
+    model, is a ConfigError naming the config ``key`` that pointed at the run."""
+    path = Path(run_dir) / MODEL_FILE
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise ConfigError(key, f"{path} does not load into this model ({error}); allowed: the {MODEL_FILE} "
+                               "a finished patcli run wrote") from error
 
 
 def save_tensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> int:
@@ -237,7 +261,7 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
     device = resolve_device(config.trainer.device)
     model = build_model(config.model, data.meta)
     if config.trainer.init_from:
-        load_weights(model, check_init_from(config))
+        load_weights(model, check_init_from(config), "trainer.init_from")
     trainer = Trainer(model, data, config.trainer, device, config.seed)
     record = base_record(config, data)
     pruner = None

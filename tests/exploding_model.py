@@ -1,5 +1,6 @@
-"""A user model for sweep tests (``model=custom model._target_=exploding_model.Exploding``): its forward raises when told to, so
-one job of a sweep fails at run time while its config is valid."""
+"""A user model for sweep tests (``model=custom model._target_=exploding_model.Exploding``): its forward raises in
+training when told to, so one job of a sweep fails at run time while its config is valid (and its sizes pass the
+planning check, a forward pass without gradients)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,6 @@ class Exploding(nn.Module):
         self.linear = nn.Linear(64, 10)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self.explode:
+        if self.explode and torch.is_grad_enabled():
             raise RuntimeError("exploded on purpose")
         return self.linear(inputs)

@@ -93,6 +93,9 @@ def test_prune_post_cli_reuses_a_given_dense_run_and_rejects_a_wrong_one(cli, tm
     assert not (tmp_path / "outputs" / "dense").exists()  # nothing else was trained
     code, _, err = cli("prune-post", *TINY, "baseline=magnitude", f"dense={run_dir_of(out)}")
     assert code == 2 and "dense: " in err and "allowed: a finished run of `patcli train pruning=none`" in err
+    # a dense run of another model would be pruned while the record names this one
+    code, out, err = cli("prune-post", *TINY, "model.hidden=[16]", "baseline=magnitude", f"dense={tmp_path}/dense")
+    assert code == 2 and "dense: " in err and "another model/dataset config" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("prune-post", *TINY)
     assert code == 2 and "baseline: missing; allowed: " in err
     code, _, err = cli("train", *TINY, "baseline=magnitude")
@@ -101,6 +104,22 @@ def test_prune_post_cli_reuses_a_given_dense_run_and_rejects_a_wrong_one(cli, tm
     assert code == 2 and "baseline.rounds: 0 is out of range" in err
     code, _, err = cli("prune-post", *TINY, "baseline=structured", "baseline.allocation=sensitivity")  # one-shot: no loss
     assert code == 2 and "baseline.allocation: 'sensitivity' is not allowed; allowed: erk, global, lamp, uniform" in err
+
+
+def test_damaged_run_files_named_by_init_from_or_dense_are_one_line_errors_before_any_run_starts(cli, tmp_path):
+    code, _, err = cli("train", *TINY, "pruning=none", f"hydra.run.dir={tmp_path}/dense")
+    assert code == 0, err
+    weights = tmp_path / "dense" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    for command, key in ((["train", "trainer.init_from=dense"], "trainer.init_from"),
+                         (["prune-post", "baseline=magnitude", "dense=dense"], "dense")):
+        code, _, err = cli(*command, *TINY, "hydra.run.dir=damaged")
+        assert code == 2 and err.startswith(f"error: {key}: ") and "model.safetensors does not load" in err, err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "damaged").exists()
+    (tmp_path / "dense" / "result.json").write_text("{not json")
+    code, _, err = cli("train", "trainer.init_from=dense", *TINY, "hydra.run.dir=damaged")
+    assert code == 2 and err.startswith("error: trainer.init_from: ") and "not a readable record" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "damaged").exists()
 
 
 def test_compare_counts_a_cited_dense_run_once_after_the_runs_are_moved(cli, tmp_path):

@@ -87,6 +87,13 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
         ("trainer.epochs=abc", "trainer.epochs: expected an integer"),
         ("schedule.end=5000", "schedule.end: step 5000 is after the run's last step"),
         ("trainer.optimizer=lion", "trainer.optimizer: 'lion' is not allowed; allowed: adamw, adam, sgd"),
+        ("pruning.sparsity=0.5,0.9", "pruning.sparsity: 0.5,0.9 is several values; allowed: one value, a list "
+         "pruning.sparsity=[a,b], or several runs with patcli sweep pruning.sparsity=0.5,0.9"),
+        ("schedule.end=0.1 schedule.begin=0.5", "comes before schedule.begin (step "),
+        ("trainer.lr=nan", "trainer.lr: nan is out of range; allowed: a finite number > 0"),
+        ("trainer.weight_decay=-1", "trainer.weight_decay: -1.0 is out of range; allowed: a finite number >= 0"),
+        ("trainer.momentum=-1", "trainer.momentum: -1.0 is out of range; allowed: 0 <= value < 1"),
+        ("trainer.grad_clip=-1", "trainer.grad_clip: -1.0 is out of range; allowed: a finite number > 0, or null"),
         ("pruning=bogus", "pruning=bogus: unknown option; allowed: "),
         ("schedule.power=-1", "schedule.power: -1.0 is out of range; allowed: > 0"),
         ("allocation=sensitivity allocation.trials=[0.5,1.5]", "allocation.trials: 1.5 is out of range"),
@@ -106,6 +113,24 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_run_directory(cli, tmp_path,
     assert not (tmp_path / "outputs").exists()
 
 
+def test_a_device_this_machine_lacks_fails_before_any_run_or_sweep_directory_exists(cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command in (["train"], ["sweep", "seed=0,1"]):
+        code, _, err = cli(*command, *TINY, "trainer.device=cuda", "hydra.run.dir=run", "hydra.sweep.dir=sweep")
+        assert code == 2 and err.startswith("error: trainer.device: cuda was asked for but no CUDA device is available")
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_a_run_or_sweep_directory_that_cannot_be_made_is_a_one_line_error(cli, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for command, override, key in ((["train"], "hydra.run.dir=a-file", "hydra.run.dir"),
+                                   (["train"], "output_root=a-file/outputs", "output_root"),
+                                   (["sweep", "seed=0,1"], "hydra.sweep.dir=a-file", "hydra.sweep.dir")):
+        code, out, err = cli(*command, *TINY, override)
+        assert code == 2 and err.startswith(f"error: {key}: ") and "a-file is a file" in err, err
+        assert len(err.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
 def test_a_model_of_ones_own_gets_exactly_the_keys_given(cli, tmp_path):
     code, out, err = cli("train", "model=custom", "model._target_=torch.nn.Linear", "+model.in_features=64",
                          "+model.out_features=10", "trainer.epochs=2", "pruning.sparsity=0.5", f"hydra.run.dir={tmp_path}/run")
@@ -116,6 +141,15 @@ def test_a_model_of_ones_own_gets_exactly_the_keys_given(cli, tmp_path):
     assert record["config"]["model"] == {"_target_": "torch.nn.Linear", "in_features": 64, "out_features": 10}
     code, _, err = cli("train", "model=custom")
     assert code == 2 and err.startswith("error: model._target_: missing; allowed: the dotted path of a class"), err
+    linear = ["model=custom", "model._target_=torch.nn.Linear", "trainer.epochs=1", "hydra.run.dir=wrong"]
+    for sizes, why in ((["+model.in_features=32", "+model.out_features=10"], "mat1 and mat2 shapes cannot be multiplied"),
+                       (["+model.in_features=64", "+model.out_features=3"], "Target 9 is out of bounds")):
+        code, _, err = cli("train", *linear, *sizes)  # caught before training, not at its first step
+        assert code == 2 and err.startswith("error: model: does not fit dataset=digits") and why in err, err
+        assert "allowed: a model for input_shape=[64], num_classes=10" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "wrong").exists()
+    code, _, err = cli("train", *linear, "+model.in_features=64")  # the class's own multi-line message, on one line
+    assert code == 2 and "missing 1 required positional argument: 'out_features'" in err and len(err.strip().splitlines()) == 1
 
 
 def test_ctrl_c_records_the_run_as_interrupted_and_exits_130(cli, tmp_path, monkeypatch):

@@ -49,6 +49,36 @@ def test_rows_cells_pooling_and_best(runs):
     assert [r.status for r in comparison.not_ok] == ["failed"]
 
 
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        ({"schema_version": "1"}, "schema_version: expected an integer, got '1'"),
+        ({"metrics": [1, 2]}, "metrics: expected a mapping"),
+        ({"metrics": {"test": {"accuracy": "high"}}}, "metrics.test.accuracy: expected a number, got 'high'"),
+        ({"target_sparsity": "abc"}, "target_sparsity: expected a number"),
+        ({"metrics": {}}, "a finished run without its accuracy metric"),
+    ],
+)
+def test_a_hand_edited_record_of_the_wrong_shape_is_skipped_with_its_reason(runs, damage, why):
+    path = runs / "pat-95" / "result.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **damage}))
+    records, skipped = report.load_records([runs])
+    assert len(records) == 7 and len(skipped) == 2  # the half-written one and this
+    assert any("pat-95" in line and why in line for line in skipped), skipped
+    assert report.compare(records).groups[0].columns == [0.9, 0.95]  # iterative still has 95%
+
+
+def test_output_and_plot_paths_that_cannot_be_written_are_one_line_errors_before_any_work(cli, runs):
+    (runs / "a-file").write_text("")
+    for option, path, why in (("--output", runs, "is a directory; allowed: a file path"),
+                              ("--output", runs / "a-file" / "table.txt", "a-file is a file, so"),
+                              ("--plot", runs / "curves", "'curves' has no image extension; allowed: a file ending in .png")):
+        code, out, err = cli("compare", str(runs), option, str(path))
+        assert code == 2 and err.startswith(f"error: {option}: ") and why in err, err
+        assert len(err.strip().splitlines()) == 1 and out == ""
+    assert sorted(p.name for p in runs.iterdir() if p.name.startswith(".")) == []  # no probe or partial file left
+
+
 def test_lower_is_better_for_loss(runs):
     records, _ = report.load_records([runs])
     (group,) = report.compare(records, metric="loss").groups

@@ -156,6 +156,13 @@ def test_text_dataset_loads_a_user_file_into_windows(tmp_path, monkeypatch):
     windows = len(data.train) + len(data.val) + len(data.test)
     assert windows == pytest.approx(len(text) / 16, abs=3)
     assert len(list((tmp_path / "cache").iterdir())) == 1  # cached after the first build
+    (cached,) = (tmp_path / "cache").iterdir()
+    cached.write_bytes(cached.read_bytes()[:50])  # damaged: it is rebuilt, not a traceback
+    from patcli.data.base import _cached_load
+
+    _cached_load.cache_clear()
+    again = load_dataset(NamedConfig("text", {"path": str(path), "block_size": 16, "max_vocab": 12}))
+    assert torch.equal(again.train.inputs, data.train.inputs) and cached.stat().st_size > 50
 
 
 def test_text_dataset_ids_hold_vocabularies_beyond_int16(tmp_path, monkeypatch):

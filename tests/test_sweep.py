@@ -62,6 +62,14 @@ def test_basic_sweep_runs_every_combination_and_prints_its_table(cli, tmp_path):
         assert row == [f"PAT agp+{scorer}+global", "20", "1", percent(records[(scorer, 0.5)]), percent(records[(scorer, 0.8)])]
 
 
+@pytest.mark.parametrize("n_jobs", ["0", "-999"])
+def test_a_joblib_n_jobs_that_launches_nothing_is_a_one_line_error_before_the_sweep(cli, tmp_path, n_jobs):
+    code, _, err = cli("sweep", *FAST, "hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}", "seed=0,1",
+                       "hydra.sweep.dir=sweep")
+    assert code == 2 and err.startswith("error: hydra.launcher.n_jobs: ") and "allowed: jobs at a time >= 1" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "sweep").exists()
+
+
 def test_joblib_sweep_runs_side_by_side_with_cores_split_between_jobs(cli, tmp_path):
     code, out, err = cli("sweep", *FAST, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1",
                          f"hydra.sweep.dir={tmp_path}/sweep")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import torch
 
 from ..config import ConfigError
 from .base import DATASETS, DataBundle, Split
+
+log = logging.getLogger(__name__)
 
 UNKNOWN = "\x00"  # characters outside the vocabulary map here
 
@@ -91,8 +94,11 @@ class CharCorpus:
         """The encoded corpus, from the cache when this exact build was made before."""
         path = cache_dir() / f"{self.name}-{self.cache_key()}.pt"
         if path.is_file():
-            cached = torch.load(path, weights_only=True)
-            return cached["ids"], json.loads(bytes(cached["vocab"].tolist()).decode())
+            try:
+                cached = torch.load(path, weights_only=True)
+                return cached["ids"], json.loads(bytes(cached["vocab"].tolist()).decode())
+            except Exception as error:  # a damaged cache is only a cache: rebuild it
+                log.warning("rebuilding the damaged dataset cache %s (%s)", path, error.__class__.__name__)
         ids, vocab = encode(self.text(), self.max_vocab)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -61,7 +61,8 @@ class Schedule:
         self.begin_step = to_step(self.begin, total_steps, "schedule.begin")
         self.end_step = to_step(self.end, total_steps, "schedule.end")
         if self.end_step < self.begin_step:
-            raise ScheduleError("schedule.end", f"step {self.end_step} comes before schedule.begin (step {self.begin_step})")
+            raise ScheduleError("schedule.end", f"step {self.end_step} comes before schedule.begin (step {self.begin_step}); "
+                                                f"allowed: a step >= {self.begin_step} or a fraction of the run at or after begin's")
         if not 0.0 <= self.initial_sparsity <= self.final_sparsity:
             raise ScheduleError(
                 "schedule.initial_sparsity",
