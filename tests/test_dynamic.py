@@ -46,6 +46,23 @@ def test_reversal_brings_back_a_pruned_weight_whose_gradient_pushes_it_up():
     assert float(pruner.masking.shadow[0][0, 1]) == 1.0  # the pruned weight's last value is kept
 
 
+@pytest.mark.parametrize("scorer", ["magnitude", "gradient", "movement", "hessian"])
+def test_reversal_revives_weights_with_every_scorer(scorer):
+    """Gradient-based scores of a pruned weight use its dense (shadow) value: at its masked value, 0, |w·g| could
+    never bring it back."""
+    from patcli.engine import SCORERS
+
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    pruner = Pruner(model, sparsity=0.8, schedule=SCHEDULES.get("linear")(begin=0, end=40), total_steps=60, frequency=5,
+                    scorer=SCORERS.get(scorer)(), regrowth=REGROWTHS.get("reversal")()).attach(optimizer)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        step(model, optimizer, generator)
+    assert sum(u.revived for u in pruner.updates) > 0
+    assert pruner.sparsity() == pytest.approx(0.8, abs=1e-3)
+
+
 @pytest.mark.parametrize("name", ["set", "rigl"])
 def test_dynamic_sparse_training_keeps_the_exact_active_count_per_layer_at_every_step(name):
     model = tiny()

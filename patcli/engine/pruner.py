@@ -155,7 +155,8 @@ class Pruner:
         """Feed the current gradients to the scorer (also used alone, for calibration without training)."""
         if self.scorer.needs_grad:
             grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self.masks.weights]
-            self.scorer.observe([w.detach() for w in self.masks.weights], grads)
+            # the dense values (the shadow under reversal): a pruned weight scored at 0 could never return
+            self.scorer.observe([w.detach() for w in self.masking.dense_weights()], grads)
 
     def before_step(self) -> None:
         started = time.perf_counter()
