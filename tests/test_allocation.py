@@ -124,6 +124,20 @@ def test_sensitivity_measures_the_cap_as_the_allocation_rounds_it_never_the_whol
     assert max(zeroed_rows) == math.floor(0.99 * 16)  # 15 of 16 neurons at the 0.99 cap point
 
 
+def test_sensitivity_never_counts_below_what_is_already_pruned_for_channels():
+    """Masks only grow: a sensitive layer whose channels were pruned earlier keeps at least those pruned."""
+    scores = [torch.rand(16, generator=torch.Generator().manual_seed(0)), torch.rand(16)]
+    scores[0][:8] = float("-inf")  # 8 channels of the first layer already pruned
+
+    def loss(layer: int, sparsity: float) -> float:
+        return 100.0 * sparsity if layer == 0 else 0.01 * sparsity  # the first layer is far more sensitive
+
+    channels = LayerBudget(group_scores=scores, group_sizes=[10, 10], shapes=[torch.Size([16, 10])] * 2, target=0.5,
+                           max_layer_sparsity=0.99, pruned_elements=lambda counts: 10 * sum(counts),
+                           loss_with_layer_pruned=loss)
+    assert ALLOCATIONS.get("sensitivity")().prune_counts(channels) == [8, 8]
+
+
 @pytest.mark.parametrize("init", ["erk", "random"])
 def test_dynamic_sparse_training_beyond_the_cap_is_an_allocation_error(init):
     from torch import nn

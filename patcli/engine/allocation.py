@@ -321,9 +321,11 @@ class Sensitivity(Allocation):
         elements = [g * size for g, size in zip(budget.num_groups, budget.group_sizes)]
         segments = cheapest_first(self.curves, self.points(budget), elements)
 
-        def counts(knob: float) -> list[int]:
+        caps, floors = budget.caps(), budget.floors()
+
+        def counts(knob: float) -> list[int]:  # never below what is already pruned: masks only grow
             sparsities = sparsities_after(segments, len(self.curves), knob * len(segments))
-            return [min(round(s * g), c) for s, g, c in zip(sparsities, budget.num_groups, budget.caps())]
+            return [min(max(round(s * g), f), c) for s, g, f, c in zip(sparsities, budget.num_groups, floors, caps)]
 
         best = closest(budget, counts)
         if not budget.additive:

@@ -1,7 +1,8 @@
 """A compressed format for unstructured sparse weights: a packed bitmask plus the non-zero values.
 
 At sparsity s a float32 tensor of n values takes n/8 bytes of mask and 4·(1−s)·n bytes of values: 0.131× the
-dense size at 90%. The round trip is exact (values are stored in their own dtype).
+dense size at 90%. The round trip is exact in value (values are stored in their own dtype); a zero is stored as a
+mask bit, so a -0.0 (a negative weight times a zero mask) comes back as +0.0, which compares equal.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def compress(state: dict[str, torch.Tensor], min_sparsity: float = 0.5) -> tuple
 
 
 def decompress(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
-    """The dense state_dict back, bit for bit."""
+    """The dense state_dict back, equal value for value (zeros as +0.0)."""
     if metadata.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} file (format {metadata.get('format')!r})")
     shapes = json.loads(metadata["shapes"])
