@@ -86,7 +86,7 @@ def sweep(
     Example: patcli sweep pruning.sparsity=0.5,0.8,0.9,0.95 scorer=magnitude,movement
     Presets: patcli sweep +experiment=pat_vs_post (dense, PAT and every baseline at five sparsities);
     patcli sweep +experiment=tune_schedule (Optuna search of the schedule on the validation metric).
-    Parallel jobs: hydra/launcher=joblib; SLURM: hydra/launcher=submitit_slurm (pip install "patcli\\[sweep]", "patcli\\[slurm]").
+    Parallel jobs: hydra/launcher=joblib; SLURM: hydra/launcher=submitit_slurm (extras "sweep", "slurm" of the checkout: pip install -e ".\\[sweep]").
     Jobs go to output_root/multirun/<date>/<time>-<id>/<n>/ (hydra.sweep.dir=DIR to choose).
     """
     from .sweeps import best_trial
@@ -224,7 +224,7 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: "
             plot.parent.mkdir(parents=True, exist_ok=True)  # as --output does
             report.plot(comparison, plot)
         except ImportError:
-            print_error("--plot needs matplotlib: pip install 'patcli[plot]'")
+            print_error("--plot needs matplotlib: pip install -c constraints.txt -e '.[plot]' in the patcli checkout")
             raise typer.Exit(code=2) from None
         console.print(f"wrote {plot}", highlight=False)
 

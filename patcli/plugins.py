@@ -25,7 +25,7 @@ def missing_plugin(group: str, option: str) -> str | None:
     extra = PLUGIN_EXTRAS.get(group, {}).get(option)
     if extra is None:
         return None
-    return f"{group}={option} needs a Hydra plugin that is not installed: pip install 'patcli[{extra}]'"
+    return f"{group}={option} needs a Hydra plugin that is not installed: pip install -c constraints.txt -e '.[{extra}]' in the patcli checkout"
 
 
 def job_threads(launcher: DictConfig) -> int | None:

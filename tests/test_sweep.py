@@ -186,7 +186,7 @@ def test_a_missing_plugin_names_the_extra_to_install(cli, tmp_path, monkeypatch)
     monkeypatch.delitem(ConfigStore.instance().repo["hydra"]["launcher"], "joblib.yaml")
     code, out, err = cli("sweep", *FAST, "hydra/launcher=joblib", "seed=0,1")
     assert code == 2 and "Traceback" not in out + err
-    assert err.strip() == "error: hydra/launcher=joblib needs a Hydra plugin that is not installed: pip install 'patcli[sweep]'"
+    assert err.strip() == "error: hydra/launcher=joblib needs a Hydra plugin that is not installed: pip install -c constraints.txt -e '.[sweep]' in the patcli checkout"
     code, _, err = cli("sweep", *FAST, "hydra/sweeper=nope")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "hydra/sweeper=nope: unknown option; allowed: basic, optuna" in err
