@@ -241,10 +241,7 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
     from .plugins import OPTUNA_SWEEPER
     from .sweeps import SweepResult, job_dirs
 
-    try:
-        directory = str(Path(cfg.hydra.sweep.dir).absolute())  # a joblib worker's own cwd may differ
-    except OmegaConfBaseException as error:
-        raise UsageError(f"hydra.sweep.dir: {str(error).splitlines()[0]}") from error
+    directory = str(Path(cfg.hydra.sweep.dir).absolute())  # a joblib worker's own cwd may differ; check_run_dir resolved it
     pinned = [f"hydra.sweep.dir={quoted(directory)}", f"++hydra.job.env_set.{START_DIR_ENV}={quoted(os.getcwd())}"]
     others = [o for o in overrides if not o.startswith("hydra.sweep.dir=")]
     study = cfg.hydra.sweeper.get("_target_") == OPTUNA_SWEEPER

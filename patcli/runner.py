@@ -55,7 +55,7 @@ def plan(config: RunConfig) -> Plan:
     """Check the parts of a config that need the data and the run length; raise ConfigError on a mistake."""
     data = load_dataset(config.dataset)
     steps = total_steps(data, config.trainer)
-    model = build_model(config.model, data.meta)  # validates model keys
+    model = build_model(config.model, data.meta)  # validates model keys; a throwaway the checks below share
     check_model_fits(model, data)
     update_steps = 0
     if config.needs_dense:
@@ -64,17 +64,17 @@ def plan(config: RunConfig) -> Plan:
 
         baseline = parse_baseline(config)
         if hasattr(baseline, "check"):
-            baseline.check(build_model(config.model, data.meta))
+            baseline.check(model)
         if not config.pruning.enabled:
             raise ConfigError("pruning", "post-training baselines prune: choose a pruning mode, not none")
         if config.dense:
             check_dense_run(Path(config.dense), config)
             load_weights(model, Path(config.dense), "dense")  # readable, and of this model
         fixed = dataclasses.replace(config, schedule=SCHEDULES.get("fixed")())
-        build_pruner(fixed, build_model(config.model, data.meta), 1, evaluate_fn=never_called)  # the target fits the caps?
+        build_pruner(fixed, model, 1, evaluate_fn=never_called)  # the target fits the caps?
     elif config.pruning.enabled:
         trial = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule))
-        pruner = build_pruner(trial, build_model(config.model, data.meta), steps, evaluate_fn=never_called)  # pattern fits?
+        pruner = build_pruner(trial, model, steps, evaluate_fn=never_called)  # pattern fits?
         update_steps = len(pruner.schedule.update_steps())
     if config.trainer.init_from:
         load_weights(model, check_init_from(config), "trainer.init_from")
