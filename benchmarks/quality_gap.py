@@ -2,10 +2,11 @@
 
 The engine issue's targets (98.0% at 98%, 97.0% at 99%) are missed by its own options. This section adds two
 standard remedies to the training loss of the recommended recipe, here only (probes, not patcli options):
-distillation (α and T chosen by cross-validation) from the tuned dense model of the same seed or from an ensemble of
-five such models (a teacher stronger than dense itself), and ±1-pixel shifts of the 8×8 images. Selection stays
-honest: the probes are compared by the quality section's 8-fold cross-validation (seeds 0–2) and reported on test
-(seeds 3–5), trained on the train split and refit on train + validation, with the recipe alone measured beside them.
+distillation (α and T chosen by cross-validation) from the tuned dense MLP of the same seed, from an ensemble of five
+of them, or from a dense conv net (teachers stronger than the dense MLP), and ±1-pixel shifts of the 8×8 images.
+Selection stays honest: the probes are compared by the quality section's 8-fold cross-validation (seeds 0–2) and
+reported on test (seeds 3–5), trained on the train split and refit on train + validation, with the recipe alone
+measured beside them.
 """
 
 from __future__ import annotations
@@ -26,16 +27,25 @@ RECOMMENDED = ["trainer.lr=0.01", "trainer.lr_schedule=constant", "pruning.frequ
                "scorer=hessian", "trainer.epochs=100"]
 TUNED_DENSE = ["pruning=none", "trainer.lr=0.01", "trainer.lr_schedule=constant", "trainer.epochs=40",
                "trainer.weight_decay=0.01", "trainer.batch_size=32"]
+# A conv net sees the 8×8 images as images: a teacher far stronger than the MLP (99.4% in 8-fold cross-validation,
+# lr 1e-2 and 3e-3 tied), the kind of teacher distillation needs to lift a student above dense.
+CNN_TEACHER = ["model=cnn", "pruning=none", "trainer.lr=0.01", "trainer.lr_schedule=cosine", "trainer.epochs=40",
+               "trainer.weight_decay=0.01", "trainer.batch_size=32"]
 SPARSITIES = (0.98, 0.99)
-ENSEMBLE = 5  # dense teachers in the ensemble probes: seeds s, s + 100, ... for the student's seed s
-# name → (distillation weight α and temperature T, or None; dense teachers; shifted images): α and T are chosen by
+ENSEMBLE = 5  # members of the ensemble teacher: seeds s, s + 100, ... for the student's seed s
+# teacher → [(overrides, seed offset)] of the dense runs whose mean tempered probabilities are the soft targets
+TEACHERS = {
+    "tuned dense MLP": [(TUNED_DENSE, 0)],
+    f"{ENSEMBLE} tuned dense MLPs": [(TUNED_DENSE, 100 * m) for m in range(ENSEMBLE)],
+    "dense CNN": [(CNN_TEACHER, 0)],
+}
+# name → (distillation weight α and temperature T, or None; teacher; shifted images): α and T are chosen by
 # cross-validation
 PROBES = {
-    "recipe alone": (None, 0, False),
-    **{f"+ distillation (α {a}, T {t})": ((a, t), 1, False) for a in (0.5, 0.9) for t in (2, 4)},
-    **{f"+ distillation from {ENSEMBLE} dense models (α {a}, T {t})": ((a, t), ENSEMBLE, False)
-       for a in (0.5, 0.9) for t in (2, 4)},
-    "+ ±1-pixel shifts": (None, 0, True),
+    "recipe alone": (None, None, False),
+    **{f"+ distillation from {teacher} (α {a}, T {t})": ((a, t), teacher, False)
+       for teacher in TEACHERS for a in (0.5, 0.9) for t in (2, 4)},
+    "+ ±1-pixel shifts": (None, None, True),
 }
 
 _probe: dict = {"distill": None, "teachers": [], "shift": False}  # set per job, read by the loss (in the worker)
@@ -73,6 +83,19 @@ def install_probe() -> None:
     training.loss_and_outputs = probe_loss(training.loss_and_outputs)
 
 
+_teacher_runs: dict[tuple, str] = {}  # per worker: every α, T and sparsity of a fold or seed reuses its teachers
+
+
+def teacher_run(overrides: list[str], root: str) -> dict:
+    key = tuple(overrides)
+    if key not in _teacher_runs:
+        record = run_config((overrides, root))
+        if record.get("status") != "ok":
+            return record
+        _teacher_runs[key] = record["run_dir"]
+    return {"status": "ok", "run_dir": _teacher_runs[key]}
+
+
 def probe_job(args) -> dict:
     from patcli.data import load_dataset
     from patcli.dense import load_run_config
@@ -80,19 +103,19 @@ def probe_job(args) -> dict:
     from patcli.runner import load_weights
 
     probe, overrides, extra, root = args
-    distill, members, shift = PROBES[probe]
+    distill, teacher, shift = PROBES[probe]
     _probe.update(distill=distill, teachers=[], shift=shift)
     seed = int(next(o for o in overrides if o.startswith("seed=")).removeprefix("seed="))
     data = None
-    for member in range(members):
-        dense = run_config(([*TUNED_DENSE, f"seed={seed + 100 * member}", *extra], root))
+    for teacher_overrides, offset in TEACHERS.get(teacher, []):
+        dense = teacher_run([*teacher_overrides, f"seed={seed + offset}", *extra], root)
         if dense.get("status") != "ok":
             return dense
         config = load_run_config(Path(dense["run_dir"]))
         data = load_dataset(config.dataset)
-        teacher = build_model(config.model, data.meta)
-        load_weights(teacher, Path(dense["run_dir"]), "teacher")
-        _probe["teachers"].append(teacher.eval())
+        model = build_model(config.model, data.meta)
+        load_weights(model, Path(dense["run_dir"]), "teacher")
+        _probe["teachers"].append(model.eval())
     record = run_config(([*overrides, *extra], root))
     if data is not None:  # how good the teacher itself is, on the splits the student is scored on
         record["teacher"] = {name: teacher_accuracy(_probe["teachers"], split)
@@ -136,9 +159,10 @@ def quality_gap(workers: int = 2) -> str:
     reached = {s: statistics.fmean(pooled[(chosen, "test refit", s)]) * 100 for s in SPARSITIES}
     return (
         f"The recommended recipe of the quality section ({' '.join(RECOMMENDED)}) with two training options patcli "
-        f"does not have yet, added to the training loss by this benchmark only: distillation from the tuned dense "
-        f"model of the same seed ({' '.join(TUNED_DENSE[1:])}) or from an ensemble of {ENSEMBLE} of them (seeds s, "
-        f"s + 100, …; the mean of their tempered probabilities), with loss (1 − α)·CE + α·T²·KL at temperature T, "
+        f"does not have yet, added to the training loss by this benchmark only: distillation, with loss "
+        f"(1 − α)·CE + α·T²·KL at temperature T, from the tuned dense MLP of the same seed "
+        f"({' '.join(TUNED_DENSE[1:])}), from an ensemble of {ENSEMBLE} of them (seeds s, s + 100, …; the mean of "
+        f"their tempered probabilities) or from a dense conv net ({' '.join(CNN_TEACHER[:1] + CNN_TEACHER[2:])}), "
         f"teachers trained on the student's training split (refit runs distil from refit teachers); and every "
         f"training image shifted by −1, 0 or +1 pixel in x and y. "
         f"Every probe is run and reported; the verdict below takes the one best by cross-validation. "
@@ -146,9 +170,8 @@ def quality_gap(workers: int = 2) -> str:
         f"3–5, trained on train (1,257) and refit on train + validation (1,427).\n\n"
         + table(["probe", *[f"{p} {s:.0%}" for p, s in columns]], rows)
         + "\n\nThe teachers themselves (accuracy %, mean ± std over the same folds and seeds):\n\n"
-        + table(["teacher", *protocols], [[f"{members} dense model{'s' if members > 1 else ''}",
-                                           *[mean_std(list(teachers[(members, p)].values())) for p in protocols]]
-                                          for members in sorted({m for m, _ in teachers})])
+        + table(["teacher", *protocols], [[teacher, *[mean_std(list(teachers[(teacher, p)].values())) for p in protocols]]
+                                          for teacher in TEACHERS])
         + f"\n\nBest by cross-validation (mean of 98% and 99%): {chosen}; refit, on test: {reached[0.98]:.1f}% at 98% "
         f"(target 98.0%), {reached[0.99]:.1f}% at 99% (target 97.0%)."
     )
