@@ -1,0 +1,61 @@
+"""The benchmark sections still run against today's engine and runner, at sizes that take seconds.
+
+A section is only rerun when its figures are wanted, so an API change can break it unnoticed for several rounds
+(quality_gap did once, when ``load_weights`` gained an argument). These run each cheap section, and one job of the
+quality_gap probes, small.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import engine_speed, quality_gap, structured
+from benchmarks.quality import CAP
+from patcli import training
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    threads = torch.get_num_threads()  # the speed sections pin one thread, as they measure
+    yield
+    torch.set_num_threads(threads)
+
+
+def rows(text: str) -> list[list[str]]:
+    """The body rows of the markdown tables in a section's text, as lists of cells."""
+    lines = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_mask_update_section_counts_exactly():
+    header, row = rows(engine_speed.mask_update(sizes=(200_000,), repeats=1))
+    assert header[-1] == "exact count" and row[-1] == "yes"
+
+
+def test_adamw_zeros_section_covers_each_implementation():
+    text = engine_speed.adamw_zeros(size=4096, repeats=2)
+    names = [row[0] for row in rows(text)]
+    assert {"single-tensor", "foreach", "fused"} <= set(names)
+
+
+def test_structured_sections_run_and_export_meets_its_ratio():
+    speed = rows(structured.structured_speed(blocks=2))
+    assert len(speed) == 1 + 4  # header + threads {1, 2} x batch {1, 64}
+    export = {row[0]: row[-1] for row in rows(structured.export_size())[1:]}
+    assert float(export["90%"].strip("*×")) <= 0.14
+
+
+def test_quality_gap_probe_distils_from_a_trained_teacher(tmp_path, monkeypatch):
+    def short(overrides: list[str]) -> list[str]:
+        return [o for o in overrides if not o.startswith("trainer.epochs=")] + ["trainer.epochs=2"]
+
+    monkeypatch.setattr(quality_gap, "TEACHERS", {"dense CNN": [(short(quality_gap.CNN_TEACHER), 0)]})
+    monkeypatch.setattr(quality_gap, "PROBES", {"probe": ((0.5, 2), "dense CNN", False)})
+    monkeypatch.setattr(training, "loss_and_outputs", quality_gap.probe_loss(training.loss_and_outputs))
+    student = [*short(quality_gap.RECOMMENDED), "pruning.sparsity=0.9", CAP, "seed=0"]
+    record = quality_gap.probe_job(("probe", student, ["dataset.val_fold=1"], str(tmp_path)))
+    assert record["status"] == "ok", record.get("error")
+    assert set(record["teacher"]) == {"val", "test"}
+    assert all(0.0 < accuracy <= 1.0 for accuracy in record["teacher"].values())
+    assert record["achieved_sparsity"] == pytest.approx(0.9, abs=1e-3)
