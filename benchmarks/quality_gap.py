@@ -32,6 +32,7 @@ TUNED_DENSE = ["pruning=none", "trainer.lr=0.01", "trainer.lr_schedule=constant"
 CNN_TEACHER = ["model=cnn", "pruning=none", "trainer.lr=0.01", "trainer.lr_schedule=cosine", "trainer.epochs=40",
                "trainer.weight_decay=0.01", "trainer.batch_size=32"]
 SPARSITIES = (0.98, 0.99)
+TARGETS = {0.98: 98.0, 0.99: 97.0}  # test accuracy %, the engine issue's
 ENSEMBLE = 5  # members of the ensemble teacher: seeds s, s + 100, ... for the student's seed s
 # teacher → [(overrides, seed offset)] of the dense runs whose mean tempered probabilities are the soft targets
 TEACHERS = {
@@ -104,10 +105,10 @@ def probe_job(args) -> dict:
 
     probe, overrides, extra, root = args
     distill, teacher, shift = PROBES[probe]
-    _probe.update(distill=distill, teachers=[], shift=shift)
+    _probe.update(distill=None, teachers=[], shift=False)
     seed = int(next(o for o in overrides if o.startswith("seed=")).removeprefix("seed="))
-    data = None
-    for teacher_overrides, offset in TEACHERS.get(teacher, []):
+    data, models = None, []
+    for teacher_overrides, offset in TEACHERS.get(teacher, []):  # trained plainly: the probe is off until all are
         dense = teacher_run([*teacher_overrides, f"seed={seed + offset}", *extra], root)
         if dense.get("status") != "ok":
             return dense
@@ -115,7 +116,8 @@ def probe_job(args) -> dict:
         data = load_dataset(config.dataset)
         model = build_model(config.model, data.meta)
         load_weights(model, Path(dense["run_dir"]), "teacher")
-        _probe["teachers"].append(model.eval())
+        models.append(model.eval())
+    _probe.update(distill=distill, teachers=models, shift=shift)
     record = run_config(([*overrides, *extra], root))
     if data is not None:  # how good the teacher itself is, on the splits the student is scored on
         record["teacher"] = {name: teacher_accuracy(_probe["teachers"], split)
@@ -157,6 +159,7 @@ def quality_gap(workers: int = 2) -> str:
     rows = [[probe, *[mean_std(pooled[(probe, p, s)]) for p, s in columns]] for probe in PROBES]
     chosen = max(PROBES, key=lambda probe: statistics.fmean(v for s in SPARSITIES for v in pooled[(probe, "val", s)]))
     reached = {s: statistics.fmean(pooled[(chosen, "test refit", s)]) * 100 for s in SPARSITIES}
+    verdict = {s: "met" if reached[s] >= TARGETS[s] else "not met" for s in SPARSITIES}
     return (
         f"The recommended recipe of the quality section ({' '.join(RECOMMENDED)}) with two training options patcli "
         f"does not have yet, added to the training loss by this benchmark only: distillation, with loss "
@@ -172,8 +175,8 @@ def quality_gap(workers: int = 2) -> str:
         + "\n\nThe teachers themselves (accuracy %, mean ± std over the same folds and seeds):\n\n"
         + table(["teacher", *protocols], [[teacher, *[mean_std(list(teachers[(teacher, p)].values())) for p in protocols]]
                                           for teacher in TEACHERS])
-        + f"\n\nBest by cross-validation (mean of 98% and 99%): {chosen}; refit, on test: {reached[0.98]:.1f}% at 98% "
-        f"(target 98.0%), {reached[0.99]:.1f}% at 99% (target 97.0%)."
+        + f"\n\nBest by cross-validation (mean of 98% and 99%): {chosen}; refit, on test: {reached[0.98]:.2f}% at 98% "
+        f"(target 98.0%: {verdict[0.98]}), {reached[0.99]:.2f}% at 99% (target 97.0%: {verdict[0.99]})."
     )
 
 

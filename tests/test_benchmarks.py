@@ -7,12 +7,17 @@ quality_gap probes, small.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from benchmarks import engine_speed, quality_gap, structured
+from benchmarks.common import run_config
 from benchmarks.quality import CAP
 from patcli import training
+from patcli.runner import MODEL_FILE
 
 
 @pytest.fixture(autouse=True)
@@ -46,16 +51,25 @@ def test_structured_sections_run_and_export_meets_its_ratio():
     assert float(export["90%"].strip("*×")) <= 0.14
 
 
-def test_quality_gap_probe_distils_from_a_trained_teacher(tmp_path, monkeypatch):
+def test_quality_gap_probe_distils_from_plainly_trained_teachers(tmp_path, monkeypatch):
     def short(overrides: list[str]) -> list[str]:
         return [o for o in overrides if not o.startswith("trainer.epochs=")] + ["trainer.epochs=2"]
 
-    monkeypatch.setattr(quality_gap, "TEACHERS", {"dense CNN": [(short(quality_gap.CNN_TEACHER), 0)]})
-    monkeypatch.setattr(quality_gap, "PROBES", {"probe": ((0.5, 2), "dense CNN", False)})
+    members = [(short(quality_gap.TUNED_DENSE), 0), (short(quality_gap.TUNED_DENSE), 100)]
+    monkeypatch.setattr(quality_gap, "TEACHERS", {"two MLPs": members})
+    monkeypatch.setattr(quality_gap, "PROBES", {"probe": ((0.5, 2), "two MLPs", False)})
+    monkeypatch.setattr(quality_gap, "_teacher_runs", {})
+    monkeypatch.setattr(quality_gap, "_probe", {"distill": None, "teachers": [], "shift": False})
     monkeypatch.setattr(training, "loss_and_outputs", quality_gap.probe_loss(training.loss_and_outputs))
+    second = [*members[1][0], "seed=100", "dataset.val_fold=1"]
+    plain = run_config((second, str(tmp_path / "plain")))  # before the probe: no teachers yet
     student = [*short(quality_gap.RECOMMENDED), "pruning.sparsity=0.9", CAP, "seed=0"]
     record = quality_gap.probe_job(("probe", student, ["dataset.val_fold=1"], str(tmp_path)))
     assert record["status"] == "ok", record.get("error")
     assert set(record["teacher"]) == {"val", "test"}
     assert all(0.0 < accuracy <= 1.0 for accuracy in record["teacher"].values())
     assert record["achieved_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    # the second member was trained as plain dense training trains it, not distilled from the first
+    cached = load_file(str(Path(quality_gap._teacher_runs[tuple(second)]) / MODEL_FILE))
+    for name, tensor in load_file(str(Path(plain["run_dir"]) / MODEL_FILE)).items():
+        assert torch.equal(tensor, cached[name]), name
