@@ -120,7 +120,7 @@ def probe_job(args) -> dict:
     _probe.update(distill=distill, teachers=models, shift=shift)
     record = run_config(([*overrides, *extra], root))
     if data is not None:  # how good the teacher itself is, on the splits the student is scored on
-        record["teacher"] = {name: teacher_accuracy(_probe["teachers"], split)
+        record["teacher"] = {name: teacher_accuracy(models, split)
                              for name, split in (("val", data.val), ("test", data.test))}
     return record
 

@@ -28,7 +28,7 @@ def keep_torch_threads():
 
 
 def rows(text: str) -> list[list[str]]:
-    """The body rows of the markdown tables in a section's text, as lists of cells."""
+    """The rows of the markdown tables in a section's text (header rows included), as lists of cells."""
     lines = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
 
