@@ -235,3 +235,36 @@ def test_the_runner_gives_sensitivity_the_loss_over_its_batches_only(tmp_path):
     trainer = Trainer(build_model(config.model, data.meta), data, config.trainer, torch.device("cpu"), seed=0)
     loss = allocation_loss(config, trainer)()
     assert loss == trainer.validation_loss(1) and loss != trainer.validation_loss()  # 600 samples: two batches
+
+
+@pytest.mark.parametrize("regrowth", ["none", "reversal"])
+def test_sensitivity_trials_start_from_all_weights_when_masks_can_shrink(regrowth):
+    """An alternating compressed phase or reversal re-chooses among every weight: each trial prunes one layer alone
+    to its trial sparsity, not on top of the previous masks."""
+    from torch import nn
+
+    from patcli.engine import REGROWTHS, SCHEDULES, Pruner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 20), nn.Linear(20, 20))
+    inputs = torch.randn(64, 20)
+    seen = []
+
+    def evaluate():
+        seen.append([round(float((layer.weight == 0).float().mean()), 3) for layer in model])
+        return float(model(inputs).pow(2).mean().detach())
+
+    schedule = SCHEDULES.get("alternating")(begin=0, compressed=2, decompressed=2, final=2, ramp="constant")
+    pruner = Pruner(model, sparsity=0.7, schedule=schedule, total_steps=10, evaluate=evaluate,
+                    allocation=ALLOCATIONS.get("sensitivity")(trials=[0.3]), regrowth=REGROWTHS.get(regrowth)())
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    pruner.attach(optimizer)
+    expected = [[0.0, 0.0], [0.3, 0.0], [0.99, 0.0], [0.0, 0.3], [0.0, 0.99]]  # base, then each layer at 0.3 and the cap
+    for step in range(5):
+        seen.clear()
+        model(inputs).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step in (0, 4):  # the first and the second compressed phase start
+            assert seen == expected, step
+    assert pruner.masks.sparsity() == pytest.approx(0.7, abs=1 / 800)

@@ -294,15 +294,20 @@ class Pruner:
         )
 
     def _loss_with_layer_pruned(self, layer: int, sparsity: float, group_scores: list[torch.Tensor]) -> float:
-        """Validation loss with one layer alone pruned to ``sparsity`` of its groups (sensitivity analysis)."""
-        decision = [torch.ones_like(k) for k in self.layout.group_keep]
+        """Validation loss with one layer alone pruned to ``sparsity`` of its groups (sensitivity analysis).
+
+        The trial starts from the weights this update chooses among: with monotone masks the current sparse model
+        (what is pruned stays pruned), otherwise every weight, dense (an alternating compressed phase, reversal).
+        """
+        current = [k if self.monotone else torch.ones_like(k) for k in self.layout.group_keep]
         groups = group_scores[layer].numel()  # the cap point measured as the allocation rounds it: never the whole layer
         count = min(round(sparsity * groups), math.floor(self.max_layer_sparsity * groups + 1e-9))
-        decision[layer] = self.layout.select(layer, group_scores[layer], count) & self.layout.group_keep[layer]
+        decision = list(current)
+        decision[layer] = self.layout.select(layer, group_scores[layer], count) & current[layer]
         saved = [w.detach().clone() for w in self.masks.weights]
         with torch.no_grad():
-            for weight, keep in zip(self.masks.weights, self.layout.element_masks(decision)):
-                weight.mul_(keep)
+            for weight, dense, keep in zip(self.masks.weights, self.masking.dense_weights(), self.layout.element_masks(decision)):
+                torch.mul(dense, keep, out=weight)
         try:
             return float(self.evaluate())
         finally:
