@@ -40,7 +40,7 @@ def groups_epilog() -> str:
 
 
 def _run(args: list[str], **kwargs) -> object:
-    """Call the library; a user mistake ends as one line on stderr and exit code 2."""
+    """Call the library; a user mistake ends as one line on stderr and exit code 2, a diverged run with exit code 1."""
     from .config import ConfigError
 
     try:
@@ -48,6 +48,9 @@ def _run(args: list[str], **kwargs) -> object:
     except (UsageError, ConfigError) as error:
         print_error(str(error))
         raise typer.Exit(code=2) from None
+    except FloatingPointError as error:  # training diverged: the run's record says failed, with this line
+        print_error(str(error))
+        raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
         print_error("interrupted (a run already started is recorded in its result.json with status 'interrupted')")
         raise typer.Exit(code=130) from None

@@ -189,6 +189,9 @@ def check_device_here(config: RunConfig) -> None:
         raise UsageError(str(error)) from error
 
 
+_single_run_errors: list[Exception] = []  # a single run's error, handed from task back to launch
+
+
 def task(cfg: DictConfig) -> float | None:
     """Hydra's task function: one run, in the directory Hydra made for it (in a worker process under joblib)."""
     from . import jobs
@@ -204,7 +207,13 @@ def task(cfg: DictConfig) -> float | None:
     threads = job_threads(hydra.launcher)
     if threads and not source["trainer"].get("threads"):  # parallel jobs must not fight over the cores
         source["trainer"]["threads"] = threads
-    return jobs.run_job(source, Path(hydra.runtime.output_dir), hydra.mode)
+    if hydra.mode == RunMode.MULTIRUN:
+        return jobs.run_job(source, Path(hydra.runtime.output_dir), hydra.mode)
+    try:
+        return jobs.run_job(source, Path(hydra.runtime.output_dir), hydra.mode)
+    except Exception as error:  # raised again by launch: Hydra would first print a line of its own to stderr
+        _single_run_errors.append(error)
+        return None
 
 
 def launch(
@@ -227,7 +236,11 @@ def launch(
         try:
             if multirun:
                 return multirun_sweep(overrides, cfg)
-            return GlobalHydra.instance().hydra.run(CONFIG_NAME, task, overrides)
+            _single_run_errors.clear()
+            returned = GlobalHydra.instance().hydra.run(CONFIG_NAME, task, overrides)
+            if _single_run_errors:
+                raise _single_run_errors.pop()
+            return returned
         except (MissingConfigException, ConfigCompositionException, OverrideParseException) as error:
             raise translate_hydra_error(error, overrides) from error
 

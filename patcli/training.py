@@ -186,6 +186,10 @@ class Trainer:
                         result.evals.append(row)
                         if on_eval:
                             on_eval(row)
+                        if not math.isfinite(row["loss"]):
+                            raise FloatingPointError(
+                                f"training diverged: validation loss is {row['loss']} at step {step}; "
+                                "lower trainer.lr or set trainer.grad_clip")
                     if step >= self.total_steps:
                         break
         finally:

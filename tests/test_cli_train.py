@@ -164,6 +164,17 @@ def test_ctrl_c_records_the_run_as_interrupted_and_exits_130(cli, tmp_path, monk
     assert result_of(tmp_path / "run")["status"] == "interrupted"
 
 
+def test_a_diverged_run_is_one_line_exit_1_and_recorded_as_failed(cli, tmp_path):
+    """A NaN loss must not end as a run recorded ok, with 10% accuracy and no weight pruned."""
+    code, _, err = cli("train", *TINY[:2], "trainer.lr=1e6", "pruning.frequency=5", f"hydra.run.dir={tmp_path}/run")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    # whichever sees it first: a mask update's NaN scores, or the validation loss
+    assert err.startswith(("error: pruning scores of ", "error: training diverged: validation loss is nan")), err
+    assert "lower the learning rate" in err or "lower trainer.lr" in err
+    record = result_of(tmp_path / "run")
+    assert record["status"] == "failed" and "FloatingPointError" in record["error"]
+
+
 def test_console_script_runs_in_a_fresh_process(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "patcli.cli", "train", *TINY, "trainer.max_steps=5", "schedule.end=3", "pruning.sparsity=0.5"],

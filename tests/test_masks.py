@@ -220,3 +220,37 @@ def test_a_scorer_of_ones_own_without_score_buffers_still_works(tiny_mlp):
                     scorer=SquaredMagnitude()).attach(optimizer)
     train_steps(tiny_mlp, optimizer, 3)
     assert pruner._scratch is None and pruner.sparsity() == pytest.approx(0.5, abs=1 / pruner.masks.accounted_numel())
+
+
+@pytest.mark.parametrize("scorer", ["magnitude", "hessian"])
+@pytest.mark.parametrize(("inputs", "allocation"), [(20, "global"), (400, "uniform"), (400, "global")])
+def test_nan_scores_stop_the_update_with_the_layers_name(scorer, inputs, allocation):
+    """NaN weights (a diverged run) would break the exact count on every threshold path: the update says so instead.
+
+    20 inputs take the small-input selection, 400 the sampled one (200k scores)."""
+    from patcli.engine import ALLOCATIONS, SCORERS
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(inputs, 500), nn.Linear(500, 10))
+    with torch.no_grad():
+        model[0].weight.view(-1)[: inputs * 50] = float("nan")
+    pruner = Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=10,
+                    scorer=SCORERS.get(scorer)(), allocation=ALLOCATIONS.get(allocation)())
+    if scorer == "hessian":
+        model(torch.randn(4, inputs)).sum().backward()
+        pruner.observe()
+    with pytest.raises(FloatingPointError, match=r"^pruning scores of 0\.weight are NaN at step 0: .*diverged"):
+        pruner.update_masks(0)
+    assert pruner.masks.sparsity() == 0.0  # no mask was half-made
+
+
+def test_infinite_scores_of_both_signs_are_not_taken_for_nan(tiny_mlp):
+    """-inf marks pruned weights; an overflowing +inf score beside one sums to NaN without being NaN."""
+    pruner = Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=10)
+    pruner.update_masks(0)
+    with torch.no_grad():
+        kept = pruner.masks.keep[0].nonzero()[0]
+        pruner.masks.weights[0][tuple(kept)] = float("inf")
+    pruner.update_masks(1, target=0.6)
+    assert pruner.masks.sparsity() == pytest.approx(0.6, abs=1 / pruner.masks.accounted_numel())
+    assert pruner.masks.keep[0][tuple(kept)]  # the largest magnitude is kept

@@ -257,6 +257,7 @@ class Pruner:
             weights = self.masking.dense_weights()
             scores = self.scorer.scores(weights) if buffers is None else self.scorer.scores(weights, out=buffers)
             grouped = self.layout.group_scores([s.float() for s in scores])
+        self._check_not_nan(grouped)
         if self.monotone if monotone is None else monotone:
             if self.layout.elementwise:  # one group per element: the float masks already held mark the scores
                 grouped = [mark_pruned_(g, m.reshape(-1)) if pruned else g
@@ -264,6 +265,20 @@ class Pruner:
             else:
                 grouped = [mark_pruned_(g, as_bytes(k).to(g.dtype)) for g, k in zip(grouped, self.layout.group_keep)]
         return grouped
+
+    def _check_not_nan(self, group_scores: list[torch.Tensor]) -> None:
+        """Stop on NaN scores: the exact count cannot hold and the masks would mean nothing (training diverged).
+
+        One sum per layer and one host sync per update, never per step; a NaN sum is checked element by element, as
+        +inf and -inf scores also sum to NaN.
+        """
+        sums = torch.stack([g.sum() for g in group_scores])
+        if not bool(torch.isnan(sums).any()):
+            return
+        for name, g in zip(self.layout.layer_names, group_scores):
+            if bool(torch.isnan(g).any()):
+                raise FloatingPointError(f"pruning scores of {name} are NaN at step {self.step}: its weights or "
+                                         "gradients are not finite (training diverged; lower the learning rate or clip gradients)")
 
     def _score_buffers(self) -> list[torch.Tensor] | None:
         """Score tensors reused across updates, on CPU, for scorers without an accumulator of their own.
