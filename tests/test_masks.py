@@ -30,6 +30,18 @@ def test_select_prunable_takes_linear_weights_and_honours_include_exclude(tiny_m
     assert list(select_prunable(tiny_mlp, include=["2.*"])) == ["2.weight"]
 
 
+def test_an_output_layer_tied_to_an_embedding_is_not_prunable():
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.body = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 50, bias=False)
+            self.head.weight = self.embed.weight
+
+    assert list(select_prunable(TiedLM())) == ["body.weight"]
+
+
 @pytest.mark.parametrize(
     "make_optimizer",
     [

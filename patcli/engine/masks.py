@@ -22,11 +22,12 @@ def select_prunable(
 ) -> dict[str, nn.Parameter]:
     """Weights of Linear/Conv layers whose name matches an ``include`` and no ``exclude`` pattern (fnmatch).
 
-    Biases, norms and embeddings are never candidates; a weight shared by two modules is listed once.
+    Biases, norms and embeddings are never candidates, nor an output layer whose weight is tied to an embedding
+    (pruning it would prune the embedding); a weight shared by two modules is listed once.
     """
     include, exclude = list(include), list(exclude)
     selected: dict[str, nn.Parameter] = {}
-    seen: set[int] = set()
+    seen: set[int] = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
     for module_name, module in model.named_modules():
         if not isinstance(module, PRUNABLE_MODULES):
             continue

@@ -354,6 +354,12 @@ class Pruner:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Resume: build the pruner first, then load the model's, the optimizer's and this state, in that order.
+
+        A regrowth mode that starts sparse (set, rigl) zeroes weights when its pruner is built: model weights loaded
+        before that would lose the ones its first random masks drop.
+        """
+
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 

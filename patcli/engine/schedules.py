@@ -118,7 +118,8 @@ class OneShot(Schedule):
 @SCHEDULES.register("constant")
 @dataclass
 class Constant(Schedule):
-    """The final target at every update between ``begin`` and ``end``: masks are re-chosen, sparsity stays."""
+    """The final target at every update from ``begin`` on: one-shot pruning at ``begin`` with masks that only grow;
+    with reversal or regrowth the later updates re-choose which weights are kept."""
 
     def curve(self, p: float) -> float:
         return self.final_sparsity
@@ -183,7 +184,8 @@ class Alternating(Schedule):
     """The article's odd/even scheme, ≈ AC/DC (Peste et al. 2021): compressed and decompressed phases alternate.
 
     After a dense warm-up (until ``begin``), compressed phases of ``compressed`` steps — masks chosen afresh from
-    all weights at the target the ``ramp`` schedule gives at that step, and enforced — alternate with
+    all weights at the target the ``ramp`` schedule gives where the phase ends (so the first phase is already
+    sparse; read where it starts, it would be dense), and enforced — alternate with
     decompressed phases of ``decompressed`` steps in which every weight trains. The last ``final`` steps are one
     compressed phase at the final target (fine-tuning). Momentum and Adam moments of pruned weights are reset at
     the start of each compressed phase. Lengths are steps (int) or fractions of the run (float).

@@ -156,9 +156,12 @@ class Movement(Accumulating):
 class Hessian(Accumulating):
     """OBD saliency ½·F·w² with F the diagonal Fisher, estimated as the mean of squared mini-batch gradients.
 
-    Squared *mini-batch* gradients estimate the per-sample Fisher scaled by about 1/B (plus the squared mean
-    gradient): the scale is the same for every weight, so the ranking — all that pruning uses — is unaffected, and
-    per-sample gradients would cost B backward passes.
+    This is the *mini-batch* empirical Fisher, not the per-sample one. For a weight whose per-sample gradients have
+    mean μ and variance σ², a squared mini-batch gradient averages μ² + σ²/B, the per-sample Fisher μ² + σ²: near
+    convergence (μ ≈ 0) ours is the per-sample Fisher scaled by 1/B, the same for every weight, but a weight with a
+    steady gradient (large μ²/σ²) ranks higher than the per-sample Fisher would rank it. We compute it because it
+    costs one fused multiply-add per step on the gradients the step already has, for any layer type, where
+    per-sample gradients cost B backward passes or per-layer hooks.
     """
 
     def accumulate(self, sums: list[torch.Tensor], weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
