@@ -171,12 +171,26 @@ def check_run_dir(overrides: list[str], cfg: DictConfig, multirun: bool) -> None
     if not any(o.startswith(f"{key}=") for o in overrides):
         key = "output_root"
     try:
-        directory = Path(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
+        value = cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir
     except OmegaConfBaseException as error:
         raise UsageError(f"{key}: {str(error).splitlines()[0]}") from error
-    why = unwritable_reason(directory, want_dir=True)
+    if value is None or not str(value).strip():
+        raise UsageError(f"{key}: empty; allowed: a directory path")
+    directory = Path(value)
+    why = unwritable_reason(directory, want_dir=True) or holds_a_run(directory, multirun)
     if why:
         raise UsageError(f"{key}: {why}")
+
+
+def holds_a_run(directory: Path, multirun: bool) -> str | None:
+    """Why ``directory`` must not be reused: a run or sweep is already there, and patcli never overwrites one."""
+    if not directory.is_dir():
+        return None
+    found = ["multirun.yaml", "*/result.json"] if multirun else ["result.json", ".hydra"]
+    held = next((hit for pattern in found for hit in directory.glob(pattern)), None)
+    if held is None:
+        return None
+    return f"{directory} already holds a {'sweep' if multirun else 'run'} ({held.relative_to(directory)}); allowed: a new or empty directory"
 
 
 def check_device_here(config: RunConfig) -> None:

@@ -131,6 +131,24 @@ def test_a_run_or_sweep_directory_that_cannot_be_made_is_a_one_line_error(cli, t
         assert len(err.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
+def test_a_directory_that_holds_a_run_or_sweep_is_never_overwritten(cli, tmp_path):
+    code, out, _ = cli("train", *TINY, "hydra.run.dir=run")
+    assert code == 0
+    code, out, _ = cli("sweep", *TINY, "model.hidden=[16]", "hydra.sweep.dir=sweep")
+    assert code == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for command, override, why in (
+        (["train"], "hydra.run.dir=run", "run already holds a run (result.json)"),
+        (["train"], "hydra.run.dir=sweep/0", "sweep/0 already holds a run (result.json)"),
+        (["sweep"], "hydra.sweep.dir=sweep", "sweep already holds a sweep (multirun.yaml)"),
+        (["train"], "hydra.run.dir=", "hydra.run.dir: empty; allowed: a directory path"),
+        (["sweep"], "hydra.sweep.dir=", "hydra.sweep.dir: empty; allowed: a directory path"),
+    ):
+        code, _, err = cli(*command, *TINY, override)
+        assert code == 2 and why in err and len(err.strip().splitlines()) == 1, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_a_model_of_ones_own_gets_exactly_the_keys_given(cli, tmp_path):
     code, out, err = cli("train", "model=custom", "model._target_=torch.nn.Linear", "+model.in_features=64",
                          "+model.out_features=10", "trainer.epochs=2", "pruning.sparsity=0.5", f"hydra.run.dir={tmp_path}/run")
