@@ -9,6 +9,7 @@ with the baselines' fine-tune budget.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from .config import ConfigError, RunConfig, parse
 from .data import DataBundle, load_dataset
 from .dense import check_dense_run, dense_reference, load_run_config, resolve_dense
 from .engine import ALLOCATIONS, PATTERNS, SCHEDULES, Pruner
+from .engine.patterns import Structured
 from .engine.registry import ParamError, Registry
 from .engine.structure import StructureError, channel_groups
 from .engine.scorers import Gradient, Magnitude, Scorer
@@ -29,7 +31,9 @@ from .records import RunRecord
 from .runner import allocation_loss, base_record, build_pruner, finish_record, load_weights, seed_everything
 from .training import Progress, Trainer, loss_and_outputs, resolve_device, steps_per_epoch
 
+log = logging.getLogger(__name__)
 BASELINES: Registry = Registry("baseline")
+CHANNEL_KINDS = ("neurons", "filters", "heads")
 
 
 @dataclass
@@ -49,7 +53,8 @@ class BaselineContext:
         return self.config.target_sparsity
 
     def pruner(self, scorer: Scorer, pattern=None, allocation=None, sparsity: float | None = None) -> Pruner:
-        """A pruner whose masks only change when the baseline says (``update_masks``)."""
+        """A pruner whose masks only change when the baseline says (``update_masks``); the run's pattern by default
+        (``pruning=nm`` with a magnitude baseline is one-shot 2:4 magnitude pruning)."""
         return Pruner(
             self.model,
             sparsity=self.target if sparsity is None else sparsity,
@@ -57,7 +62,7 @@ class BaselineContext:
             total_steps=1,
             scorer=scorer,
             allocation=allocation or ALLOCATIONS.get("global")(),
-            pattern=pattern,
+            pattern=pattern or self.config.pattern,
             include=self.config.pruning.include,
             exclude=self.config.pruning.exclude,
             max_layer_sparsity=self.config.pruning.max_layer_sparsity,
@@ -127,20 +132,35 @@ class StructuredNorm:
         if self.allocation not in allowed:
             raise ParamError("allocation", f"{self.allocation!r} is not allowed; allowed: {', '.join(allowed)}")
 
-    def kind_for(self, model: nn.Module) -> str:
+    def kind_for(self, model: nn.Module, mode: str) -> str:
+        """The channels to remove: ``pruning=neurons|filters|heads`` names them (so a sweep over ``baseline`` prunes
+        what its PAT runs prune), else ``kind`` does, ``auto`` meaning filters for conv nets and neurons otherwise."""
+        if mode in CHANNEL_KINDS:
+            if self.kind not in ("auto", mode):
+                raise ConfigError("baseline.kind", f"{self.kind!r} contradicts pruning={mode}; allowed: auto or {mode}")
+            return mode
+        if mode != "unstructured":
+            raise ConfigError("pruning", f"{mode!r} is not a channel pattern for baseline=structured; allowed: "
+                                         f"unstructured (then baseline.kind chooses), {', '.join(CHANNEL_KINDS)}")
         if self.kind != "auto":
             return self.kind
         return "filters" if any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in model.modules()) else "neurons"
 
-    def check(self, model: nn.Module) -> None:
+    def check(self, model: nn.Module, mode: str) -> None:
         """The model has the groups this kind removes (before any run starts)."""
         try:
-            channel_groups(model, self.kind_for(model))
+            channel_groups(model, self.kind_for(model, mode))
         except StructureError as error:
             raise ConfigError("baseline.kind", f"{error}; allowed here: another kind, or auto") from error
 
+    def recorded(self, config: RunConfig, model: nn.Module) -> RunConfig:
+        """The run as it pruned: channels, so its sparsity, record and export are those of a structured run."""
+        kind = self.kind_for(model, config.pruning.mode)
+        return dataclasses.replace(config, pattern=PATTERNS.get(kind)(reduce="l2"),
+                                   pruning=dataclasses.replace(config.pruning, mode=kind))
+
     def run(self, ctx: BaselineContext) -> int:
-        pattern = PATTERNS.get(self.kind_for(ctx.model))(reduce="l2")
+        pattern = PATTERNS.get(self.kind_for(ctx.model, ctx.config.pruning.mode))(reduce="l2")
         ctx.pruner(Magnitude(), pattern=pattern, allocation=ALLOCATIONS.get(self.allocation)()).update_masks(0, ctx.target)
         return 0
 
@@ -227,6 +247,7 @@ def run_baseline(config: RunConfig, run_dir: Path, progress: Progress | None = N
     dense_dir = resolve_dense(config, progress)
     dense_record = check_dense_run(dense_dir, config)
     dense = load_run_config(dense_dir)
+    config = as_trained(config, dense, dense_dir)
     seed_everything(config.seed)
     data = load_dataset(dense.dataset)
     device = resolve_device(config.trainer.device)
@@ -235,6 +256,8 @@ def run_baseline(config: RunConfig, run_dir: Path, progress: Progress | None = N
     context = BaselineContext(config, dense, dense_record.train_steps, model, data, device, progress)
     started = time.perf_counter()
     steps = baseline.run(context)
+    if hasattr(baseline, "recorded"):
+        config = baseline.recorded(config, model)
     record = base_record(config, data)
     record.model, record.dataset = dense.model.label(), dense.dataset.name
     record.model_dataset_hash = dense.model_dataset_hash()
@@ -243,4 +266,32 @@ def run_baseline(config: RunConfig, run_dir: Path, progress: Progress | None = N
     record.train_seconds = round(time.perf_counter() - started, 3)
     record.dense_reference = dense_reference(dense_dir, dense_record)
     record.extra.update({"baseline": {"name": config.baseline.name, **dataclasses.asdict(baseline)}})
-    return finish_record(record, model, config, data, run_dir, device)
+    finish_record(record, model, config, data, run_dir, device)
+    if isinstance(config.pattern, Structured):  # as structured PAT runs do: end with a genuinely smaller model
+        from .export import export_model
+
+        export_model(model, config, data, run_dir, record)
+    return record
+
+
+def as_trained(config: RunConfig, dense: RunConfig, dense_dir: Path) -> RunConfig:
+    """The baseline with the seed and trainer of the dense run it starts from: fine-tuning uses that trainer, and a
+    record that said another seed would pool with runs it does not repeat."""
+    mine, theirs = _training(config), _training(dense)
+    differ = [f"{k}={theirs.get(k)} (not {mine.get(k)})" for k in sorted(mine.keys() | theirs.keys()) if mine.get(k) != theirs.get(k)]
+    if not differ:
+        return config
+    log.warning("dense=%s was trained with %s: this run uses and records those", dense_dir, ", ".join(differ))
+    kept = {k: v for k, v in (config.source.get("trainer") or {}).items() if k in NOT_TRAINING}
+    source = {**config.source, "seed": dense.seed, "trainer": {**(dense.source.get("trainer") or {}), **kept}}
+    trainer = dataclasses.replace(dense.trainer, **{k: getattr(config.trainer, k) for k in NOT_TRAINING})
+    return dataclasses.replace(config, seed=dense.seed, trainer=trainer, source=source)
+
+
+NOT_TRAINING = ("device", "threads", "init_from")  # where or from what a run starts, not how it trains
+
+
+def _training(config: RunConfig) -> dict:
+    """Seed and trainer settings: what makes two trainings the same."""
+    trainer = {f"trainer.{k}": v for k, v in (config.source.get("trainer") or {}).items() if k not in NOT_TRAINING}
+    return {"seed": config.seed, **trainer}

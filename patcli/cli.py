@@ -34,8 +34,11 @@ app = typer.Typer(
 def groups_epilog() -> str:
     """The config groups and their options, for --help (paragraphs: Typer joins single newlines)."""
     lines = ["[bold]Config groups[/] (choose with GROUP=OPTION; set keys with GROUP.KEY=VALUE):"]
-    lines += [f"  [cyan]{group}[/]: {' | '.join(options)}" for group, options in config_groups().items()]
+    groups = config_groups()
+    presets = groups.pop("experiment", [])
+    lines += [f"  [cyan]{group}[/]: {' | '.join(options)}" for group, options in groups.items()]
     lines.append("Top-level keys: seed, dense, output_root. Hydra keys work too, e.g. hydra.run.dir=DIR.")
+    lines.append(f"Sweep presets: patcli sweep +experiment={' | '.join(presets)}")
     return "\n\n".join(lines)
 
 

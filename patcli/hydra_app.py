@@ -63,6 +63,11 @@ def conf_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "conf"
 
 
+def experiments() -> list[str]:
+    """The sweep presets in conf/experiment/."""
+    return sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+
+
 def config_groups() -> dict[str, list[str]]:
     """Each config group and its options, read from conf/ (hydra's own groups excluded)."""
     root = conf_dir()
@@ -101,6 +106,8 @@ def _hydra_group_error(group: str, option: str) -> UsageError:
 
 def _unknown_key_error(key: str, overrides: list[str]) -> UsageError:
     """List the keys that exist under the same parent, in the config as the user's group choices compose it."""
+    if key == "experiment":  # a preset is appended to the defaults, not chosen from them
+        return UsageError(f"experiment: a preset is added with a plus; allowed: patcli sweep +experiment=NAME ({', '.join(experiments())})")
     parent, _, _ = key.rpartition(".")
     choices = [o for o in overrides if re.fullmatch(r"[\w/]+=[\w,.-]+", o)]
     try:
@@ -242,6 +249,9 @@ def launch(
         cfg = compose(overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
         if show_config:
             return OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+        preset = next((o for o in overrides if o.lstrip("+").startswith("experiment=")), None)
+        if preset and not multirun:  # its settings are a sweep's: a single run would quietly ignore them
+            raise UsageError(f"experiment: {preset} is a sweep preset; allowed: patcli sweep +{preset.lstrip('+')}")
         check_run_dir(overrides, cfg, multirun)
         if multirun:
             prepare_sweep(overrides, cfg, check)

@@ -58,18 +58,19 @@ def plan(config: RunConfig) -> Plan:
     model = build_model(config.model, data.meta)  # validates model keys; a throwaway the checks below share
     check_model_fits(model, data)
     update_steps = 0
+    if config.dense:  # a baseline's starting point, or a training run's reference: checked before anything runs
+        from .dense import check_dense_run
+
+        check_dense_run(Path(config.dense), config)
+        load_weights(model, Path(config.dense), "dense")  # readable, and of this model
     if config.needs_dense:
         from .baselines import parse_baseline
-        from .dense import check_dense_run
 
         baseline = parse_baseline(config)
         if hasattr(baseline, "check"):
-            baseline.check(model)
+            baseline.check(model, config.pruning.mode)
         if not config.pruning.enabled:
             raise ConfigError("pruning", "post-training baselines prune: choose a pruning mode, not none")
-        if config.dense:
-            check_dense_run(Path(config.dense), config)
-            load_weights(model, Path(config.dense), "dense")  # readable, and of this model
         fixed = dataclasses.replace(config, schedule=SCHEDULES.get("fixed")())
         build_pruner(fixed, model, 1, evaluate_fn=never_called)  # the target fits the caps?
     elif config.pruning.enabled:

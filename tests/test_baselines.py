@@ -54,6 +54,47 @@ def test_structured_baseline_zeroes_whole_neurons_near_the_target(tmp_path):
     assert int(dead_rows.sum()) > 0
     assert bool((weights["1.bias"][dead_rows] == 0).all())  # the bias of a pruned neuron is off too
     assert bool((second[:, dead_rows] == 0).all())  # and the next layer's inputs from it
+    # recorded and exported like a structured PAT run: the pattern it pruned, and a smaller model
+    assert record.pattern == "neurons" and (tmp_path / "run" / "export").is_dir()
+    assert record.params_after < record.params_total
+
+
+@pytest.mark.parametrize("pattern", ["nm", "block"])
+@pytest.mark.parametrize("baseline", ["magnitude", "gradient", "iterative"])
+def test_a_baseline_prunes_in_the_runs_pattern(tmp_path, baseline, pattern):
+    """pruning=nm with a post-training baseline is one-shot 2:4 (or block) pruning, not unstructured recorded as nm."""
+    sparsity = 0.5 if pattern == "nm" else 0.75
+    config = config_for(*TINY, f"baseline={baseline}", f"pruning={pattern}", f"pruning.sparsity={sparsity}",
+                        output_root=tmp_path)
+    record = execute(config, tmp_path / "run")
+    assert record.pattern == pattern and record.achieved_sparsity == pytest.approx(sparsity, abs=1e-3)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "run" / "model.safetensors"))
+    for name in ("1.weight", "3.weight", "5.weight"):
+        groups = (weights[name].reshape(weights[name].shape[0], -1, 4) != 0).sum(-1)
+        assert bool((groups <= 2).all()) if pattern == "nm" else bool(((groups == 0) | (groups == 4)).all()), name
+
+
+def test_structured_baseline_takes_its_channels_from_a_channel_pattern_and_rejects_others(cli, tmp_path):
+    config = config_for(*TINY, "baseline=structured", "pruning=neurons", "pruning.sparsity=0.5", output_root=tmp_path)
+    assert execute(config, tmp_path / "run").pattern == "neurons"
+    code, _, err = cli("prune-post", *TINY, "baseline=structured", "pruning=nm")
+    assert code == 2 and err.startswith("error: pruning: 'nm' is not a channel pattern for baseline=structured")
+    code, _, err = cli("prune-post", *TINY, "baseline=structured", "baseline.kind=filters", "pruning=neurons")
+    assert code == 2 and err.strip() == "error: baseline.kind: 'filters' contradicts pruning=neurons; allowed: auto or neurons"
+
+
+def test_a_given_dense_run_lends_the_baseline_its_seed_and_trainer(cli, tmp_path, caplog):
+    """Fine-tuning uses the dense run's trainer; a record that said seed 3 would pool as a seed it never trained."""
+    code, _, err = cli("train", *TINY, "pruning=none", f"hydra.run.dir={tmp_path}/dense")
+    assert code == 0, err
+    code, out, err = cli("prune-post", *TINY[:2], "trainer.lr=0.05", "seed=3", "baseline=magnitude", f"dense={tmp_path}/dense")
+    assert code == 0, err
+    record = result_of(run_dir_of(out))
+    assert record["seed"] == 0 and record["config"]["seed"] == 0 and record["config"]["trainer"]["lr"] == 0.01
+    said = out + err + caplog.text
+    assert "seed=0 (not 3), trainer.lr=0.01 (not 0.05): this run uses and records those" in said, said
 
 
 def test_iterative_beats_one_shot_magnitude_at_95_percent_on_digits(tmp_path):

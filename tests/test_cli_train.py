@@ -149,6 +149,25 @@ def test_a_directory_that_holds_a_run_or_sweep_is_never_overwritten(cli, tmp_pat
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+def test_a_bad_dense_reference_stops_a_training_run_or_sweep_before_it_trains(cli, tmp_path):
+    for command in (["train", "hydra.run.dir=run"], ["sweep", "seed=0,1", "hydra.sweep.dir=sweep"]):
+        code, _, err = cli(*command, *TINY, f"dense={tmp_path}/missing")
+        assert code == 2 and err.startswith(f"error: dense: {tmp_path}/missing is not a directory"), err
+        assert len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sweep_preset_outside_a_sweep_is_a_one_line_error(cli, tmp_path):
+    """Its settings are a sweeper's: a single run would ignore them and train the default for minutes."""
+    for command in ("train", "prune-post"):
+        code, _, err = cli(command, "+experiment=pat_vs_post")
+        assert code == 2 and err.strip() == "error: experiment: +experiment=pat_vs_post is a sweep preset; allowed: patcli sweep +experiment=pat_vs_post"
+    code, _, err = cli("sweep", "experiment=pat_vs_post")
+    assert code == 2 and err.strip() == ("error: experiment: a preset is added with a plus; allowed: patcli sweep "
+                                         "+experiment=NAME (pat_vs_post, tune_schedule)")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_model_of_ones_own_gets_exactly_the_keys_given(cli, tmp_path):
     code, out, err = cli("train", "model=custom", "model._target_=torch.nn.Linear", "+model.in_features=64",
                          "+model.out_features=10", "trainer.epochs=2", "pruning.sparsity=0.5", f"hydra.run.dir={tmp_path}/run")
@@ -195,7 +214,7 @@ def test_a_diverged_run_is_one_line_exit_1_and_recorded_as_failed(cli, tmp_path)
 
 def test_console_script_runs_in_a_fresh_process(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "patcli.cli", "train", *TINY, "trainer.max_steps=5", "schedule.end=3", "pruning.sparsity=0.5"],
+        [sys.executable, "-m", "patcli", "train", *TINY, "trainer.max_steps=5", "schedule.end=3", "pruning.sparsity=0.5"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr

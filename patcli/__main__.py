@@ -1,0 +1,5 @@
+"""``python -m patcli``: the same CLI as the ``patcli`` command."""
+
+from .cli import main
+
+main()
