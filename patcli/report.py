@@ -108,13 +108,29 @@ def row_label(record: RunRecord) -> str:
 
 
 def load_records(paths: list[Path]) -> tuple[list[RunRecord], list[str]]:
-    """Readable records under ``paths`` and one line per file that could not be read."""
+    """Readable records under ``paths``, each run once, and one line per file that could not be read.
+
+    A file reached twice (``DIR DIR``, or a folder and a record inside it) is read once; a copy of a run (same
+    ``run_id``) is skipped with a warning: pooling a run with itself would count it twice and shrink the std.
+    """
     records, skipped = [], []
+    files: set[Path] = set()
+    runs: dict[str, Path] = {}  # run_id → the file that holds it
     for path in find_record_files(paths):
+        if path.resolve() in files:
+            continue
+        files.add(path.resolve())
         try:
-            records.append(read_record(path))
+            record = read_record(path)
         except RecordError as error:
             skipped.append(str(error))
+            continue
+        if record.run_id in runs:
+            skipped.append(f"{path}: the same run (run_id {record.run_id}) as {runs[record.run_id]}")
+            continue
+        if record.run_id:
+            runs[record.run_id] = path
+        records.append(record)
     return records, skipped
 
 

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import shutil
 
 import pytest
 
@@ -47,6 +48,20 @@ def test_rows_cells_pooling_and_best(runs):
     assert group.best(0.9) == pytest.approx(0.974) and group.best(0.95) == pytest.approx(0.975)  # iterative wins at 95%
     assert group.rows["post:iterative"].steps_text() == "1,250"
     assert [r.status for r in comparison.not_ok] == ["failed"]
+
+
+def test_a_run_reached_twice_or_copied_counts_once(cli, runs):
+    records, skipped = report.load_records([runs, runs, runs / "pat-95" / "result.json"])
+    assert len(records) == 8 and len(skipped) == 1  # the half-written one, warned about once
+    shutil.copytree(runs / "pat-90-s1", runs / "pat-90-s1-copy")
+    code, out, err = cli("compare", str(runs), str(runs / "pat-90-s0"), "--format", "json")
+    assert code == 0
+    assert [line for line in err.splitlines() if "same run" in line] == [
+        f"warning: skipping {runs}/pat-90-s1-copy/result.json: the same run (run_id "
+        f"{json.loads((runs / 'pat-90-s1' / 'result.json').read_text())['run_id']}) as {runs}/pat-90-s1/result.json"]
+    cells = {(r["row"], r["target_sparsity"]): (r["n"], r["std"]) for r in json.loads(out)["rows"]}
+    assert cells[("PAT agp+magnitude+global", 0.9)] == (2, pytest.approx(0.0028284, abs=1e-6))
+    assert cells[("PAT agp+magnitude+global", 0.95)] == (1, 0.0) and cells[("dense", 0.0)][0] == 1
 
 
 @pytest.mark.parametrize(
