@@ -181,6 +181,8 @@ PLOT_FORMATS = (".png", ".pdf", ".svg")
 
 def show_comparison(paths: list[Path], metric: str | None, split: str, format: "Format", output: Path | None,
                     plot: Path | None) -> None:
+    import io
+
     from . import report
     from .paths import unwritable_reason
 
@@ -211,7 +213,8 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: "
         print_error(f"no run records (result.json) under {', '.join(map(str, paths))}")
         raise typer.Exit(code=2)
     if format is Format.table:
-        target = Console(record=True, width=200) if output else console
+        # a file gets the table as text, and the terminal only "wrote FILE"
+        target = Console(file=io.StringIO(), record=True, width=200) if output else console
         for table in report.rich_tables(comparison):
             target.print(table)
         text = target.export_text() if output else None
@@ -221,7 +224,7 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: "
             console.print(text, end="", highlight=False, markup=False, soft_wrap=True)
     if output:
         write_atomic(output, text)
-        console.print(f"wrote {output}", highlight=False)
+        console.print(f"wrote {output}", highlight=False, soft_wrap=True)
     if plot:
         try:
             plot.parent.mkdir(parents=True, exist_ok=True)  # as --output does
@@ -229,7 +232,7 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: "
         except ImportError:
             print_error("--plot needs matplotlib: pip install -c constraints.txt -e '.[plot]' in the patcli checkout")
             raise typer.Exit(code=2) from None
-        console.print(f"wrote {plot}", highlight=False)
+        console.print(f"wrote {plot}", highlight=False, soft_wrap=True)
 
 
 @app.command("export")

@@ -132,6 +132,14 @@ def test_cli_table_csv_json_markdown_and_plot(cli, runs):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_output_of_the_table_goes_to_the_file_only(cli, runs):
+    code, out, _ = cli("compare", str(runs), "--output", str(runs / "table.txt"))
+    assert code == 0 and out == f"wrote {runs / 'table.txt'}\n"
+    text = (runs / "table.txt").read_text()
+    assert "97.4±0.3 (+0.4)" in next(line for line in text.splitlines() if "PAT agp+magnitude+global" in line)
+    assert "runs that did not finish ok" in text and "RuntimeError: boom" in text and "\x1b[" not in text
+
+
 def test_compare_reports_missing_or_empty_paths(cli, tmp_path):
     code, _, err = cli("compare", str(tmp_path / "nowhere"))
     assert code == 2 and "does not exist" in err
