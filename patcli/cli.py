@@ -175,15 +175,26 @@ def compare(
     """PAT and post-training baselines side by side, from run records (models are never loaded).
 
     Rows are methods, columns target sparsities, cells the metric (mean ± std over seeds and folds) and its difference to dense.
+    Runs that did not finish ok are listed apart (csv: rows with their status and error); with no finished run the
+    command lists them, draws no plot and exits with code 1.
     """
-    show_comparison(paths or [Path("outputs")], metric, split, format, output, plot)
+    nothing = show_comparison(paths or [Path("outputs")], metric, split, format, output, plot)
+    if nothing:
+        print_error(nothing)
+        raise typer.Exit(code=1)
 
 
 PLOT_FORMATS = (".png", ".pdf", ".svg")
 
 
 def show_comparison(paths: list[Path], metric: str | None, split: str, format: "Format", output: Path | None,
-                    plot: Path | None) -> None:
+                    plot: Path | None) -> str | None:
+    """Print or write the comparison (and plot); returns why nothing was compared (no finished run), else None.
+
+    The caller says it: ``sweep`` has its own line for failed jobs.
+    """
+    import io
+
     from . import report
     from .paths import unwritable_reason
 
@@ -214,7 +225,8 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: "
         print_error(f"no run records (result.json) under {', '.join(map(str, paths))}")
         raise typer.Exit(code=2)
     if format is Format.table:
-        target = Console(record=True, width=200) if output else console
+        # a file gets the table as text, and the terminal only "wrote FILE"
+        target = Console(file=io.StringIO(), record=True, width=200) if output else console
         for table in report.rich_tables(comparison):
             target.print(table)
         text = target.export_text() if output else None
@@ -224,7 +236,12 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: "
             console.print(text, end="", highlight=False, markup=False, soft_wrap=True)
     if output:
         write_atomic(output, text)
-        console.print(f"wrote {output}", highlight=False)
+        console.print(f"wrote {output}", highlight=False, soft_wrap=True)
+    if not comparison.has_values:
+        why = f"nothing to compare: no run under {', '.join(map(str, paths))} finished ok with a {split} metric"
+        if comparison.not_ok:
+            why += f" ({len(comparison.not_ok)} did not finish ok, listed {f'in {output}' if output else 'above'})"
+        return why + (f"; nothing to plot, so {plot} was not written" if plot else "")
     if plot:
         try:
             plot.parent.mkdir(parents=True, exist_ok=True)  # as --output does
@@ -232,7 +249,8 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: "
         except ImportError:
             print_error("--plot needs matplotlib: pip install -c constraints.txt -e '.[plot]' in the patcli checkout")
             raise typer.Exit(code=2) from None
-        console.print(f"wrote {plot}", highlight=False)
+        console.print(f"wrote {plot}", highlight=False, soft_wrap=True)
+    return None
 
 
 @app.command("export")

@@ -102,19 +102,40 @@ class Comparison:
     groups: list[GroupTable]
     not_ok: list[RunRecord]
 
+    @property
+    def has_values(self) -> bool:
+        """Whether any finished run has the metric shown: without one there is no table to read and nothing to plot."""
+        return any(group.dense or group.rows for group in self.groups)
+
 
 def row_label(record: RunRecord) -> str:
     return f"PAT {record.recipe}" if record.method == "pat" else record.recipe
 
 
 def load_records(paths: list[Path]) -> tuple[list[RunRecord], list[str]]:
-    """Readable records under ``paths`` and one line per file that could not be read."""
+    """Readable records under ``paths``, each run once, and one line per file that could not be read.
+
+    A file reached twice (``DIR DIR``, or a folder and a record inside it) is read once; a copy of a run (same
+    ``run_id``) is skipped with a warning: pooling a run with itself would count it twice and shrink the std.
+    """
     records, skipped = [], []
+    files: set[Path] = set()
+    runs: dict[str, Path] = {}  # run_id → the file that holds it
     for path in find_record_files(paths):
+        if path.resolve() in files:
+            continue
+        files.add(path.resolve())
         try:
-            records.append(read_record(path))
+            record = read_record(path)
         except RecordError as error:
             skipped.append(str(error))
+            continue
+        if record.run_id in runs:
+            skipped.append(f"{path}: the same run (run_id {record.run_id}) as {runs[record.run_id]}")
+            continue
+        if record.run_id:
+            runs[record.run_id] = path
+        records.append(record)
     return records, skipped
 
 
@@ -314,20 +335,32 @@ def long_rows(comparison: Comparison) -> list[dict]:
     return rows
 
 
+CSV_FIELDS = ["model", "dataset", "config_hash", "method", "row", "target_sparsity", "achieved_sparsity", "split", "metric",
+              "mean", "std", "n", "delta_vs_dense", "higher_is_better", "train_steps", "status", "run_dir", "error"]
+
+
+def not_ok_rows(comparison: Comparison) -> list[dict]:
+    """One csv row per run that did not finish ok: a csv has no second table, so they come with their status and
+    error, and no metric."""
+    return [{"model": r.model, "dataset": r.dataset, "config_hash": r.model_dataset_hash, "method": r.method,
+             "row": row_label(r), "target_sparsity": r.target_sparsity, "status": r.status, "run_dir": r.run_dir,
+             "error": r.error or ""} for r in comparison.not_ok]
+
+
 def to_csv(comparison: Comparison) -> str:
-    rows = long_rows(comparison)
+    """Finished rows (status ok), then the runs that did not finish ok, as the table lists them apart."""
+    rows = [{**row, "status": "ok"} for row in long_rows(comparison)] + not_ok_rows(comparison)
     buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
     return buffer.getvalue()
 
 
 def to_json(comparison: Comparison) -> str:
     not_ok = [{"status": r.status, "recipe": r.recipe, "target_sparsity": r.target_sparsity, "run_dir": r.run_dir,
                "error": r.error} for r in comparison.not_ok]
-    return json.dumps({"rows": long_rows(comparison), "not_ok": not_ok}, indent=2)
+    return json.dumps({"rows": long_rows(comparison), "not_ok": not_ok}, indent=2) + "\n"
 
 
 def to_markdown(comparison: Comparison) -> str:
@@ -350,10 +383,15 @@ def to_markdown(comparison: Comparison) -> str:
         parts.append("\n".join(lines))
     if comparison.not_ok:
         lines = ["**Runs that did not finish ok**", "", "| status | method | target | run dir | error |", "|---|---|---|---|---|"]
-        lines += [f"| {r.status} | {r.recipe} | {r.target_sparsity:g} | {r.run_dir} | {(r.error or '')[:120]} |"
+        lines += [f"| {r.status} | {r.recipe} | {r.target_sparsity:g} | {r.run_dir} | {table_text(r.error or '')[:120]} |"
                   for r in comparison.not_ok]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def table_text(text: str) -> str:
+    """An error message as one markdown cell: a newline or a pipe in it would end the row or the cell."""
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def plot(comparison: Comparison, path: Path) -> None:

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import shutil
 
 import pytest
 
@@ -47,6 +48,20 @@ def test_rows_cells_pooling_and_best(runs):
     assert group.best(0.9) == pytest.approx(0.974) and group.best(0.95) == pytest.approx(0.975)  # iterative wins at 95%
     assert group.rows["post:iterative"].steps_text() == "1,250"
     assert [r.status for r in comparison.not_ok] == ["failed"]
+
+
+def test_a_run_reached_twice_or_copied_counts_once(cli, runs):
+    records, skipped = report.load_records([runs, runs, runs / "pat-95" / "result.json"])
+    assert len(records) == 8 and len(skipped) == 1  # the half-written one, warned about once
+    shutil.copytree(runs / "pat-90-s1", runs / "pat-90-s1-copy")
+    code, out, err = cli("compare", str(runs), str(runs / "pat-90-s0"), "--format", "json")
+    assert code == 0
+    assert [line for line in err.splitlines() if "same run" in line] == [
+        f"warning: skipping {runs}/pat-90-s1-copy/result.json: the same run (run_id "
+        f"{json.loads((runs / 'pat-90-s1' / 'result.json').read_text())['run_id']}) as {runs}/pat-90-s1/result.json"]
+    cells = {(r["row"], r["target_sparsity"]): (r["n"], r["std"]) for r in json.loads(out)["rows"]}
+    assert cells[("PAT agp+magnitude+global", 0.9)] == (2, pytest.approx(0.0028284, abs=1e-6))
+    assert cells[("PAT agp+magnitude+global", 0.95)] == (1, 0.0) and cells[("dense", 0.0)][0] == 1
 
 
 @pytest.mark.parametrize(
@@ -115,6 +130,61 @@ def test_cli_table_csv_json_markdown_and_plot(cli, runs):
     assert "| post:iterative | 1,250 | 1 | - | **97.5 (+0.5)** |" in (runs / "table.md").read_text()
     png = (runs / "figures" / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_output_of_the_table_goes_to_the_file_only(cli, runs):
+    code, out, _ = cli("compare", str(runs), "--output", str(runs / "table.txt"))
+    assert code == 0 and out == f"wrote {runs / 'table.txt'}\n"
+    text = (runs / "table.txt").read_text()
+    assert "97.4±0.3 (+0.4)" in next(line for line in text.splitlines() if "PAT agp+magnitude+global" in line)
+    assert "runs that did not finish ok" in text and "RuntimeError: boom" in text and "\x1b[" not in text
+
+
+def test_csv_carries_the_runs_that_did_not_finish_as_rows_with_their_status_and_error(cli, runs):
+    code, out, _ = cli("compare", str(runs), "--format", "csv")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["status"] for r in rows] == ["ok"] * 6 + ["failed"]
+    assert rows[-1] == {"model": "mlp", "dataset": "digits", "config_hash": "h1", "method": "post:gradient",
+                        "row": "post:gradient", "target_sparsity": "0.9", "achieved_sparsity": "", "split": "", "metric": "",
+                        "mean": "", "std": "", "n": "", "delta_vs_dense": "", "higher_is_better": "", "train_steps": "",
+                        "status": "failed", "run_dir": str(runs / "broken"), "error": "RuntimeError: boom"}
+
+
+@pytest.fixture
+def only_failed(tmp_path):
+    record(tmp_path, "broken", "post:gradient", "post:gradient", 0.9, 0.0, status="failed", error="RuntimeError: boom\nin | x")
+    record(tmp_path, "stopped", "pat", "agp+magnitude+global", 0.95, 0.0, status="interrupted", error="KeyboardInterrupt")
+    return tmp_path
+
+
+def test_a_folder_of_failed_runs_lists_them_says_so_and_exits_1(cli, only_failed):
+    why = f"error: nothing to compare: no run under {only_failed} finished ok with a test metric (2 did not finish ok, listed above)"
+    code, out, err = cli("compare", str(only_failed))
+    assert code == 1 and err.strip() == why
+    assert "runs that did not finish ok" in out and "RuntimeError: boom" in out and "KeyboardInterrupt" in out
+    code, out, err = cli("compare", str(only_failed), "--format", "csv")
+    assert code == 1 and err.strip() == why
+    assert [(r["row"], r["status"], r["error"]) for r in csv.DictReader(io.StringIO(out))] == [
+        ("post:gradient", "failed", "RuntimeError: boom\nin | x"), ("PAT agp+magnitude+global", "interrupted", "KeyboardInterrupt")]
+    code, out, err = cli("compare", str(only_failed), "--format", "json")
+    assert code == 1 and err.strip() == why
+    assert json.loads(out)["rows"] == [] and [r["status"] for r in json.loads(out)["not_ok"]] == ["failed", "interrupted"]
+    code, out, err = cli("compare", str(only_failed), "--format", "markdown")
+    assert code == 1 and err.strip() == why
+    assert out.splitlines()[4:] == [f"| failed | post:gradient | 0.9 | {only_failed / 'broken'} | RuntimeError: boom in \\| x |",
+                                    f"| interrupted | agp+magnitude+global | 0.95 | {only_failed / 'stopped'} | KeyboardInterrupt |"]
+
+
+def test_a_folder_of_failed_runs_has_nothing_to_plot(cli, only_failed):
+    code, out, err = cli("compare", str(only_failed), "--output", str(only_failed / "t.md"), "--format", "markdown",
+                         "--plot", str(only_failed / "curves.png"))
+    assert code == 1 and out == f"wrote {only_failed / 't.md'}\n"
+    assert err.strip() == (f"error: nothing to compare: no run under {only_failed} finished ok with a test metric (2 did not "
+                           f"finish ok, listed in {only_failed / 't.md'}); nothing to plot, so {only_failed / 'curves.png'} "
+                           "was not written")
+    assert "RuntimeError: boom" in (only_failed / "t.md").read_text()
+    assert sorted(p.name for p in only_failed.iterdir()) == ["broken", "stopped", "t.md"]  # no image, no partial one
 
 
 def test_compare_reports_missing_or_empty_paths(cli, tmp_path):

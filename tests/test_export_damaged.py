@@ -1,0 +1,58 @@
+"""`patcli export` of a run whose weights or config snapshot are damaged: one line naming the file, exit 2, nothing written."""
+
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from patcli.cli import app
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One tiny unstructured run, trained once for the module; each test damages its own copy."""
+    root = tmp_path_factory.mktemp("export")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        result = CliRunner().invoke(app, ["train", "model.hidden=[32,32]", "trainer.epochs=1", "pruning.sparsity=0.9",
+                                          f"hydra.run.dir={root}/run"], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    return root / "run"
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda run: truncate(run / "model.safetensors"),
+     "model.safetensors does not load into this model (Error while deserializing header: incomplete metadata, file not "
+     "fully covered); allowed: the model.safetensors a finished patcli run wrote"),
+    (lambda run: (run / "model.safetensors").write_bytes(b"not a safetensors file"),
+     "model.safetensors does not load into this model"),
+    (lambda run: (run / ".hydra" / "config.yaml").write_text("model:\n  hidden: [32, 32\n"),
+     ".hydra/config.yaml is damaged or not a patcli config snapshot (expected ',' or ']', but got '<stream end>' at line 3)"),
+    (lambda run: (run / ".hydra" / "config.yaml").write_text("- model\n- dataset\n"),
+     ".hydra/config.yaml is damaged or not a patcli config snapshot (AttributeError: 'list' object has no attribute 'items')"),
+    (lambda run: (run / ".hydra" / "config.yaml").write_text("model: ${nowhere}\n"),
+     ".hydra/config.yaml is damaged or not a patcli config snapshot (InterpolationKeyError: Interpolation key 'nowhere' not found"),
+], ids=["truncated-model", "garbage-model", "broken-yaml", "yaml-list", "bad-interpolation"])
+def test_a_damaged_run_is_one_line_exit_2_and_leaves_no_export(cli, tmp_path, finished_run, damage, why):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    damage(run)
+    record = (run / "result.json").read_bytes()
+    code, out, err = cli("export", str(run))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: RUN_DIR: {run}/") and why in err, err
+    assert not (run / "export").exists() and (run / "result.json").read_bytes() == record
+
+
+def test_the_undamaged_copy_exports(cli, tmp_path, finished_run):
+    """The damage above is what fails: the same run, intact, exports."""
+    shutil.copytree(finished_run, tmp_path / "run")
+    code, out, err = cli("export", str(tmp_path / "run"))
+    assert code == 0, err
+    assert out.splitlines()[-1] == f"export dir: {tmp_path / 'run' / 'export'}"
+    assert (tmp_path / "run" / "export" / "compressed.safetensors").is_file()
