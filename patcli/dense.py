@@ -11,8 +11,10 @@ import json
 import logging
 from pathlib import Path
 
+import yaml
 from filelock import FileLock
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .config import ConfigError, RunConfig, parse_run_config
 from .hydra_app import pruning_defaults
@@ -47,6 +49,7 @@ def check_dense_run(run_dir: Path, config: RunConfig) -> RunRecord:
                           "`patcli train pruning=none`")
     if not (run_dir / CONFIG_SNAPSHOT).is_file():
         raise ConfigError("dense", f"{run_dir} has no {CONFIG_SNAPSHOT} to rebuild its model and data from")
+    load_run_config(run_dir)  # readable, before anything runs
     if record.model_dataset_hash != config.model_dataset_hash():  # the baseline would prune another model than it records
         raise ConfigError("dense", f"{run_dir} was trained with another model/dataset config ({record.model} on "
                                    f"{record.dataset}); allowed: a dense run with this run's model and dataset settings")
@@ -63,9 +66,20 @@ def dense_reference(run_dir: Path, record: RunRecord) -> dict:
             "train_steps": record.total_train_steps}
 
 
-def load_run_config(run_dir: Path) -> RunConfig:
-    """A run's own saved config (its Hydra snapshot): it rebuilds the model and data exactly."""
-    return parse_run_config(OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_SNAPSHOT), resolve=True))
+def load_run_config(run_dir: Path, key: str = "dense") -> RunConfig:
+    """A run's own saved config (its Hydra snapshot): it rebuilds the model and data exactly.
+
+    A damaged or hand-broken snapshot is a ConfigError naming ``key`` and the file, not a YAML traceback: broken
+    YAML, undecodable bytes, a list instead of a mapping, a bad interpolation or a value of the wrong type each fail
+    in a different layer (yaml, OmegaConf, the config parser), hence the list.
+    """
+    try:
+        return parse_run_config(OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_SNAPSHOT), resolve=True))
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError, OmegaConfBaseException) as error:
+        mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+        why = f"{problem} at line {mark.line + 1}" if mark and problem else str(error)
+        why = why if isinstance(error, (ConfigError, yaml.YAMLError)) else f"{error.__class__.__name__}: {why}"
+        raise ConfigError(key, f"{run_dir / CONFIG_SNAPSHOT} is damaged or not a patcli config snapshot ({why})") from error
 
 
 def find_dense(config: RunConfig) -> Path | None:

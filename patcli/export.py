@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
-from omegaconf.errors import OmegaConfBaseException
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -96,21 +94,6 @@ def semi_structured_plan(model: nn.Module, tokens: int) -> dict | str:
     return semi_structured.plan(copy.deepcopy(model).cuda(), tokens)
 
 
-def saved_config(run_dir: Path) -> RunConfig:
-    """The run's config snapshot; a damaged or hand-broken one is a ConfigError naming the file, not a YAML traceback.
-
-    Broken YAML, undecodable bytes, a list instead of a mapping, a bad interpolation or a value of the wrong type
-    each fail in a different layer (yaml, OmegaConf, the config parser), hence the list.
-    """
-    try:
-        return load_run_config(run_dir)
-    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError, OmegaConfBaseException) as error:
-        mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
-        why = f"{problem} at line {mark.line + 1}" if mark and problem else str(error)
-        why = why if isinstance(error, (ConfigError, yaml.YAMLError)) else f"{error.__class__.__name__}: {why}"
-        raise ConfigError("RUN_DIR", f"{run_dir / CONFIG_SNAPSHOT} is damaged or not a patcli config snapshot ({why})") from error
-
-
 def export_run(run_dir: Path, measure_latency: bool = True) -> RunRecord:
     """Rebuild a finished run from its own config and weights, export it, and update its result.json."""
     run_dir = Path(run_dir)
@@ -124,7 +107,7 @@ def export_run(run_dir: Path, measure_latency: bool = True) -> RunRecord:
         raise ConfigError("RUN_DIR", str(error)) from error
     if record.status != "ok":
         raise ConfigError("RUN_DIR", f"{run_dir} is a {record.status} run; allowed: a finished one")
-    config = saved_config(run_dir)
+    config = load_run_config(run_dir, "RUN_DIR")
     data = load_dataset(config.dataset)
     model = build_model(config.model, data.meta)
     load_weights(model, run_dir, "RUN_DIR")  # a damaged or foreign model file is one line, as for dense= and init_from=

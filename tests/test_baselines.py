@@ -157,6 +157,13 @@ def test_damaged_run_files_named_by_init_from_or_dense_are_one_line_errors_befor
         code, _, err = cli(*command, *TINY, "hydra.run.dir=damaged")
         assert code == 2 and err.startswith(f"error: {key}: ") and "model.safetensors does not load" in err, err
         assert len(err.strip().splitlines()) == 1 and not (tmp_path / "damaged").exists()
+    snapshot = tmp_path / "dense" / ".hydra" / "config.yaml"
+    intact = snapshot.read_text()
+    snapshot.write_text("model:\n  hidden: [32, 32\n")
+    code, _, err = cli("prune-post", "baseline=magnitude", "dense=dense", *TINY, "hydra.run.dir=damaged")
+    assert code == 2 and err.startswith("error: dense: dense/.hydra/config.yaml is damaged or not a patcli config snapshot")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "damaged").exists()
+    snapshot.write_text(intact)
     (tmp_path / "dense" / "result.json").write_text("{not json")
     code, _, err = cli("train", "trainer.init_from=dense", *TINY, "hydra.run.dir=damaged")
     assert code == 2 and err.startswith("error: trainer.init_from: ") and "not a readable record" in err, err
