@@ -237,6 +237,22 @@ def task(cfg: DictConfig) -> float | None:
         return None
 
 
+PATH_KEYS = ("dataset.path", "dense", "trainer.init_from")
+
+
+def absolute_paths(overrides: list[str]) -> list[str]:
+    """Relative paths given for files a run reads, made absolute: its saved config (which ``export`` and
+    ``load_pruned`` rebuild the run from) must still find them from another directory. Only plain single values are
+    rewritten; a sweep's list or function is left to Hydra."""
+    rewritten = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+") in PATH_KEYS and re.fullmatch(r"[^,'\"()\[\]{}$=]+", value) and not Path(value).is_absolute():
+            override = f"{key}={quoted(str(Path(value).absolute()))}"
+        rewritten.append(override)
+    return rewritten
+
+
 def launch(
     overrides: list[str],
     *,
@@ -245,6 +261,7 @@ def launch(
     check: Callable[[RunConfig], None] | None = None,
 ) -> Any:
     """Compose + validate, then hand the run (or sweep) to Hydra. Returns Hydra's job return(s)."""
+    overrides = absolute_paths(overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="patcli"):
         cfg = compose(overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
         if show_config:

@@ -161,7 +161,7 @@ def test_damaged_run_files_named_by_init_from_or_dense_are_one_line_errors_befor
     intact = snapshot.read_text()
     snapshot.write_text("model:\n  hidden: [32, 32\n")
     code, _, err = cli("prune-post", "baseline=magnitude", "dense=dense", *TINY, "hydra.run.dir=damaged")
-    assert code == 2 and err.startswith("error: dense: dense/.hydra/config.yaml is damaged or not a patcli config snapshot")
+    assert code == 2 and err.startswith(f"error: dense: {tmp_path}/dense/.hydra/config.yaml is damaged or not a patcli config snapshot")
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "damaged").exists()
     snapshot.write_text(intact)
     (tmp_path / "dense" / "result.json").write_text("{not json")

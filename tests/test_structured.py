@@ -255,3 +255,18 @@ def test_nm_export_says_why_no_2_4_kernels_were_measured_without_a_gpu(cli, tmp_
     weights = load_file(str(tmp_path / "nm" / "model.safetensors"))
     assert is_2_to_4(weights["1.weight"]) and is_2_to_4(weights["3.weight"])
     assert not is_2_to_4(torch.ones(4, 8))
+
+
+def test_a_relative_data_path_is_saved_absolute_so_export_works_from_elsewhere(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCLI_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "corpus.txt").write_text("for i in range(10):\n    print(i * i)\n" * 100)
+    code, _, err = cli("train", "model=gpt", "model.d_model=16", "model.n_head=2", "dataset=text", "dataset.path=corpus.txt",
+                       "dataset.block_size=16", "trainer.max_steps=5", "pruning.sparsity=0.5", "hydra.run.dir=run")
+    assert code == 0, err
+    assert result_of(tmp_path / "run")["config"]["dataset"]["path"] == str(tmp_path / "corpus.txt")
+    assert f"path: {tmp_path / 'corpus.txt'}" in (tmp_path / "run" / ".hydra" / "config.yaml").read_text()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, err = cli("export", str(tmp_path / "run"), "--no-latency")
+    assert code == 0 and out.splitlines()[-1] == f"export dir: {tmp_path / 'run' / 'export'}", err
