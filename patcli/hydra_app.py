@@ -311,8 +311,8 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
 def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunConfig], None] | None) -> None:
     """Validate every job the basic sweeper will launch, then train the dense runs they share."""
     from .console import RichProgress
-    from .plugins import check_direction, check_launcher
-    from .sweeps import expand_jobs, prepare
+    from .plugins import check_direction, check_launcher, check_storage
+    from .sweeps import expand_jobs, prepare, search_space_edges
 
     try:
         check_launcher(cfg.hydra.launcher)
@@ -323,8 +323,14 @@ def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunCon
         config = validate(job_config(cfg), check)
         try:
             check_direction(cfg.hydra.sweeper, config)
+            check_storage(cfg.hydra.sweeper)
         except ConfigError as error:
             raise UsageError(str(error)) from error
+        for job in search_space_edges(overrides, cfg):
+            try:
+                validate(job_config(compose(job, RunMode.RUN)), check)
+            except UsageError as error:
+                raise UsageError(f"{error} (searched: {job[-1]})") from error
         return
     configs = []
     here = "submitit" not in str(cfg.hydra.launcher.get("_target_", ""))  # a cluster launcher runs jobs elsewhere

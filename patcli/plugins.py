@@ -6,9 +6,13 @@ The plugins themselves (launch, sample, tell) stay Hydra's; this only fills the 
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 from omegaconf import DictConfig
 
 from .config import ConfigError, RunConfig
+from .paths import unwritable_reason
 
 # Options of Hydra's own groups that come from a plugin, and the patcli extra that installs it.
 PLUGIN_EXTRAS = {
@@ -45,7 +49,11 @@ def job_threads(launcher: DictConfig) -> int | None:
 
 
 def check_launcher(launcher: DictConfig) -> None:
-    """joblib's n_jobs 0 (or below -cores) launches nothing and fails inside joblib: say so before the sweep starts."""
+    """What would fail inside a launcher once the sweep has started, said before: SLURM without its tools here, and
+    joblib's n_jobs 0 (or below -cores), which launches nothing."""
+    if str(launcher.get("_target_", "")).endswith("SlurmLauncher") and shutil.which("srun") is None:
+        raise ConfigError("hydra/launcher", "submitit_slurm submits to SLURM, and this machine has no srun on PATH; "
+                                            "allowed here: basic, joblib or submitit_local, or run from a SLURM login node")
     if launcher.get("_target_") != JOBLIB_LAUNCHER:
         return
     import joblib
@@ -54,6 +62,19 @@ def check_launcher(launcher: DictConfig) -> None:
     if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0 or n_jobs < -cores:
         raise ConfigError("hydra.launcher.n_jobs", f"{n_jobs!r} is out of range; allowed: jobs at a time >= 1, or -1 "
                                                    f"(one per core) to -{cores} (-k: one per core but k-1)")
+
+
+def check_storage(sweeper: DictConfig) -> None:
+    """An Optuna study kept in a SQLite file the sweep cannot write fails inside the sweeper: say so before."""
+    storage = str(sweeper.get("storage") or "")
+    if sweeper.get("_target_") != OPTUNA_SWEEPER or not storage.startswith("sqlite:///"):
+        return
+    path = Path(storage.removeprefix("sqlite:///"))
+    why = unwritable_reason(path, want_dir=False)
+    if not why and not path.absolute().parent.is_dir():  # SQLite makes the file, not its folder
+        why = f"{path.absolute().parent} does not exist; allowed: a file in an existing, writable directory"
+    if why:
+        raise ConfigError("hydra.sweeper.storage", why)
 
 
 def check_direction(sweeper: DictConfig, config: RunConfig) -> None:

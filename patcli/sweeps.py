@@ -14,6 +14,7 @@ from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import IntervalSweep
 from omegaconf import DictConfig, OmegaConf
 
 from .config import RunConfig
@@ -31,6 +32,21 @@ def expand_jobs(overrides: list[str], cfg: DictConfig) -> list[list[str]] | None
     params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
     parsed = OverridesParser.create().parse_overrides(params + list(overrides))
     return [job for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None) for job in batch]
+
+
+def search_space_edges(overrides: list[str], cfg: DictConfig) -> list[list[str]]:
+    """For a sweeper that samples as it goes (Optuna): one job per edge of each searched setting — every choice,
+    both ends of a range or interval — with the other searched settings at their defaults. A bound no job could
+    take fails before the study, not in every trial."""
+    params = [f"{key}={value}" for key, value in (cfg.hydra.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides(params + list(overrides))
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    jobs = []
+    for searched in (o for o in parsed if o.is_sweep_override()):
+        sweep = searched.value()
+        edges = [sweep.start, sweep.end] if isinstance(sweep, IntervalSweep) else list(searched.sweep_string_iterator())
+        jobs += [[*fixed, f"{searched.get_key_element()}={edge}"] for edge in edges]
+    return jobs
 
 
 def prepare(configs: list[RunConfig], progress_factory) -> list[Path]:

@@ -136,16 +136,38 @@ def test_optuna_study_optimises_val_tells_failed_trials_and_prints_the_best(cli,
 
 def test_optuna_study_with_no_finished_trial_says_so(cli, tmp_path):
     code, out, err = cli("sweep", *EXPLODING, "+model.explode=true", "hydra/sweeper=optuna",
-                         "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=1", "schedule.end=interval(5,10)")
+                         "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=1", "schedule.end=interval(0.5,0.9)")
     assert code == 1
     assert "no trial finished ok" in err and "exploded on purpose" in out
 
 
 def test_optuna_direction_must_fit_the_primary_metric(cli, tmp_path):
-    code, out, err = cli("sweep", *FAST, "hydra/sweeper=optuna", "schedule.end=interval(5,10)")
+    code, out, err = cli("sweep", *FAST, "hydra/sweeper=optuna", "schedule.end=interval(0.5,0.9)")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "hydra.sweeper.direction: minimize does not fit val accuracy (higher is better); allowed: maximize" in err
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("searched, expected", [
+    ("pruning.sparsity=interval(0.5,1.5)", "pruning.sparsity: 1.5 is out of range; allowed: 0.0 <= value < 1.0 (searched: pruning.sparsity=1.5)"),
+    ("pruning.frequency=choice(10,a)", "pruning.frequency: expected an integer, got 'a' (searched: pruning.frequency=a)"),
+    ("schedule.end=interval(5,10)", "schedule.end: 5.0 is out of range"),  # Optuna samples floats here: fractions
+])
+def test_an_optuna_search_space_no_trial_could_run_is_a_one_line_error_before_the_study(cli, tmp_path, searched, expected):
+    code, _, err = cli("sweep", *FAST, "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", searched)
+    assert code == 2 and err.startswith(f"error: {expected}") and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sweeps_that_would_fail_inside_a_plugin_are_one_line_errors_before_they_start(cli, tmp_path, monkeypatch):
+    code, _, err = cli("sweep", *FAST, "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize",
+                       f"hydra.sweeper.storage=sqlite:///{tmp_path}/no/such/folder/study.db", "hydra.sweeper.study_name=s")
+    assert code == 2 and err.strip() == f"error: hydra.sweeper.storage: {tmp_path}/no/such/folder does not exist; allowed: " \
+                                        "a file in an existing, writable directory"
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun here
+    code, _, err = cli("sweep", *FAST, "seed=0,1", "hydra/launcher=submitit_slurm")
+    assert code == 2 and err.startswith("error: hydra/launcher: submitit_slurm submits to SLURM, and this machine has no srun")
+    assert len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
 def test_tune_schedule_preset_composes_an_optuna_search_on_the_validation_metric():
