@@ -240,6 +240,17 @@ def task(cfg: DictConfig) -> float | None:
 PATH_KEYS = ("dataset.path", "dense", "trainer.init_from")
 
 
+def check_no_renamed_option(overrides: list[str]) -> None:
+    """``model.name=cnn`` would keep the MLP's keys under another name and fail on one of them: say what is meant."""
+    groups = config_groups()
+    for override in overrides:
+        key, _, value = override.lstrip("+").partition("=")
+        group, _, field = key.partition(".")
+        if field == "name" and group in groups:
+            raise UsageError(f"{key}: an option is chosen with {group}={value}, not renamed; allowed: {group}=OPTION "
+                             f"({', '.join(groups[group])})")
+
+
 def absolute_paths(overrides: list[str]) -> list[str]:
     """Relative paths given for files a run reads, made absolute: its saved config (which ``export`` and
     ``load_pruned`` rebuild the run from) must still find them from another directory. Only plain single values are
@@ -262,6 +273,7 @@ def launch(
 ) -> Any:
     """Compose + validate, then hand the run (or sweep) to Hydra. Returns Hydra's job return(s)."""
     overrides = absolute_paths(overrides)
+    check_no_renamed_option(overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="patcli"):
         cfg = compose(overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
         if show_config:

@@ -55,6 +55,9 @@ def plan(config: RunConfig) -> Plan:
     """Check the parts of a config that need the data and the run length; raise ConfigError on a mistake."""
     data = load_dataset(config.dataset)
     steps = total_steps(data, config.trainer)
+    if config.trainer.warmup_steps >= steps and not config.needs_dense:  # a baseline fine-tunes without warm-up
+        raise ConfigError("trainer.warmup_steps", f"{config.trainer.warmup_steps} is not below the run's {steps} steps, "
+                                                  f"so the learning rate would never reach trainer.lr; allowed: 0 to {steps - 1}")
     model = build_model(config.model, data.meta)  # validates model keys; a throwaway the checks below share
     check_model_fits(model, data)
     update_steps = 0

@@ -99,6 +99,9 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
         ("allocation=sensitivity allocation.trials=[0.5,1.5]", "allocation.trials: 1.5 is out of range"),
         ("allocation=erk allocation.power=-2", "allocation.power: -2.0 is out of range"),
         ("allocation=sensitivity allocation.batches=0", "allocation.batches: 0 is out of range; allowed: >= 1 or null"),
+        ("model.name=cnn", "model.name: an option is chosen with model=cnn, not renamed; allowed: model=OPTION (cnn, custom, gpt, mlp)"),
+        ("trainer.max_steps=20 trainer.warmup_steps=20", "trainer.warmup_steps: 20 is not below the run's 20 steps, so the "
+                                                         "learning rate would never reach trainer.lr; allowed: 0 to 19"),
         ("schedule=alternating schedule.end=0.5", "schedule.end: unknown key; allowed: schedule.name, schedule.begin"),
         ("schedule=alternating schedule.final=0.9 schedule.begin=0.5", "schedule.final: the final phase"),
         ("model._target_=torch.nn.Linear", "model._target_: unknown key; allowed: model.name, model.hidden, model.activation, "
