@@ -28,7 +28,8 @@ from .engine.structure import StructureError, channel_groups
 from .engine.scorers import Gradient, Magnitude, Scorer
 from .models import build_model
 from .records import RunRecord
-from .runner import allocation_loss, base_record, build_pruner, finish_record, load_weights, seed_everything
+from .runner import (allocation_loss, base_record, build_pruner, finish_record, load_weights, seed_everything,
+                     warn_of_unused_options)
 from .training import Progress, Trainer, loss_and_outputs, resolve_device, steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -248,6 +249,7 @@ def run_baseline(config: RunConfig, run_dir: Path, progress: Progress | None = N
     dense_record = check_dense_run(dense_dir, config)
     dense = load_run_config(dense_dir)
     config = as_trained(config, dense, dense_dir)
+    warn_of_unused_options(config)
     seed_everything(config.seed)
     data = load_dataset(dense.dataset)
     device = resolve_device(config.trainer.device)

@@ -163,9 +163,15 @@ def settings(record: RunRecord) -> dict[str, object]:
     return flat
 
 
+# What only PAT reads: a dense run or a post-training baseline given these ran exactly as without them.
+PAT_ONLY = ("scorer.", "schedule.", "allocation.", "regrowth.", "regularizer.", "pruning.frequency", "pruning.masking")
+
+
 def identity(record: RunRecord) -> str:
-    """What makes two records the same recipe: their whole config except seed, fold, sparsity and locations."""
-    flat = {k: v for k, v in settings(record).items() if k not in NOT_IDENTITY}
+    """What makes two records the same recipe: their whole config except seed, fold, sparsity and locations, and
+    except the PAT settings a dense run or a post-training baseline does not read."""
+    unused = () if record.method == "pat" else PAT_ONLY
+    flat = {k: v for k, v in settings(record).items() if k not in NOT_IDENTITY and not k.startswith(unused)}
     return json.dumps(flat, sort_keys=True, default=str)
 
 

@@ -151,15 +151,16 @@ def warn_if_one_jump(schedule: Schedule, frequency: int) -> None:
                     schedule.end_step - schedule.begin_step)
 
 
-def warn_if_dense_ignores(config: RunConfig) -> None:
-    """pruning=none trains dense: a scorer, schedule, allocation or regrowth chosen with it would be dropped without
-    a word."""
-    if config.method != "dense":
+def warn_of_unused_options(config: RunConfig) -> None:
+    """pruning=none trains dense, and a post-training baseline prunes its own way: a scorer, schedule, allocation or
+    regrowth chosen with them would be dropped without a word."""
+    if config.method == "pat":
         return
     ignored = [f"{group}={name}" for group, default in pruning_defaults().items()
                if (name := (config.source.get(group) or {}).get("name", default["name"])) != default["name"]]
     if ignored:
-        log.warning("pruning=none trains dense: %s do%s not apply", ", ".join(ignored), "es" if len(ignored) == 1 else "")
+        what = "pruning=none trains dense" if config.method == "dense" else f"baseline={config.baseline.name} prunes its own way"
+        log.warning("%s: %s do%s not apply", what, ", ".join(ignored), "es" if len(ignored) == 1 else "")
 
 
 def allocation_loss(config: RunConfig, trainer: Trainer) -> Callable[[], float]:
@@ -272,7 +273,7 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
     if config.method == "pat" and config.regrowth.name == "reversal" and config.trainer.optimizer != "sgd":
         log.warning("regrowth=reversal with trainer.optimizer=%s: reversal is meant for SGD; under Adam pruned weights "
                     "random-walk and masks churn (see BENCHMARKS.md, dynamic)", config.trainer.optimizer)
-    warn_if_dense_ignores(config)
+    warn_of_unused_options(config)
     chosen = (config.source.get("allocation") or {}).get("name")
     default = pruning_defaults()["allocation"]["name"]
     if config.pattern is not None and config.pattern.fixed_sparsity is not None and chosen not in (None, "uniform", default):

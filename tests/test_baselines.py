@@ -85,16 +85,18 @@ def test_structured_baseline_takes_its_channels_from_a_channel_pattern_and_rejec
     assert code == 2 and err.strip() == "error: baseline.kind: 'filters' contradicts pruning=neurons; allowed: auto or neurons"
 
 
-def test_a_given_dense_run_lends_the_baseline_its_seed_and_trainer(cli, tmp_path, caplog):
+def test_a_given_dense_run_lends_the_baseline_its_seed_and_trainer_and_unused_options_are_named(cli, tmp_path, caplog):
     """Fine-tuning uses the dense run's trainer; a record that said seed 3 would pool as a seed it never trained."""
     code, _, err = cli("train", *TINY, "pruning=none", f"hydra.run.dir={tmp_path}/dense")
     assert code == 0, err
-    code, out, err = cli("prune-post", *TINY[:2], "trainer.lr=0.05", "seed=3", "baseline=magnitude", f"dense={tmp_path}/dense")
+    code, out, err = cli("prune-post", *TINY[:2], "trainer.lr=0.05", "seed=3", "baseline=magnitude", f"dense={tmp_path}/dense",
+                         "scorer=movement")
     assert code == 0, err
     record = result_of(run_dir_of(out))
     assert record["seed"] == 0 and record["config"]["seed"] == 0 and record["config"]["trainer"]["lr"] == 0.01
     said = out + err + caplog.text
     assert "seed=0 (not 3), trainer.lr=0.01 (not 0.05): this run uses and records those" in said, said
+    assert "baseline=magnitude prunes its own way: scorer=movement does not apply" in said
 
 
 def test_iterative_beats_one_shot_magnitude_at_95_percent_on_digits(tmp_path):

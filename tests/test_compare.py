@@ -201,3 +201,19 @@ def test_compare_names_the_metrics_the_records_hold_for_a_wrong_one(cli, runs):
     assert code == 2 and err.strip().splitlines()[-1] == "error: --metric: 'acuracy' is in no test record; allowed: accuracy, loss"
     code, out, _ = cli("compare", str(runs), "--metric", "loss", "--format", "json")
     assert code == 0 and {r["metric"] for r in json.loads(out)["rows"]} == {"loss"}
+
+
+def test_pat_settings_a_baseline_or_dense_run_never_reads_do_not_split_its_row(tmp_path):
+    """prune-post baseline=magnitude scorer=movement ran exactly as without scorer=movement: one row, pooled."""
+    plain = {"baseline": {"name": "magnitude"}, "scorer": {"name": "magnitude"}, "pruning": {"mode": "unstructured"}}
+    movement = {**plain, "scorer": {"name": "movement"}, "schedule": {"name": "cubic"}, "pruning": {"mode": "unstructured", "frequency": 7}}
+    record(tmp_path, "a", "post:magnitude", "post:magnitude", 0.9, 0.60, seed=0, config=plain)
+    record(tmp_path, "b", "post:magnitude", "post:magnitude", 0.9, 0.70, seed=1, config=movement)
+    record(tmp_path, "c", "dense", "dense", 0.0, 0.97, seed=0, config={"pruning": {"mode": "none"}})
+    record(tmp_path, "d", "dense", "dense", 0.0, 0.95, seed=1, config={"pruning": {"mode": "none"}, "scorer": {"name": "movement"}})
+    record(tmp_path, "e", "pat", "agp+magnitude+global", 0.9, 0.96, config=plain)
+    record(tmp_path, "f", "pat", "agp+magnitude+global", 0.9, 0.94, config={**plain, "pruning": {"mode": "unstructured", "frequency": 7}})
+    (group,) = report.compare(report.load_records([tmp_path])[0]).groups
+    assert group.rows["post:magnitude"].cells[0.9].n == 2 and group.dense.cells[0.0].n == 2
+    pat_rows = [label for label in group.rows if label.startswith("PAT")]
+    assert len(pat_rows) == 2  # PAT reads pruning.frequency: two recipes, told apart
