@@ -237,9 +237,6 @@ def task(cfg: DictConfig) -> float | None:
         return None
 
 
-PATH_KEYS = ("dataset.path", "dense", "trainer.init_from")
-
-
 def check_no_renamed_option(overrides: list[str]) -> None:
     """``model.name=cnn`` would keep the MLP's keys under another name and fail on one of them: say what is meant."""
     groups = config_groups()
@@ -249,6 +246,9 @@ def check_no_renamed_option(overrides: list[str]) -> None:
         if field == "name" and group in groups:
             raise UsageError(f"{key}: an option is chosen with {group}={value}, not renamed; allowed: {group}=OPTION "
                              f"({', '.join(groups[group])})")
+
+
+PATH_KEYS = ("dataset.path", "dense", "trainer.init_from")
 
 
 def absolute_paths(overrides: list[str]) -> list[str]:
