@@ -1,6 +1,7 @@
 """Structured pruning: whole channels off, physically smaller models with the same outputs, exports, text data."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -73,6 +74,49 @@ def test_surgery_gives_a_smaller_model_with_the_masked_models_outputs(name, meta
     fresh.load_state_dict(small.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), small(x))
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x + torch.relu(self.fc(x))
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d(8, affine=False), nn.BatchNorm2d(8, track_running_stats=False), None],
+                         ids=["bn-not-affine", "bn-no-running-stats", "bn1d-over-flattened-features"])
+def test_chains_with_norms_of_every_kind_shrink_to_the_masked_models_outputs(norm):
+    """Each once crashed the pruner or the export after training, losing the run."""
+    torch.manual_seed(0)
+    if norm is None:
+        model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Flatten(), nn.BatchNorm1d(288), nn.Linear(288, 3))
+        model[3].running_mean.uniform_(-1, 1)
+        nn.init.uniform_(model[3].bias, -0.5, 0.5)
+    else:
+        model = nn.Sequential(nn.Conv2d(4, 8, 3), norm, nn.ReLU(), nn.Flatten(), nn.Linear(288, 3))
+    pruner = pruned(model, "filters", 0.5)
+    model.eval()
+    small = shrink(model, pruner.layout.groups, live_channels(model, pruner.layout.groups)).eval()
+    x = torch.randn(4, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+    assert small[0].out_channels == 4
+
+
+@pytest.mark.parametrize("model, why", [
+    (lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), Residual(), nn.Linear(16, 3)), "(Residual)"),
+    (lambda: nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(128, 3)),
+     "(Conv2d(groups=2))"),
+], ids=["residual-block", "grouped-conv"])
+def test_a_chain_the_reader_cannot_follow_is_refused_before_training(model, why):
+    """Read as a plain chain, a residual block or a grouped conv trained fine and then failed to shrink."""
+    from patcli.engine.structure import StructureError
+
+    mode = "filters" if "Conv" in why else "neurons"
+    with pytest.raises(StructureError, match=rf"Sequential {re.escape(why)} needs a channel_groups\(kind\) method"):
+        pruned(model(), mode, 0.5)
 
 
 def test_filter_pruning_turns_off_batchnorm_gamma_and_beta():

@@ -51,9 +51,18 @@ def channel_groups(
     return [g for g in groups if _matches(g.slices[0].param, include, exclude)]
 
 
+def _unreadable(model: nn.Module) -> list[str]:
+    """What the chain reader cannot follow: modules of unknown type (a block with its own forward, a residual
+    connection) and grouped convolutions, whose channels cannot be cut one at a time."""
+    found = [type(m).__name__ for _, m in model.named_modules()
+             if not isinstance(m, nn.Sequential) and (list(m.children()) or not isinstance(m, LAYERS + NORMS + TRANSPARENT))]
+    found += [f"{type(m).__name__}(groups={m.groups})" for m in model.modules() if getattr(m, "groups", 1) != 1]
+    return found
+
+
 def sequential_groups(model: nn.Module, kind: str) -> list[ChannelGroup]:
     leaves = _leaves(model)
-    unknown = [type(m).__name__ for _, m in leaves if not isinstance(m, LAYERS + NORMS + TRANSPARENT)]
+    unknown = _unreadable(model)
     if unknown or not isinstance(model, nn.Sequential):
         raise StructureError(
             f"structured pruning reads feed-forward nn.Sequential chains; {type(model).__name__} "
@@ -70,9 +79,9 @@ def sequential_groups(model: nn.Module, kind: str) -> list[ChannelGroup]:
         consumer = None
         buffers = []
         for next_name, following in leaves[i + 1 :]:
-            if isinstance(following, NORMS) and consumer is None and following.num_features == channels:
-                slices += [Slice(f"{next_name}.weight", 0), Slice(f"{next_name}.bias", 0)]
-                buffers += [Slice(f"{next_name}.running_mean", 0), Slice(f"{next_name}.running_var", 0)]
+            if isinstance(following, NORMS):
+                slices, buffers = slices + _norm_slices(next_name, following, channels, "weight", "bias"), \
+                    buffers + _norm_slices(next_name, following, channels, "running_mean", "running_var")
                 continue
             if isinstance(following, LAYERS):
                 consumer = (next_name, following)
@@ -88,3 +97,13 @@ def sequential_groups(model: nn.Module, kind: str) -> list[ChannelGroup]:
                                    activation=consumer_name, buffers=buffers,
                                    activation_dim=-1 if isinstance(consumer_module, nn.Linear) else 1))
     return groups
+
+
+def _norm_slices(name: str, norm: nn.Module, channels: int, *tensors: str) -> list[Slice]:
+    """A norm between a producer and its consumer normalises its channels: per channel, or per flattened feature
+    (``num_features`` = channels × positions, channel-major after ``Flatten``). Absent tensors (``affine=False``,
+    ``track_running_stats=False``) have nothing to cut."""
+    if norm.num_features % channels:
+        raise StructureError(f"{name} normalises {norm.num_features} features, not a multiple of the {channels} channels before it")
+    width = norm.num_features // channels
+    return [Slice(f"{name}.{t}", 0, width=width) for t in tensors if getattr(norm, t, None) is not None]
