@@ -124,6 +124,9 @@ def load_pruned(path: str | Path, device: str | None = None) -> nn.Module:
     path = Path(path)
     if (path / EXPORT_DIR).is_dir():
         path = path / EXPORT_DIR
+    if not (path / DESCRIPTION).is_file():
+        hint = f"; run `patcli export {path}` first" if (path / RESULT_FILE).is_file() else ""
+        raise FileNotFoundError(f"{path} holds no export ({DESCRIPTION}){hint}")
     description = json.loads((path / DESCRIPTION).read_text())
     model_config = dict(description["model"])
     name = model_config.pop("name")

@@ -89,10 +89,12 @@ def check_model_fits(model: nn.Module, data: DataBundle) -> None:
     """One forward pass and loss on two training samples: a model of one's own whose input or output size does not
     fit the data fails here, in one line, instead of at the first training step with a run directory half-written."""
     inputs, targets = data.train.inputs[:2], data.train.targets[:2]
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("model", f"{type(model).__name__} has no trainable parameters; allowed: a model with some")
     try:
         with torch.no_grad():
             loss_and_outputs(model.eval(), data.task, inputs, targets)  # eval: no batch statistics move
-    except (RuntimeError, IndexError, ValueError, TypeError) as error:
+    except Exception as error:  # a model of one's own may fail in any way (a tuple output has no .reshape)
         wanted = ", ".join(f"{k}={v}" for k, v in data.meta.items() if k in ("input_shape", "num_classes", "vocab_size"))
         raise ConfigError("model", f"does not fit dataset={data.name} ({error.__class__.__name__}: {error}); "
                                    f"allowed: a model for {wanted}") from error

@@ -126,7 +126,7 @@ def test_group_lasso_step_matches_the_group_shrinkage_closed_form():
     group = ChannelGroup("a", 3, [Slice("a.weight", 0), Slice("a.bias", 0), Slice("b.weight", 1)], layer.weight.shape)
     layout = ChannelLayout(params, [group])
     regularizer = REGULARIZERS.get("group_lasso")(lam=1.0, warmup=0).bind(10)
-    regularizer.apply(layout, lr=0.5, t=0)
+    regularizer.apply(layout, lr=lambda weight: 0.5, t=0)
     size = 2 + 1 + 1  # weight row, bias, next layer's input column
     threshold = 0.5 * 1.0 * math.sqrt(size)
     expected = [max(0.0, 1 - threshold / n) for n in (5.0, 0.1, 1.0)]

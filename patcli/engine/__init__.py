@@ -57,6 +57,8 @@ def prune_during_training(
     schedule: str | Schedule = "agp",
     allocation: str | Allocation = "global",
     pattern: str | Pattern = "unstructured",
+    regrowth: str | Regrowth | None = None,
+    regularizer: str | Regularizer | None = None,
     **options,
 ) -> Pruner:
     """A Pruner built from names or objects and attached to ``optimizer``; ``options`` go to ``Pruner``."""
@@ -68,6 +70,8 @@ def prune_during_training(
         schedule=_part(SCHEDULES, schedule),
         allocation=_part(ALLOCATIONS, allocation),
         pattern=_part(PATTERNS, pattern),
+        regrowth=_part(REGROWTHS, regrowth),
+        regularizer=_part(REGULARIZERS, regularizer),
         **options,
     )
     return pruner.attach(optimizer)

@@ -23,7 +23,8 @@ def select_prunable(
     """Weights of Linear/Conv layers whose name matches an ``include`` and no ``exclude`` pattern (fnmatch).
 
     Biases, norms and embeddings are never candidates, nor an output layer whose weight is tied to an embedding
-    (pruning it would prune the embedding); a weight shared by two modules is listed once.
+    (pruning it would prune the embedding), nor a frozen weight (``requires_grad=False``: nothing would recover
+    what pruning takes, and gradient scores are 0 there); a weight shared by two modules is listed once.
     """
     include, exclude = list(include), list(exclude)
     selected: dict[str, nn.Parameter] = {}
@@ -33,7 +34,7 @@ def select_prunable(
             continue
         name = f"{module_name}.weight" if module_name else "weight"
         weight = module.weight
-        if id(weight) in seen:
+        if id(weight) in seen or not weight.requires_grad:
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude):
             selected[name] = weight

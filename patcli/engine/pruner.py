@@ -133,6 +133,11 @@ class Pruner:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "Pruner":
         """Run the pruner around every ``optimizer.step()`` (of this optimizer only)."""
+        trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        untrained = [name for name, weight in zip(self.masks.names, self.masks.weights) if id(weight) not in trained]
+        if untrained:  # pruned but never trained: gradient scores would be 0 there and nothing would recover
+            raise ValueError(f"{untrained[0]} is prunable but not in the optimizer; allowed: give it to the optimizer, "
+                             f"or leave it dense with exclude=[{untrained[0]!r}]")
         for handle in self._handles:
             handle.remove()
         self.optimizer = optimizer
@@ -174,7 +179,8 @@ class Pruner:
         self.masking.enforced = enforced
         self.masking.after_step(zero=not entering)
         if self.regularizer is not None and self.optimizer is not None and t <= self.schedule.end_step:
-            self.regularizer.apply(self.layout, self.optimizer.param_groups[0]["lr"], t)  # then fine-tune, masks fixed
+            lrs = {id(p): group["lr"] for group in self.optimizer.param_groups for p in group["params"]}
+            self.regularizer.apply(self.layout, lambda weight: lrs[id(weight)], t)  # then fine-tune, masks fixed
         if not self._scheduled_update(t) and entering:
             self.masking.masks_changed()
         self.step += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,8 @@ class Regularizer:
     def check(self, layout: Layout) -> None:
         """Raise ValueError when the layout cannot carry this penalty."""
 
-    def apply(self, layout: Layout, lr: float, t: int) -> None:
+    def apply(self, layout: Layout, lr: Callable[[torch.Tensor], float], t: int) -> None:
+        """One proximal step after the optimizer's; ``lr(weight)`` is the learning rate the optimizer gave it."""
         raise NotImplementedError
 
 
@@ -66,11 +68,10 @@ class Lasso(Regularizer):
             raise ValueError("regularizer=lasso acts on single weights; allowed with pruning=unstructured (use group_lasso for channels)")
 
     @torch.no_grad()
-    def apply(self, layout: Layout, lr: float, t: int) -> None:
-        threshold = lr * self.strength(t)
+    def apply(self, layout: Layout, lr: Callable[[torch.Tensor], float], t: int) -> None:
         for param, accounted in zip(layout.params, layout.accounted):
             if accounted:
-                soft_threshold_(param, threshold)
+                soft_threshold_(param, lr(param) * self.strength(t))
 
 
 def shrink_factors(per_channel: list[torch.Tensor], threshold: float) -> torch.Tensor:
@@ -90,11 +91,12 @@ class GroupLasso(Regularizer):
             raise ValueError("regularizer=group_lasso shrinks whole channels; allowed with pruning=neurons, filters or heads")
 
     @torch.no_grad()
-    def apply(self, layout: Layout, lr: float, t: int) -> None:
-        """Each channel's shrink factor multiplies all of its slices (a weight in two groups is shrunk by each)."""
-        threshold = lr * self.strength(t)
+    def apply(self, layout: Layout, lr: Callable[[torch.Tensor], float], t: int) -> None:
+        """Each channel's shrink factor multiplies all of its slices (a weight in two groups is shrunk by each); the
+        step size is the learning rate of the weight that produces the channels."""
         params = dict(zip(layout.names, layout.params))
         for group in layout.groups:
+            threshold = lr(params[group.slices[0].param]) * self.strength(t)
             factor = shrink_factors([channel_rows(params[p.param], group.channels, p) for p in group.slices], threshold)
             for part in group.slices:
                 params[part.param].mul_(along_slice(factor, part, params[part.param].dim()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from torch import nn
@@ -17,16 +18,65 @@ from . import cnn, gpt, mlp  # noqa: E402,F401  (registers)
 def build_model(config: NamedConfig, meta: dict[str, Any]) -> nn.Module:
     """Instantiate the model a config names, sized by the dataset's ``meta`` (input shape, classes, vocabulary)."""
     if "_target_" in config.params:
-        from hydra.utils import instantiate
-
-        try:
-            model = instantiate(config.params)
-        except Exception as error:  # a user's class: report its own message on one line
-            raise ConfigError("model._target_", f"could not build {config.params['_target_']}: {error}") from error
-        if not isinstance(model, nn.Module):
-            raise ConfigError("model._target_", f"{config.params['_target_']} did not return an nn.Module")
-        return model
+        return build_own_model(config.params)
     if config.name not in MODELS:
         raise ConfigError("model", f"unknown model {config.name!r}; allowed: {', '.join(MODELS.names())}")
     spec = parse(MODELS.get(config.name), config.params, "model")
     return spec.build(meta)
+
+
+def build_own_model(params: dict[str, Any]) -> nn.Module:
+    """A user's own ``nn.Module`` class, named by ``_target_`` and called with the other keys as plain values.
+
+    Only a subclass of ``nn.Module`` is called, and no nested ``_target_`` or other Hydra directive is honoured:
+    a saved config (read again by ``patcli export``, ``load_pruned`` or a baseline's dense run) could otherwise
+    name ``torch.load`` or a file deletion to run, as Hydra's ``instantiate`` would.
+    """
+    target, kwargs = params["_target_"], {k: v for k, v in params.items() if k != "_target_"}
+    directive = _directive(kwargs)
+    if directive:
+        raise ConfigError(f"model.{directive}", "Hydra directives are not followed here; allowed: plain values "
+                                                "(numbers, strings, lists, mappings) for the class's arguments")
+    cls = _import(str(target))
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ConfigError("model._target_", f"{target} is not an nn.Module class; allowed: the dotted path of a subclass "
+                                            "of torch.nn.Module")
+    try:
+        return cls(**kwargs)
+    except Exception as error:  # a user's class: report its own message on one line
+        raise ConfigError("model._target_", f"could not build {target}: {error.__class__.__name__}: {error}") from error
+
+
+def _directive(values: Any, path: str = "") -> str | None:
+    """The first Hydra directive key (``_target_``, ``_args_``, ``_partial_``, ...) anywhere in ``values``."""
+    if isinstance(values, dict):
+        for key, value in values.items():
+            name = f"{path}{key}"
+            if str(key).startswith("_") and str(key).endswith("_"):
+                return name
+            found = _directive(value, f"{name}.")
+            if found:
+                return found
+    elif isinstance(values, list):
+        return next(filter(None, (_directive(v, f"{path}{i}.") for i, v in enumerate(values))), None)
+    return None
+
+
+def _import(path: str) -> Any:
+    """The object a dotted path names; an import that fails inside the user's module says why (Hydra's own message
+    drops the cause)."""
+    module_name, _, attribute = path.rpartition(".")
+    if not module_name:
+        raise ConfigError("model._target_", f"{path!r} is not a dotted path; allowed: package.module.Class")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and (module_name + ".").startswith(error.name + "."):
+            raise ConfigError("model._target_", f"no module {error.name!r} to import {path} from; allowed: a class "
+                                                "importable from where patcli runs") from error
+        raise ConfigError("model._target_", f"importing {module_name} failed: {error}") from error
+    except Exception as error:
+        raise ConfigError("model._target_", f"importing {module_name} failed: {error.__class__.__name__}: {error}") from error
+    if not hasattr(module, attribute):
+        raise ConfigError("model._target_", f"{module_name} has no {attribute!r}")
+    return getattr(module, attribute)
