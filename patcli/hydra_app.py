@@ -253,13 +253,14 @@ PATH_KEYS = ("dataset.path", "dense", "trainer.init_from")
 
 def absolute_paths(overrides: list[str]) -> list[str]:
     """Relative paths given for files a run reads, made absolute: its saved config (which ``export`` and
-    ``load_pruned`` rebuild the run from) must still find them from another directory. Only plain single values are
-    rewritten; a sweep's list or function is left to Hydra."""
+    ``load_pruned`` rebuild the run from) must still find them from another directory. Plain values and a sweep's
+    comma list of them are rewritten; quoted values and sweep functions are left to Hydra."""
     rewritten = []
     for override in overrides:
         key, _, value = override.partition("=")
-        if key.lstrip("+") in PATH_KEYS and re.fullmatch(r"[^,'\"()\[\]{}$=]+", value) and not Path(value).is_absolute():
-            override = f"{key}={quoted(str(Path(value).absolute()))}"
+        if key.lstrip("+") in PATH_KEYS and re.fullmatch(r"[^'\"()\[\]{}$=]+", value):
+            paths = [p if Path(p).is_absolute() else str(Path(p).absolute()) for p in value.split(",")]
+            override = f"{key}={','.join(quoted(p) for p in paths)}"
         rewritten.append(override)
     return rewritten
 

@@ -314,3 +314,11 @@ def test_a_relative_data_path_is_saved_absolute_so_export_works_from_elsewhere(c
     monkeypatch.chdir(elsewhere)
     code, out, err = cli("export", str(tmp_path / "run"), "--no-latency")
     assert code == 0 and out.splitlines()[-1] == f"export dir: {tmp_path / 'run' / 'export'}", err
+
+
+def test_relative_paths_in_a_sweeps_list_are_made_absolute_too(tmp_path, monkeypatch):
+    from patcli.hydra_app import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_paths(["dataset.path=a.txt,/abs/b.txt", "dense=runs/d", "seed=0,1", "dataset.path='q.txt'"]) == [
+        f"dataset.path='{tmp_path}/a.txt','/abs/b.txt'", f"dense='{tmp_path}/runs/d'", "seed=0,1", "dataset.path='q.txt'"]
