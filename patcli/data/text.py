@@ -6,6 +6,7 @@ validation / test so no window straddles two splits. The encoded corpus is cache
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -13,6 +14,7 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -25,7 +27,56 @@ UNKNOWN = "\x00"  # characters outside the vocabulary map here
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PATCLI_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "patcli"))
+    """PATCLI_CACHE, else $XDG_CACHE_HOME/patcli, else ~/.cache/patcli; an empty variable counts as unset."""
+    if os.environ.get("PATCLI_CACHE"):
+        return Path(os.environ["PATCLI_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "patcli"
+
+
+_UNUSABLE: set[Path] = set()  # cache folders already warned about in this process
+
+
+def read_cache(path: Path) -> tuple[torch.Tensor, list[str]] | None:
+    try:
+        if not path.is_file():
+            return None
+    except OSError:  # an unreadable folder: writing will say so
+        return None
+    try:
+        cached = torch.load(path, weights_only=True)
+        return cached["ids"], json.loads(bytes(cached["vocab"].tolist()).decode())
+    except Exception as error:  # a damaged cache is only a cache: rebuild it
+        log.warning("rebuilding the damaged dataset cache %s (%s)", path, error.__class__.__name__)
+        return None
+
+
+def write_cache(path: Path, ids: torch.Tensor, vocab: list[str]) -> None:
+    """Atomically (a temporary file, then a rename); a folder that cannot be written only means no cache."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    vocab_bytes = torch.tensor(list(json.dumps(vocab).encode()), dtype=torch.uint8)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as file:
+            torch.save({"ids": ids, "vocab": vocab_bytes}, file)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch's writer reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if path.parent not in _UNUSABLE:  # one warning: an unusable cache costs a rebuild per run, not the run
+            _UNUSABLE.add(path.parent)
+            log.warning("the dataset is not cached: %s is not a usable folder (%s: %s); set PATCLI_CACHE to a writable "
+                        "folder to cache it", path.parent, error.__class__.__name__, getattr(error, "strerror", None) or error)
+
+
+def cached_encoding(name: str, text: Callable[[], str], max_vocab: int) -> tuple[torch.Tensor, list[str]]:
+    """The encoded corpus from the cache file ``name``, else encoded from ``text()`` and cached."""
+    path = cache_dir() / f"{name}.pt"
+    cached = read_cache(path)
+    if cached is not None:
+        return cached
+    ids, vocab = encode(text(), max_vocab)
+    write_cache(path, ids, vocab)
+    return ids, vocab
 
 
 def read_stdlib(max_chars: int) -> str:
@@ -92,20 +143,7 @@ class CharCorpus:
 
     def encoded(self) -> tuple[torch.Tensor, list[str]]:
         """The encoded corpus, from the cache when this exact build was made before."""
-        path = cache_dir() / f"{self.name}-{self.cache_key()}.pt"
-        if path.is_file():
-            try:
-                cached = torch.load(path, weights_only=True)
-                return cached["ids"], json.loads(bytes(cached["vocab"].tolist()).decode())
-            except Exception as error:  # a damaged cache is only a cache: rebuild it
-                log.warning("rebuilding the damaged dataset cache %s (%s)", path, error.__class__.__name__)
-        ids, vocab = encode(self.text(), self.max_vocab)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        vocab_bytes = torch.tensor(list(json.dumps(vocab).encode()), dtype=torch.uint8)
-        torch.save({"ids": ids, "vocab": vocab_bytes}, tmp)
-        os.replace(tmp, path)
-        return ids, vocab
+        return cached_encoding(f"{self.name}-{self.cache_key()}", self.text, self.max_vocab)
 
     def load(self) -> DataBundle:
         ids, vocab = self.encoded()
