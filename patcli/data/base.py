@@ -50,6 +50,7 @@ class DataBundle:
     val: Split
     test: Split
     meta: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | None = None  # sha256 of the text a user's file gave; None for built-in data
 
     @property
     def primary_metric(self) -> tuple[str, bool]:

@@ -135,18 +135,12 @@ class CharCorpus:
             if not 0.0 < getattr(self, key) < 0.5:
                 raise ConfigError(f"{prefix}.{key}", f"{getattr(self, key)} is out of range; allowed: 0 < value < 0.5")
 
-    def text(self) -> str:
+    def encoded(self) -> tuple[torch.Tensor, list[str], str | None]:
+        """(ids, vocabulary, fingerprint of the text or None), from the cache when this build was made before."""
         raise NotImplementedError
-
-    def cache_key(self) -> str:
-        raise NotImplementedError
-
-    def encoded(self) -> tuple[torch.Tensor, list[str]]:
-        """The encoded corpus, from the cache when this exact build was made before."""
-        return cached_encoding(f"{self.name}-{self.cache_key()}", self.text, self.max_vocab)
 
     def load(self) -> DataBundle:
-        ids, vocab = self.encoded()
+        ids, vocab, fingerprint = self.encoded()
         n = ids.numel()
         val_start = int(n * (1.0 - self.val_fraction - self.test_fraction))
         test_start = int(n * (1.0 - self.test_fraction))
@@ -160,6 +154,7 @@ class CharCorpus:
             test=windows(ids[test_start:], self.block_size),
             meta={"vocab_size": len(vocab), "block_size": self.block_size, "input_shape": [self.block_size],
                   "num_classes": len(vocab)},
+            fingerprint=fingerprint,
         )
 
 
@@ -168,12 +163,10 @@ class CharCorpus:
 class PythonSources(CharCorpus):
     """The installed standard library's ``.py`` sources (tests excluded), deterministic order, first ``max_chars``."""
 
-    def text(self) -> str:
-        return read_stdlib(self.max_chars)
-
-    def cache_key(self) -> str:
+    def encoded(self) -> tuple[torch.Tensor, list[str], None]:
         stdlib = sysconfig.get_paths()["stdlib"]
-        return hashlib.sha256(f"{stdlib}|{self.max_chars}|{self.max_vocab}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(f"{stdlib}|{self.max_chars}|{self.max_vocab}".encode()).hexdigest()[:16]
+        return (*cached_encoding(f"{self.name}-{key}", lambda: read_stdlib(self.max_chars), self.max_vocab), None)
 
 
 @DATASETS.register("text")
@@ -191,14 +184,18 @@ class TextFile(CharCorpus):
             raise ConfigError(f"{prefix}.path", f"{self.path} is not a file")
 
     def text(self) -> str:
+        """The first ``max_chars`` characters, read without reading the rest of the file."""
         try:
-            return Path(self.path).read_text(encoding="utf-8")[: self.max_chars]
+            with open(self.path, encoding="utf-8") as file:
+                return file.read(self.max_chars)
         except UnicodeDecodeError as error:
             raise ConfigError("dataset.path", f"{self.path} is not UTF-8 text ({error.reason})") from error
         except OSError as error:
             raise ConfigError("dataset.path", f"{self.path} cannot be read ({error.strerror or error})") from error
 
-    def cache_key(self) -> str:
-        stat = Path(self.path).stat()
-        key = f"{Path(self.path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.max_chars}|{self.max_vocab}"
-        return hashlib.sha256(key.encode()).hexdigest()[:16]
+    def encoded(self) -> tuple[torch.Tensor, list[str], str]:
+        """Keyed on the text itself: the cache cannot return another file's data, whatever its size and times."""
+        text = self.text()
+        fingerprint = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        key = hashlib.sha256(f"{fingerprint}|{self.max_vocab}".encode()).hexdigest()[:16]
+        return (*cached_encoding(f"{self.name}-{key}", lambda: text, self.max_vocab), fingerprint)
