@@ -14,6 +14,8 @@ from patcli.data import load_dataset
 from patcli.data.base import _cached_load
 from patcli.data.text import TextFile
 
+from conftest import result_of
+
 GPT = ["model=gpt", "model.d_model=16", "model.n_head=2", "dataset=text", "dataset.block_size=16", "trainer.max_steps=5"]
 LOOP = "for i in range(10):\n    print(i * i)\n"
 
@@ -39,6 +41,34 @@ def run_config(*overrides):
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         cfg = compose("config", list(overrides))
     return parse_run_config(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True))
+
+
+def test_an_edited_text_file_changes_the_dense_key_and_an_unchanged_one_keeps_it(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(LOOP * 100)
+    overrides = ["dataset=text", f"dataset.path={path}", "model=gpt", "baseline=magnitude", "pruning.sparsity=0.5"]
+    before = run_config(*overrides)
+    key = before.dense_key()
+    assert run_config(*overrides).dense_key() == key
+    path.write_text((LOOP * 101)[::-1])  # the same characters, another text
+    after = run_config(*overrides)
+    assert after.model_dataset_hash() != before.model_dataset_hash() and after.dense_key() != key
+    assert before.dense_key() == key  # a config keeps the data it loaded, whatever the file does later
+
+
+def test_prune_post_trains_a_new_dense_run_when_the_text_file_changes(cli, tmp_path):
+    (tmp_path / "t.txt").write_text(LOOP * 100)
+    args = ["prune-post", *GPT, "dataset.path=t.txt", "pruning.sparsity=0.5", "baseline=magnitude", "output_root=o"]
+    code, _, err = cli(*args)
+    assert code == 0, err
+    (tmp_path / "t.txt").write_text((LOOP * 100)[::-1])  # same characters: the old dense run was reused
+    code, _, err = cli(*args)
+    assert code == 0, err
+    (tmp_path / "t.txt").write_text(LOOP * 100 + "Z")  # a new character: the old dense run failed to load, forever
+    code, _, err = cli(*args)
+    assert code == 0, err
+    dense = [p for p in (tmp_path / "o" / "dense").iterdir() if p.is_dir()]
+    assert len(dense) == 3 and len({result_of(p)["model_dataset_hash"] for p in dense}) == 3
 
 
 def test_an_unusable_cache_folder_only_costs_the_cache(tmp_path, monkeypatch, caplog):
@@ -84,3 +114,13 @@ def test_the_cache_follows_the_content_not_the_size_and_time(tmp_path):
     second = load_dataset(text_config(path))
     assert not torch.equal(first.train.inputs, second.train.inputs) and first.fingerprint != second.fingerprint
     assert second.fingerprint == hashlib.sha256(other.read_bytes()).hexdigest()
+
+
+def test_an_edited_file_is_reloaded_within_one_process(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(LOOP * 100)
+    first = load_dataset(text_config(path))
+    path.write_text(LOOP.replace("i", "j") * 120)
+    second = load_dataset(text_config(path))
+    assert len(second.train) > len(first.train) and second.fingerprint != first.fingerprint
+

@@ -14,7 +14,7 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -175,6 +175,7 @@ class TextFile(CharCorpus):
     """A user's own UTF-8 text file (``dataset.path``)."""
 
     path: str | None = None
+    from_a_file: ClassVar[bool] = True  # runs and caches are keyed on its content (base.data_fingerprint)
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
@@ -192,6 +193,15 @@ class TextFile(CharCorpus):
             raise ConfigError("dataset.path", f"{self.path} is not UTF-8 text ({error.reason})") from error
         except OSError as error:
             raise ConfigError("dataset.path", f"{self.path} cannot be read ({error.strerror or error})") from error
+
+    def file_state(self) -> tuple | None:
+        """What tells, without reading it, that the file changed since this process loaded it (ctime: even a copy
+        with its modification time restored changes it)."""
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return None
+        return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
     def encoded(self) -> tuple[torch.Tensor, list[str], str]:
         """Keyed on the text itself: the cache cannot return another file's data, whatever its size and times."""
