@@ -3,13 +3,14 @@
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tracemalloc
 
 import pytest
 import torch
 
-from patcli.config import NamedConfig
+from patcli.config import ConfigError, NamedConfig
 from patcli.data import load_dataset
 from patcli.data.base import _cached_load
 from patcli.data.text import TextFile
@@ -69,6 +70,19 @@ def test_prune_post_trains_a_new_dense_run_when_the_text_file_changes(cli, tmp_p
     assert code == 0, err
     dense = [p for p in (tmp_path / "o" / "dense").iterdir() if p.is_dir()]
     assert len(dense) == 3 and len({result_of(p)["model_dataset_hash"] for p in dense}) == 3
+
+
+def test_a_text_too_short_for_a_training_split_names_the_dataset_keys(cli, tmp_path):
+    (tmp_path / "t.txt").write_text(("abcdefghij" * 4))
+    code, out, err = cli("train", *GPT, "dataset.path=t.txt", "dataset.block_size=8", "dataset.val_fraction=0.45",
+                         "dataset.test_fraction=0.45", "hydra.run.dir=run")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert re.match(r"error: dataset: the training split has \d of the text's 40 characters \(0 windows of dataset.block_size="
+                    r"8; dataset.val_fraction=0.45, dataset.test_fraction=0.45\); allowed: at least 16 characters", err), err
+    assert "lower dataset.val_fraction or dataset.test_fraction" in err and "warmup" not in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="the validation split has 1 of the text's 40 characters"):
+        load_dataset(NamedConfig("text", {"path": str(tmp_path / "t.txt"), "block_size": 8, "val_fraction": 0.025}))
 
 
 def test_an_unusable_cache_folder_only_costs_the_cache(tmp_path, monkeypatch, caplog):

@@ -144,8 +144,7 @@ class CharCorpus:
         n = ids.numel()
         val_start = int(n * (1.0 - self.val_fraction - self.test_fraction))
         test_start = int(n * (1.0 - self.test_fraction))
-        if test_start - val_start < 2 * self.block_size or n - test_start < 2 * self.block_size:
-            raise ConfigError("dataset", f"the corpus ({n} characters) is too short for block_size={self.block_size}")
+        self.check_splits(n, {"training": val_start, "validation": test_start - val_start, "test": n - test_start})
         return DataBundle(
             name=self.name,
             task="language_modeling",
@@ -156,6 +155,21 @@ class CharCorpus:
                   "num_classes": len(vocab)},
             fingerprint=fingerprint,
         )
+
+    def check_splits(self, n: int, sizes: dict[str, int]) -> None:
+        """Every split needs two blocks of characters (a window and its shifted targets, with room): an empty training
+        split would otherwise surface later as a run of 0 steps, blaming the trainer."""
+        need = 2 * self.block_size
+        fix = {"training": "lower dataset.val_fraction or dataset.test_fraction",
+               "validation": "raise dataset.val_fraction (below 0.5)", "test": "raise dataset.test_fraction (below 0.5)"}
+        for split, size in sizes.items():
+            if size < need:
+                raise ConfigError("dataset", f"the {split} split has {size} of the text's {n} characters "
+                                             f"({max(size - 1, 0) // self.block_size} windows of dataset.block_size="
+                                             f"{self.block_size}; dataset.val_fraction={self.val_fraction}, "
+                                             f"dataset.test_fraction={self.test_fraction}); allowed: at least {need} "
+                                             f"characters (2 × block_size) in every split: {fix[split]}, lower "
+                                             "dataset.block_size, or use a longer text")
 
 
 @DATASETS.register("pysrc")
