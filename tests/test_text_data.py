@@ -72,6 +72,19 @@ def test_prune_post_trains_a_new_dense_run_when_the_text_file_changes(cli, tmp_p
     assert len(dense) == 3 and len({result_of(p)["model_dataset_hash"] for p in dense}) == 3
 
 
+def test_a_cut_vocabulary_warns_with_the_fraction_and_the_key_to_raise(tmp_path, caplog):
+    path = tmp_path / "wide.txt"
+    path.write_text("".join(chr(0x4E00 + i) for i in range(1000)) * 3)
+    with caplog.at_level(logging.WARNING):
+        load_dataset(text_config(path))
+    assert "87.3% of the characters map to the unknown id" in caplog.text and "dataset.max_vocab=128" in caplog.text
+    caplog.clear()
+    path.write_text(LOOP * 100)
+    with caplog.at_level(logging.WARNING):
+        load_dataset(text_config(path))
+    assert "unknown id" not in caplog.text
+
+
 def test_a_text_too_short_for_a_training_split_names_the_dataset_keys(cli, tmp_path):
     (tmp_path / "t.txt").write_text(("abcdefghij" * 4))
     code, out, err = cli("train", *GPT, "dataset.path=t.txt", "dataset.block_size=8", "dataset.val_fraction=0.45",
@@ -137,4 +150,3 @@ def test_an_edited_file_is_reloaded_within_one_process(tmp_path):
     path.write_text(LOOP.replace("i", "j") * 120)
     second = load_dataset(text_config(path))
     assert len(second.train) > len(first.train) and second.fingerprint != first.fingerprint
-

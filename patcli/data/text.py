@@ -24,6 +24,7 @@ from .base import DATASETS, DataBundle, Split
 log = logging.getLogger(__name__)
 
 UNKNOWN = "\x00"  # characters outside the vocabulary map here
+MAX_UNKNOWN = 0.01  # a larger share of characters mapped to UNKNOWN is warned about
 
 
 def cache_dir() -> Path:
@@ -145,6 +146,11 @@ class CharCorpus:
         val_start = int(n * (1.0 - self.val_fraction - self.test_fraction))
         test_start = int(n * (1.0 - self.test_fraction))
         self.check_splits(n, {"training": val_start, "validation": test_start - val_start, "test": n - test_start})
+        unknown = int((ids == 0).sum()) / n
+        if unknown > MAX_UNKNOWN:
+            log.warning("%.1f%% of the characters map to the unknown id: dataset.max_vocab=%d keeps only the %d most "
+                        "frequent, and predicting the unknown id makes the loss look better than it is; raise "
+                        "dataset.max_vocab (allowed: up to 65536)", 100 * unknown, self.max_vocab, self.max_vocab - 1)
         return DataBundle(
             name=self.name,
             task="language_modeling",
