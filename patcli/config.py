@@ -207,6 +207,8 @@ class NamedConfig:
 
     name: str
     params: dict[str, Any]
+    # a dataset read from a user's file: the hash of what load_dataset last read for this config (see data_fingerprint)
+    fingerprint: str | None = field(default=None, compare=False, repr=False)
 
     def label(self) -> str:
         return self.name
@@ -284,8 +286,15 @@ class RunConfig:
 
     def model_dataset_hash(self) -> str:
         """Groups runs that are comparable: same model and dataset config. The folds of one dataset are one dataset
-        (compare pools them like seeds), and leaving the fold out keeps the hash of runs made before folds existed."""
+        (compare pools them like seeds), and leaving the fold out keeps the hash of runs made before folds existed.
+        A user's text file adds the hash of the text read: the same path after an edit is another dataset (built-in
+        datasets add nothing, so their hash is unchanged)."""
+        from .data import data_fingerprint  # here: the data package imports this module
+
         dataset = {k: v for k, v in (self.source.get("dataset") or {}).items() if k != "val_fold"}
+        fingerprint = data_fingerprint(self.dataset)
+        if fingerprint is not None:
+            dataset["text_sha256"] = fingerprint
         return config_hash({"model": self.source.get("model"), "dataset": dataset})
 
     def val_fold(self) -> int | None:

@@ -50,6 +50,7 @@ class DataBundle:
     val: Split
     test: Split
     meta: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | None = None  # sha256 of the text a user's file gave; None for built-in data
 
     @property
     def primary_metric(self) -> tuple[str, bool]:
@@ -62,14 +63,31 @@ def _frozen(params: dict[str, Any]) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_load(name: str, frozen_params: str) -> DataBundle:
+def _cached_load(name: str, frozen_params: str, file_state: Any = None) -> DataBundle:
     cls = DATASETS.get(name)
     spec = parse(cls, json.loads(frozen_params), "dataset")
     return spec.load()
 
 
 def load_dataset(config: NamedConfig) -> DataBundle:
-    """Build (or reuse, within one process) the dataset a config names."""
+    """Build (or reuse, within one process) the dataset a config names.
+
+    A dataset read from a user's file is reused only while the file looks unchanged (``file_state``), so a process
+    that runs again after an edit sees the edit; ``config.fingerprint`` keeps what this config's data was.
+    """
     if config.name not in DATASETS:
         raise ConfigError("dataset", f"unknown dataset {config.name!r}; allowed: {', '.join(DATASETS.names())}")
-    return _cached_load(config.name, _frozen(config.params))
+    spec = parse(DATASETS.get(config.name), config.params, "dataset")
+    state = spec.file_state() if hasattr(spec, "file_state") else None
+    data = _cached_load(config.name, _frozen(config.params), state)
+    config.fingerprint = data.fingerprint
+    return data
+
+
+def data_fingerprint(config: NamedConfig) -> str | None:
+    """The content hash of the data a config reads from a user's file (loading it if this config has not yet);
+    None for built-in data, whose config alone says what it is."""
+    cls = DATASETS.get(config.name) if config.name in DATASETS else None
+    if config.fingerprint is None and getattr(cls, "from_a_file", False):
+        load_dataset(config)
+    return config.fingerprint

@@ -6,6 +6,7 @@ validation / test so no window straddles two splits. The encoded corpus is cache
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -13,6 +14,7 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, ClassVar
 
 import torch
 
@@ -22,10 +24,60 @@ from .base import DATASETS, DataBundle, Split
 log = logging.getLogger(__name__)
 
 UNKNOWN = "\x00"  # characters outside the vocabulary map here
+MAX_UNKNOWN = 0.01  # a larger share of characters mapped to UNKNOWN is warned about
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PATCLI_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "patcli"))
+    """PATCLI_CACHE, else $XDG_CACHE_HOME/patcli, else ~/.cache/patcli; an empty variable counts as unset."""
+    if os.environ.get("PATCLI_CACHE"):
+        return Path(os.environ["PATCLI_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "patcli"
+
+
+_UNUSABLE: set[Path] = set()  # cache folders already warned about in this process
+
+
+def read_cache(path: Path) -> tuple[torch.Tensor, list[str]] | None:
+    try:
+        if not path.is_file():
+            return None
+    except OSError:  # an unreadable folder: writing will say so
+        return None
+    try:
+        cached = torch.load(path, weights_only=True)
+        return cached["ids"], json.loads(bytes(cached["vocab"].tolist()).decode())
+    except Exception as error:  # a damaged cache is only a cache: rebuild it
+        log.warning("rebuilding the damaged dataset cache %s (%s)", path, error.__class__.__name__)
+        return None
+
+
+def write_cache(path: Path, ids: torch.Tensor, vocab: list[str]) -> None:
+    """Atomically (a temporary file, then a rename); a folder that cannot be written only means no cache."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    vocab_bytes = torch.tensor(list(json.dumps(vocab).encode()), dtype=torch.uint8)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as file:
+            torch.save({"ids": ids, "vocab": vocab_bytes}, file)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch's writer reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if path.parent not in _UNUSABLE:  # one warning: an unusable cache costs a rebuild per run, not the run
+            _UNUSABLE.add(path.parent)
+            log.warning("the dataset is not cached: %s is not a usable folder (%s: %s); set PATCLI_CACHE to a writable "
+                        "folder to cache it", path.parent, error.__class__.__name__, getattr(error, "strerror", None) or error)
+
+
+def cached_encoding(name: str, text: Callable[[], str], max_vocab: int) -> tuple[torch.Tensor, list[str]]:
+    """The encoded corpus from the cache file ``name``, else encoded from ``text()`` and cached."""
+    path = cache_dir() / f"{name}.pt"
+    cached = read_cache(path)
+    if cached is not None:
+        return cached
+    ids, vocab = encode(text(), max_vocab)
+    write_cache(path, ids, vocab)
+    return ids, vocab
 
 
 def read_stdlib(max_chars: int) -> str:
@@ -84,36 +136,21 @@ class CharCorpus:
             if not 0.0 < getattr(self, key) < 0.5:
                 raise ConfigError(f"{prefix}.{key}", f"{getattr(self, key)} is out of range; allowed: 0 < value < 0.5")
 
-    def text(self) -> str:
+    def encoded(self) -> tuple[torch.Tensor, list[str], str | None]:
+        """(ids, vocabulary, fingerprint of the text or None), from the cache when this build was made before."""
         raise NotImplementedError
-
-    def cache_key(self) -> str:
-        raise NotImplementedError
-
-    def encoded(self) -> tuple[torch.Tensor, list[str]]:
-        """The encoded corpus, from the cache when this exact build was made before."""
-        path = cache_dir() / f"{self.name}-{self.cache_key()}.pt"
-        if path.is_file():
-            try:
-                cached = torch.load(path, weights_only=True)
-                return cached["ids"], json.loads(bytes(cached["vocab"].tolist()).decode())
-            except Exception as error:  # a damaged cache is only a cache: rebuild it
-                log.warning("rebuilding the damaged dataset cache %s (%s)", path, error.__class__.__name__)
-        ids, vocab = encode(self.text(), self.max_vocab)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        vocab_bytes = torch.tensor(list(json.dumps(vocab).encode()), dtype=torch.uint8)
-        torch.save({"ids": ids, "vocab": vocab_bytes}, tmp)
-        os.replace(tmp, path)
-        return ids, vocab
 
     def load(self) -> DataBundle:
-        ids, vocab = self.encoded()
+        ids, vocab, fingerprint = self.encoded()
         n = ids.numel()
         val_start = int(n * (1.0 - self.val_fraction - self.test_fraction))
         test_start = int(n * (1.0 - self.test_fraction))
-        if test_start - val_start < 2 * self.block_size or n - test_start < 2 * self.block_size:
-            raise ConfigError("dataset", f"the corpus ({n} characters) is too short for block_size={self.block_size}")
+        self.check_splits(n, {"training": val_start, "validation": test_start - val_start, "test": n - test_start})
+        unknown = int((ids == 0).sum()) / n
+        if unknown > MAX_UNKNOWN:
+            log.warning("%.1f%% of the characters map to the unknown id: dataset.max_vocab=%d keeps only the %d most "
+                        "frequent, and predicting the unknown id makes the loss look better than it is; raise "
+                        "dataset.max_vocab (allowed: up to 65536)", 100 * unknown, self.max_vocab, self.max_vocab - 1)
         return DataBundle(
             name=self.name,
             task="language_modeling",
@@ -122,7 +159,23 @@ class CharCorpus:
             test=windows(ids[test_start:], self.block_size),
             meta={"vocab_size": len(vocab), "block_size": self.block_size, "input_shape": [self.block_size],
                   "num_classes": len(vocab)},
+            fingerprint=fingerprint,
         )
+
+    def check_splits(self, n: int, sizes: dict[str, int]) -> None:
+        """Every split needs two blocks of characters (a window and its shifted targets, with room): an empty training
+        split would otherwise surface later as a run of 0 steps, blaming the trainer."""
+        need = 2 * self.block_size
+        fix = {"training": "lower dataset.val_fraction or dataset.test_fraction",
+               "validation": "raise dataset.val_fraction (below 0.5)", "test": "raise dataset.test_fraction (below 0.5)"}
+        for split, size in sizes.items():
+            if size < need:
+                raise ConfigError("dataset", f"the {split} split has {size} of the text's {n} characters "
+                                             f"({max(size - 1, 0) // self.block_size} windows of dataset.block_size="
+                                             f"{self.block_size}; dataset.val_fraction={self.val_fraction}, "
+                                             f"dataset.test_fraction={self.test_fraction}); allowed: at least {need} "
+                                             f"characters (2 × block_size) in every split: {fix[split]}, lower "
+                                             "dataset.block_size, or use a longer text")
 
 
 @DATASETS.register("pysrc")
@@ -130,12 +183,10 @@ class CharCorpus:
 class PythonSources(CharCorpus):
     """The installed standard library's ``.py`` sources (tests excluded), deterministic order, first ``max_chars``."""
 
-    def text(self) -> str:
-        return read_stdlib(self.max_chars)
-
-    def cache_key(self) -> str:
+    def encoded(self) -> tuple[torch.Tensor, list[str], None]:
         stdlib = sysconfig.get_paths()["stdlib"]
-        return hashlib.sha256(f"{stdlib}|{self.max_chars}|{self.max_vocab}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(f"{stdlib}|{self.max_chars}|{self.max_vocab}".encode()).hexdigest()[:16]
+        return (*cached_encoding(f"{self.name}-{key}", lambda: read_stdlib(self.max_chars), self.max_vocab), None)
 
 
 @DATASETS.register("text")
@@ -144,6 +195,7 @@ class TextFile(CharCorpus):
     """A user's own UTF-8 text file (``dataset.path``)."""
 
     path: str | None = None
+    from_a_file: ClassVar[bool] = True  # runs and caches are keyed on its content (base.data_fingerprint)
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
@@ -153,14 +205,27 @@ class TextFile(CharCorpus):
             raise ConfigError(f"{prefix}.path", f"{self.path} is not a file")
 
     def text(self) -> str:
+        """The first ``max_chars`` characters, read without reading the rest of the file."""
         try:
-            return Path(self.path).read_text(encoding="utf-8")[: self.max_chars]
+            with open(self.path, encoding="utf-8") as file:
+                return file.read(self.max_chars)
         except UnicodeDecodeError as error:
             raise ConfigError("dataset.path", f"{self.path} is not UTF-8 text ({error.reason})") from error
         except OSError as error:
             raise ConfigError("dataset.path", f"{self.path} cannot be read ({error.strerror or error})") from error
 
-    def cache_key(self) -> str:
-        stat = Path(self.path).stat()
-        key = f"{Path(self.path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.max_chars}|{self.max_vocab}"
-        return hashlib.sha256(key.encode()).hexdigest()[:16]
+    def file_state(self) -> tuple | None:
+        """What tells, without reading it, that the file changed since this process loaded it (ctime: even a copy
+        with its modification time restored changes it)."""
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return None
+        return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+    def encoded(self) -> tuple[torch.Tensor, list[str], str]:
+        """Keyed on the text itself: the cache cannot return another file's data, whatever its size and times."""
+        text = self.text()
+        fingerprint = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        key = hashlib.sha256(f"{fingerprint}|{self.max_vocab}".encode()).hexdigest()[:16]
+        return (*cached_encoding(f"{self.name}-{key}", lambda: text, self.max_vocab), fingerprint)

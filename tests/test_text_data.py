@@ -1,0 +1,152 @@
+"""A user's text file as a dataset: the data a run used is what keys its dense run and its cache."""
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tracemalloc
+
+import pytest
+import torch
+
+from patcli.config import ConfigError, NamedConfig
+from patcli.data import load_dataset
+from patcli.data.base import _cached_load
+from patcli.data.text import TextFile
+
+from conftest import result_of
+
+GPT = ["model=gpt", "model.d_model=16", "model.n_head=2", "dataset=text", "dataset.block_size=16", "trainer.max_steps=5"]
+LOOP = "for i in range(10):\n    print(i * i)\n"
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCLI_CACHE", str(tmp_path / "cache"))
+    _cached_load.cache_clear()
+    return tmp_path / "cache"
+
+
+def text_config(path, **params):
+    return NamedConfig("text", {"path": str(path), "block_size": 16, **params})
+
+
+def run_config(*overrides):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from patcli.config import parse_run_config
+    from patcli.hydra_app import conf_dir
+
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", list(overrides))
+    return parse_run_config(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True))
+
+
+def test_an_edited_text_file_changes_the_dense_key_and_an_unchanged_one_keeps_it(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(LOOP * 100)
+    overrides = ["dataset=text", f"dataset.path={path}", "model=gpt", "baseline=magnitude", "pruning.sparsity=0.5"]
+    before = run_config(*overrides)
+    key = before.dense_key()
+    assert run_config(*overrides).dense_key() == key
+    path.write_text((LOOP * 101)[::-1])  # the same characters, another text
+    after = run_config(*overrides)
+    assert after.model_dataset_hash() != before.model_dataset_hash() and after.dense_key() != key
+    assert before.dense_key() == key  # a config keeps the data it loaded, whatever the file does later
+
+
+def test_prune_post_trains_a_new_dense_run_when_the_text_file_changes(cli, tmp_path):
+    (tmp_path / "t.txt").write_text(LOOP * 100)
+    args = ["prune-post", *GPT, "dataset.path=t.txt", "pruning.sparsity=0.5", "baseline=magnitude", "output_root=o"]
+    code, _, err = cli(*args)
+    assert code == 0, err
+    (tmp_path / "t.txt").write_text((LOOP * 100)[::-1])  # same characters: the old dense run was reused
+    code, _, err = cli(*args)
+    assert code == 0, err
+    (tmp_path / "t.txt").write_text(LOOP * 100 + "Z")  # a new character: the old dense run failed to load, forever
+    code, _, err = cli(*args)
+    assert code == 0, err
+    dense = [p for p in (tmp_path / "o" / "dense").iterdir() if p.is_dir()]
+    assert len(dense) == 3 and len({result_of(p)["model_dataset_hash"] for p in dense}) == 3
+
+
+def test_a_cut_vocabulary_warns_with_the_fraction_and_the_key_to_raise(tmp_path, caplog):
+    path = tmp_path / "wide.txt"
+    path.write_text("".join(chr(0x4E00 + i) for i in range(1000)) * 3)
+    with caplog.at_level(logging.WARNING):
+        load_dataset(text_config(path))
+    assert "87.3% of the characters map to the unknown id" in caplog.text and "dataset.max_vocab=128" in caplog.text
+    caplog.clear()
+    path.write_text(LOOP * 100)
+    with caplog.at_level(logging.WARNING):
+        load_dataset(text_config(path))
+    assert "unknown id" not in caplog.text
+
+
+def test_a_text_too_short_for_a_training_split_names_the_dataset_keys(cli, tmp_path):
+    (tmp_path / "t.txt").write_text(("abcdefghij" * 4))
+    code, out, err = cli("train", *GPT, "dataset.path=t.txt", "dataset.block_size=8", "dataset.val_fraction=0.45",
+                         "dataset.test_fraction=0.45", "hydra.run.dir=run")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert re.match(r"error: dataset: the training split has \d of the text's 40 characters \(0 windows of dataset.block_size="
+                    r"8; dataset.val_fraction=0.45, dataset.test_fraction=0.45\); allowed: at least 16 characters", err), err
+    assert "lower dataset.val_fraction or dataset.test_fraction" in err and "warmup" not in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="the validation split has 1 of the text's 40 characters"):
+        load_dataset(NamedConfig("text", {"path": str(tmp_path / "t.txt"), "block_size": 8, "val_fraction": 0.025}))
+
+
+def test_an_unusable_cache_folder_only_costs_the_cache(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "t.txt"
+    path.write_text(LOOP * 100)
+    monkeypatch.setenv("PATCLI_CACHE", str(path / "sub"))  # under a file
+    with caplog.at_level(logging.WARNING):
+        data = load_dataset(text_config(path))
+        _cached_load.cache_clear()
+        again = load_dataset(text_config(path))
+    assert torch.equal(data.train.inputs, again.train.inputs)
+    assert caplog.text.count("is not cached") == 1 and "PATCLI_CACHE" in caplog.text
+    monkeypatch.setenv("PATCLI_CACHE", "")  # empty is unset: the default folder, not the current one
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    _cached_load.cache_clear()
+    load_dataset(text_config(path))
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".pt"] == []
+    assert len(list((tmp_path / "xdg" / "patcli").iterdir())) == 1
+
+
+def test_only_the_characters_max_chars_keeps_are_read(tmp_path):
+    path = tmp_path / "big.txt"
+    path.write_text(LOOP * 1_000_000)  # 37 MB
+    tracemalloc.start()
+    try:
+        text = TextFile(path=str(path), max_chars=200_000).text()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert text == (LOOP * 10_000)[:200_000] and peak < 4_000_000
+
+
+def test_the_cache_follows_the_content_not_the_size_and_time(tmp_path):
+    path, other = tmp_path / "t.txt", tmp_path / "other.txt"
+    path.write_text(LOOP * 100)
+    first = load_dataset(text_config(path))
+    other.write_text((LOOP * 100)[::-1])  # same size, same characters
+    stat = path.stat()
+    shutil.copyfile(other, path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as cp -p leaves it
+    _cached_load.cache_clear()
+    second = load_dataset(text_config(path))
+    assert not torch.equal(first.train.inputs, second.train.inputs) and first.fingerprint != second.fingerprint
+    assert second.fingerprint == hashlib.sha256(other.read_bytes()).hexdigest()
+
+
+def test_an_edited_file_is_reloaded_within_one_process(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(LOOP * 100)
+    first = load_dataset(text_config(path))
+    path.write_text(LOOP.replace("i", "j") * 120)
+    second = load_dataset(text_config(path))
+    assert len(second.train) > len(first.train) and second.fingerprint != first.fingerprint
