@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from .engine.registry import ParamError, Registry
 from .engine.structure import StructureError, channel_groups
 from .engine.scorers import Gradient, Magnitude, Scorer
 from .models import build_model
-from .records import RunRecord
+from .records import RunRecord, append_metrics
 from .runner import (allocation_loss, base_record, build_pruner, finish_record, load_weights, seed_everything,
                      warn_of_unused_options)
 from .training import Progress, Trainer, loss_and_outputs, resolve_device, steps_per_epoch
@@ -48,15 +48,29 @@ class BaselineContext:
     data: DataBundle
     device: torch.device
     progress: Progress | None
+    run_dir: Path
+    pruners: list[Pruner] = field(default_factory=list)  # every pruner the baseline used, for the record
+    fit_seconds: float = 0.0
 
     @property
     def target(self) -> float:
         return self.config.target_sparsity
 
+    def log_update(self, update) -> None:
+        append_metrics(self.run_dir, {"kind": "mask_update", **update.__dict__})
+
+    def fit(self, trainer: Trainer, pruner: Pruner, label: str) -> None:
+        """Fine-tune with ``pruner`` attached, its evaluations in metrics.jsonl as a training run's are."""
+        pruner.attach(trainer.optimizer)
+        fitted = trainer.fit(progress=self.progress, label=label, sparsity=pruner.current_sparsity,
+                             on_eval=lambda row: append_metrics(self.run_dir, {"kind": "eval", **row}))
+        pruner.detach()
+        self.fit_seconds += fitted.seconds
+
     def pruner(self, scorer: Scorer, pattern=None, allocation=None, sparsity: float | None = None) -> Pruner:
         """A pruner whose masks only change when the baseline says (``update_masks``); the run's pattern by default
         (``pruning=nm`` with a magnitude baseline is one-shot 2:4 magnitude pruning)."""
-        return Pruner(
+        pruner = Pruner(
             self.model,
             sparsity=self.target if sparsity is None else sparsity,
             schedule=SCHEDULES.get("fixed")(),
@@ -67,7 +81,10 @@ class BaselineContext:
             include=self.config.pruning.include,
             exclude=self.config.pruning.exclude,
             max_layer_sparsity=self.config.pruning.max_layer_sparsity,
+            on_update=self.log_update,
         )
+        self.pruners.append(pruner)
+        return pruner
 
     def finetune_steps(self, fraction: float) -> int:
         return max(1, round(fraction * self.dense_steps))
@@ -192,10 +209,7 @@ class Iterative:
             pruner = ctx.pruner(Magnitude(), sparsity=ctx.target)
             pruner.update_masks(0, target)
             if steps:
-                trainer = ctx.trainer(steps, self.lr)
-                pruner.attach(trainer.optimizer)
-                trainer.fit(progress=ctx.progress, label=f"{ctx.config.recipe()} round {r}/{self.rounds}")
-                pruner.detach()
+                ctx.fit(ctx.trainer(steps, self.lr), pruner, f"{ctx.config.recipe()} round {r}/{self.rounds}")
         return total
 
 
@@ -215,10 +229,10 @@ class PATFromDense:
         steps = ctx.finetune_steps(self.finetune_fraction)
         trainer = ctx.trainer(steps, self.lr)
         config = dataclasses.replace(ctx.config, schedule=dataclasses.replace(ctx.config.schedule))
-        pruner = build_pruner(config, ctx.model, trainer.total_steps, evaluate_fn=allocation_loss(config, trainer))
-        pruner.attach(trainer.optimizer)
-        trainer.fit(progress=ctx.progress, label=ctx.config.recipe())
-        pruner.detach()
+        pruner = build_pruner(config, ctx.model, trainer.total_steps, evaluate_fn=allocation_loss(config, trainer),
+                              on_update=ctx.log_update)
+        ctx.pruners.append(pruner)
+        ctx.fit(trainer, pruner, ctx.config.recipe())
         return steps
 
 
@@ -255,7 +269,7 @@ def run_baseline(config: RunConfig, run_dir: Path, progress: Progress | None = N
     device = resolve_device(config.trainer.device)
     model = build_model(dense.model, data.meta).to(device)
     load_weights(model, dense_dir, "dense")
-    context = BaselineContext(config, dense, dense_record.train_steps, model, data, device, progress)
+    context = BaselineContext(config, dense, dense_record.train_steps, model, data, device, progress, run_dir)
     started = time.perf_counter()
     steps = baseline.run(context)
     if hasattr(baseline, "recorded"):
@@ -268,6 +282,11 @@ def run_baseline(config: RunConfig, run_dir: Path, progress: Progress | None = N
     record.train_seconds = round(time.perf_counter() - started, 3)
     record.dense_reference = dense_reference(dense_dir, dense_record)
     record.extra.update({"baseline": {"name": config.baseline.name, **dataclasses.asdict(baseline)}})
+    record.mask_updates = sum(len(p.updates) for p in context.pruners)
+    record.engine_state_bytes = max((p.engine_state_bytes() for p in context.pruners), default=0)
+    if context.fit_seconds:
+        engine = sum(p.seconds for p in context.pruners)
+        record.step_overhead = engine / max(context.fit_seconds - engine, 1e-9)
     finish_record(record, model, config, data, run_dir, device)
     if isinstance(config.pattern, Structured):  # as structured PAT runs do: end with a genuinely smaller model
         from .export import export_model

@@ -267,6 +267,8 @@ class RunConfig:
 
     def recipe(self) -> str:
         """Short label of the method, e.g. ``agp+magnitude+global``; records with the same label are pooled."""
+        if self.method == "dense" and self.trainer.init_from:
+            return "dense+init"  # trained on from another run: not the dense reference its key would name
         if self.method != "pat":
             return self.method
         parts = [self.schedule.name, self.scorer.name, self.allocation.name]

@@ -83,7 +83,7 @@ def load_run_config(run_dir: Path, key: str = "dense") -> RunConfig:
 
 
 def find_dense(config: RunConfig) -> Path | None:
-    """The newest finished dense run under ``output_root`` whose key matches."""
+    """The newest finished dense run under ``output_root`` whose key matches (not one continued from another run)."""
     key = config.dense_key()
     matches = []
     for path in find_record_files([Path(config.output_root)]):
@@ -91,7 +91,8 @@ def find_dense(config: RunConfig) -> Path | None:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if data.get("method") == "dense" and data.get("status") == "ok" and (data.get("extra") or {}).get("dense_key") == key:
+        continued = ((data.get("config") or {}).get("trainer") or {}).get("init_from")  # more steps than its key says
+        if data.get("method") == "dense" and data.get("status") == "ok" and not continued and (data.get("extra") or {}).get("dense_key") == key:
             matches.append(path.parent)
     return max(matches, key=lambda p: (p / RESULT_FILE).stat().st_mtime) if matches else None
 

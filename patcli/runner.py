@@ -6,6 +6,7 @@ fitting the schedule into the run), so the CLI can reject bad input before Hydra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -108,6 +109,8 @@ def check_init_from(config: RunConfig) -> Path:
         source = read_record(run_dir / RESULT_FILE)
     except RecordError as error:
         raise ConfigError("trainer.init_from", f"{run_dir} is not a finished patcli run ({error})") from error
+    if source.status != "ok":
+        raise ConfigError("trainer.init_from", f"{run_dir} is a {source.status} run; allowed: a run that finished ok")
     if source.model_dataset_hash != config.model_dataset_hash():
         raise ConfigError(
             "trainer.init_from",
@@ -261,8 +264,6 @@ def finish_record(record: RunRecord, model: nn.Module, config: RunConfig, data: 
 def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = None, label: str | None = None) -> RunRecord:
     """A dense (pruning=none) or PAT run."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    if config.trainer.threads:
-        torch.set_num_threads(config.trainer.threads)
     seed_everything(config.seed)
     data = load_dataset(config.dataset)
     device = resolve_device(config.trainer.device)
@@ -290,11 +291,10 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
             on_update=lambda u: append_metrics(run_dir, {"kind": "mask_update", **u.__dict__}),
         ).attach(trainer.optimizer)
         warn_if_one_jump(pruner.schedule, config.pruning.frequency)
-    current_sparsity = (lambda: pruner.updates[-1].sparsity if pruner.updates else 0.0) if pruner else None
     fit = trainer.fit(
         progress=progress,
         on_eval=lambda row: append_metrics(run_dir, {"kind": "eval", **row}),
-        sparsity=current_sparsity,
+        sparsity=pruner.current_sparsity if pruner else None,
         label=label,
     )
     if pruner:
@@ -323,6 +323,19 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
     return record
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """``trainer.threads`` for one run, then torch's count as it was: the next job in this process (a sweep's, or a
+    baseline's dense run) must not inherit it, as the count changes the floating-point sums and so the weights."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def execute(config: RunConfig, run_dir: Path, progress: Progress | None = None, label: str | None = None) -> RunRecord:
     """Run whatever the config describes and write its record."""
     snapshot = run_dir / ".hydra" / "config.yaml"
@@ -331,12 +344,13 @@ def execute(config: RunConfig, run_dir: Path, progress: Progress | None = None, 
 
         snapshot.parent.mkdir(parents=True, exist_ok=True)
         snapshot.write_text(OmegaConf.to_yaml(config.source))
-    if config.needs_dense:
-        from .baselines import run_baseline
+    with torch_threads(config.trainer.threads):
+        if config.needs_dense:
+            from .baselines import run_baseline
 
-        record = run_baseline(config, run_dir, progress)
-    else:
-        record = run_training(config, run_dir, progress, label)
+            record = run_baseline(config, run_dir, progress)
+        else:
+            record = run_training(config, run_dir, progress, label)
     record.status = "ok"
     write_record(run_dir, record)
     return record
@@ -347,14 +361,15 @@ def failed_record(source: dict, run_dir: Path, error: BaseException, status: str
     baseline = ((source.get("baseline") or {}).get("name")) or "none"
     pruning = source.get("pruning") or {}
     method = f"post:{baseline}" if baseline != "none" else ("dense" if pruning.get("mode") == "none" else "pat")
+    sparsity = pruning.get("sparsity")
+    target = float(sparsity) if isinstance(sparsity, (int, float)) else 0.0
     try:
         from .config import parse_run_config
 
         config = parse_run_config(source)
-        recipe, md_hash = config.recipe(), config.model_dataset_hash()
+        recipe, md_hash, method, target = config.recipe(), config.model_dataset_hash(), config.method, config.target_sparsity
     except Exception:  # the config itself may be what failed
         recipe, md_hash = method, ""
-    sparsity = pruning.get("sparsity")
     record = RunRecord(
         method=method,
         recipe=recipe,
@@ -364,7 +379,7 @@ def failed_record(source: dict, run_dir: Path, error: BaseException, status: str
         seed=int(source.get("seed", 0) or 0),
         status=status,
         package_version=__version__,
-        target_sparsity=float(sparsity) if isinstance(sparsity, (int, float)) else 0.0,
+        target_sparsity=target,
         error=f"{error.__class__.__name__}: {error}",
         config=source,
     )

@@ -167,6 +167,7 @@ class Trainer:
                     if config.grad_clip:
                         nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                     self.optimizer.step()
+                    lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used (the scheduler moves on next)
                     self.scheduler.step()
                     step += 1
                     if progress and (step % refresh_every == 0 or step == self.total_steps):
@@ -178,7 +179,7 @@ class Trainer:
                             "epoch": round(step / per_epoch, 3),
                             "split": "val",
                             **evaluate(model, self.val_split, self.data.task),
-                            "lr": self.optimizer.param_groups[0]["lr"],
+                            "lr": lr,
                             "seconds": round(time.perf_counter() - started, 3),
                         }
                         if sparsity:

@@ -1,5 +1,6 @@
 """Post-training baselines reach their targets, share dense runs safely, and iterative beats one-shot."""
 
+import json
 import multiprocessing
 import shutil
 from pathlib import Path
@@ -188,3 +189,17 @@ def test_compare_counts_a_cited_dense_run_once_after_the_runs_are_moved(cli, tmp
     assert list(group.rows) == ["post:magnitude"]
     code, _, err = cli("prune-post", *TINY, "baseline=structured", "baseline.kind=heads")  # an MLP has no heads
     assert code == 2 and err.startswith("error: baseline.kind: ") and "no attention heads" in err and len(err.strip().splitlines()) == 1
+
+
+def test_fine_tuning_baselines_log_their_evaluations_and_updates_as_training_runs_do(tmp_path):
+    for baseline, extra in (("pat_from_dense", ["schedule.end=0.5", "pruning.frequency=2"]), ("iterative", ["baseline.rounds=2"])):
+        config = config_for(*TINY, f"baseline={baseline}", "pruning.sparsity=0.8", *extra, output_root=tmp_path)
+        record = execute(config, tmp_path / baseline)
+        rows = [json.loads(line) for line in (tmp_path / baseline / "metrics.jsonl").read_text().splitlines()]
+        updates = [r for r in rows if r["kind"] == "mask_update"]
+        evals = [r for r in rows if r["kind"] == "eval"]
+        assert record.mask_updates == len(updates) >= 2 and evals and record.engine_state_bytes > 0
+        assert record.step_overhead is not None and record.step_overhead > 0
+        assert updates[-1]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    evals = [r for r in rows if r["kind"] == "eval"]  # iterative: an eval at the end of each round
+    assert evals[-1]["sparsity"] == pytest.approx(0.8, abs=1e-3)

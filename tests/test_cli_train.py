@@ -363,3 +363,58 @@ def test_the_fold_leaves_the_model_dataset_hash_of_older_runs_unchanged():
     # the hash and dense key of the default config computed by patcli before folds existed (commit b2e46b4)
     assert default.model_dataset_hash() == fold.model_dataset_hash() == "9571b9344bc8"
     assert default.dense_key() == "111b70191749" != fold.dense_key()
+
+
+def test_trainer_threads_hold_for_their_run_only(tmp_path):
+    """The count changes floating-point sums: a later job in the same process must not inherit it."""
+    from patcli.runner import torch_threads
+
+    torch.set_num_threads(2)
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with torch_threads(None):
+        assert torch.get_num_threads() == 2
+
+
+def test_a_run_that_did_not_finish_cannot_be_trained_on_and_is_recorded_as_it_was_asked(cli, tmp_path, monkeypatch):
+    from patcli.training import Trainer
+
+    def broken_fit(self, *args, **kwargs):
+        raise RuntimeError("stopped on purpose")
+
+    fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", broken_fit)
+    with pytest.raises(RuntimeError, match="stopped on purpose"):  # not a user mistake: its traceback is shown
+        cli("train", *TINY, "pruning=nm", "hydra.run.dir=nm")
+    record = result_of(tmp_path / "nm")
+    assert record["status"] == "failed" and record["target_sparsity"] == 0.5 and record["method"] == "pat"
+    monkeypatch.setattr(Trainer, "fit", fit)
+    (tmp_path / "nm" / "model.safetensors").write_bytes(b"")  # as an interrupted run may leave one
+    code, _, err = cli("train", *TINY, "trainer.init_from=nm", "hydra.run.dir=next")
+    assert code == 2 and err.strip() == f"error: trainer.init_from: {tmp_path}/nm is a failed run; allowed: a run that finished ok"
+
+
+def test_a_dense_run_continued_from_another_is_neither_the_baselines_reference_nor_pooled_with_it(cli, tmp_path):
+    code, _, err = cli("train", *TINY, "pruning=none", "hydra.run.dir=outputs/runs/a")
+    assert code == 0, err
+    code, _, err = cli("train", *TINY, "pruning=none", "trainer.init_from=outputs/runs/a", "hydra.run.dir=outputs/runs/b")
+    assert code == 0, err
+    assert result_of(tmp_path / "outputs/runs/b")["recipe"] == "dense+init"
+    code, out, err = cli("prune-post", *TINY, "baseline=magnitude", "pruning.sparsity=0.5")
+    assert code == 0, err
+    assert result_of(run_dir_of(out))["dense_reference"]["run_dir"] == str(tmp_path / "outputs/runs/a")
+    code, out, err = cli("compare", "outputs", "--format", "csv")
+    assert code == 0, err
+    rows = [line.split(",") for line in out.splitlines()[1:]]
+    assert sorted((r[4], r[11]) for r in rows) == [("dense", "1"), ("dense+init", "1"), ("post:magnitude", "1")]
+
+
+def test_an_eval_row_gives_the_learning_rate_its_last_step_used(cli, tmp_path):
+    from patcli.training import lr_factor
+
+    code, _, err = cli("train", *TINY, "trainer.lr_schedule=linear", "trainer.max_steps=10", "pruning=none", "hydra.run.dir=run")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if r["kind"] == "eval"][-1]
+    assert last["step"] == 10 and last["lr"] == pytest.approx(0.01 * lr_factor(9, 10, 0, "linear")) and last["lr"] > 0

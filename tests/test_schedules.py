@@ -1,6 +1,7 @@
 """Schedules equal their closed forms and change masks at exactly the documented steps."""
 
 import pytest
+import torch
 
 from patcli.engine.schedules import SCHEDULES, ScheduleError
 
@@ -62,3 +63,24 @@ def test_schedules_that_cannot_run_are_rejected_with_their_key(params, key):
     with pytest.raises(ScheduleError) as error:
         bound("agp", total=1000, **params)
     assert error.value.key == key
+
+
+def test_a_decompressed_phase_reports_the_zeros_the_model_holds_not_the_lifted_masks():
+    from torch import nn
+
+    from patcli.engine import Pruner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 20), nn.Linear(20, 20))
+    schedule = SCHEDULES.get("alternating")(begin=0, compressed=2, decompressed=2, final=2, ramp="constant")
+    pruner = Pruner(model, sparsity=0.8, schedule=schedule, total_steps=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner.attach(optimizer)
+    seen = []
+    for _ in range(4):
+        model(torch.randn(8, 20)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        seen.append(pruner.current_sparsity())
+    assert seen[:2] == [pytest.approx(0.8, abs=1e-3)] * 2  # compressed: the update's figure, no count
+    assert seen[3] == pruner.sparsity() < 0.1  # decompressed: the weights trained again

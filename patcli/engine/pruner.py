@@ -337,6 +337,13 @@ class Pruner:
 
     # -- reporting and state --------------------------------------------------------------------------------------
 
+    def current_sparsity(self) -> float:
+        """The sparsity the model holds now, for progress and metrics: the last update's while masks are enforced
+        (no host sync), counted from the weights while an alternating schedule has lifted them."""
+        if not self.updates:
+            return 0.0
+        return self.updates[-1].sparsity if self.masking.enforced else self.sparsity()
+
     def sparsity(self) -> float:
         """Achieved fraction of accounted (prunable) weights that are exactly zero in the model."""
         zeros = sum(int(torch.count_nonzero(w == 0)) for w, a in zip(self.masks.weights, self.masks.accounted) if a)
