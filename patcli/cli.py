@@ -170,7 +170,7 @@ def compare(
     split: Annotated[str, typer.Option(help="Split to show: test (default) or val.")] = "test",
     format: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
     output: Annotated[Optional[Path], typer.Option(help="Write to this file instead of the terminal.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Also draw metric vs sparsity curves into this PNG.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw metric vs sparsity curves into this image (.png, .pdf or .svg).")] = None,
 ) -> None:
     """PAT and post-training baselines side by side, from run records (models are never loaded).
 
