@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,9 +134,17 @@ def load_weights(model: nn.Module, run_dir: Path, key: str) -> None:
 
 
 def save_tensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> int:
-    """Save tensors (a state_dict: a plain model of the same architecture loads it) as safetensors; returns bytes."""
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path), metadata=metadata)
-    with_default_mode(path)
+    """Save tensors (a state_dict: a plain model of the same architecture loads it) as safetensors; returns bytes.
+
+    Written beside and renamed into place, as records are: a crash mid-write never leaves half a model under the name.
+    """
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(partial), metadata=metadata)
+        with_default_mode(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path.stat().st_size
 
 

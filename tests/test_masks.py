@@ -266,3 +266,21 @@ def test_infinite_scores_of_both_signs_are_not_taken_for_nan(tiny_mlp):
     pruner.update_masks(1, target=0.6)
     assert pruner.masks.sparsity() == pytest.approx(0.6, abs=1 / pruner.masks.accounted_numel())
     assert pruner.masks.keep[0][tuple(kept)]  # the largest magnitude is kept
+
+
+def test_weights_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A crash while writing leaves the previous model.safetensors, never half of a new one."""
+    import patcli.runner as runner
+
+    path = tmp_path / "model.safetensors"
+    runner.save_tensors({"w": torch.ones(3)}, path)
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(runner, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        runner.save_tensors({"w": torch.zeros(3)}, path)
+    assert torch.equal(load_file(str(path))["w"], torch.ones(3)) and sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
