@@ -27,7 +27,7 @@ from .engine.registry import ParamError, Registry
 from .engine.structure import StructureError, channel_groups
 from .engine.scorers import Gradient, Magnitude, Scorer
 from .models import build_model
-from .records import RunRecord, append_metrics
+from .records import RunRecord, append_metrics, mask_update_row
 from .runner import (allocation_loss, base_record, build_pruner, finish_record, load_weights, seed_everything,
                      warn_of_unused_options)
 from .training import Progress, Trainer, loss_and_outputs, resolve_device, steps_per_epoch
@@ -57,7 +57,7 @@ class BaselineContext:
         return self.config.target_sparsity
 
     def log_update(self, update) -> None:
-        append_metrics(self.run_dir, {"kind": "mask_update", **update.__dict__})
+        append_metrics(self.run_dir, mask_update_row(update))
 
     def fit(self, trainer: Trainer, pruner: Pruner, label: str) -> None:
         """Fine-tune with ``pruner`` attached, its evaluations in metrics.jsonl as a training run's are."""

@@ -115,6 +115,12 @@ def write_record(run_dir: Path, record: RunRecord) -> Path:
     return path
 
 
+def mask_update_row(update: Any) -> dict[str, Any]:
+    """A metrics.jsonl row for a mask update; its ``step`` counts the optimizer steps done, as eval rows do (the
+    engine's own index starts at 0 for the first step)."""
+    return {"kind": "mask_update", **update.__dict__, "step": update.step + 1}
+
+
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
     with open(run_dir / METRICS_FILE, "a") as handle:
         handle.write(json.dumps(row, sort_keys=True) + "\n")

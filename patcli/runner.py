@@ -32,7 +32,8 @@ from .engine.allocation import AllocationError
 from .engine.schedules import Schedule, ScheduleError
 from .hydra_app import pruning_defaults
 from .models import build_model
-from .records import MODEL_FILE, RESULT_FILE, RecordError, RunRecord, append_metrics, read_record, with_default_mode, write_record
+from .records import (MODEL_FILE, RESULT_FILE, RecordError, RunRecord, append_metrics, mask_update_row, read_record,
+                      with_default_mode, write_record)
 from .training import Progress, Trainer, evaluate, loss_and_outputs, resolve_device, total_steps
 
 log = logging.getLogger(__name__)
@@ -297,7 +298,7 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
             trainer.model,
             trainer.total_steps,
             evaluate_fn=allocation_loss(config, trainer),
-            on_update=lambda u: append_metrics(run_dir, {"kind": "mask_update", **u.__dict__}),
+            on_update=lambda u: append_metrics(run_dir, mask_update_row(u)),
         ).attach(trainer.optimizer)
         warn_if_one_jump(pruner.schedule, config.pruning.frequency)
     fit = trainer.fit(

@@ -34,7 +34,8 @@ def test_train_writes_a_complete_record_and_reaches_the_target(cli, tmp_path):
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in evals if r["kind"] == "eval"] == [1.0, 2.0]
-    assert any(r["kind"] == "mask_update" for r in evals)
+    updates = [r for r in evals if r["kind"] == "mask_update"]
+    assert updates[0]["step"] == 1 and updates[-1]["step"] == 31  # after the first step, and after step index 30 = schedule.end
     # the saved weights load into a plain model of the same architecture and hold the zeros
     data = load_dataset(NamedConfig("digits", {}))
     model = build_model(NamedConfig("mlp", {"hidden": [32, 32]}), data.meta)
