@@ -138,7 +138,8 @@ def char_lm(workers: int = 2) -> str:
                           f"{record['achieved_sparsity']:.0%} of attention weights"])
     return (
         "gpt (2 layers × 4 heads, d_model 128, context 64) on `pysrc` (first 2M characters of the standard library), "
-        "800 steps of AdamW (lr 3e-3, cosine, 40 warm-up) at batch 32; validation loss (nats/char). Steps = all "
+        "800 steps of AdamW (lr 3e-3, cosine, 40 warm-up) at batch 32; validation loss (nats/char), one run each (seed 0): "
+        "no spread is measured, so differences of a few thousandths are within noise. Steps = all "
         "training steps including the dense run a post-training method starts from.\n\n"
         + table(["method", "total steps", "dense", "50%", "80%", "90%", "95%"], rows)
         + "\n\n50% of the attention heads removed (every block keeps half; `pruning=heads`, target: validation loss within "

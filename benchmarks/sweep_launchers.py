@@ -73,8 +73,9 @@ def sweep_launchers(job_seconds: float = 30.0, repeats: int = 3) -> str:
     verdict = "met" if speedup >= TARGET_SPEEDUP else "NOT met"
     return (
         f"{JOBS} jobs (`patcli sweep trainer.epochs={epochs} seed=0,1,2,3`: the default PAT run, epochs chosen so one "
-        f"job trains ≥ {job_seconds:g} s on the basic launcher), wall clock of the whole sweep, median of {repeats} "
-        f"interleaved repeats.\n\n"
+        f"job was calibrated to train about {job_seconds:g} s on the basic launcher; the table shows what it took), wall clock "
+        f"of the whole sweep, median of {repeats} interleaved repeats; in brackets the lowest and highest of the bootstrap "
+        f"medians, which with {repeats} repeats are the lowest and highest ratio measured, not a 95% interval.\n\n"
         + table(["launcher", "torch threads per job", "sweep wall clock", "train time per job", "speedup vs basic"], rows)
         + f"\n\njoblib vs basic: {speedup:.2f}× (target ≥ {TARGET_SPEEDUP}×: {verdict})."
     )
