@@ -51,13 +51,15 @@ class BaselineContext:
     run_dir: Path
     pruners: list[Pruner] = field(default_factory=list)  # every pruner the baseline used, for the record
     fit_seconds: float = 0.0
+    steps_done: int = 0  # fine-tuning steps of earlier rounds
 
     @property
     def target(self) -> float:
         return self.config.target_sparsity
 
-    def log_update(self, update) -> None:
-        append_metrics(self.run_dir, mask_update_row(update))
+    def log_update(self, update, pruner: Pruner) -> None:
+        """A mask update's metrics row, its step counted over all of the baseline's fine-tuning."""
+        append_metrics(self.run_dir, mask_update_row(update, self.steps_done, after_a_step=pruner.optimizer is not None))
 
     def fit(self, trainer: Trainer, pruner: Pruner, label: str) -> None:
         """Fine-tune with ``pruner`` attached, its evaluations in metrics.jsonl as a training run's are."""
@@ -66,6 +68,7 @@ class BaselineContext:
                              on_eval=lambda row: append_metrics(self.run_dir, {"kind": "eval", **row}))
         pruner.detach()
         self.fit_seconds += fitted.seconds
+        self.steps_done += fitted.steps
 
     def pruner(self, scorer: Scorer, pattern=None, allocation=None, sparsity: float | None = None) -> Pruner:
         """A pruner whose masks only change when the baseline says (``update_masks``); the run's pattern by default
@@ -81,7 +84,7 @@ class BaselineContext:
             include=self.config.pruning.include,
             exclude=self.config.pruning.exclude,
             max_layer_sparsity=self.config.pruning.max_layer_sparsity,
-            on_update=self.log_update,
+            on_update=lambda update: self.log_update(update, pruner),
         )
         self.pruners.append(pruner)
         return pruner
@@ -230,7 +233,7 @@ class PATFromDense:
         trainer = ctx.trainer(steps, self.lr)
         config = dataclasses.replace(ctx.config, schedule=dataclasses.replace(ctx.config.schedule))
         pruner = build_pruner(config, ctx.model, trainer.total_steps, evaluate_fn=allocation_loss(config, trainer),
-                              on_update=ctx.log_update)
+                              on_update=lambda update: ctx.log_update(update, pruner))
         ctx.pruners.append(pruner)
         ctx.fit(trainer, pruner, ctx.config.recipe())
         return steps

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -49,11 +50,27 @@ def latency_ms(model: nn.Module, inputs: torch.Tensor, repeats: int) -> float:
 
 def export_model(model: nn.Module, config: RunConfig, data: DataBundle, run_dir: Path, record: RunRecord,
                  measure_latency: bool = True) -> RunRecord:
-    """Write the export next to the run and fill the record's export figures."""
-    model = model.cpu().eval()
-    out = run_dir / EXPORT_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    record.bytes_before = (run_dir / MODEL_FILE).stat().st_size if (run_dir / MODEL_FILE).exists() else None
+    """Write the export next to the run and fill the record's export figures.
+
+    Written into a folder of its own and swapped in whole: a new export never mixes with an older one's files (a
+    stale shrunk model would be loaded first), and a failed one leaves the older in place.
+    """
+    partial = run_dir / f".{EXPORT_DIR}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        record.bytes_before = (run_dir / MODEL_FILE).stat().st_size if (run_dir / MODEL_FILE).exists() else None
+        _write_export(model.cpu().eval(), config, data, partial, record, measure_latency)
+        shutil.rmtree(run_dir / EXPORT_DIR, ignore_errors=True)
+        partial.rename(run_dir / EXPORT_DIR)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return record
+
+
+def _write_export(model: nn.Module, config: RunConfig, data: DataBundle, out: Path, record: RunRecord,
+                  measure_latency: bool) -> None:
+    """The export's files, into ``out``: the shrunk model of a structured run, else the compressed weights."""
     example = data.val.inputs[:64].cpu()
     description = {"model": {"name": config.model.name, **config.model.params}, "meta": data.meta}
     if isinstance(config.pattern, Structured):
@@ -80,7 +97,6 @@ def export_model(model: nn.Module, config: RunConfig, data: DataBundle, run_dir:
                 raise RuntimeError(f"compressed export of {name} does not round-trip exactly")
         record.params_after = sum(int(torch.count_nonzero(p)) for p in model.parameters())
     (out / DESCRIPTION).write_text(json.dumps(description, indent=2, default=str))
-    return record
 
 
 def semi_structured_plan(model: nn.Module, tokens: int) -> dict | str:
@@ -111,6 +127,12 @@ def export_run(run_dir: Path, measure_latency: bool = True) -> RunRecord:
     data = load_dataset(config.dataset)
     model = build_model(config.model, data.meta)
     load_weights(model, run_dir, "RUN_DIR")  # a damaged or foreign model file is one line, as for dense= and init_from=
+    if config.needs_dense:  # a baseline: export what it pruned (the structured one, channels whatever pruning.mode says)
+        from .baselines import parse_baseline
+
+        baseline = parse_baseline(config)
+        if hasattr(baseline, "recorded"):
+            config = baseline.recorded(config, model)
     export_model(model, config, data, run_dir, record, measure_latency)
     write_record(run_dir, record)
     return record

@@ -241,9 +241,9 @@ def check_no_renamed_option(overrides: list[str]) -> None:
     """``model.name=cnn`` would keep the MLP's keys under another name and fail on one of them: say what is meant."""
     groups = config_groups()
     for override in overrides:
-        key, _, value = override.lstrip("+").partition("=")
+        key, _, value = override.partition("=")
         group, _, field = key.partition(".")
-        if field == "name" and group in groups:
+        if field == "name" and group in groups:  # +model.name=... is a key of one's own class, not this mistake
             raise UsageError(f"{key}: an option is chosen with {group}={value}, not renamed; allowed: {group}=OPTION "
                              f"({', '.join(groups[group])})")
 
@@ -259,8 +259,9 @@ def absolute_paths(overrides: list[str]) -> list[str]:
     for override in overrides:
         key, _, value = override.partition("=")
         if key.lstrip("+") in PATH_KEYS and re.fullmatch(r"[^'\"()\[\]{}$=]+", value):
-            paths = [p if Path(p).is_absolute() else str(Path(p).absolute()) for p in value.split(",")]
-            override = f"{key}={','.join(quoted(p) for p in paths)}"
+            paths = [p if p.lower() == "null" else quoted(p if Path(p).is_absolute() else str(Path(p).absolute()))
+                     for p in value.split(",")]  # null: unset, not a file called null
+            override = f"{key}={','.join(paths)}"
         rewritten.append(override)
     return rewritten
 

@@ -115,10 +115,10 @@ def write_record(run_dir: Path, record: RunRecord) -> Path:
     return path
 
 
-def mask_update_row(update: Any) -> dict[str, Any]:
-    """A metrics.jsonl row for a mask update; its ``step`` counts the optimizer steps done, as eval rows do (the
-    engine's own index starts at 0 for the first step)."""
-    return {"kind": "mask_update", **update.__dict__, "step": update.step + 1}
+def mask_update_row(update: Any, steps_before: int = 0, after_a_step: bool = True) -> dict[str, Any]:
+    """A metrics.jsonl row for a mask update; its ``step`` counts the optimizer steps done, as eval rows do: the
+    engine's index is 0 after the first step, and an update made outside training (one-shot) follows none."""
+    return {"kind": "mask_update", **update.__dict__, "step": steps_before + (update.step + 1 if after_a_step else 0)}
 
 
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:

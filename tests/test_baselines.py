@@ -203,3 +203,30 @@ def test_fine_tuning_baselines_log_their_evaluations_and_updates_as_training_run
         assert updates[-1]["sparsity"] == pytest.approx(0.8, abs=1e-3)
     evals = [r for r in rows if r["kind"] == "eval"]  # iterative: an eval at the end of each round
     assert evals[-1]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_a_structured_baselines_export_survives_exporting_it_again(cli, tmp_path):
+    """patcli export rebuilt it as unstructured beside the stale shrunk model, which load_pruned then failed on."""
+    import patcli
+
+    code, out, err = cli("prune-post", *TINY, "baseline=structured", "pruning.sparsity=0.5", "hydra.run.dir=st")
+    assert code == 0, err
+    first = patcli.load_pruned(tmp_path / "st")
+    code, _, err = cli("export", "st", "--no-latency")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "st" / "export").iterdir()) == ["model.json", "model.safetensors"]
+    again = patcli.load_pruned(tmp_path / "st")
+    assert [p.shape for p in again.parameters()] == [p.shape for p in first.parameters()]
+    assert sum(p.numel() for p in again.parameters()) < result_of(tmp_path / "st")["params_total"]
+
+
+def test_a_baselines_mask_update_rows_count_the_steps_done(tmp_path):
+    for baseline, extra in (("magnitude", []), ("iterative", ["baseline.rounds=3"])):
+        config = config_for(*TINY, f"baseline={baseline}", "pruning.sparsity=0.8", *extra, output_root=tmp_path)
+        record = execute(config, tmp_path / baseline)
+        rows = [json.loads(line) for line in (tmp_path / baseline / "metrics.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in rows if r["kind"] == "mask_update"]
+        if baseline == "magnitude":
+            assert steps == [0]  # one-shot: before any step
+        else:  # each round prunes after the rounds before it fine-tuned
+            assert len(steps) == 3 and steps[0] == 0 and steps == sorted(steps) and steps[-1] < record.train_steps

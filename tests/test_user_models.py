@@ -99,3 +99,10 @@ def test_regrowth_and_regularizer_are_named_like_the_other_parts(tiny_mlp):
     with pytest.raises(KeyError, match="unknown regularizer 'ridge'; allowed: group_lasso, lasso"):
         prune_during_training(nn.Linear(4, 4), torch.optim.SGD(nn.Linear(4, 4).parameters(), lr=0.1), sparsity=0.5,
                               total_steps=10, regularizer="ridge")
+
+
+@pytest.mark.parametrize("target, extra", [("user_models.Named", ["+model.name=mine"]), ("user_models.Outer.Inner", [])])
+def test_a_key_called_name_and_a_nested_class_are_ones_own_to_use(cli, tmp_path, target, extra):
+    code, _, err = cli("train", *OWN, f"model._target_={target}", *extra, "hydra.run.dir=run")
+    assert code == 0, err
+    assert result_of(tmp_path / "run")["config"]["model"] == {"_target_": target, **({"name": "mine"} if extra else {})}

@@ -31,3 +31,20 @@ class AllFrozen(FrozenFirst):
     def __init__(self):
         super().__init__()
         self.requires_grad_(False)
+
+
+class Named(nn.Module):
+    """Takes a keyword called ``name``: ``+model.name=...`` passes it, as any key of one's own."""
+
+    def __init__(self, name: str = "net"):
+        super().__init__()
+        self.label = name
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class Outer:
+    class Inner(Named):
+        """A class nested in another: ``_target_=user_models.Outer.Inner``."""

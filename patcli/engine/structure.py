@@ -39,7 +39,8 @@ def _matches(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
 def channel_groups(
     model: nn.Module, kind: str, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()
 ) -> list[ChannelGroup]:
-    """The prunable channel groups of ``kind`` (neurons | filters | heads) whose producing weight is included."""
+    """The prunable channel groups of ``kind`` (neurons | filters | heads) whose producing weight is included and
+    trained."""
     include, exclude = list(include), list(exclude)
     if hasattr(model, "channel_groups"):
         groups = model.channel_groups(kind)
@@ -48,7 +49,8 @@ def channel_groups(
                              "define channel_groups('heads') on the model")
     else:
         groups = sequential_groups(model, kind)
-    return [g for g in groups if _matches(g.slices[0].param, include, exclude)]
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}  # a frozen layer is never pruned
+    return [g for g in groups if _matches(g.slices[0].param, include, exclude) and g.slices[0].param in trained]
 
 
 def _unreadable(model: nn.Module) -> list[str]:

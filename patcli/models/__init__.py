@@ -63,20 +63,25 @@ def _directive(values: Any, path: str = "") -> str | None:
 
 
 def _import(path: str) -> Any:
-    """The object a dotted path names; an import that fails inside the user's module says why (Hydra's own message
-    drops the cause)."""
-    module_name, _, attribute = path.rpartition(".")
-    if not module_name:
+    """The object a dotted path names (``pkg.module.Class`` or a nested ``pkg.module.Outer.Inner``); an import that
+    fails inside the user's module says why (Hydra's own message drops the cause)."""
+    parts = path.split(".")
+    if len(parts) < 2:
         raise ConfigError("model._target_", f"{path!r} is not a dotted path; allowed: package.module.Class")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name and (module_name + ".").startswith(error.name + "."):
-            raise ConfigError("model._target_", f"no module {error.name!r} to import {path} from; allowed: a class "
-                                                "importable from where patcli runs") from error
-        raise ConfigError("model._target_", f"importing {module_name} failed: {error}") from error
-    except Exception as error:
-        raise ConfigError("model._target_", f"importing {module_name} failed: {error.__class__.__name__}: {error}") from error
-    if not hasattr(module, attribute):
-        raise ConfigError("model._target_", f"{module_name} has no {attribute!r}")
-    return getattr(module, attribute)
+    for split in range(len(parts) - 1, 0, -1):  # the longest importable module, then attributes
+        module_name = ".".join(parts[:split])
+        try:
+            found: Any = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name and (module_name + ".").startswith(error.name + "."):
+                continue  # this prefix is no module: a shorter one may be, with classes inside
+            raise ConfigError("model._target_", f"importing {module_name} failed: {error}") from error
+        except Exception as error:
+            raise ConfigError("model._target_", f"importing {module_name} failed: {error.__class__.__name__}: {error}") from error
+        for attribute in parts[split:]:
+            if not hasattr(found, attribute):
+                raise ConfigError("model._target_", f"{module_name} has no {'.'.join(parts[split:])!r}")
+            found = getattr(found, attribute)
+        return found
+    raise ConfigError("model._target_", f"no module {parts[0]!r} to import {path} from; allowed: a class importable from "
+                                        "where patcli runs")
