@@ -64,8 +64,13 @@ class BaselineContext:
     def fit(self, trainer: Trainer, pruner: Pruner, label: str) -> None:
         """Fine-tune with ``pruner`` attached, its evaluations in metrics.jsonl as a training run's are."""
         pruner.attach(trainer.optimizer)
-        fitted = trainer.fit(progress=self.progress, label=label, sparsity=pruner.current_sparsity,
-                             on_eval=lambda row: append_metrics(self.run_dir, {"kind": "eval", **row}))
+        per_epoch = steps_per_epoch(trainer.data, trainer.config.batch_size)
+
+        def log_eval(row: dict) -> None:  # steps and epochs counted over all rounds, as mask-update rows are
+            step = row["step"] + self.steps_done
+            append_metrics(self.run_dir, {"kind": "eval", **row, "step": step, "epoch": round(step / per_epoch, 3)})
+
+        fitted = trainer.fit(progress=self.progress, label=label, sparsity=pruner.current_sparsity, on_eval=log_eval)
         pruner.detach()
         self.fit_seconds += fitted.seconds
         self.steps_done += fitted.steps

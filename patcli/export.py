@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from .engine.patterns import NM, Structured
 from .engine.structure import channel_groups
 from .engine.surgery import live_channels, param_count, resize_like, shapes_of, shrink
 from .models import build_model
-from .records import MODEL_FILE, RESULT_FILE, RecordError, RunRecord, read_record, write_record
+from .records import MODEL_FILE, RESULT_FILE, RecordError, RunRecord, read_record, with_default_mode, write_record
 from .dense import CONFIG_SNAPSHOT, load_run_config
 from .runner import load_weights, save_tensors
 
@@ -55,17 +56,34 @@ def export_model(model: nn.Module, config: RunConfig, data: DataBundle, run_dir:
     Written into a folder of its own and swapped in whole: a new export never mixes with an older one's files (a
     stale shrunk model would be loaded first), and a failed one leaves the older in place.
     """
-    partial = run_dir / f".{EXPORT_DIR}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    final = run_dir / EXPORT_DIR
+    if final.is_symlink():  # a link made to keep exports elsewhere: replace what it points to
+        final = final.resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))  # one per export: never shared
+    with_default_mode(partial)
     try:
         record.bytes_before = (run_dir / MODEL_FILE).stat().st_size if (run_dir / MODEL_FILE).exists() else None
         _write_export(model.cpu().eval(), config, data, partial, record, measure_latency)
-        shutil.rmtree(run_dir / EXPORT_DIR, ignore_errors=True)
-        partial.rename(run_dir / EXPORT_DIR)
+        _swap_in(partial, final)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return record
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """Put the folder ``new`` at ``final``; the older export is deleted only once the new one is in place."""
+    older = final.with_name(f"{new.name}.older") if final.exists() else None
+    if older:
+        final.rename(older)
+    try:
+        new.rename(final)
+    except OSError:
+        if older:
+            older.rename(final)
+        raise
+    if older:
+        shutil.rmtree(older, ignore_errors=True)
 
 
 def _write_export(model: nn.Module, config: RunConfig, data: DataBundle, out: Path, record: RunRecord,

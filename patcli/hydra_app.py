@@ -242,8 +242,11 @@ def check_no_renamed_option(overrides: list[str]) -> None:
     groups = config_groups()
     for override in overrides:
         key, _, value = override.partition("=")
+        if key.startswith("+") and not key.startswith("++"):  # +model.name=... adds a key of one's own class
+            continue
+        key = key.lstrip("+")
         group, _, field = key.partition(".")
-        if field == "name" and group in groups:  # +model.name=... is a key of one's own class, not this mistake
+        if field == "name" and group in groups:
             raise UsageError(f"{key}: an option is chosen with {group}={value}, not renamed; allowed: {group}=OPTION "
                              f"({', '.join(groups[group])})")
 
@@ -258,9 +261,10 @@ def absolute_paths(overrides: list[str]) -> list[str]:
     rewritten = []
     for override in overrides:
         key, _, value = override.partition("=")
-        if key.lstrip("+") in PATH_KEYS and re.fullmatch(r"[^'\"()\[\]{}$=]+", value):
+        items = [item.strip() for item in value.split(",")]  # Hydra ignores spaces around a sweep's commas
+        if key.lstrip("+") in PATH_KEYS and re.fullmatch(r"[^'\"()\[\]{}$=]+", value) and all(items):
             paths = [p if p.lower() == "null" else quoted(p if Path(p).is_absolute() else str(Path(p).absolute()))
-                     for p in value.split(",")]  # null: unset, not a file called null
+                     for p in items]  # null: unset, not a file called null
             override = f"{key}={','.join(paths)}"
         rewritten.append(override)
     return rewritten

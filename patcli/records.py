@@ -88,9 +88,9 @@ os.umask(_UMASK)  # read once, at import (setting it is process-wide)
 
 
 def with_default_mode(path: Path | str) -> None:
-    """Give a file the permissions of any file this user creates (temporary files and safetensors' are 0600, which
-    would hide records and weights from the rest of a team sharing an outputs folder)."""
-    os.chmod(path, 0o666 & ~_UMASK)
+    """Give a file (or folder) the permissions of any this user creates (temporary ones and safetensors' are 0600 or
+    0700, which would hide records and weights from the rest of a team sharing an outputs folder)."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_UMASK)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -202,8 +202,7 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
     for group_key, rows in keyed.items():
         group = groups[group_key]
         _disambiguate(rows, {k[1:]: v for k, v in configs.items() if k[0] == group_key})
-        dense_rows = ([row for (label, _), row in rows.items() if label == "dense"]  # not one continued from a run
-                      or [row for row in rows.values() if row.method == "dense"])
+        dense_rows = [row for (label, _), row in rows.items() if label == "dense"]  # not dense+init, continued from a run
         if dense_rows:  # the dense configuration with the most runs is the reference; others stay rows
             group.dense = max(dense_rows, key=lambda r: r.cells[0.0].n)
         group.rows = {row.label: row for row in rows.values() if row is not group.dense}

@@ -228,5 +228,20 @@ def test_a_baselines_mask_update_rows_count_the_steps_done(tmp_path):
         steps = [r["step"] for r in rows if r["kind"] == "mask_update"]
         if baseline == "magnitude":
             assert steps == [0]  # one-shot: before any step
-        else:  # each round prunes after the rounds before it fine-tuned
+        else:  # each round prunes after the rounds before it fine-tuned; evals count steps over all rounds too
             assert len(steps) == 3 and steps[0] == 0 and steps == sorted(steps) and steps[-1] < record.train_steps
+            ordered = [r["step"] for r in rows]
+            assert ordered == sorted(ordered) and ordered[-1] == record.train_steps
+
+
+def test_a_continued_dense_run_never_stands_in_for_the_dense_run_a_baseline_cites(cli, tmp_path):
+    code, out, err = cli("prune-post", *TINY, "baseline=magnitude", "pruning.sparsity=0.5", "hydra.run.dir=post")
+    assert code == 0, err
+    cited = result_of(tmp_path / "post")["dense_reference"]
+    code, _, err = cli("train", *TINY, "pruning=none", f"trainer.init_from={cited['run_dir']}", "hydra.run.dir=more")
+    assert code == 0, err
+    code, out, err = cli("compare", "post", "more", "--format", "csv")  # the cited dense run is not among the paths
+    assert code == 0, err
+    rows = {line.split(",")[4]: line.split(",") for line in out.splitlines()[1:]}
+    assert set(rows) == {"dense", "dense+init", "post:magnitude"}
+    assert float(rows["dense"][9]) == pytest.approx(cited["metrics"]["test"]["accuracy"])

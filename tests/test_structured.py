@@ -324,3 +324,21 @@ def test_relative_paths_in_a_sweeps_list_are_made_absolute_too(tmp_path, monkeyp
         f"dataset.path='{tmp_path}/a.txt','/abs/b.txt'", f"dense='{tmp_path}/runs/d'", "seed=0,1", "dataset.path='q.txt'"]
     assert absolute_paths(["dense=null", "trainer.init_from=null", "dense=null,runs/d"]) == [  # null is unset, not a file
         "dense=null", "trainer.init_from=null", f"dense=null,'{tmp_path}/runs/d'"]
+    assert absolute_paths(["dense=d1, NULL", "dense=a,"]) == [f"dense='{tmp_path}/d1',NULL", "dense=a,"]  # as Hydra reads them
+
+
+def test_an_export_folder_that_is_a_link_is_exported_through(cli, tmp_path):
+    """A link made to keep exports on other storage: the export lands where it points, and loads."""
+    import patcli
+
+    code, _, err = cli("train", "model.hidden=[16]", "trainer.epochs=1", "pruning.sparsity=0.5", "hydra.run.dir=run")
+    assert code == 0, err
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "run" / "export").symlink_to(tmp_path / "elsewhere")
+    for _ in range(2):  # and again, replacing the first
+        code, _, err = cli("export", "run", "--no-latency")
+        assert code == 0, err
+    assert (tmp_path / "run" / "export").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["compressed.safetensors", "model.json"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no partial folder left
+    assert patcli.load_pruned(tmp_path / "run") is not None

@@ -106,3 +106,12 @@ def test_a_key_called_name_and_a_nested_class_are_ones_own_to_use(cli, tmp_path,
     code, _, err = cli("train", *OWN, f"model._target_={target}", *extra, "hydra.run.dir=run")
     assert code == 0, err
     assert result_of(tmp_path / "run")["config"]["model"] == {"_target_": target, **({"name": "mine"} if extra else {})}
+
+
+def test_only_a_single_plus_adds_a_name_key_of_ones_own():
+    from patcli.hydra_app import UsageError, check_no_renamed_option
+
+    check_no_renamed_option(["+model.name=mine"])
+    for override in ("model.name=cnn", "++model.name=cnn"):
+        with pytest.raises(UsageError, match=r"^model.name: an option is chosen with model=cnn, not renamed"):
+            check_no_renamed_option([override])
