@@ -53,22 +53,31 @@ def export_model(model: nn.Module, config: RunConfig, data: DataBundle, run_dir:
                  measure_latency: bool = True) -> RunRecord:
     """Write the export next to the run and fill the record's export figures.
 
-    Written into a folder of its own and swapped in whole: a new export never mixes with an older one's files (a
-    stale shrunk model would be loaded first), and a failed one leaves the older in place.
+    The files are written apart first and then put in place, so a new export never mixes with an older one's (a
+    stale shrunk model would be loaded first) and a failed one leaves the older in place. ``export/`` may be a link
+    to a folder elsewhere: the export goes there, and only the export's own files in it are replaced.
     """
-    final = run_dir / EXPORT_DIR
-    if final.is_symlink():  # a link made to keep exports elsewhere: replace what it points to
-        final = final.resolve()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))  # one per export: never shared
+    link = run_dir / EXPORT_DIR
+    try:
+        final = link.resolve() if link.is_symlink() else link
+    except (OSError, RuntimeError) as error:  # a link that loops
+        raise ConfigError("RUN_DIR", f"{link} cannot be followed ({error}); allowed: a folder or a link to one") from error
+    if final.exists() and not final.is_dir():
+        raise ConfigError("RUN_DIR", f"{final} is not a folder; allowed: a folder (or a link to one) for the export")
+    through_link = final != link
+    (final if through_link else final.parent).mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=final if through_link else final.parent, prefix=".export."))  # never shared
     with_default_mode(partial)
     try:
         record.bytes_before = (run_dir / MODEL_FILE).stat().st_size if (run_dir / MODEL_FILE).exists() else None
         _write_export(model.cpu().eval(), config, data, partial, record, measure_latency)
-        _swap_in(partial, final)
+        (_move_files_in if through_link else _swap_in)(partial, final)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return record
+
+
+EXPORT_FILES = (DESCRIPTION, SMALL_MODEL, COMPRESSED)
 
 
 def _swap_in(new: Path, final: Path) -> None:
@@ -84,6 +93,14 @@ def _swap_in(new: Path, final: Path) -> None:
         raise
     if older:
         shutil.rmtree(older, ignore_errors=True)
+
+
+def _move_files_in(new: Path, folder: Path) -> None:
+    """Replace the export's own files in a folder that is not patcli's (a link's target): nothing else is touched."""
+    for name in EXPORT_FILES:
+        (folder / name).unlink(missing_ok=True)
+    for path in new.iterdir():
+        path.rename(folder / path.name)
 
 
 def _write_export(model: nn.Module, config: RunConfig, data: DataBundle, out: Path, record: RunRecord,

@@ -181,7 +181,7 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
     keyed: dict[str, dict[tuple[str, str], Row]] = {}  # group → (label, identity) → row
     configs: dict[tuple[str, str, str], dict] = {}
     references: dict[str, RunRecord] = {}  # dense run (id, or dir for older records) → one record that cites it
-    dense_runs: set[str] = set()  # ids and dirs of the dense runs among the records
+    dense_rows_of: dict[str, Row] = {}  # id and dir of each dense run among the records → its row
     for record in (r for r in records if r.status == "ok"):
         name = metric or record.primary_metric
         higher = record.higher_is_better if name == record.primary_metric else name == "accuracy"
@@ -195,21 +195,24 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
         configs[(record.model_dataset_hash, label, key)] = settings(record)
         _add(row, 0.0 if record.method == "dense" else round(record.target_sparsity, 6), value, record)
         if record.method == "dense":
-            dense_runs.update(filter(None, (record.run_id, str(Path(record.run_dir).resolve()))))
+            dense_rows_of.update({ident: row for ident in (record.run_id, str(Path(record.run_dir).resolve())) if ident})
         elif record.dense_reference:
             cited = record.dense_reference
             references.setdefault(cited.get("run_id") or str(Path(cited.get("run_dir", "")).resolve()), record)
     for group_key, rows in keyed.items():
         group = groups[group_key]
         _disambiguate(rows, {k[1:]: v for k, v in configs.items() if k[0] == group_key})
-        dense_rows = [row for (label, _), row in rows.items() if label == "dense"]  # not dense+init, continued from a run
+        # the plain dense rows; dense+init (continued from a run) only where a baseline starts from it
+        cited = [dense_rows_of[c] for c in references if c in dense_rows_of]
+        dense_rows = ([row for (label, _), row in rows.items() if label == "dense"]
+                      or [row for row in rows.values() if any(row is c for c in cited)])
         if dense_rows:  # the dense configuration with the most runs is the reference; others stay rows
             group.dense = max(dense_rows, key=lambda r: r.cells[0.0].n)
         group.rows = {row.label: row for row in rows.values() if row is not group.dense}
     for cited, record in references.items():  # dense runs known only through the records that cite them
         group = groups[record.model_dataset_hash]
         value = (record.dense_reference.get("metrics") or {}).get(split, {}).get(group.metric)
-        if cited not in dense_runs and value is not None and (group.dense is None or group.dense.label == "dense"):
+        if cited not in dense_rows_of and value is not None and (group.dense is None or group.dense.label == "dense"):
             group.dense = group.dense or Row("dense", "dense")
             _add(group.dense, 0.0, value, None, steps=record.dense_reference.get("train_steps"))
     not_ok = [r for r in records if r.status != "ok"]

@@ -245,3 +245,18 @@ def test_a_continued_dense_run_never_stands_in_for_the_dense_run_a_baseline_cite
     rows = {line.split(",")[4]: line.split(",") for line in out.splitlines()[1:]}
     assert set(rows) == {"dense", "dense+init", "post:magnitude"}
     assert float(rows["dense"][9]) == pytest.approx(cited["metrics"]["test"]["accuracy"])
+
+
+def test_a_baseline_started_from_a_continued_dense_run_is_compared_with_that_run(cli, tmp_path):
+    code, _, err = cli("train", *TINY, "pruning=none", "hydra.run.dir=d")
+    assert code == 0, err
+    code, _, err = cli("train", *TINY, "pruning=none", "trainer.init_from=d", "hydra.run.dir=di")
+    assert code == 0, err
+    code, _, err = cli("prune-post", *TINY, "baseline=magnitude", "dense=di", "hydra.run.dir=mag")
+    assert code == 0, err
+    for paths in (["mag"], ["di", "mag"]):  # adding the very run it cites keeps it the reference
+        code, out, err = cli("compare", *paths, "--format", "csv")
+        assert code == 0, err
+        rows = [line.split(",") for line in out.splitlines()[1:]]
+        (post,) = [r for r in rows if r[4] == "post:magnitude"]
+        assert post[12] != "", paths  # a difference to dense is shown

@@ -342,3 +342,10 @@ def test_an_export_folder_that_is_a_link_is_exported_through(cli, tmp_path):
     assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["compressed.safetensors", "model.json"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no partial folder left
     assert patcli.load_pruned(tmp_path / "run") is not None
+    (tmp_path / "elsewhere" / "notes.txt").write_text("mine")  # the link's target is not patcli's: only its files go
+    code, _, err = cli("export", "run", "--no-latency")
+    assert code == 0 and (tmp_path / "elsewhere" / "notes.txt").read_text() == "mine", err
+    (tmp_path / "run" / "export").unlink()
+    (tmp_path / "run" / "export").write_text("a file")
+    code, _, err = cli("export", "run", "--no-latency")
+    assert code == 2 and err.strip() == "error: RUN_DIR: run/export is not a folder; allowed: a folder (or a link to one) for the export"
