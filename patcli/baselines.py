@@ -22,14 +22,13 @@ from .config import ConfigError, RunConfig, parse
 from .data import DataBundle, load_dataset
 from .dense import check_dense_run, dense_reference, load_run_config, resolve_dense
 from .engine import ALLOCATIONS, PATTERNS, SCHEDULES, Pruner
-from .engine.patterns import Structured
 from .engine.registry import ParamError, Registry
 from .engine.structure import StructureError, channel_groups
 from .engine.scorers import Gradient, Magnitude, Scorer
 from .models import build_model
 from .records import RunRecord, append_metrics, mask_update_row
-from .runner import (allocation_loss, base_record, build_pruner, finish_record, load_weights, seed_everything,
-                     warn_of_unused_options)
+from .runner import (allocation_loss, base_record, build_pruner, finish_record, load_weights, record_engine,
+                     seed_everything, warn_of_unused_options)
 from .training import Progress, Trainer, loss_and_outputs, resolve_device, steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -280,8 +279,7 @@ def run_baseline(config: RunConfig, run_dir: Path, progress: Progress | None = N
     context = BaselineContext(config, dense, dense_record.train_steps, model, data, device, progress, run_dir)
     started = time.perf_counter()
     steps = baseline.run(context)
-    if hasattr(baseline, "recorded"):
-        config = baseline.recorded(config, model)
+    config = as_pruned(config, model)
     record = base_record(config, data)
     record.model, record.dataset = dense.model.label(), dense.dataset.name
     record.model_dataset_hash = dense.model_dataset_hash()
@@ -290,17 +288,15 @@ def run_baseline(config: RunConfig, run_dir: Path, progress: Progress | None = N
     record.train_seconds = round(time.perf_counter() - started, 3)
     record.dense_reference = dense_reference(dense_dir, dense_record)
     record.extra.update({"baseline": {"name": config.baseline.name, **dataclasses.asdict(baseline)}})
-    record.mask_updates = sum(len(p.updates) for p in context.pruners)
-    record.engine_state_bytes = max((p.engine_state_bytes() for p in context.pruners), default=0)
-    if context.fit_seconds:
-        engine = sum(p.seconds for p in context.pruners)
-        record.step_overhead = engine / max(context.fit_seconds - engine, 1e-9)
-    finish_record(record, model, config, data, run_dir, device)
-    if isinstance(config.pattern, Structured):  # as structured PAT runs do: end with a genuinely smaller model
-        from .export import export_model
+    record_engine(record, context.pruners, context.fit_seconds)
+    return finish_record(record, model, config, data, run_dir, device)
 
-        export_model(model, config, data, run_dir, record)
-    return record
+
+def as_pruned(config: RunConfig, model: nn.Module) -> RunConfig:
+    """A baseline's config as it pruned, for its record and export: the structured one removes channels whatever
+    ``pruning.mode`` says."""
+    baseline = parse_baseline(config)
+    return baseline.recorded(config, model) if hasattr(baseline, "recorded") else config
 
 
 def as_trained(config: RunConfig, dense: RunConfig, dense_dir: Path) -> RunConfig:

@@ -162,12 +162,10 @@ def export_run(run_dir: Path, measure_latency: bool = True) -> RunRecord:
     data = load_dataset(config.dataset)
     model = build_model(config.model, data.meta)
     load_weights(model, run_dir, "RUN_DIR")  # a damaged or foreign model file is one line, as for dense= and init_from=
-    if config.needs_dense:  # a baseline: export what it pruned (the structured one, channels whatever pruning.mode says)
-        from .baselines import parse_baseline
+    if config.needs_dense:  # a baseline: export what it pruned
+        from .baselines import as_pruned
 
-        baseline = parse_baseline(config)
-        if hasattr(baseline, "recorded"):
-            config = baseline.recorded(config, model)
+        config = as_pruned(config, model)
     export_model(model, config, data, run_dir, record, measure_latency)
     write_record(run_dir, record)
     return record

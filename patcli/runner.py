@@ -261,14 +261,28 @@ def base_record(config: RunConfig, data: DataBundle) -> RunRecord:
 
 
 def finish_record(record: RunRecord, model: nn.Module, config: RunConfig, data: DataBundle, run_dir: Path, device) -> RunRecord:
-    """Test once, measure sparsity and size, save the weights; the record is complete but not yet written."""
+    """Test once, measure sparsity and size, save the weights (and the smaller model of a structured run); the record
+    is complete but not yet written."""
     record.metrics["val"] = evaluate(model, data.val.to(device), data.task)
     record.metrics["test"] = evaluate(model, data.test.to(device), data.task)
     record.achieved_sparsity, record.per_layer_sparsity, record.params_prunable = sparsity_report(model, config)
     record.params_total = sum(p.numel() for p in model.parameters())
     record.params_nonzero = sum(int((p != 0).sum()) for p in model.parameters())
     record.bytes_on_disk = save_tensors(model.state_dict(), run_dir / MODEL_FILE)
+    if isinstance(config.pattern, Structured):  # structured runs end with a genuinely smaller model
+        from .export import export_model
+
+        export_model(model, config, data, run_dir, record)
     return record
+
+
+def record_engine(record: RunRecord, pruners: list[Pruner], fit_seconds: float) -> None:
+    """What the pruners did and cost: updates, memory held, and their time over the rest of the training loop."""
+    record.mask_updates = sum(len(p.updates) for p in pruners)
+    record.engine_state_bytes = max((p.engine_state_bytes() for p in pruners), default=0)
+    if fit_seconds:
+        engine = sum(p.seconds for p in pruners)
+        record.step_overhead = engine / max(fit_seconds - engine, 1e-9)
 
 
 def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = None, label: str | None = None) -> RunRecord:
@@ -309,9 +323,7 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
     )
     if pruner:
         pruner.detach()
-        record.engine_state_bytes = pruner.engine_state_bytes()
-        record.mask_updates = len(pruner.updates)
-        record.step_overhead = pruner.seconds / max(fit.seconds - pruner.seconds, 1e-9)
+        record_engine(record, [pruner], fit.seconds)
         record.extra["revived_weights"] = sum(u.revived for u in pruner.updates)
     record.train_steps = record.total_train_steps = fit.steps
     record.train_seconds = round(fit.seconds, 3)
@@ -326,10 +338,6 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
     finish_record(record, trainer.model, config, data, run_dir, device)
     if config.regularizer is not None and config.regularizer.target is None:  # the penalty chose the sparsity
         record.target_sparsity = round(record.achieved_sparsity, 2)
-    if isinstance(config.pattern, Structured):  # structured runs end with a genuinely smaller model
-        from .export import export_model
-
-        export_model(trainer.model, config, data, run_dir, record)
     return record
 
 

@@ -116,6 +116,7 @@ class Pruner:
         )
         self.updates: list[MaskUpdate] = []
         self.optimizer: torch.optim.Optimizer | None = None
+        self._group_of: dict[int, dict] = {}
         self._handles: list = []
         if self.regrowth.replaces_schedule:
             if not isinstance(self.layout, TensorLayout) or type(self.pattern) is not Unstructured:
@@ -133,14 +134,15 @@ class Pruner:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "Pruner":
         """Run the pruner around every ``optimizer.step()`` (of this optimizer only)."""
-        trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        untrained = [name for name, weight in zip(self.masks.names, self.masks.weights) if id(weight) not in trained]
+        group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        untrained = [name for name, weight in zip(self.masks.names, self.masks.weights) if id(weight) not in group_of]
         if untrained:  # pruned but never trained: gradient scores would be 0 there and nothing would recover
             raise ValueError(f"{untrained[0]} is prunable but not in the optimizer; allowed: give it to the optimizer, "
                              f"or leave it dense with exclude=[{untrained[0]!r}]")
         for handle in self._handles:
             handle.remove()
         self.optimizer = optimizer
+        self._group_of = group_of  # each weight's param group (live: its lr follows the scheduler)
         self._handles = [optimizer.register_step_post_hook(lambda *_: self.after_step())]
         if self.scorer.needs_grad or self.masking.acts_before_step:  # the common case needs only the post-step hook
             self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.before_step()))
@@ -179,8 +181,7 @@ class Pruner:
         self.masking.enforced = enforced
         self.masking.after_step(zero=not entering)
         if self.regularizer is not None and self.optimizer is not None and t <= self.schedule.end_step:
-            lrs = {id(p): group["lr"] for group in self.optimizer.param_groups for p in group["params"]}
-            self.regularizer.apply(self.layout, lambda weight: lrs[id(weight)], t)  # then fine-tune, masks fixed
+            self.regularizer.apply(self.layout, lambda weight: self._group_of[id(weight)]["lr"], t)  # then fine-tune
         if not self._scheduled_update(t) and entering:
             self.masking.masks_changed()
         self.step += 1
