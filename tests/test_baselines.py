@@ -259,4 +259,5 @@ def test_a_baseline_started_from_a_continued_dense_run_is_compared_with_that_run
         assert code == 0, err
         rows = [line.split(",") for line in out.splitlines()[1:]]
         (post,) = [r for r in rows if r[4] == "post:magnitude"]
-        assert post[12] != "", paths  # a difference to dense is shown
+        cited = result_of(tmp_path / "mag")["dense_reference"]["metrics"]["test"]["accuracy"]
+        assert float(post[12]) == pytest.approx(float(post[9]) - cited), paths  # the difference to the run it cites

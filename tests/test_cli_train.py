@@ -366,9 +366,18 @@ def test_the_fold_leaves_the_model_dataset_hash_of_older_runs_unchanged():
     assert default.dense_key() == "111b70191749" != fold.dense_key()
 
 
-def test_trainer_threads_hold_for_their_run_only(tmp_path):
+def test_trainer_threads_hold_for_their_run_only(cli, tmp_path, monkeypatch):
     """The count changes floating-point sums: a later job in the same process must not inherit it."""
     from patcli.runner import torch_threads
+    from patcli.training import Trainer
+
+    fit, during = Trainer.fit, []
+
+    def counting_fit(self, *args, **kwargs):
+        during.append(torch.get_num_threads())
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", counting_fit)
 
     torch.set_num_threads(2)
     with torch_threads(1):
@@ -376,6 +385,8 @@ def test_trainer_threads_hold_for_their_run_only(tmp_path):
     assert torch.get_num_threads() == 2
     with torch_threads(None):
         assert torch.get_num_threads() == 2
+    code, _, err = cli("train", *TINY, "trainer.threads=1", "hydra.run.dir=run")  # a run restores it too
+    assert code == 0 and during == [1] and torch.get_num_threads() == 2, err
 
 
 def test_a_run_that_did_not_finish_cannot_be_trained_on_and_is_recorded_as_it_was_asked(cli, tmp_path, monkeypatch):
