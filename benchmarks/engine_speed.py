@@ -38,8 +38,9 @@ def training_variant(kind: str, dims: list[int], batch: int, optimizer: str, ste
                      frequency: int = DEFAULT_FREQUENCY):
     """A closure that trains ``steps_per_block`` steps and returns seconds per step, and the pruner (PAT only).
 
-    ``pass_only``: a fixed 90% global magnitude mask, enforced after each step by the very call PAT's inplace
-    masking makes (``MaskSet.zero_pruned_``), and never updated: the floor of keeping pruned weights at zero.
+    ``pass_only``: the model pruned once to a fixed 90% global magnitude mask before training, and after each step
+    only the call that keeps it there (``MaskSet.zero_pruned_``, as PAT's inplace masking makes), without PAT's
+    mask updates: the floor of keeping pruned weights at zero.
     """
     torch.manual_seed(0)
     model = mlp(dims)
@@ -110,9 +111,10 @@ def overhead(blocks: int = 30, warmup_blocks: int = 3) -> str:
         f"{blocks} interleaved blocks of {2 * DEFAULT_FREQUENCY} steps each, 1 torch thread; median of per-block ratios "
         f"with a bootstrap 95% interval of the median. \"Engine's own time\" is the time spent inside the pruner's "
         f"hooks (mask updates included) per step, over the dense step: the rest of the overhead is the sparse model "
-        f"itself training at a different speed. \"Mask pass alone\" is dense training plus only the multiply that "
-        f"keeps pruned weights at zero after each step (a fixed 90% mask, never updated; the same call as PAT's): "
-        f"the floor under any in-place masking, which the mask updates add to. Target: PAT median <= +3%.\n\n"
+        f"itself training at a different speed. \"Mask pass alone\" is the model pruned once to a fixed 90% global "
+        f"magnitude mask before training, and after each step only the multiply that keeps it there (the same call "
+        f"as PAT's, without its mask updates): the floor under in-place masking, which the mask updates add to. "
+        f"Target: PAT median <= +3%.\n\n"
         + table(["model", "batch", "optimizer", "dense step", f"PAT overhead (update every {DEFAULT_FREQUENCY})",
                  "engine's own time", "mask pass alone", f"PAT, update every {2 * DEFAULT_FREQUENCY}", "torch.nn.utils.prune overhead"], rows)
     )
@@ -244,6 +246,8 @@ def adamw_zeros(size: int = 1 << 20, repeats: int = 60) -> str:
         real, masked = adamw_step_ms(False, implementation), adamw_step_ms(True, implementation)
         steps.append([implementation, f"{real:.2f} ms", f"{masked:.2f} ms", f"**{masked / real:.2f}×**"])
     return (
+        f"Each figure is the median of {repeats} timings of one variant after 5 warm-up calls; the variants run one "
+        "after another, not interleaved, and no interval is given: the ratios below are large enough for that.\n\n"
         "`torch.sqrt` over 1M float32 values, by content (1 thread):\n\n"
         + table(["values", "sqrt", "rsqrt", "multiply"], rows)
         + "\n\nAdamW `step()` on a 1024×1024 weight, a fresh gradient each step (median of the step alone):\n\n"
@@ -259,7 +263,7 @@ def adamw_zeros(size: int = 1 << 20, repeats: int = 60) -> str:
     )
 
 
-def masked_step(size: int = 1 << 20, rounds: int = 60) -> str:
+def masked_step(size: int = 1 << 20, rounds: int = 200) -> str:
     """Would fusing the mask into the optimizer's kernel close the overhead gap? One step on ``size`` weights:
     torch's fused kernel, then the same plus patcli's separate mask pass, then one kernel doing both that
     ``torch.compile`` generates (C++ through inductor: the fusion available without writing a kernel by hand)."""
@@ -281,8 +285,10 @@ def masked_step(size: int = 1 << 20, rounds: int = 60) -> str:
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         p.sub_(lr / correction1 * m / ((v / correction2).sqrt() + eps)).mul_(mask)
 
+    start = (torch.randn(size, generator=torch.Generator().manual_seed(1)) * 0.05).mul_(keep)
+
     def torch_step(name: str, masked: bool):
-        param = nn.Parameter(torch.randn(size, generator=torch.Generator().manual_seed(1)) * 0.05)
+        param = nn.Parameter(start.clone())
         opt = (torch.optim.SGD if name == "sgd" else torch.optim.AdamW)([param], fused=True, **hyper[name])
 
         def step() -> None:
@@ -294,7 +300,7 @@ def masked_step(size: int = 1 << 20, rounds: int = 60) -> str:
         return step, param
 
     def compiled_step(name: str):
-        param = (torch.randn(size, generator=torch.Generator().manual_seed(1)) * 0.05).mul_(keep)
+        param = start.clone()
         state = [torch.zeros(size) for _ in range(1 if name == "sgd" else 2)]
         kernel = torch.compile(sgd_masked if name == "sgd" else adamw_masked, fullgraph=True, dynamic=False)
         h, count = hyper[name], 0
@@ -328,23 +334,30 @@ def masked_step(size: int = 1 << 20, rounds: int = 60) -> str:
             for _ in range(3):  # compiles, and checks the one kernel computes what the two passes do
                 fused_masked()
                 separate()
-            same = torch.allclose(result, reference.detach(), rtol=1e-5, atol=1e-7)
+            # the steps' displacements, not the weights: weight decay moves a weight by ~1e-5 of itself in 3 steps
+            same = torch.allclose(result - start, reference.detach() - start, rtol=1e-4, atol=2e-8)  # atol: float32 rounding of p
             variants["compiled"] = fused_masked
         except Exception as error:  # no C++ compiler, or inductor unavailable: report, do not fail the section
             rows.append([name, "-", "-", f"torch.compile unavailable: {error.__class__.__name__}", "-"])
             continue
+        plain()  # its optimizer state is created here, not in a timed step
         times = interleaved({k: timed(v) for k, v in variants.items()}, rounds, seed=1)
         ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        rows.append([name, f"{ms['fused']:.3f} ms", f"{ms['fused + pass']:.3f} ms ({percent(ms['fused + pass'] / ms['fused'])})",
-                     f"{ms['compiled']:.3f} ms ({percent(ms['compiled'] / ms['fused'])})", "yes" if same else "NO"])
+
+        def against_fused(kind: str) -> str:
+            median, low, high = ratio_stats(times[kind], times["fused"])
+            return f"{ms[kind]:.3f} ms ({percent(median)} [{percent(low)}, {percent(high)}])"
+
+        rows.append([name, f"{ms['fused']:.3f} ms", against_fused("fused + pass"), against_fused("compiled"), "yes" if same else "NO"])
     return (
         f"One optimizer step on {size:,} float32 weights (90% pruned), 1 thread, the weights pushed out of cache before "
-        f"each step as in training (a 64 MiB write); median of {rounds} interleaved rounds. \"fused\" is torch's fused "
+        f"each step as in training (a 64 MiB write); median of {rounds} interleaved rounds, and in brackets the median of the per-round ratios to the fused step alone with a bootstrap 95% interval. \"fused\" is torch's fused "
         "kernel as `patcli train` builds it; \"+ pass\" adds patcli's in-place mask multiply after it; \"compiled\" is "
-        "one kernel doing the update and the mask together, generated by `torch.compile` (C++ via inductor), in "
-        "brackets against the fused step alone. \"same result\": the compiled kernel's weights match the two-pass "
-        "ones after 3 steps.\n\n"
-        + table(["optimizer", "fused step", "fused step + mask pass", "one compiled kernel with the mask", "same result"], rows)
+        "one function doing the update and the mask together, compiled by `torch.compile` (C++ via inductor; its "
+        "hyperparameters are fixed in the compiled code: a changing learning rate would have to be passed as a "
+        "tensor). \"same result\": the compiled function moves the weights "
+        "as the two passes do over 3 steps (from the same pruned start).\n\n"
+        + table(["optimizer", "fused step", "fused step + mask pass", "compiled update with the mask", "same result"], rows)
     )
 
 

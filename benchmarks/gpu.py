@@ -104,7 +104,8 @@ def gpu() -> str:
     return (
         f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}.\n\n"
         "**2:4 semi-structured kernels** (`torch.sparse.to_sparse_semi_structured`, `F.linear`), CUDA-event timing, "
-        "mean of 50 after warm-up; outputs checked against dense. patcli's export converts a layer only where its "
+        "mean of 50 after warm-up, dense then 2:4 timed back to back (not interleaved, no interval: read small "
+        "differences with care); outputs checked against dense. patcli's export converts a layer only where its "
         "measured speedup is > 1.\n\n" + semi_structured_table()
         + "\n\n**CUDA path**\n\n" + cuda_path()
         + "\n\n**One global mask update on the GPU** (uses topk; kthvalue column measured on the CPU copy)\n\n"
