@@ -6,6 +6,8 @@ Every subcommand takes ordinary Hydra overrides (``group=option``, ``key=value``
 
 from __future__ import annotations
 
+import signal
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -42,21 +44,38 @@ def groups_epilog() -> str:
     return "\n\n".join(lines)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, SLURM, a job scheduler), taken through the same path as Ctrl-C so the run is recorded."""
+
+
+@contextmanager
+def terminate_as_interrupt():
+    def stop(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run(args: list[str], **kwargs) -> object:
     """Call the library; a user mistake ends as one line on stderr and exit code 2, a diverged run with exit code 1."""
     from .config import ConfigError
 
     try:
-        return launch(list(args), **kwargs)
+        with terminate_as_interrupt():
+            return launch(list(args), **kwargs)
     except (UsageError, ConfigError) as error:
         print_error(str(error))
         raise typer.Exit(code=2) from None
     except FloatingPointError as error:  # training diverged: the run's record says failed, with this line
         print_error(str(error))
         raise typer.Exit(code=1) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print_error("interrupted (a run already started is recorded in its result.json with status 'interrupted')")
-        raise typer.Exit(code=130) from None
+        raise typer.Exit(code=143 if isinstance(stop, Terminated) else 130) from None
 
 
 def _not_a_baseline(config) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import yaml
@@ -117,6 +118,8 @@ def train_dense(config: RunConfig, run_dir: Path, progress=None) -> Path:
     """Train the matching dense run with the same code as ``patcli train pruning=none``."""
     from .runner import execute
 
+    if run_dir.exists():  # an attempt that never finished (interrupted, killed): its metrics would mix into this run's
+        shutil.rmtree(run_dir)
     log.info("training the dense reference into %s", run_dir)
     execute(parse_run_config(dense_source(config)), run_dir, progress, label="dense reference")
     return run_dir

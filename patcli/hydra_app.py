@@ -270,6 +270,15 @@ def absolute_paths(overrides: list[str]) -> list[str]:
     return rewritten
 
 
+def check_single_process() -> None:
+    """Every process torchrun starts would run the whole job and write a record of its own: refuse up front."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise UsageError(f"patcli runs each job in one process, and WORLD_SIZE={world} (torchrun) would run it in every "
+                         "process; allowed: run patcli without torchrun (for data-parallel training, the engine works in "
+                         "your own DDP loop: README, In your own training loop)")
+
+
 def launch(
     overrides: list[str],
     *,
@@ -278,6 +287,7 @@ def launch(
     check: Callable[[RunConfig], None] | None = None,
 ) -> Any:
     """Compose + validate, then hand the run (or sweep) to Hydra. Returns Hydra's job return(s)."""
+    check_single_process()
     overrides = absolute_paths(overrides)
     check_no_renamed_option(overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="patcli"):

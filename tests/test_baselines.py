@@ -127,6 +127,23 @@ def test_parallel_jobs_train_the_shared_dense_run_once(tmp_path):
     assert len(trained) == 1 and (trained[0] / "result.json").is_file()
 
 
+def test_a_dense_reference_that_never_finished_is_trained_afresh_not_appended_to(cli, tmp_path):
+    """An interrupted prune-post leaves the dense cache folder without a record: its metrics must not mix in."""
+    code, _, err = cli("prune-post", *TINY, "baseline=magnitude", "hydra.run.dir=first")
+    assert code == 0, err
+    (dense,) = [p for p in (tmp_path / "outputs" / "dense").iterdir() if p.is_dir()]
+    def rows() -> list[dict]:  # without the wall time, which differs between the two trainings
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (dense / "metrics.jsonl").open()]
+
+    first = rows()
+    (dense / "result.json").unlink()  # as if the first attempt had been stopped before its record
+    with open(dense / "metrics.jsonl", "a") as handle:
+        handle.write('{"kind": "eval", "step": 999999}\n')
+    code, _, err = cli("prune-post", *TINY, "baseline=magnitude", "hydra.run.dir=second")
+    assert code == 0, err
+    assert rows() == first and (dense / "result.json").is_file()
+
+
 def test_prune_post_cli_reuses_a_given_dense_run_and_rejects_a_wrong_one(cli, tmp_path):
     code, out, err = cli("train", *TINY, "pruning=none", f"hydra.run.dir={tmp_path}/dense")
     assert code == 0, err

@@ -205,6 +205,32 @@ def test_ctrl_c_records_the_run_as_interrupted_and_exits_130(cli, tmp_path, monk
     assert result_of(tmp_path / "run")["status"] == "interrupted"
 
 
+def test_sigterm_records_the_run_as_interrupted_and_exits_143(cli, tmp_path, monkeypatch):
+    """timeout, SLURM and torchrun's agent stop a job with SIGTERM: the run must still leave its record."""
+    import os
+    import signal
+
+    from patcli import jobs
+
+    def terminated(config, run_dir, progress=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(jobs, "execute", terminated)
+    code, _, err = cli("train", *TINY, f"hydra.run.dir={tmp_path}/run")
+    assert code == 143 and err.strip().startswith("error: interrupted")
+    assert result_of(tmp_path / "run")["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler lives for the command only
+
+
+def test_torchrun_is_refused_before_any_process_writes_a_run(cli, tmp_path, monkeypatch):
+    """Every process torchrun starts would run the whole job and write its own record."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = cli("train", *TINY, f"hydra.run.dir={tmp_path}/run")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "WORLD_SIZE=2 (torchrun) would run it in every process; allowed: run patcli without torchrun" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_diverged_run_is_one_line_exit_1_and_recorded_as_failed(cli, tmp_path):
     """A NaN loss must not end as a run recorded ok, with 10% accuracy and no weight pruned."""
     code, _, err = cli("train", *TINY[:2], "trainer.lr=1e6", "pruning.frequency=5", f"hydra.run.dir={tmp_path}/run")

@@ -173,9 +173,9 @@ def test_a_run_resumed_from_state_dicts_matches_the_uninterrupted_run_exactly(re
     train(model_b, optimizer_b, range(split, 40))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model_b.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(pruner.masks.keep, pruner_b.masks.keep))
-    assert [u.revived for u in pruner.updates if u.step >= split] == [u.revived for u in pruner_b.updates]
+    assert pruner_b.updates == pruner.updates  # the history before the split came with the state
     if "schedule" in recipe:
-        assert pruner_b.updates[0].revived > 0  # the phase after the split did bring weights back
+        assert next(u for u in pruner_b.updates if u.step >= split).revived > 0  # the phase after the split brought weights back
 
 
 def test_engine_state_bytes_counts_every_tensor_the_engine_holds(tiny_mlp):

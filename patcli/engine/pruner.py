@@ -40,6 +40,16 @@ class MaskUpdate:
     revived: int = 0
 
 
+def unscaled(grads: list[torch.Tensor], grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> list[torch.Tensor]:
+    """Gradients divided by a GradScaler's scale, and zero on a step it skips for overflow (inf · 0 would be NaN)."""
+    if grad_scale is not None:
+        grads = [g / grad_scale.to(g.dtype) for g in grads]
+    if found_inf is not None:
+        skipped = found_inf.to(torch.bool)
+        grads = [torch.where(skipped, torch.zeros((), dtype=g.dtype, device=g.device), g) for g in grads]
+    return grads
+
+
 def make_layout(model: nn.Module, pattern: Pattern, include, exclude) -> Layout:
     """Tensor layout for element/N:M/block patterns, channel layout for neurons/filters/heads."""
     if isinstance(pattern, Structured):
@@ -116,7 +126,7 @@ class Pruner:
         )
         self.updates: list[MaskUpdate] = []
         self.optimizer: torch.optim.Optimizer | None = None
-        self._group_of: dict[int, dict] = {}
+        self._group_index: dict[int, int] = {}
         self._handles: list = []
         if self.regrowth.replaces_schedule:
             if not isinstance(self.layout, TensorLayout) or type(self.pattern) is not Unstructured:
@@ -134,18 +144,25 @@ class Pruner:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "Pruner":
         """Run the pruner around every ``optimizer.step()`` (of this optimizer only)."""
-        group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-        untrained = [name for name, weight in zip(self.masks.names, self.masks.weights) if id(weight) not in group_of]
+        if isinstance(optimizer, torch.optim.LBFGS):  # its forward passes inside step(closure) would see unmasked weights
+            raise ValueError("LBFGS evaluates the model several times inside one step(closure), before the pruner can mask "
+                             "the weights; allowed: optimizers that update once per step() (SGD, Adam, AdamW, ...)")
+        group_index = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        untrained = [name for name, weight in zip(self.masks.names, self.masks.weights) if id(weight) not in group_index]
         if untrained:  # pruned but never trained: gradient scores would be 0 there and nothing would recover
             raise ValueError(f"{untrained[0]} is prunable but not in the optimizer; allowed: give it to the optimizer, "
                              f"or leave it dense with exclude=[{untrained[0]!r}]")
         for handle in self._handles:
             handle.remove()
         self.optimizer = optimizer
-        self._group_of = group_of  # each weight's param group (live: its lr follows the scheduler)
+        # each weight's param group by position: optimizer.load_state_dict replaces the group dicts, not their order
+        self._group_index = group_index
         self._handles = [optimizer.register_step_post_hook(lambda *_: self.after_step())]
         if self.scorer.needs_grad or self.masking.acts_before_step:  # the common case needs only the post-step hook
-            self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.before_step()))
+            # a GradScaler leaves a fused optimizer's gradients scaled, with the scale and the overflow flag set on
+            # the optimizer for the step
+            self._handles.append(optimizer.register_step_pre_hook(
+                lambda opt, *_: self.before_step(getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None))))
         return self
 
     def detach(self) -> None:
@@ -158,16 +175,22 @@ class Pruner:
 
     # -- the step -------------------------------------------------------------------------------------------------
 
-    def observe(self) -> None:
-        """Feed the current gradients to the scorer (also used alone, for calibration without training)."""
+    def observe(self, grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
+        """Feed the current gradients to the scorer (also used alone, for calibration without training).
+
+        ``grad_scale``/``found_inf``: a GradScaler's, when it leaves the gradients scaled for a fused optimizer; an
+        overflowing step then adds nothing, decided on the device (no host sync).
+        """
         if self.scorer.needs_grad:
             grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self.masks.weights]
+            if grad_scale is not None or found_inf is not None:
+                grads = unscaled(grads, grad_scale, found_inf)
             # the dense values (the shadow under reversal): a pruned weight scored at 0 could never return
             self.scorer.observe([w.detach() for w in self.masking.dense_weights()], grads)
 
-    def before_step(self) -> None:
+    def before_step(self, grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
         started = time.perf_counter()
-        self.observe()
+        self.observe(grad_scale, found_inf)
         self.masking.before_step()
         self.seconds += time.perf_counter() - started
 
@@ -181,11 +204,26 @@ class Pruner:
         self.masking.enforced = enforced
         self.masking.after_step(zero=not entering)
         if self.regularizer is not None and self.optimizer is not None and t <= self.schedule.end_step:
-            self.regularizer.apply(self.layout, lambda weight: self._group_of[id(weight)]["lr"], t)  # then fine-tune
+            groups = self.optimizer.param_groups
+            self.regularizer.apply(self.layout, lambda weight: groups[self._group_index[id(weight)]]["lr"], t)  # then fine-tune
         if not self._scheduled_update(t) and entering:
             self.masking.masks_changed()
         self.step += 1
         self.seconds += time.perf_counter() - started
+
+    def finish(self) -> MaskUpdate | None:
+        """Make the schedule's last mask update now, if the run stopped before its end step.
+
+        A step a GradScaler skips never calls ``optimizer.step()`` (with a non-fused optimizer), so the pruner may see
+        fewer steps than the loop ran and miss the update that reaches the final target; call this after training.
+        """
+        end = self.schedule.end_step
+        if self.regrowth.replaces_schedule or self.step > end:
+            return None
+        self.masking.enforced = True
+        updated = self._scheduled_update(end)
+        self.step = end + 1
+        return self.updates[-1] if updated else None
 
     def _scheduled_update(self, t: int) -> bool:
         """The mask update due at step t, if any (each one enforces the masks it makes)."""
@@ -339,11 +377,9 @@ class Pruner:
     # -- reporting and state --------------------------------------------------------------------------------------
 
     def current_sparsity(self) -> float:
-        """The sparsity the model holds now, for progress and metrics: the last update's while masks are enforced
-        (no host sync), counted from the weights while an alternating schedule has lifted them."""
-        if not self.updates:
-            return 0.0
-        return self.updates[-1].sparsity if self.masking.enforced else self.sparsity()
+        """The sparsity the model holds now, for progress and metrics: the masks' while they are enforced (no host
+        sync), counted from the weights while an alternating schedule has lifted them."""
+        return self.masks.sparsity() if self.masking.enforced else self.sparsity()
 
     def sparsity(self) -> float:
         """Achieved fraction of accounted (prunable) weights that are exactly zero in the model."""
@@ -357,8 +393,15 @@ class Pruner:
         return (self.masks.state_bytes() + self.masking.state_bytes() + self.scorer.state_bytes()
                 + sum(t.numel() * t.element_size() for t in held))
 
+    def _pattern_id(self) -> str:
+        """The pattern's kind and geometry (not its channel score reduction, which leaves masks valid)."""
+        fields = ", ".join(f"{k}={v}" for k, v in vars(self.pattern).items() if k != "reduce")
+        return f"{type(self.pattern).__name__}({fields})"
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {"step": torch.tensor(self.step)}
+        state = {"step": torch.tensor(self.step), "pattern": torch.tensor(list(self._pattern_id().encode()), dtype=torch.uint8),
+                 "updates": torch.tensor([[u.step, u.target, u.sparsity, u.revived] for u in self.updates], dtype=torch.float64)
+                 .reshape(-1, 4)}
         state.update({f"mask.{k}": v for k, v in self.masks.state_dict().items()})
         state.update({f"groups.{i}": k.clone() for i, k in enumerate(self.layout.group_keep)})
         state.update({f"masking.{k}": v for k, v in self.masking.state_dict().items()})
@@ -377,9 +420,25 @@ class Pruner:
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
+        if "pattern" in state:  # masks of another pattern would not hold this one's structure (2:4, blocks)
+            saved_pattern = bytes(state["pattern"].tolist()).decode()
+            if saved_pattern != self._pattern_id():
+                raise ValueError(f"the pruner state was saved with pattern {saved_pattern}, this pruner uses "
+                                 f"{self._pattern_id()}; allowed: the state of a pruner built the same way")
+        groups = part("groups.")
+        for i, (name, current) in enumerate(zip(self.layout.layer_names, self.layout.group_keep)):
+            saved = groups.get(str(i))
+            if saved is None or saved.shape != current.shape:  # another pattern or model: the masks would not hold it
+                held = "no" if saved is None else saved.numel()
+                raise ValueError(f"the pruner state does not fit this pruner: {held} group flags for {name} in the state, "
+                                 f"{current.numel()} here (another pattern, structure or model); allowed: the state of a "
+                                 "pruner built the same way")
         self.step = int(state["step"])
+        if "updates" in state:  # the history of mask updates (a pruner state saved before it was kept has none)
+            self.updates = [MaskUpdate(int(t), float(target), float(sparsity), int(revived))
+                            for t, target, sparsity, revived in state["updates"].tolist()]
         self.masks.load_state_dict(part("mask."))
-        self.layout.group_keep = [part("groups.")[str(i)].clone() for i in range(len(self.layout.group_keep))]
+        self.layout.group_keep = [groups[str(i)].clone() for i in range(len(self.layout.group_keep))]
         self.masking.load_state_dict(part("masking."))
         self.scorer.load_state_dict(part("scorer."))
         self.allocation.load_state_dict(part("allocation."))

@@ -40,7 +40,7 @@ def channel_groups(
     model: nn.Module, kind: str, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()
 ) -> list[ChannelGroup]:
     """The prunable channel groups of ``kind`` (neurons | filters | heads) whose producing weight is included and
-    trained."""
+    that touch no frozen parameter."""
     include, exclude = list(include), list(exclude)
     if hasattr(model, "channel_groups"):
         groups = model.channel_groups(kind)
@@ -49,8 +49,9 @@ def channel_groups(
                              "define channel_groups('heads') on the model")
     else:
         groups = sequential_groups(model, kind)
-    trained = {name for name, p in model.named_parameters() if p.requires_grad}  # a frozen layer is never pruned
-    return [g for g in groups if _matches(g.slices[0].param, include, exclude) and g.slices[0].param in trained]
+    # a frozen layer is never pruned, not even the input columns a channel of another layer owns there
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    return [g for g in groups if _matches(g.slices[0].param, include, exclude) and not any(s.param in frozen for s in g.slices)]
 
 
 def _unreadable(model: nn.Module) -> list[str]:

@@ -1,0 +1,162 @@
+"""The pruner inside training loops users write: resumed optimizers, GradScaler, skipped steps, frozen layers."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from patcli.engine import PATTERNS, SCHEDULES, SCORERS, Pruner, prune_during_training
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(step)
+    return torch.randn(8, 16, generator=generator), torch.randint(0, 4, (8,), generator=generator)
+
+
+def loss_of(model: nn.Module, step: int) -> torch.Tensor:
+    inputs, targets = batch(step)
+    return nn.functional.cross_entropy(model(inputs), targets)
+
+
+def test_the_regularizer_follows_the_learning_rate_of_an_optimizer_loaded_from_a_checkpoint(tiny_mlp):
+    """optimizer.load_state_dict replaces the param-group dicts: the proximal step must read the new ones."""
+    optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.1)
+    pruner = prune_during_training(tiny_mlp, optimizer, sparsity=0.5, total_steps=10, schedule="constant", regularizer="lasso")
+    pruner.regularizer.lam = 1.0
+    optimizer.load_state_dict(optimizer.state_dict())
+    optimizer.param_groups[0]["lr"] = 0.001  # as a scheduler would set it after resuming
+    weight = tiny_mlp[2].weight
+    before = weight.detach().clone()
+    optimizer.step()  # no gradients: the weight moves by the proximal step alone, lr · lam
+    torch.testing.assert_close(weight.detach(), nn.functional.softshrink(before, 0.001) * (weight != 0))
+
+
+def test_a_fused_optimizer_under_grad_scaler_scores_unscaled_gradients_and_skips_an_overflowing_step(tiny_mlp):
+    """GradScaler leaves the gradients scaled for a fused optimizer and hands it grad_scale / found_inf instead."""
+    plain = copy.deepcopy(tiny_mlp)
+    runs = {}
+    for name, model in (("plain", plain), ("scaled", tiny_mlp)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        pruner = Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("agp")(), total_steps=100, frequency=50,
+                        scorer=SCORERS.get("gradient")()).attach(optimizer)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000) if name == "scaled" else None
+        for step in range(6):
+            optimizer.zero_grad()
+            loss = loss_of(model, step)
+            if scaler is None:
+                if step != 3:  # the step the scaler will skip
+                    loss.backward()
+                    optimizer.step()
+                continue
+            scaler.scale(loss).backward()
+            if step == 3:
+                model[0].weight.grad[0, 0] = float("inf")  # an overflow: the scaler skips this step
+            scaler.step(optimizer)
+            scaler.update()
+        runs[name] = [s.clone() for s in pruner.scorer._sums] + [p.detach().clone() for p in model.parameters()]
+        assert pruner.update_masks(pruner.step, target=0.5).sparsity == 0.5  # no NaN from the skipped step's inf
+    for plain_value, scaled_value in zip(runs["plain"], runs["scaled"]):  # the scores, then the weights
+        torch.testing.assert_close(scaled_value, plain_value, rtol=1e-4, atol=1e-7)
+
+
+def test_finish_makes_the_last_update_a_run_that_saw_fewer_steps_missed(tiny_mlp):
+    """A GradScaler that skips steps leaves the pruner short of the schedule's end: finish() reaches the target."""
+    optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.01)
+    pruner = Pruner(tiny_mlp, sparsity=0.8, schedule=SCHEDULES.get("agp")(end=1.0), total_steps=20, frequency=5).attach(optimizer)
+    for step in range(19):  # one of 20 steps skipped
+        optimizer.zero_grad()
+        loss_of(tiny_mlp, step).backward()
+        optimizer.step()
+    assert [u.step for u in pruner.updates] == [0, 5, 10, 15]
+    assert pruner.masks.sparsity() < 0.8
+    update = pruner.finish()
+    prunable = sum(w.numel() for w in pruner.masks.weights)
+    assert update.step == 19 and sum(int((w == 0).sum()) for w in pruner.masks.weights) == round(0.8 * prunable)
+    assert pruner.finish() is None  # once only
+
+
+def test_a_resumed_pruner_keeps_its_update_history_and_reports_its_sparsity(tiny_mlp):
+    optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.01)
+    pruner = Pruner(tiny_mlp, sparsity=0.6, schedule=SCHEDULES.get("agp")(), total_steps=20, frequency=4).attach(optimizer)
+    for step in range(17):
+        optimizer.zero_grad()
+        loss_of(tiny_mlp, step).backward()
+        optimizer.step()
+    resumed = Pruner(tiny_mlp, sparsity=0.6, schedule=SCHEDULES.get("agp")(), total_steps=20, frequency=4)
+    resumed.load_state_dict(pruner.state_dict())
+    assert resumed.updates == pruner.updates and len(resumed.updates) == 5
+    assert resumed.current_sparsity() == pruner.current_sparsity() == pytest.approx(resumed.sparsity())
+    assert resumed.current_sparsity() > 0.5
+
+
+def test_structured_pruning_leaves_a_frozen_layer_whole_even_where_another_layers_neurons_reach_it(tiny_mlp):
+    """Layer 2's neurons own input columns of layer 4: with layer 4 frozen, they are no candidates either."""
+    tiny_mlp[4].requires_grad_(False)
+    frozen = tiny_mlp[4].weight.detach().clone()
+    optimizer = torch.optim.SGD([p for p in tiny_mlp.parameters() if p.requires_grad], lr=0.05)
+    pruner = prune_during_training(tiny_mlp, optimizer, sparsity=0.25, total_steps=8, pattern="neurons", schedule="constant")
+    assert pruner.layout.layer_names == ["0"]  # layer 0's neurons reach only the trained layer 2
+    for step in range(8):
+        optimizer.zero_grad()
+        loss_of(tiny_mlp, step).backward()
+        optimizer.step()
+    assert torch.equal(tiny_mlp[4].weight, frozen)
+    assert int((tiny_mlp[2].weight == 0).all(0).sum()) == 8  # 25% of layer 0's 32 neurons are off downstream
+
+
+def test_lbfgs_is_refused_because_its_inner_forward_passes_would_see_unmasked_weights(tiny_mlp):
+    pruner = Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10)
+    with pytest.raises(ValueError, match=r"^LBFGS evaluates the model several times .*allowed: optimizers that update once"):
+        pruner.attach(torch.optim.LBFGS(tiny_mlp.parameters()))
+
+
+def test_a_pruner_state_of_another_pattern_or_model_is_refused_before_anything_is_loaded(tiny_mlp):
+    """2:4 keeps one flag per weight like unstructured, but an unstructured mask is no 2:4 mask."""
+    unstructured = Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10)
+    unstructured.update_masks(0)
+    state = unstructured.state_dict()
+    two_four = Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10, pattern=PATTERNS.get("nm")())
+    with pytest.raises(ValueError, match=r"^the pruner state was saved with pattern Unstructured\(\), this pruner uses "
+                                         r"NM\(n=2, m=4\); allowed: the state of a pruner built the same way"):
+        two_four.load_state_dict(state)
+    wider = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    other_model = Pruner(wider, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10)
+    with pytest.raises(ValueError, match=r"^the pruner state does not fit this pruner: 512 group flags for 0.weight in the "
+                                         r"state, 1024 here .*allowed: the state of a pruner built the same way"):
+        other_model.load_state_dict(state)
+    for pruner in (two_four, other_model):
+        assert pruner.step == 0 and all(bool(k.all()) for k in pruner.masks.keep)
+
+
+def _train_ddp_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    net = nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pruner = prune_during_training(model, optimizer, sparsity=0.8, total_steps=30, frequency=5, scorer="hessian")
+    for step in range(30):
+        inputs, targets = batch(step)
+        shard = slice(rank * 4, rank * 4 + 4)  # each rank its half of the batch; DDP averages the gradients
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(net(inputs[shard]), targets[shard]).backward()
+        optimizer.step()
+    torch.save({"keep": [k.clone() for k in pruner.masks.keep], "weights": [p.detach().clone() for p in model.parameters()]},
+               f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_under_ddp_every_rank_prunes_the_same_weights_to_the_exact_count(tmp_path):
+    """Gradients are averaged before the step, so every rank scores the same and chooses the same masks."""
+    torch.multiprocessing.spawn(_train_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["keep"], ranks[1]["keep"]))
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["weights"], ranks[1]["weights"]))
+    pruned = sum(int((~k).sum()) for k in ranks[0]["keep"])
+    assert pruned == round(0.8 * sum(k.numel() for k in ranks[0]["keep"]))
+    weights = [w for w in ranks[0]["weights"] if w.dim() == 2]
+    assert sum(int((w == 0).sum()) for w in weights) == pruned
