@@ -16,12 +16,13 @@ import typer
 from rich.console import Console
 
 from .console import console, errors, print_error
-from .records import write_atomic
+from .records import METRICS_FILE, MODEL_FILE, RESULT_FILE, write_atomic
 from .hydra_app import UsageError, config_groups, launch
 
 if TYPE_CHECKING:
     from .sweeps import BestTrial
 
+RUN_FILES = (RESULT_FILE, METRICS_FILE, MODEL_FILE)
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["--help", "-h"]}
 
 app = typer.Typer(
@@ -225,6 +226,9 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: "
         print_error(f"PATHS: {', '.join(missing)} does not exist")
         raise typer.Exit(code=2)
     for option, path in (("--output", output), ("--plot", plot)):
+        if path and path.name in RUN_FILES:  # writing there would replace a run's own record, metrics or weights
+            print_error(f"{option}: {path.name} is the name of a run's own file; allowed: another file name")
+            raise typer.Exit(code=2)
         why = path and unwritable_reason(path, want_dir=False)
         if why:
             print_error(f"{option}: {why}")

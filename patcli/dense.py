@@ -90,7 +90,9 @@ def find_dense(config: RunConfig) -> Path | None:
     for path in find_record_files([Path(config.output_root)]):
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON: not a run this could reuse
+            continue
+        if not isinstance(data, dict):
             continue
         continued = ((data.get("config") or {}).get("trainer") or {}).get("init_from")  # more steps than its key says
         if data.get("method") == "dense" and data.get("status") == "ok" and not continued and (data.get("extra") or {}).get("dense_key") == key:

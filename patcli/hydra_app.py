@@ -132,10 +132,14 @@ def translate_hydra_error(error: Exception, overrides: list[str]) -> UsageError:
     override = re.search(r"Could not (?:override|append to) '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
     if override:
         return _unknown_key_error(override.group(1), overrides)
-    ambiguous = re.search(r"Ambiguous value for argument '([^'=]+)=([^']*)'", text)
-    if ambiguous:  # a comma list given to train/prune-post
-        return UsageError(f"{ambiguous.group(1)}: {ambiguous.group(2)} is several values; allowed: one value, a list "
-                          f"{ambiguous.group(1)}=[a,b], or several runs with patcli sweep {ambiguous.group(1)}={ambiguous.group(2)}")
+    ambiguous = re.search(r"Ambiguous value for argument '([^'=]+)=(.*)'$", text.splitlines()[0])
+    if ambiguous:  # a comma list given to train/prune-post (paths come back quoted by absolute_paths)
+        key, value = ambiguous.group(1), ambiguous.group(2).replace("'", "")
+        return UsageError(f"{key}: {value} is several values; allowed: one value, a list {key}=[a,b], or several runs "
+                          f"with patcli sweep {key}={value}")
+    merging = re.match(r"Error merging override ([^=]+)=(.*)", text)
+    if merging and error.__cause__ is not None:  # OmegaConf says why (a type) on the first line of the cause
+        return UsageError(f"{merging.group(1)}: {str(error.__cause__).splitlines()[0]}")
     if isinstance(error, OverrideParseException):
         return UsageError(f"cannot parse override: {' '.join(text.split())}")
     return UsageError(text.splitlines()[0] if text else error.__class__.__name__)
@@ -252,12 +256,14 @@ def check_no_renamed_option(overrides: list[str]) -> None:
 
 
 PATH_KEYS = ("dataset.path", "dense", "trainer.init_from")
+FOLDER_KEYS = ("output_root", "hydra.run.dir", "hydra.sweep.dir")  # written, not read: quoted, left relative
 
 
 def absolute_paths(overrides: list[str]) -> list[str]:
     """Relative paths given for files a run reads, made absolute: its saved config (which ``export`` and
     ``load_pruned`` rebuild the run from) must still find them from another directory. Plain values and a sweep's
-    comma list of them are rewritten; quoted values and sweep functions are left to Hydra."""
+    comma list of them are rewritten; quoted values and sweep functions are left to Hydra. Output folders with a
+    space or a non-ASCII letter are quoted."""
     rewritten = []
     for override in overrides:
         key, _, value = override.partition("=")
@@ -266,6 +272,8 @@ def absolute_paths(overrides: list[str]) -> list[str]:
             paths = [p if p.lower() == "null" else quoted(p if Path(p).is_absolute() else str(Path(p).absolute()))
                      for p in items]  # null: unset, not a file called null
             override = f"{key}={','.join(paths)}"
+        elif key.lstrip("+") in FOLDER_KEYS and re.fullmatch(r"[^'\"()\[\]{}$=,]+", value) and not re.fullmatch(r"[\w./~@%+:-]+", value, re.ASCII):
+            override = f"{key}={quoted(value)}"  # a space or a non-ASCII letter would end Hydra's plain value
         rewritten.append(override)
     return rewritten
 
@@ -339,11 +347,13 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
 def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunConfig], None] | None) -> None:
     """Validate every job the basic sweeper will launch, then train the dense runs they share."""
     from .console import RichProgress
-    from .plugins import check_direction, check_launcher, check_storage
-    from .sweeps import expand_jobs, prepare, search_space_edges
+    from .plugins import check_direction, check_launcher, check_storage, check_trials
+    from .sweeps import check_sweep_functions, expand_jobs, prepare, search_space_edges
 
     try:
         check_launcher(cfg.hydra.launcher)
+        check_sweep_functions(overrides, cfg)
+        check_trials(cfg.hydra.sweeper)
     except ConfigError as error:
         raise UsageError(str(error)) from error
     jobs = expand_jobs(overrides, cfg)

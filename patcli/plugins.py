@@ -64,6 +64,12 @@ def check_launcher(launcher: DictConfig) -> None:
                                                    f"(one per core) to -{cores} (-k: one per core but k-1)")
 
 
+def check_trials(sweeper: DictConfig) -> None:
+    """An Optuna study of no trial launches nothing: say which key, before the study is made."""
+    if sweeper.get("_target_") == OPTUNA_SWEEPER and int(sweeper.get("n_trials", 1)) < 1:
+        raise ConfigError("hydra.sweeper.n_trials", f"{sweeper.get('n_trials')} is out of range; allowed: >= 1")
+
+
 def check_storage(sweeper: DictConfig) -> None:
     """An Optuna study kept in a SQLite file the sweep cannot write fails inside the sweeper: say so before."""
     storage = str(sweeper.get("storage") or "")

@@ -133,7 +133,7 @@ class RecordError(ValueError):
 def read_record(path: Path) -> RunRecord:
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise RecordError(f"{path}: not a readable record ({error.__class__.__name__}: {error})") from error
     if not isinstance(data, dict) or "method" not in data or "schema_version" not in data:
         raise RecordError(f"{path}: not a patcli run record (no method/schema_version)")

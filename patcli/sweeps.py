@@ -14,14 +14,33 @@ from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import IntervalSweep
+from hydra.core.override_parser.types import IntervalSweep, RangeSweep
 from omegaconf import DictConfig, OmegaConf
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 OPTUNA_RESULTS = "optimization_results.yaml"
 OVERRIDES_FILE = ".hydra/overrides.yaml"
+
+
+def check_sweep_functions(overrides: list[str], cfg: DictConfig) -> None:
+    """Sweep functions the sweeper would fail on once started, as one line naming the key: a range() with step 0 or
+    no value, an interval() with its ends reversed, or one given to the basic sweeper, which cannot sample it."""
+    basic = cfg.hydra.sweeper.get("_target_") == BASIC_SWEEPER
+    params = [f"{key}={value}" for key, value in (cfg.hydra.sweeper.get("params") or {}).items()]
+    for override in OverridesParser.create().parse_overrides(params + list(overrides)):
+        sweep, key = override.value(), override.get_key_element()
+        if isinstance(sweep, RangeSweep):
+            if sweep.step == 0 or not list(override.sweep_string_iterator()):
+                raise ConfigError(key, f"range({sweep.start}, {sweep.stop}, {sweep.step}) holds no value; allowed: "
+                                       "range(start, stop, step) with start < stop for a positive step (> for a negative one)")
+        elif isinstance(sweep, IntervalSweep):
+            if basic:
+                raise ConfigError(key, "interval() is sampled by a searching sweeper; allowed: hydra/sweeper=optuna, or "
+                                       "a list a,b,c or range() with the basic sweeper")
+            if sweep.start > sweep.end:
+                raise ConfigError(key, f"interval({sweep.start}, {sweep.end}) has its ends reversed; allowed: interval(low, high) with low <= high")
 
 
 def expand_jobs(overrides: list[str], cfg: DictConfig) -> list[list[str]] | None:

@@ -144,6 +144,15 @@ def test_a_dense_reference_that_never_finished_is_trained_afresh_not_appended_to
     assert rows() == first and (dense / "result.json").is_file()
 
 
+def test_stray_result_files_under_output_root_do_not_stop_the_dense_search(cli, tmp_path):
+    for name, content in (("binary", bytes(range(128, 256))), ("a-list", b"[1]")):
+        (tmp_path / "outputs" / name).mkdir(parents=True)
+        (tmp_path / "outputs" / name / "result.json").write_bytes(content)
+    code, out, err = cli("prune-post", *TINY, "baseline=magnitude")
+    assert code == 0, err
+    assert result_of(run_dir_of(out))["status"] == "ok"
+
+
 def test_prune_post_cli_reuses_a_given_dense_run_and_rejects_a_wrong_one(cli, tmp_path):
     code, out, err = cli("train", *TINY, "pruning=none", f"hydra.run.dir={tmp_path}/dense")
     assert code == 0, err

@@ -231,6 +231,18 @@ def test_torchrun_is_refused_before_any_process_writes_a_run(cli, tmp_path, monk
     assert not (tmp_path / "run").exists()
 
 
+def test_several_paths_given_to_a_single_run_are_shown_as_given(cli, tmp_path):
+    code, _, err = cli("train", *TINY, "dense=/tmp/a,/tmp/b")
+    assert code == 2 and err.strip() == ("error: dense: /tmp/a,/tmp/b is several values; allowed: one value, a list "
+                                         "dense=[a,b], or several runs with patcli sweep dense=/tmp/a,/tmp/b")
+
+
+def test_an_output_root_with_a_space_and_a_non_ascii_letter_works_unquoted(cli, tmp_path):
+    code, out, err = cli("train", *TINY, "trainer.max_steps=3", f"output_root={tmp_path}/o ü sp")
+    assert code == 0, err
+    assert run_dir_of(out).parent.parent.parent == tmp_path / "o ü sp"
+
+
 def test_a_diverged_run_is_one_line_exit_1_and_recorded_as_failed(cli, tmp_path):
     """A NaN loss must not end as a run recorded ok, with 10% accuracy and no weight pruned."""
     code, _, err = cli("train", *TINY[:2], "trainer.lr=1e6", "pruning.frequency=5", f"hydra.run.dir={tmp_path}/run")

@@ -94,6 +94,21 @@ def test_output_and_plot_paths_that_cannot_be_written_are_one_line_errors_before
     assert sorted(p.name for p in runs.iterdir() if p.name.startswith(".")) == []  # no probe or partial file left
 
 
+def test_output_never_replaces_a_runs_own_file(cli, runs):
+    record = runs / "pat-90-s1" / "result.json"
+    before = record.read_text()
+    code, out, err = cli("compare", str(runs), "--output", str(record))
+    assert code == 2 and err.strip() == "error: --output: result.json is the name of a run's own file; allowed: another file name"
+    assert record.read_text() == before and out == ""
+
+
+def test_a_record_that_is_not_text_is_skipped_with_its_reason(runs):
+    (runs / "junk").mkdir()
+    (runs / "junk" / "result.json").write_bytes(bytes(range(128, 256)) * 3)
+    records, skipped = report.load_records([runs])
+    assert any("junk/result.json: not a readable record (UnicodeDecodeError" in line for line in skipped), skipped
+
+
 def test_lower_is_better_for_loss(runs):
     records, _ = report.load_records([runs])
     (group,) = report.compare(records, metric="loss").groups

@@ -170,6 +170,23 @@ def test_sweeps_that_would_fail_inside_a_plugin_are_one_line_errors_before_they_
     assert len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("sweep, expected", [
+    (["pruning.sparsity=range(0,1,0)"], "pruning.sparsity: range(0, 1, 0) holds no value; allowed: range(start, stop, step)"),
+    (["pruning.frequency=range(10,5)"], "pruning.frequency: range(10, 5, 1) holds no value"),
+    (["pruning.sparsity=interval(0.5,0.9)"], "pruning.sparsity: interval() is sampled by a searching sweeper; allowed: hydra/sweeper=optuna"),
+    (["hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", "pruning.sparsity=interval(0.9,0.5)"],
+     "pruning.sparsity: interval(0.9, 0.5) has its ends reversed; allowed: interval(low, high) with low <= high"),
+    (["hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=0"],
+     "hydra.sweeper.n_trials: 0 is out of range; allowed: >= 1"),
+    (["hydra/sweeper=optuna", "hydra.sweeper.n_trials=abc"],
+     "hydra.sweeper.n_trials: Value 'abc' of type 'str' could not be converted to Integer"),
+])
+def test_sweep_functions_the_sweeper_would_fail_on_are_one_line_errors_naming_the_key(cli, tmp_path, sweep, expected):
+    code, _, err = cli("sweep", *FAST, *sweep)
+    assert code == 2 and err.startswith(f"error: {expected}") and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_tune_schedule_preset_composes_an_optuna_search_on_the_validation_metric():
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         cfg = compose("config", ["+experiment=tune_schedule"], return_hydra_config=True)

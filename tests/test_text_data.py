@@ -150,3 +150,11 @@ def test_an_edited_file_is_reloaded_within_one_process(tmp_path):
     path.write_text(LOOP.replace("i", "j") * 120)
     second = load_dataset(text_config(path))
     assert len(second.train) > len(first.train) and second.fingerprint != first.fingerprint
+
+
+@pytest.mark.parametrize("head_dim", [0, -4])
+def test_a_head_dim_below_one_is_refused_not_trained_as_the_default(cli, tmp_path, head_dim):
+    (tmp_path / "t.txt").write_text(LOOP * 100)
+    code, _, err = cli("train", *GPT, "dataset.path=t.txt", f"model.head_dim={head_dim}", "hydra.run.dir=run")
+    assert code == 2 and err.strip() == f"error: model.head_dim: {head_dim} is out of range; allowed: >= 1, or null for d_model / n_head"
+    assert not (tmp_path / "run").exists()

@@ -131,6 +131,8 @@ class GPTConfig:
         for key in ("n_layer", "n_head", "d_model", "mlp_ratio"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{prefix}.{key}", f"{getattr(self, key)} is out of range; allowed: >= 1")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ConfigError(f"{prefix}.head_dim", f"{self.head_dim} is out of range; allowed: >= 1, or null for d_model / n_head")
         if self.head_dim is None and self.d_model % self.n_head:
             raise ConfigError(f"{prefix}.n_head", f"{self.n_head} does not divide d_model={self.d_model}; set head_dim")
 
@@ -138,4 +140,4 @@ class GPTConfig:
         if "vocab_size" not in meta:
             raise ConfigError("model", "model=gpt needs a language-modelling dataset (dataset=pysrc or dataset=text)")
         return GPT(meta["vocab_size"], meta["block_size"], self.n_layer, self.n_head, self.d_model,
-                   self.head_dim or self.d_model // self.n_head, self.mlp_ratio, self.dropout)
+                   self.d_model // self.n_head if self.head_dim is None else self.head_dim, self.mlp_ratio, self.dropout)
