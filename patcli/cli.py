@@ -7,6 +7,7 @@ Every subcommand takes ordinary Hydra overrides (``group=option``, ``key=value``
 from __future__ import annotations
 
 import signal
+import threading
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -51,6 +52,11 @@ class Terminated(KeyboardInterrupt):
 
 @contextmanager
 def terminate_as_interrupt():
+    """Only the main thread may set a signal handler: elsewhere (the CLI called from a thread) SIGTERM stays as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
     def stop(signum, frame):
         raise Terminated
 
@@ -58,7 +64,8 @@ def terminate_as_interrupt():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:  # None: a handler set outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args: list[str], **kwargs) -> object:

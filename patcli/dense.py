@@ -120,7 +120,9 @@ def train_dense(config: RunConfig, run_dir: Path, progress=None) -> Path:
     """Train the matching dense run with the same code as ``patcli train pruning=none``."""
     from .runner import execute
 
-    if run_dir.exists():  # an attempt that never finished (interrupted, killed): its metrics would mix into this run's
+    if run_dir.is_symlink():  # a link put there by hand: train into a folder of our own, the link's target untouched
+        run_dir.unlink()
+    elif run_dir.exists():  # an attempt that never finished (interrupted, killed): its metrics would mix into this run's
         shutil.rmtree(run_dir)
     log.info("training the dense reference into %s", run_dir)
     execute(parse_run_config(dense_source(config)), run_dir, progress, label="dense reference")

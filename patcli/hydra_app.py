@@ -132,14 +132,15 @@ def translate_hydra_error(error: Exception, overrides: list[str]) -> UsageError:
     override = re.search(r"Could not (?:override|append to) '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
     if override:
         return _unknown_key_error(override.group(1), overrides)
-    ambiguous = re.search(r"Ambiguous value for argument '([^'=]+)=(.*)'$", text.splitlines()[0])
+    ambiguous = re.search(r"Ambiguous value for argument '([^'=]+)=(.*)'$", (text.splitlines() or [""])[0])
     if ambiguous:  # a comma list given to train/prune-post (paths come back quoted by absolute_paths)
         key, value = ambiguous.group(1), ambiguous.group(2).replace("'", "")
         return UsageError(f"{key}: {value} is several values; allowed: one value, a list {key}=[a,b], or several runs "
                           f"with patcli sweep {key}={value}")
     merging = re.match(r"Error merging override ([^=]+)=(.*)", text)
-    if merging and error.__cause__ is not None:  # OmegaConf says why (a type) on the first line of the cause
-        return UsageError(f"{merging.group(1)}: {str(error.__cause__).splitlines()[0]}")
+    why = str(error.__cause__).splitlines() if error.__cause__ is not None else []
+    if merging and why and why[0]:  # OmegaConf says why (a type) on the first line of the cause
+        return UsageError(f"{merging.group(1)}: {why[0]}")
     if isinstance(error, OverrideParseException):
         return UsageError(f"cannot parse override: {' '.join(text.split())}")
     return UsageError(text.splitlines()[0] if text else error.__class__.__name__)

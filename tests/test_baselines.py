@@ -144,6 +144,18 @@ def test_a_dense_reference_that_never_finished_is_trained_afresh_not_appended_to
     assert rows() == first and (dense / "result.json").is_file()
 
 
+def test_a_link_put_in_the_dense_cache_is_replaced_and_its_target_left_alone(cli, tmp_path):
+    code, _, err = cli("prune-post", *TINY, "baseline=magnitude", "hydra.run.dir=first")
+    assert code == 0, err
+    (dense,) = [p for p in (tmp_path / "outputs" / "dense").iterdir() if p.is_dir()]
+    shutil.rmtree(dense)
+    (tmp_path / "shared").mkdir()
+    dense.symlink_to(tmp_path / "shared")
+    code, _, err = cli("prune-post", *TINY, "baseline=magnitude", "hydra.run.dir=second")
+    assert code == 0, err
+    assert not dense.is_symlink() and (dense / "result.json").is_file() and list((tmp_path / "shared").iterdir()) == []
+
+
 def test_stray_result_files_under_output_root_do_not_stop_the_dense_search(cli, tmp_path):
     for name, content in (("binary", bytes(range(128, 256))), ("a-list", b"[1]")):
         (tmp_path / "outputs" / name).mkdir(parents=True)

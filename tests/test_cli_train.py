@@ -222,6 +222,23 @@ def test_sigterm_records_the_run_as_interrupted_and_exits_143(cli, tmp_path, mon
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler lives for the command only
 
 
+def test_the_cli_runs_from_a_thread_other_than_the_main_one(tmp_path, monkeypatch):
+    """Only the main thread may set the SIGTERM handler: elsewhere the command runs without it."""
+    import threading
+
+    from typer.testing import CliRunner
+
+    from patcli.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(CliRunner().invoke(app, ["train", "--cfg"])))
+    worker.start()
+    worker.join(timeout=60)
+    assert results[0].exit_code == 0, results[0].output
+    assert "sparsity:" in results[0].stdout
+
+
 def test_torchrun_is_refused_before_any_process_writes_a_run(cli, tmp_path, monkeypatch):
     """Every process torchrun starts would run the whole job and write its own record."""
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -235,6 +252,14 @@ def test_several_paths_given_to_a_single_run_are_shown_as_given(cli, tmp_path):
     code, _, err = cli("train", *TINY, "dense=/tmp/a,/tmp/b")
     assert code == 2 and err.strip() == ("error: dense: /tmp/a,/tmp/b is several values; allowed: one value, a list "
                                          "dense=[a,b], or several runs with patcli sweep dense=/tmp/a,/tmp/b")
+
+
+def test_a_hydra_error_without_a_message_is_named_by_its_type():
+    from hydra.errors import ConfigCompositionException
+
+    from patcli.hydra_app import translate_hydra_error
+
+    assert str(translate_hydra_error(ConfigCompositionException(""), [])) == "ConfigCompositionException"
 
 
 def test_an_output_root_with_a_space_and_a_non_ascii_letter_works_unquoted(cli, tmp_path):

@@ -105,6 +105,29 @@ def test_structured_pruning_leaves_a_frozen_layer_whole_even_where_another_layer
     assert int((tiny_mlp[2].weight == 0).all(0).sum()) == 8  # 25% of layer 0's 32 neurons are off downstream
 
 
+def test_filters_prune_under_frozen_batch_norms_which_go_with_their_channels():
+    """Fine-tuning with frozen BatchNorm γ/β (left out of the optimizer) is common: the filters stay prunable."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    for norm in (model[1], model[4]):
+        norm.requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    pruner = prune_during_training(model, optimizer, sparsity=0.5, total_steps=6, pattern="filters", schedule="constant")
+    assert pruner.layout.layer_names == ["0", "3"]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(4, 1, 8, 8, generator=generator)), torch.randint(0, 4, (4,), generator=generator)).backward()
+        optimizer.step()
+    pruned = 0
+    for conv, norm in ((model[0], model[1]), (model[3], model[4])):
+        off = (conv.weight == 0).flatten(1).all(1)
+        pruned += int(off.sum())
+        assert bool((norm.weight[off] == 0).all() and (norm.bias[off] == 0).all())  # a pruned filter's γ/β go with it
+    assert pruned >= 4 and pruner.sparsity() == pytest.approx(0.5, abs=0.06)
+
+
 def test_lbfgs_is_refused_because_its_inner_forward_passes_would_see_unmasked_weights(tiny_mlp):
     pruner = Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10)
     with pytest.raises(ValueError, match=r"^LBFGS evaluates the model several times .*allowed: optimizers that update once"):

@@ -148,7 +148,8 @@ class Pruner:
             raise ValueError("LBFGS evaluates the model several times inside one step(closure), before the pruner can mask "
                              "the weights; allowed: optimizers that update once per step() (SGD, Adam, AdamW, ...)")
         group_index = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
-        untrained = [name for name, weight in zip(self.masks.names, self.masks.weights) if id(weight) not in group_index]
+        untrained = [name for name, weight, counted in zip(self.masks.names, self.masks.weights, self.masks.accounted)
+                     if counted and id(weight) not in group_index]  # a frozen norm or bias only goes with its channel
         if untrained:  # pruned but never trained: gradient scores would be 0 there and nothing would recover
             raise ValueError(f"{untrained[0]} is prunable but not in the optimizer; allowed: give it to the optimizer, "
                              f"or leave it dense with exclude=[{untrained[0]!r}]")
@@ -204,8 +205,9 @@ class Pruner:
         self.masking.enforced = enforced
         self.masking.after_step(zero=not entering)
         if self.regularizer is not None and self.optimizer is not None and t <= self.schedule.end_step:
-            groups = self.optimizer.param_groups
-            self.regularizer.apply(self.layout, lambda weight: groups[self._group_index[id(weight)]]["lr"], t)  # then fine-tune
+            groups, index = self.optimizer.param_groups, self._group_index
+            # a parameter the optimizer does not train (a frozen norm) takes no step
+            self.regularizer.apply(self.layout, lambda weight: groups[index[id(weight)]]["lr"] if id(weight) in index else 0.0, t)
         if not self._scheduled_update(t) and entering:
             self.masking.masks_changed()
         self.step += 1

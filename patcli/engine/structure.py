@@ -49,8 +49,9 @@ def channel_groups(
                              "define channel_groups('heads') on the model")
     else:
         groups = sequential_groups(model, kind)
-    # a frozen layer is never pruned, not even the input columns a channel of another layer owns there
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    # a frozen layer is never pruned, not even the input columns a channel of another layer owns there (a frozen
+    # norm's γ/β or a bias only go with their channel)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad and p.dim() >= 2}
     return [g for g in groups if _matches(g.slices[0].param, include, exclude) and not any(s.param in frozen for s in g.slices)]
 
 
