@@ -302,7 +302,7 @@ def export(
         raise typer.Exit(code=2) from None
     console.print(f"params {record.params_total:,} → {record.params_after:,}; bytes {record.bytes_before:,} → "
                   f"{record.bytes_after:,} ({record.bytes_after / record.bytes_before:.3f}×)", highlight=False)
-    for batch in (1, 64):
+    for batch in (1, 64) if latency else ():  # --no-latency: the figures an earlier export measured are not shown as new
         if f"batch{batch}_before" in record.latency_ms:
             before, after = record.latency_ms[f"batch{batch}_before"], record.latency_ms[f"batch{batch}_after"]
             console.print(f"CPU latency batch {batch}: {before:.3f} ms → {after:.3f} ms ({before / after:.2f}×)", highlight=False)

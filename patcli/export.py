@@ -64,6 +64,8 @@ def export_model(model: nn.Module, config: RunConfig, data: DataBundle, run_dir:
         raise ConfigError("RUN_DIR", f"{link} cannot be followed ({error}); allowed: a folder or a link to one") from error
     if final.exists() and not final.is_dir():
         raise ConfigError("RUN_DIR", f"{final} is not a folder; allowed: a folder (or a link to one) for the export")
+    if final != link and (final / RESULT_FILE).exists():  # its model.safetensors would be replaced by the shrunk one
+        raise ConfigError("RUN_DIR", f"{link} links to {final}, which holds a run; allowed: a link to a folder of the export's own")
     through_link = final != link
     (final if through_link else final.parent).mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=final if through_link else final.parent, prefix=".export."))  # never shared
@@ -171,6 +173,14 @@ def export_run(run_dir: Path, measure_latency: bool = True) -> RunRecord:
     return record
 
 
+def _status(record_path: Path) -> str | None:
+    """A run record's status, None where there is no readable one."""
+    try:
+        return read_record(record_path).status
+    except RecordError:
+        return None
+
+
 def load_pruned(path: str | Path, device: str | None = None) -> nn.Module:
     """Load an export (``RUN_DIR/export`` or the run directory itself) as a plain nn.Module in eval mode.
 
@@ -180,7 +190,9 @@ def load_pruned(path: str | Path, device: str | None = None) -> nn.Module:
     if (path / EXPORT_DIR).is_dir():
         path = path / EXPORT_DIR
     if not (path / DESCRIPTION).is_file():
-        hint = f"; run `patcli export {path}` first" if (path / RESULT_FILE).is_file() else ""
+        status = _status(path / RESULT_FILE)
+        hint = (f"; run `patcli export {path}` first" if status == "ok"
+                else f": its run did not finish (status {status}), so there is nothing to export" if status else "")
         raise FileNotFoundError(f"{path} holds no export ({DESCRIPTION}){hint}")
     description = json.loads((path / DESCRIPTION).read_text())
     model_config = dict(description["model"])

@@ -1,5 +1,6 @@
 """`patcli export` of a run whose weights or config snapshot are damaged: one line naming the file, exit 2, nothing written."""
 
+import json
 import shutil
 
 import pytest
@@ -56,3 +57,45 @@ def test_the_undamaged_copy_exports(cli, tmp_path, finished_run):
     assert code == 0, err
     assert out.splitlines()[-1] == f"export dir: {tmp_path / 'run' / 'export'}"
     assert (tmp_path / "run" / "export" / "compressed.safetensors").is_file()
+
+
+def test_an_export_link_into_the_run_folder_is_refused_before_it_replaces_the_runs_weights(cli, tmp_path, finished_run):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "export").symlink_to(run)
+    weights = (run / "model.safetensors").read_bytes()
+    code, _, err = cli("export", str(run))
+    assert code == 2 and err.strip() == (f"error: RUN_DIR: {run}/export links to {run}, which holds a run; allowed: a link "
+                                         "to a folder of the export's own")
+    assert (run / "model.safetensors").read_bytes() == weights
+
+
+def test_load_pruned_of_a_run_that_did_not_finish_says_so(tmp_path, finished_run):
+    import patcli
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    record = json.loads((run / "result.json").read_text())
+    (run / "result.json").write_text(json.dumps({**record, "status": "interrupted"}))
+    with pytest.raises(FileNotFoundError, match=r"holds no export \(model.json\): its run did not finish \(status "
+                                                r"interrupted\), so there is nothing to export$"):
+        patcli.load_pruned(run)
+
+
+def test_load_pruned_imports_no_standard_library_module_a_tampered_export_names(cli, tmp_path, finished_run):
+    """Importing some acts (antigravity opens a browser): a model never lives there."""
+    import sys
+
+    import patcli
+    from patcli.config import ConfigError
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    assert cli("export", str(run))[0] == 0
+    description = json.loads((run / "export" / "model.json").read_text())
+    description["model"]["_target_"] = "this.Nope"
+    (run / "export" / "model.json").write_text(json.dumps(description))
+    sys.modules.pop("this", None)
+    with pytest.raises(ConfigError, match=r"^model._target_: this is a standard-library module, not imported for a model"):
+        patcli.load_pruned(run)
+    assert "this" not in sys.modules

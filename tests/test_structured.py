@@ -85,8 +85,9 @@ class Residual(nn.Module):
         return x + torch.relu(self.fc(x))
 
 
-@pytest.mark.parametrize("norm", [nn.BatchNorm2d(8, affine=False), nn.BatchNorm2d(8, track_running_stats=False), None],
-                         ids=["bn-not-affine", "bn-no-running-stats", "bn1d-over-flattened-features"])
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d(8, affine=False), nn.BatchNorm2d(8, track_running_stats=False),
+                                  nn.BatchNorm2d(8, affine=False, track_running_stats=False), None],
+                         ids=["bn-not-affine", "bn-no-running-stats", "bn-holding-no-tensor", "bn1d-over-flattened-features"])
 def test_chains_with_norms_of_every_kind_shrink_to_the_masked_models_outputs(norm):
     """Each once crashed the pruner or the export after training, losing the run."""
     torch.manual_seed(0)
@@ -116,6 +117,22 @@ def test_a_chain_the_reader_cannot_follow_is_refused_before_training(model, why)
 
     mode = "filters" if "Conv" in why else "neurons"
     with pytest.raises(StructureError, match=rf"Sequential {re.escape(why)} needs a channel_groups\(kind\) method"):
+        pruned(model(), mode, 0.5)
+
+
+@pytest.mark.parametrize("mode, model, why", [
+    ("neurons", lambda: nn.Sequential(nn.Unflatten(1, (8, 8)), nn.Linear(8, 6), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3)),
+     "1 → 4: the consumer takes 8× the Linear's outputs, flattened with its positions, not in blocks per neuron"),
+    ("neurons", lambda: nn.Sequential(nn.Linear(12, 16), nn.Unflatten(1, (16, 1)), nn.Conv1d(16, 4, 1), nn.Flatten(), nn.Linear(4, 3)),
+     "0 → 2: an Unflatten between them moves the channels"),
+    ("filters", lambda: nn.Sequential(nn.Conv1d(1, 8, 3), nn.ReLU(), nn.Linear(8, 3)),  # on length 10: 8 positions
+     "0 → 2: a Linear right after a conv acts on its last (spatial) axis, not on its channels; allowed: a Flatten"),
+], ids=["linear-over-positions-then-flatten", "unflatten-between", "linear-on-a-conv-length"])
+def test_a_consumer_that_does_not_read_the_channels_where_the_reader_assumes_is_refused(mode, model, why):
+    """Each trained with masks on the wrong input columns, then failed to shrink (or shrank to other outputs)."""
+    from patcli.engine.structure import StructureError
+
+    with pytest.raises(StructureError, match=f"^{re.escape(why)}"):
         pruned(model(), mode, 0.5)
 
 

@@ -41,14 +41,16 @@ def test_a_saved_config_naming_something_else_than_a_model_runs_nothing(cli, tmp
     victim.write_text("still here")
     description = tmp_path / "run" / "export" / "model.json"
     saved = json.loads(description.read_text())
-    saved["model"] = {"name": "custom", "_target_": "os.remove", "path": str(victim)}
-    description.write_text(json.dumps(saved))
-    with pytest.raises(patcli.config.ConfigError, match="os.remove is not an nn.Module class"):
-        patcli.load_pruned(tmp_path / "run")
+    for target, why in (("torch.load", "torch.load is not an nn.Module class"),
+                        ("os.remove", "os is a standard-library module, not imported for a model")):
+        saved["model"] = {"name": "custom", "_target_": target, "f": str(victim)}
+        description.write_text(json.dumps(saved))
+        with pytest.raises(patcli.config.ConfigError, match=why):
+            patcli.load_pruned(tmp_path / "run")
     snapshot = tmp_path / "run" / ".hydra" / "config.yaml"
     snapshot.write_text(snapshot.read_text().replace("model:\n", f"model:\n  _target_: os.remove\n  path: {victim}\n", 1))
     code, _, err = cli("export", "run")
-    assert code == 2 and "os.remove is not an nn.Module class" in err, err
+    assert code == 2 and "os is a standard-library module, not imported for a model" in err, err
     assert victim.read_text() == "still here"
 
 

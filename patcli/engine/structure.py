@@ -81,7 +81,8 @@ def sequential_groups(model: nn.Module, kind: str) -> list[ChannelGroup]:
         if module.bias is not None:
             slices.append(Slice(f"{name}.bias", 0))
         consumer = None
-        buffers = []
+        buffers: list[Slice] = []
+        between: list[nn.Module] = []  # activations, pooling, reshapes
         for next_name, following in leaves[i + 1 :]:
             if isinstance(following, NORMS):
                 slices, buffers = slices + _norm_slices(next_name, following, channels, "weight", "bias"), \
@@ -90,17 +91,38 @@ def sequential_groups(model: nn.Module, kind: str) -> list[ChannelGroup]:
             if isinstance(following, LAYERS):
                 consumer = (next_name, following)
                 break
+            between.append(following)
         if consumer is None:
             continue  # the model's output layer
         consumer_name, consumer_module = consumer
         inputs = consumer_module.weight.shape[1]
         if inputs % channels:
             raise StructureError(f"{consumer_name} takes {inputs} inputs, not a multiple of {name}'s {channels} channels")
+        problem = _channel_axis_problem(module, consumer_module, between, inputs // channels)
+        if problem:
+            raise StructureError(f"{name} → {consumer_name}: {problem}")
         slices.append(Slice(f"{consumer_name}.weight", 1, width=inputs // channels))
         groups.append(ChannelGroup(name=name, channels=channels, slices=slices, shape=module.weight.shape,
                                    activation=consumer_name, buffers=buffers,
                                    activation_dim=-1 if isinstance(consumer_module, nn.Linear) else 1))
     return groups
+
+
+def _channel_axis_problem(producer: nn.Module, consumer: nn.Module, between: list[nn.Module], width: int) -> str | None:
+    """Why the consumer would not read the producer's channels where the chain reader assumes: a conv's on axis 1,
+    a Linear's on the last axis, and after a conv's Flatten in channel-major blocks of ``width`` inputs."""
+    if any(isinstance(m, nn.Unflatten) for m in between):
+        return "an Unflatten between them moves the channels; allowed: define channel_groups(kind) on the model"
+    if isinstance(producer, nn.Linear):
+        if not isinstance(consumer, nn.Linear):
+            return "a Linear's outputs lie on the last axis, a conv reads its channels on axis 1; allowed: define channel_groups(kind)"
+        if width > 1:  # the Linear ran on more than two dims: Flatten interleaves its outputs with the positions
+            return (f"the consumer takes {width}× the Linear's outputs, flattened with its positions, not in blocks per "
+                    "neuron; allowed: define channel_groups(kind) on the model")
+    elif isinstance(consumer, nn.Linear) and not any(isinstance(m, nn.Flatten) for m in between):
+        return ("a Linear right after a conv acts on its last (spatial) axis, not on its channels; allowed: a Flatten "
+                "between them, or define channel_groups(kind) on the model")
+    return None
 
 
 def _norm_slices(name: str, norm: nn.Module, channels: int, *tensors: str) -> list[Slice]:

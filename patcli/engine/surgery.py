@@ -69,7 +69,9 @@ def sync_attributes(model: nn.Module) -> None:
             module.out_channels = module.weight.shape[0]
             module.in_channels = module.weight.shape[1] * module.groups
         elif isinstance(module, nn.modules.batchnorm._NormBase):
-            module.num_features = (module.weight if module.weight is not None else module.running_mean).shape[0]
+            held = module.weight if module.weight is not None else module.running_mean
+            if held is not None:  # affine=False without running stats holds no tensor: it normalises whatever comes
+                module.num_features = held.shape[0]
 
 
 def shapes_of(model: nn.Module) -> dict[str, list[int]]:

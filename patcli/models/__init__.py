@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 from torch import nn
@@ -68,6 +69,9 @@ def _import(path: str) -> Any:
     parts = path.split(".")
     if len(parts) < 2:
         raise ConfigError("model._target_", f"{path!r} is not a dotted path; allowed: package.module.Class")
+    if parts[0] in sys.stdlib_module_names:  # no model lives there, and importing some (antigravity, this) acts
+        raise ConfigError("model._target_", f"{parts[0]} is a standard-library module, not imported for a model; "
+                                            "allowed: the dotted path of your own nn.Module subclass")
     for split in range(len(parts) - 1, 0, -1):  # the longest importable module, then attributes
         module_name = ".".join(parts[:split])
         try:
