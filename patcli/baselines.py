@@ -131,8 +131,12 @@ class OneShotGradient:
         pruner = ctx.pruner(Gradient())
         generator = torch.Generator().manual_seed(ctx.config.seed)
         train = ctx.data.train.to(ctx.device)
-        batches = train.batches(ctx.dense.trainer.batch_size, generator)
-        for _, (inputs, targets) in zip(range(self.calibration_batches), batches):
+
+        def batches():  # as many as asked: more than one pass over a small training set starts another shuffled pass
+            while True:
+                yield from train.batches(ctx.dense.trainer.batch_size, generator)
+
+        for _, (inputs, targets) in zip(range(self.calibration_batches), batches()):
             ctx.model.zero_grad(set_to_none=True)
             loss, _ = loss_and_outputs(ctx.model, ctx.data.task, inputs, targets)
             loss.backward()
@@ -181,7 +185,9 @@ class StructuredNorm:
     def recorded(self, config: RunConfig, model: nn.Module) -> RunConfig:
         """The run as it pruned: channels, so its sparsity, record and export are those of a structured run."""
         kind = self.kind_for(model, config.pruning.mode)
-        return dataclasses.replace(config, pattern=PATTERNS.get(kind)(reduce="l2"),
+        # the record's config says so too: runs pruned alike must not split into two rows of compare
+        source = {**config.source, "pruning": {**(config.source.get("pruning") or {}), "mode": kind, "reduce": "l2"}}
+        return dataclasses.replace(config, pattern=PATTERNS.get(kind)(reduce="l2"), source=source,
                                    pruning=dataclasses.replace(config.pruning, mode=kind))
 
     def run(self, ctx: BaselineContext) -> int:

@@ -161,6 +161,11 @@ def export_run(run_dir: Path, measure_latency: bool = True) -> RunRecord:
     if record.status != "ok":
         raise ConfigError("RUN_DIR", f"{run_dir} is a {record.status} run; allowed: a finished one")
     config = load_run_config(run_dir, "RUN_DIR")
+    now = config.model_dataset_hash()
+    if record.model_dataset_hash and now != record.model_dataset_hash:  # an edited text file or config snapshot
+        raise ConfigError("RUN_DIR", f"{run_dir}'s model and data no longer match its record (model+data hash {now}, "
+                                     f"recorded {record.model_dataset_hash}): its text file (dataset.path) or its config "
+                                     "snapshot changed since training; allowed: both as they were at training")
     data = load_dataset(config.dataset)
     model = build_model(config.model, data.meta)
     load_weights(model, run_dir, "RUN_DIR")  # a damaged or foreign model file is one line, as for dense= and init_from=

@@ -135,8 +135,8 @@ def translate_hydra_error(error: Exception, overrides: list[str]) -> UsageError:
     ambiguous = re.search(r"Ambiguous value for argument '([^'=]+)=(.*)'$", (text.splitlines() or [""])[0])
     if ambiguous:  # a comma list given to train/prune-post (paths come back quoted by absolute_paths)
         key, value = ambiguous.group(1), ambiguous.group(2).replace("'", "")
-        return UsageError(f"{key}: {value} is several values; allowed: one value, a list {key}=[a,b], or several runs "
-                          f"with patcli sweep {key}={value}")
+        one = f"one path (a name with a comma quoted: {key}='{value}')" if key.lstrip("+") in PATH_KEYS else f"one value, a list {key}=[a,b]"
+        return UsageError(f"{key}: {value} is several values; allowed: {one}, or several runs with patcli sweep {key}={value}")
     merging = re.match(r"Error merging override ([^=]+)=(.*)", text)
     why = str(error.__cause__).splitlines() if error.__cause__ is not None else []
     if merging and why and why[0]:  # OmegaConf says why (a type) on the first line of the cause
@@ -260,6 +260,11 @@ PATH_KEYS = ("dataset.path", "dense", "trainer.init_from")
 FOLDER_KEYS = ("output_root", "hydra.run.dir", "hydra.sweep.dir")  # written, not read: quoted, left relative
 
 
+def _absolute(path: str) -> str:
+    """``~`` expanded (a shell leaves it alone after ``key=``) and made absolute."""
+    return str(Path(path).expanduser().absolute()) if path else path
+
+
 def absolute_paths(overrides: list[str]) -> list[str]:
     """Relative paths given for files a run reads, made absolute: its saved config (which ``export`` and
     ``load_pruned`` rebuild the run from) must still find them from another directory. Plain values and a sweep's
@@ -269,9 +274,11 @@ def absolute_paths(overrides: list[str]) -> list[str]:
     for override in overrides:
         key, _, value = override.partition("=")
         items = [item.strip() for item in value.split(",")]  # Hydra ignores spaces around a sweep's commas
-        if key.lstrip("+") in PATH_KEYS and re.fullmatch(r"[^'\"()\[\]{}$=]+", value) and all(items):
-            paths = [p if p.lower() == "null" else quoted(p if Path(p).is_absolute() else str(Path(p).absolute()))
-                     for p in items]  # null: unset, not a file called null
+        single = re.fullmatch(r"'([^'\\]*)'|\"([^\"\\]*)\"", value)  # one path the user quoted (spaces, commas)
+        if key.lstrip("+") in PATH_KEYS and single:
+            override = f"{key}={quoted(_absolute(single.group(1) or single.group(2) or ''))}"
+        elif key.lstrip("+") in PATH_KEYS and re.fullmatch(r"[^'\"()\[\]{}$=]+", value) and all(items):
+            paths = [p if p.lower() == "null" else quoted(_absolute(p)) for p in items]  # null: unset, not a file called null
             override = f"{key}={','.join(paths)}"
         elif key.lstrip("+") in FOLDER_KEYS and re.fullmatch(r"[^'\"()\[\]{}$=,]+", value) and not re.fullmatch(r"[\w./~@%+:-]+", value, re.ASCII):
             override = f"{key}={quoted(value)}"  # a space or a non-ASCII letter would end Hydra's plain value

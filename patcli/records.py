@@ -8,6 +8,7 @@ and parses describes a run that ended (with its ``status``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import typing
@@ -143,6 +144,10 @@ def read_record(path: Path) -> RunRecord:
         raise RecordError(f"{path}: {error}") from error
     if record.schema_version > SCHEMA_VERSION:
         raise RecordError(f"{path}: schema_version {record.schema_version} is newer than this patcli ({SCHEMA_VERSION})")
+    bad = [f"{split}.{name}" for split, values in record.metrics.items() for name, value in values.items()
+           if isinstance(value, float) and not math.isfinite(value)]
+    if record.status == "ok" and bad:  # a hand-edited record: a diverged run is recorded failed
+        raise RecordError(f"{path}: a finished run whose {bad[0]} is not a finite number")
     if record.status == "ok" and record.primary_value("test") is None and record.primary_value("val") is None:
         raise RecordError(f"{path}: a finished run without its {record.primary_metric} metric")
     record.run_dir = str(Path(path).parent)

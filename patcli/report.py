@@ -47,6 +47,9 @@ class Row:
     method: str
     cells: dict[float, Cell] = field(default_factory=dict)
     steps: set[int] = field(default_factory=set)
+    training: str = ""  # the training settings it shares with the dense run it compares with (see ``training_key``)
+    cites: dict[str, float | None] = field(default_factory=dict)  # dense runs its records started from → their metric
+    dense_value: float | None = None  # what its difference to dense is taken against
 
     def steps_text(self) -> str:
         if not self.steps:
@@ -101,6 +104,7 @@ class GroupTable:
 class Comparison:
     groups: list[GroupTable]
     not_ok: list[RunRecord]
+    repeats: list[str] = field(default_factory=list)  # runs counted once: the same recipe, sparsity, seed and fold
 
     @property
     def has_values(self) -> bool:
@@ -175,6 +179,14 @@ def identity(record: RunRecord) -> str:
     return json.dumps(flat, sort_keys=True, default=str)
 
 
+def training_key(record: RunRecord) -> str:
+    """The settings a row shares with the dense run it should be compared with: everything but what pruning,
+    baselines and seeds add (a PAT run at trainer.epochs=10 compares with the dense run at trainer.epochs=10)."""
+    flat = {k: v for k, v in settings(record).items()
+            if k not in NOT_IDENTITY and not k.startswith(PAT_ONLY + ("pruning.", "baseline."))}
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
 def compare(records: list[RunRecord], metric: str | None = None, split: str = "test") -> Comparison:
     """Group ok records by model+dataset, pool seeds per (recipe, sparsity), and keep the rest apart."""
     groups: dict[str, GroupTable] = {}
@@ -182,6 +194,8 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
     configs: dict[tuple[str, str, str], dict] = {}
     references: dict[str, RunRecord] = {}  # dense run (id, or dir for older records) → one record that cites it
     dense_rows_of: dict[str, Row] = {}  # id and dir of each dense run among the records → its row
+    seen: dict[tuple, str] = {}  # (group, recipe, sparsity, seed, fold) → the run counted for it
+    repeats: list[str] = []
     for record in (r for r in records if r.status == "ok"):
         name = metric or record.primary_metric
         higher = record.higher_is_better if name == record.primary_metric else name == "accuracy"
@@ -191,14 +205,24 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
         if value is None:
             continue
         label, key = row_label(record), identity(record)
-        row = keyed.setdefault(record.model_dataset_hash, {}).setdefault((label, key), Row(label, record.method))
+        column = 0.0 if record.method == "dense" else round(record.target_sparsity, 6)
+        fold = flatten(record.config).get("dataset.val_fold")
+        first = seen.setdefault((record.model_dataset_hash, label, key, column, record.seed, fold), record.run_dir)
+        if first != record.run_dir:  # a repeat is no new sample: pooling it would shrink the std
+            repeats.append(f"{record.run_dir}: the same recipe, sparsity and seed{'' if fold is None else ' and fold'} "
+                           f"as {first}, counted once")
+            continue
+        row = keyed.setdefault(record.model_dataset_hash, {}).setdefault(
+            (label, key), Row(label, record.method, training=training_key(record)))
         configs[(record.model_dataset_hash, label, key)] = settings(record)
-        _add(row, 0.0 if record.method == "dense" else round(record.target_sparsity, 6), value, record)
+        _add(row, column, value, record)
         if record.method == "dense":
             dense_rows_of.update({ident: row for ident in (record.run_id, str(Path(record.run_dir).resolve())) if ident})
         elif record.dense_reference:
             cited = record.dense_reference
-            references.setdefault(cited.get("run_id") or str(Path(cited.get("run_dir", "")).resolve()), record)
+            ident = cited.get("run_id") or str(Path(cited.get("run_dir", "")).resolve())
+            references.setdefault(ident, record)
+            row.cites[ident] = (cited.get("metrics") or {}).get(split, {}).get(name)
     for group_key, rows in keyed.items():
         group = groups[group_key]
         _disambiguate(rows, {k[1:]: v for k, v in configs.items() if k[0] == group_key})
@@ -215,8 +239,32 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
         if cited not in dense_rows_of and value is not None and (group.dense is None or group.dense.label == "dense"):
             group.dense = group.dense or Row("dense", "dense")
             _add(group.dense, 0.0, value, None, steps=record.dense_reference.get("train_steps"))
+    for group_key, rows in keyed.items():
+        group = groups[group_key]
+        dense_rows = [row for row in rows.values() if row.method == "dense" and 0.0 in row.cells]
+        for row in group.rows.values():
+            row.dense_value = _dense_value_for(row, group, dense_rows, dense_rows_of)
+        if group.dense is not None:
+            group.dense.dense_value = group.dense_value
     not_ok = [r for r in records if r.status != "ok"]
-    return Comparison(sorted(groups.values(), key=lambda g: (g.model, g.dataset, g.config_hash)), not_ok)
+    return Comparison(sorted(groups.values(), key=lambda g: (g.model, g.dataset, g.config_hash)), not_ok, repeats)
+
+
+def _dense_value_for(row: Row, group: GroupTable, dense_rows: list[Row], dense_rows_of: dict[str, Row]) -> float | None:
+    """The dense result a row's difference is taken against: the dense run its baselines started from, else the
+    dense run trained the same way (same trainer, model, data), else the group's dense row."""
+    if row.method == "dense":
+        return group.dense_value
+    cited = {id(dense_rows_of[c]): dense_rows_of[c] for c in row.cites if c in dense_rows_of}
+    if len(cited) == 1:
+        return next(iter(cited.values())).cells[0.0].mean
+    values = [v for c, v in row.cites.items() if c not in dense_rows_of and v is not None]
+    if row.cites and not cited and values:  # dense runs known only through what these records cite
+        return statistics.fmean(values)
+    same = [d for d in dense_rows if d.training == row.training]
+    if len(same) == 1:
+        return same[0].cells[0.0].mean
+    return group.dense_value
 
 
 def _disambiguate(rows: dict[tuple[str, str], Row], configs: dict[tuple[str, str], dict]) -> None:
@@ -263,13 +311,12 @@ def runs_text(rows: list[Row]) -> str:
     return str(counts.pop()) if len(counts) == 1 else f"{min(counts)}–{max(counts)}"
 
 
-def cell_text(cell: Cell, group: GroupTable, with_delta: bool = True) -> str:
-    """``97.2±0.3 (+0.4)``: mean ± std over runs, and the difference to dense in the same units."""
+def cell_text(cell: Cell, group: GroupTable, dense: float | None = None) -> str:
+    """``97.2±0.3 (+0.4)``: mean ± std over runs, and the difference to ``dense`` (the row's own) in the same units."""
     text = fmt(cell.mean, group.metric)
     if cell.n > 1:
         text += f"±{fmt(cell.std, group.metric)}"
-    dense = group.dense_value
-    if with_delta and dense is not None:
+    if dense is not None:
         text += f" ({(cell.mean - dense) * scale(group.metric):+.{1 if group.metric == 'accuracy' else 3}f})"
     return text
 
@@ -295,8 +342,8 @@ def rich_tables(comparison: Comparison):
             table.add_column(column_label(column), justify="right", min_width=8, ratio=1)
         if group.dense:
             dense_cell = group.dense.cells[0.0]
-            table.add_row("dense", group.dense.steps_text(), str(dense_cell.n),
-                          *[f"[dim]{cell_text(dense_cell, group, with_delta=False)}[/]" for _ in columns])
+            table.add_row(escape(group.dense.label), group.dense.steps_text(), str(dense_cell.n),
+                          *[f"[dim]{cell_text(dense_cell, group)}[/]" for _ in columns])
         for row in rows:
             cells = []
             for column in columns:
@@ -304,7 +351,7 @@ def rich_tables(comparison: Comparison):
                 if cell is None:
                     cells.append("-")
                     continue
-                text = cell_text(cell, group)
+                text = cell_text(cell, group, row.dense_value)
                 cells.append(f"[bold green]{text}[/]" if cell.mean == group.best(column) else text)
             table.add_row(escape(row.label), row.steps_text(), runs_text([row]), *cells)
         direction = "higher" if group.higher_is_better else "lower"
@@ -332,7 +379,7 @@ def long_rows(comparison: Comparison) -> list[dict]:
         ]
         for row, column in entries:
             cell = row.cells[column]
-            dense = group.dense_value
+            dense = row.dense_value
             rows.append({
                 "model": group.model, "dataset": group.dataset, "config_hash": group.config_hash,
                 "method": row.method, "row": row.label, "target_sparsity": column,
@@ -380,13 +427,13 @@ def to_markdown(comparison: Comparison) -> str:
         lines = [f"**{group.title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         if group.dense:
             dense = group.dense.cells[0.0]
-            lines.append("| " + " | ".join(["dense", group.dense.steps_text(), str(dense.n)]
-                                           + [cell_text(dense, group, False)] * len(columns)) + " |")
+            lines.append("| " + " | ".join([group.dense.label, group.dense.steps_text(), str(dense.n)]
+                                           + [cell_text(dense, group)] * len(columns)) + " |")
         for row in group.ordered_rows():
             cells = []
             for column in columns:
                 cell = row.cells.get(column)
-                text = "-" if cell is None else cell_text(cell, group)
+                text = "-" if cell is None else cell_text(cell, group, row.dense_value)
                 cells.append(f"**{text}**" if cell is not None and cell.mean == group.best(column) else text)
             lines.append("| " + " | ".join([row.label, row.steps_text(), runs_text([row])] + cells) + " |")
         parts.append("\n".join(lines))

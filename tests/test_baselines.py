@@ -13,6 +13,7 @@ from patcli.config import parse_run_config
 from patcli.dense import resolve_dense
 from patcli.hydra_app import conf_dir
 from patcli.records import find_record_files, read_record
+from patcli import report
 from patcli.report import compare
 from patcli.runner import execute
 
@@ -300,3 +301,26 @@ def test_a_baseline_started_from_a_continued_dense_run_is_compared_with_that_run
         (post,) = [r for r in rows if r[4] == "post:magnitude"]
         cited = result_of(tmp_path / "mag")["dense_reference"]["metrics"]["test"]["accuracy"]
         assert float(post[12]) == pytest.approx(float(post[9]) - cited), paths  # the difference to the run it cites
+
+
+def test_the_gradient_baseline_observes_as_many_batches_as_asked_even_beyond_one_pass(cli, monkeypatch):
+    from patcli.engine import Pruner
+
+    observed = []
+    real = Pruner.observe
+    monkeypatch.setattr(Pruner, "observe", lambda self, *args: (observed.append(1), real(self, *args))[1])
+    code, _, err = cli("prune-post", *TINY, "baseline=gradient", "baseline.calibration_batches=45", "hydra.run.dir=g")
+    assert code == 0, err
+    assert len(observed) == 45  # digits' 1,257 training images make 20 batches of 64 per pass
+
+
+def test_a_structured_baseline_is_one_row_whatever_pruning_mode_was_given(cli, tmp_path):
+    """It removes neurons either way: its record says so, and compare does not split the two runs into rows."""
+    for mode, sparsity in (("unstructured", "0.5"), ("neurons", "0.25")):
+        code, _, err = cli("prune-post", *TINY, "baseline=structured", f"pruning={mode}", f"pruning.sparsity={sparsity}",
+                           f"hydra.run.dir=st-{mode}")
+        assert code == 0, err
+        assert result_of(tmp_path / f"st-{mode}")["config"]["pruning"]["mode"] == "neurons"
+    records, _ = report.load_records([tmp_path / "st-unstructured", tmp_path / "st-neurons"])
+    (group,) = compare(records).groups
+    assert list(group.rows) == ["post:structured"] and sorted(group.rows["post:structured"].cells) == [0.25, 0.5]

@@ -250,8 +250,17 @@ def test_torchrun_is_refused_before_any_process_writes_a_run(cli, tmp_path, monk
 
 def test_several_paths_given_to_a_single_run_are_shown_as_given(cli, tmp_path):
     code, _, err = cli("train", *TINY, "dense=/tmp/a,/tmp/b")
-    assert code == 2 and err.strip() == ("error: dense: /tmp/a,/tmp/b is several values; allowed: one value, a list "
-                                         "dense=[a,b], or several runs with patcli sweep dense=/tmp/a,/tmp/b")
+    assert code == 2 and err.strip() == ("error: dense: /tmp/a,/tmp/b is several values; allowed: one path (a name with a "
+                                         "comma quoted: dense='/tmp/a,/tmp/b'), or several runs with patcli sweep dense=/tmp/a,/tmp/b")
+
+
+def test_a_quoted_or_home_relative_path_is_saved_absolute(cli, tmp_path, monkeypatch):
+    """export rebuilds a run from its saved config, from any directory: every path in it must be absolute."""
+    from patcli.hydra_app import absolute_paths
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert absolute_paths(["dataset.path='my data.txt'", "dense=~/runs/d", 'trainer.init_from="a,b"']) == [
+        f"dataset.path='{tmp_path}/my data.txt'", f"dense='{tmp_path}/home/runs/d'", f"trainer.init_from='{tmp_path}/a,b'"]
 
 
 def test_a_hydra_error_without_a_message_is_named_by_its_type():

@@ -44,7 +44,7 @@ def test_rows_cells_pooling_and_best(runs):
     assert [row.label for row in group.ordered_rows()] == ["PAT agp+magnitude+global", "post:magnitude", "post:iterative"]
     pat = group.rows["PAT agp+magnitude+global"].cells[0.9]
     assert pat.n == 2 and pat.mean == pytest.approx(0.974) and pat.std == pytest.approx(0.0028284, abs=1e-6)
-    assert report.cell_text(pat, group) == "97.4±0.3 (+0.4)"
+    assert report.cell_text(pat, group, group.rows["PAT agp+magnitude+global"].dense_value) == "97.4±0.3 (+0.4)"
     assert group.best(0.9) == pytest.approx(0.974) and group.best(0.95) == pytest.approx(0.975)  # iterative wins at 95%
     assert group.rows["post:iterative"].steps_text() == "1,250"
     assert [r.status for r in comparison.not_ok] == ["failed"]
@@ -232,3 +232,41 @@ def test_pat_settings_a_baseline_or_dense_run_never_reads_do_not_split_its_row(t
     assert group.rows["post:magnitude"].cells[0.9].n == 2 and group.dense.cells[0.0].n == 2
     pat_rows = [label for label in group.rows if label.startswith("PAT")]
     assert len(pat_rows) == 2  # PAT reads pruning.frequency: two recipes, told apart
+
+
+def test_each_row_is_compared_with_the_dense_run_trained_like_it_or_that_it_started_from(tmp_path):
+    """Two dense setups: the one with more runs is the dense row, but a row trained (or pruned from) the other one
+    must show its difference to that one, not to the dense row."""
+    short, long = {"trainer": {"epochs": 5}}, {"trainer": {"epochs": 10}}
+    record(tmp_path, "d5-s0", "dense", "dense", 0.0, 0.70, seed=0, config=short, run_id="d5a")
+    record(tmp_path, "d5-s1", "dense", "dense", 0.0, 0.74, seed=1, config=short, run_id="d5b")
+    record(tmp_path, "d10", "dense", "dense", 0.0, 0.88, config=long, run_id="d10")
+    record(tmp_path, "pat10", "pat", "agp+magnitude+global", 0.8, 0.85, config=long, run_id="p10")
+    record(tmp_path, "mag10", "post:magnitude", "post:magnitude", 0.8, 0.47, config=long, run_id="m10",
+           dense_reference={"run_id": "d10", "run_dir": str(tmp_path / "d10"), "metrics": {"test": {"accuracy": 0.88}}})
+    records, _ = report.load_records([tmp_path])
+    (group,) = report.compare(records).groups
+    assert group.dense.label == "dense [trainer.epochs=5]" and group.dense_value == pytest.approx(0.72)
+    rows = {row.label: row for row in group.ordered_rows()}
+    assert rows["PAT agp+magnitude+global"].dense_value == pytest.approx(0.88)  # trained like the 10-epoch dense run
+    assert report.cell_text(rows["post:magnitude"].cells[0.8], group, rows["post:magnitude"].dense_value) == "47.0 (-41.0)"
+    assert {r["row"]: r["delta_vs_dense"] for r in report.long_rows(report.compare(records))}["post:magnitude"] == pytest.approx(-0.41)
+
+
+def test_a_repeat_of_the_same_recipe_and_seed_is_counted_once_with_a_warning(cli, runs):
+    """Two runs of seed 0 (a rerun, or baselines that all took their dense run's seed) are one sample, not two."""
+    record(runs, "pat-90-s0-rerun", "pat", "agp+magnitude+global", 0.9, 0.972, seed=0)
+    code, out, err = cli("compare", str(runs), "--format", "json")
+    assert code == 0, err
+    cells = {(r["row"], r["target_sparsity"]): r["n"] for r in json.loads(out)["rows"]}
+    assert cells[("PAT agp+magnitude+global", 0.9)] == 2  # seeds 0 and 1
+    assert f"warning: {runs}/pat-90-s0-rerun: the same recipe, sparsity and seed as {runs}/pat-90-s0, counted once" in " ".join(err.split())
+
+
+def test_a_record_with_a_metric_that_is_not_finite_is_skipped_with_its_reason(runs):
+    path = runs / "pat-95" / "result.json"
+    data = json.loads(path.read_text())
+    data["metrics"]["test"]["accuracy"] = float("nan")
+    path.write_text(json.dumps(data))
+    records, skipped = report.load_records([runs])
+    assert any("pat-95/result.json: a finished run whose test.accuracy is not a finite number" in line for line in skipped)

@@ -338,7 +338,7 @@ def test_relative_paths_in_a_sweeps_list_are_made_absolute_too(tmp_path, monkeyp
 
     monkeypatch.chdir(tmp_path)
     assert absolute_paths(["dataset.path=a.txt,/abs/b.txt", "dense=runs/d", "seed=0,1", "dataset.path='q.txt'"]) == [
-        f"dataset.path='{tmp_path}/a.txt','/abs/b.txt'", f"dense='{tmp_path}/runs/d'", "seed=0,1", "dataset.path='q.txt'"]
+        f"dataset.path='{tmp_path}/a.txt','/abs/b.txt'", f"dense='{tmp_path}/runs/d'", "seed=0,1", f"dataset.path='{tmp_path}/q.txt'"]
     assert absolute_paths(["dense=null", "trainer.init_from=null", "dense=null,runs/d"]) == [  # null is unset, not a file
         "dense=null", "trainer.init_from=null", f"dense=null,'{tmp_path}/runs/d'"]
     assert absolute_paths(["dense=d1, NULL", "dense=a,"]) == [f"dense='{tmp_path}/d1',NULL", "dense=a,"]  # as Hydra reads them

@@ -158,3 +158,25 @@ def test_a_head_dim_below_one_is_refused_not_trained_as_the_default(cli, tmp_pat
     code, _, err = cli("train", *GPT, "dataset.path=t.txt", f"model.head_dim={head_dim}", "hydra.run.dir=run")
     assert code == 2 and err.strip() == f"error: model.head_dim: {head_dim} is out of range; allowed: >= 1, or null for d_model / n_head"
     assert not (tmp_path / "run").exists()
+
+
+def test_export_after_the_text_file_was_edited_says_so(cli, tmp_path):
+    (tmp_path / "t.txt").write_text(LOOP * 100)
+    code, _, err = cli("train", *GPT, "dataset.path=t.txt", "hydra.run.dir=run")
+    assert code == 0, err
+    with open(tmp_path / "t.txt", "a") as handle:
+        handle.write("Z@")  # two new characters: the rebuilt model would have another vocabulary
+    code, _, err = cli("export", "run")
+    assert code == 2 and "model and data no longer match its record" in err and "text file (dataset.path)" in err, err
+    assert not (tmp_path / "run" / "export").exists()
+
+
+def test_only_the_characters_read_must_be_utf8_and_a_byte_order_mark_is_no_character(tmp_path):
+    good = LOOP * 100
+    (tmp_path / "late.txt").write_bytes(good.encode() + b"\xff" + b"x" * 20_000)  # past max_chars, within the read-ahead
+    assert TextFile(path=str(tmp_path / "late.txt"), max_chars=1000).text() == good[:1000]
+    (tmp_path / "early.txt").write_bytes(b"ab\xffcd")
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(a byte that is not UTF-8 at character 2\); allowed: a UTF-8 text file"):
+        TextFile(path=str(tmp_path / "early.txt")).text()
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + good.encode())
+    assert TextFile(path=str(tmp_path / "bom.txt")).text() == good

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,8 +185,8 @@ class PythonSources(CharCorpus):
     """The installed standard library's ``.py`` sources (tests excluded), deterministic order, first ``max_chars``."""
 
     def encoded(self) -> tuple[torch.Tensor, list[str], None]:
-        stdlib = sysconfig.get_paths()["stdlib"]
-        key = hashlib.sha256(f"{stdlib}|{self.max_chars}|{self.max_vocab}".encode()).hexdigest()[:16]
+        stdlib = sysconfig.get_paths()["stdlib"]  # and the exact Python: an update in place rewrites its sources
+        key = hashlib.sha256(f"{stdlib}|{sys.version}|{self.max_chars}|{self.max_vocab}".encode()).hexdigest()[:16]
         return (*cached_encoding(f"{self.name}-{key}", lambda: read_stdlib(self.max_chars), self.max_vocab), None)
 
 
@@ -202,17 +203,22 @@ class TextFile(CharCorpus):
         if not self.path:
             raise ConfigError(f"{prefix}.path", "missing; allowed: the path of a UTF-8 text file")
         if not Path(self.path).is_file():
-            raise ConfigError(f"{prefix}.path", f"{self.path} is not a file")
+            raise ConfigError(f"{prefix}.path", f"{self.path} is not a file; allowed: the path of a UTF-8 text file")
 
     def text(self) -> str:
-        """The first ``max_chars`` characters, read without reading the rest of the file."""
+        """The first ``max_chars`` characters, read without reading the rest of the file (a byte order mark is no
+        character). Bytes that are not UTF-8 are an error only within those characters: the decoder reads ahead."""
         try:
-            with open(self.path, encoding="utf-8") as file:
-                return file.read(self.max_chars)
-        except UnicodeDecodeError as error:
-            raise ConfigError("dataset.path", f"{self.path} is not UTF-8 text ({error.reason})") from error
+            with open(self.path, encoding="utf-8-sig", errors="surrogateescape") as file:
+                text = file.read(self.max_chars)
         except OSError as error:
-            raise ConfigError("dataset.path", f"{self.path} cannot be read ({error.strerror or error})") from error
+            raise ConfigError("dataset.path", f"{self.path} cannot be read ({error.strerror or error}); allowed: "
+                                              "a readable UTF-8 text file") from error
+        bad = next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)
+        if bad is not None:
+            raise ConfigError("dataset.path", f"{self.path} is not UTF-8 text (a byte that is not UTF-8 at character "
+                                              f"{bad}); allowed: a UTF-8 text file")
+        return text
 
     def file_state(self) -> tuple | None:
         """What tells, without reading it, that the file changed since this process loaded it (ctime: even a copy
