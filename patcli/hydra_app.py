@@ -275,7 +275,7 @@ def absolute_paths(overrides: list[str]) -> list[str]:
         key, _, value = override.partition("=")
         items = [item.strip() for item in value.split(",")]  # Hydra ignores spaces around a sweep's commas
         single = re.fullmatch(r"'([^'\\]*)'|\"([^\"\\]*)\"", value)  # one path the user quoted (spaces, commas)
-        if key.lstrip("+") in PATH_KEYS and single:
+        if key.lstrip("+") in PATH_KEYS and single and "$" not in value:  # an interpolation is Hydra's to resolve
             override = f"{key}={quoted(_absolute(single.group(1) or single.group(2) or ''))}"
         elif key.lstrip("+") in PATH_KEYS and re.fullmatch(r"[^'\"()\[\]{}$=]+", value) and all(items):
             paths = [p if p.lower() == "null" else quoted(_absolute(p)) for p in items]  # null: unset, not a file called null

@@ -206,8 +206,11 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
             continue
         label, key = row_label(record), identity(record)
         column = 0.0 if record.method == "dense" else round(record.target_sparsity, 6)
-        fold = flatten(record.config).get("dataset.val_fold")
-        first = seen.setdefault((record.model_dataset_hash, label, key, column, record.seed, fold), record.run_dir)
+        flat = flatten(record.config)
+        # the same seed from other weights (another dense run, trainer.init_from) is another sample
+        start = ((record.dense_reference or {}).get("run_id"), flat.get("trainer.init_from"))
+        fold = flat.get("dataset.val_fold")
+        first = seen.setdefault((record.model_dataset_hash, label, key, column, record.seed, fold, start), record.run_dir)
         if first != record.run_dir:  # a repeat is no new sample: pooling it would shrink the std
             repeats.append(f"{record.run_dir}: the same recipe, sparsity and seed{'' if fold is None else ' and fold'} "
                            f"as {first}, counted once")

@@ -270,3 +270,17 @@ def test_a_record_with_a_metric_that_is_not_finite_is_skipped_with_its_reason(ru
     path.write_text(json.dumps(data))
     records, skipped = report.load_records([runs])
     assert any("pat-95/result.json: a finished run whose test.accuracy is not a finite number" in line for line in skipped)
+
+
+def test_the_same_seed_started_from_other_weights_is_another_sample(tmp_path):
+    """Baselines of one seed pruned from two different dense runs, or PAT runs continued from two runs."""
+    for name, dense in (("mag-a", "dA"), ("mag-b", "dB")):
+        record(tmp_path, name, "post:magnitude", "post:magnitude", 0.9, 0.1 if dense == "dA" else 0.17,
+               dense_reference={"run_id": dense, "run_dir": str(tmp_path / dense), "metrics": {"test": {"accuracy": 0.97}}})
+    for name, start in (("pat-a", "/runs/a"), ("pat-b", "/runs/b")):
+        record(tmp_path, name, "pat", "agp+magnitude+global", 0.9, 0.9, config={"trainer": {"init_from": start}})
+    records, _ = report.load_records([tmp_path])
+    comparison = report.compare(records)
+    (group,) = comparison.groups
+    assert comparison.repeats == []
+    assert group.rows["post:magnitude"].cells[0.9].n == 2 and group.rows["PAT agp+magnitude+global"].cells[0.9].n == 2

@@ -206,10 +206,11 @@ class TextFile(CharCorpus):
             raise ConfigError(f"{prefix}.path", f"{self.path} is not a file; allowed: the path of a UTF-8 text file")
 
     def text(self) -> str:
-        """The first ``max_chars`` characters, read without reading the rest of the file (a byte order mark is no
-        character). Bytes that are not UTF-8 are an error only within those characters: the decoder reads ahead."""
+        """The first ``max_chars`` characters, read without reading the rest of the file. Bytes that are not UTF-8 are
+        an error only within those characters (the decoder reads ahead). A byte order mark stays a character: runs
+        are keyed on the text read, and dropping it would make older runs on such a file look like another file."""
         try:
-            with open(self.path, encoding="utf-8-sig", errors="surrogateescape") as file:
+            with open(self.path, encoding="utf-8", errors="surrogateescape") as file:
                 text = file.read(self.max_chars)
         except OSError as error:
             raise ConfigError("dataset.path", f"{self.path} cannot be read ({error.strerror or error}); allowed: "
