@@ -409,6 +409,9 @@ def check_combination(config: RunConfig) -> None:
         if config.pruning.mode != "unstructured":
             raise ConfigError("regrowth", f"regrowth={regrowth.name} drops and regrows single weights; allowed with "
                               f"pruning=unstructured (got pruning={config.pruning.mode})")
+        if config.pruning.masking != "inplace":
+            raise ConfigError("pruning.masking", f"regrowth={regrowth.name} regrows weights at zero, which a dense copy "
+                              "would overwrite; allowed with pruning.masking=inplace")
     if regrowth.name == "reversal" and schedule.name == "alternating":
         raise ConfigError("regrowth", "regrowth=reversal and schedule=alternating both lift masks, in different ways; "
                           "allowed: one of them")

@@ -158,6 +158,8 @@ def test_lasso_pat_masks_what_it_zeroes_and_can_close_at_an_exact_target():
         (["regularizer=group_lasso"], "allowed with pruning=neurons, filters or heads"),
         (["regularizer=lasso", "regrowth=reversal"], "allowed with regrowth=none"),
         (["regrowth=rigl", "regrowth.drop_fraction=1.5"], "regrowth.drop_fraction: 1.5 is out of range"),
+        (["regrowth=rigl", "schedule=constant", "pruning.masking=dense_shadow"],
+         "pruning.masking: regrowth=rigl regrows weights at zero, which a dense copy would overwrite; allowed with pruning.masking=inplace"),
     ],
 )
 def test_invalid_combinations_are_one_line_errors(cli, overrides, message):

@@ -183,3 +183,77 @@ def test_under_ddp_every_rank_prunes_the_same_weights_to_the_exact_count(tmp_pat
     assert pruned == round(0.8 * sum(k.numel() for k in ranks[0]["keep"]))
     weights = [w for w in ranks[0]["weights"] if w.dim() == 2]
     assert sum(int((w == 0).sum()) for w in weights) == pruned
+
+
+def test_a_regularizers_closing_mask_keeps_the_largest_weights_whatever_the_scorer():
+    """The close is by magnitude: with scorer=gradient it used to keep weights the penalty had zeroed."""
+    from patcli.engine import REGULARIZERS
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 10))
+    pruner = Pruner(model, sparsity=0.6, schedule=SCHEDULES.get("constant")(begin=0, end=10), total_steps=20, frequency=3,
+                    regularizer=REGULARIZERS.get("lasso")(lam=0.05, warmup=4, target=0.6), scorer=SCORERS.get("gradient")())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner.attach(optimizer)
+    before = {}
+    closing = pruner.update_masks
+
+    def seen(t, *args, **kwargs):
+        before[t] = [w.detach().abs().clone() for w in pruner.masks.weights]
+        return closing(t, *args, **kwargs)
+
+    pruner.update_masks = seen
+    inputs, targets = torch.randn(64, 20), torch.randint(0, 10, (64,))
+    for _ in range(11):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+    for magnitude, keep in zip(before[10], pruner.masks.keep):  # uniform allocation: a magnitude threshold per layer
+        assert float(magnitude[keep].min()) >= float(magnitude[~keep].max())
+    assert pruner.masks.sparsity() == pytest.approx(0.6, abs=1e-3)
+
+
+def test_rigl_regrows_at_zero_even_when_dense_shadow_masking_was_asked():
+    from patcli.engine import REGROWTHS
+    from patcli.engine.masks import InplaceMasking
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    pruner = Pruner(model, sparsity=0.8, schedule=SCHEDULES.get("constant")(), total_steps=20, masking="dense_shadow",
+                    regrowth=REGROWTHS.get("rigl")(delta_t=5))
+    assert isinstance(pruner.masking, InplaceMasking)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    pruner.attach(optimizer)
+    for step in range(5):
+        optimizer.zero_grad()
+        loss_of(model, step).backward()
+        optimizer.step()
+    old = [k.clone() for k in pruner.masks.keep]
+    optimizer.zero_grad()
+    loss_of(model, 5).backward()
+    pruner.regrow(5)
+    grown = [~o & k for o, k in zip(old, pruner.masks.keep)]
+    assert sum(int(g.sum()) for g in grown) > 0
+    assert all(bool((w[g] == 0).all()) for w, g in zip(pruner.masks.weights, grown))
+
+
+def test_rigl_regrows_nothing_on_a_step_the_grad_scaler_skips(tiny_mlp):
+    """A fused optimizer's GradScaler skips an overflowing step inside the kernel: its inf gradients must not grow weights."""
+    from patcli.engine import REGROWTHS
+
+    optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.05, fused=True)
+    pruner = Pruner(tiny_mlp, sparsity=0.8, schedule=SCHEDULES.get("constant")(), total_steps=30,
+                    regrowth=REGROWTHS.get("rigl")(delta_t=3)).attach(optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for step in range(4):
+        before = [k.clone() for k in pruner.masks.keep]
+        optimizer.zero_grad()
+        scaler.scale(loss_of(tiny_mlp, step)).backward()
+        if step == 3:  # a regrowth step, overflowing
+            pruned = (~pruner.masks.keep[0]).nonzero()[0]
+            tiny_mlp[0].weight.grad[tuple(pruned)] = float("inf")
+        scaler.step(optimizer)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**9  # the step was skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, pruner.masks.keep))  # and nothing regrew
+    assert pruner.updates == []  # step 3 was the first regrowth update

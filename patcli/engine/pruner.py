@@ -239,19 +239,20 @@ class Pruner:
             self.update_masks(t)
         elif t == self.schedule.end_step and self.regularizer.target is not None:
             # closing: exactly the target by magnitude, over all weights (the penalty may have zeroed too many)
-            self.update_masks(t, self.regularizer.target, monotone=False)
+            self.update_masks(t, self.regularizer.target, monotone=False, scorer=Magnitude())
         else:
             self.mask_zeros(t)
         return True
 
     # -- decisions ------------------------------------------------------------------------------------------------
 
-    def update_masks(self, t: int, target: float | None = None, monotone: bool | None = None) -> MaskUpdate:
-        """Re-choose masks for the schedule's target at step t (or an explicit ``target``)."""
+    def update_masks(self, t: int, target: float | None = None, monotone: bool | None = None,
+                     scorer: Scorer | None = None) -> MaskUpdate:
+        """Re-choose masks for the schedule's target at step t (or an explicit ``target``, or ``scorer``)."""
         target = self.schedule.target(t) if target is None else target
         monotone = self.monotone if monotone is None else monotone
         old_keep = [k.clone() for k in self.masks.keep] if not monotone else None
-        group_scores = self.group_scores(monotone)
+        group_scores = self.group_scores(monotone, scorer)
         budget = self._budget(group_scores, target)
         counts = self.allocation.prune_counts(budget)
         # the new flags go straight into the layout's (the old ones are not read again before _adopt)
@@ -272,9 +273,19 @@ class Pruner:
         self._adopt([(g > 0) & k for g, k in zip(grouped, self.layout.group_keep)])
         return self._record(t, self.masks.sparsity(), 0)
 
-    def regrow(self, t: int) -> MaskUpdate:
-        """Dynamic sparse training: drop the smallest active weights, regrow as many (SET / RigL)."""
+    def regrow(self, t: int) -> MaskUpdate | None:
+        """Dynamic sparse training: drop the smallest active weights, regrow as many (SET / RigL).
+
+        Under a GradScaler with a fused optimizer the gradients are still scaled: unscaled here, and a step it skips
+        for overflow regrows nothing (one host sync per regrowth update, never per step).
+        """
+        grad_scale, found_inf = (getattr(self.optimizer, name, None) for name in ("grad_scale", "found_inf"))
+        if found_inf is not None and bool(found_inf):
+            log.info("regrowth at step %d skipped: the GradScaler skipped this step for overflow", t)
+            return None
         grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self.masks.weights]
+        if grad_scale is not None:
+            grads = unscaled(grads, grad_scale, None)
         keeps, regrown = self.regrowth.update(t, self.masks.weights, grads, self.masks.keep)
         self._adopt([k.reshape(-1) for k in keeps])
         if self.optimizer is not None:
@@ -295,14 +306,16 @@ class Pruner:
             self.on_update(update)
         return update
 
-    def group_scores(self, monotone: bool | None = None) -> list[torch.Tensor]:
-        """Scores per group and layer; with monotone masks, groups already pruned score -inf (chosen first)."""
-        if getattr(self.scorer, "grouped", False):
+    def group_scores(self, monotone: bool | None = None, scorer: Scorer | None = None) -> list[torch.Tensor]:
+        """Scores per group and layer (by ``scorer`` if given, else the pruner's); with monotone masks, groups
+        already pruned score -inf (chosen first)."""
+        if scorer is None and getattr(self.scorer, "grouped", False):
             grouped = self.scorer.group_scores()
         else:
-            buffers = self._score_buffers()
+            scorer = scorer or self.scorer
+            buffers = self._score_buffers() if scorer is self.scorer else None
             weights = self.masking.dense_weights()
-            scores = self.scorer.scores(weights) if buffers is None else self.scorer.scores(weights, out=buffers)
+            scores = scorer.scores(weights) if buffers is None else scorer.scores(weights, out=buffers)
             grouped = self.layout.group_scores([s.float() for s in scores])
         self._check_not_nan(grouped)
         if self.monotone if monotone is None else monotone:

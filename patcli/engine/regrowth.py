@@ -70,6 +70,7 @@ class DynamicSparse(Regrowth):
     init: str = "erk"  # random (every layer at the target) | erk (Erdős–Rényi-kernel densities)
     seed: int = 0
     replaces_schedule = True
+    masking = "inplace"  # a regrown weight starts at zero: no dense copy may bring back an old value
     end_step: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
