@@ -22,7 +22,8 @@ BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 HEADER = """# Benchmarks
 
 Each section below is produced by one command (shown in it) and can be re-run on its own; speed figures are
-ratios against a baseline measured in the same process, interleaved, so machine load cancels out.
+ratios against a baseline measured in the same process, interleaved (except where a section says otherwise), so
+machine load cancels out.
 """
 
 

@@ -274,7 +274,7 @@ def dynamic(workers: int = 2) -> str:
         "magnitude mask. Test accuracy %, mean ± std over seeds 3–5; revived = weights brought back over the run "
         "(reversal: pruned weights that returned; SET/RigL: regrown).\n\n"
         + table(["method", "train steps", "95%", "98%", "99%", "revived at 98%"], rows)
-        + "\n\ngpt on pysrc at 90% (1 seed, the char-LM settings of the structured section; SET/RigL update every 20 "
+        + "\n\ngpt on pysrc at 90% (1 seed, the char-LM settings of the char_lm section; SET/RigL update every 20 "
         "steps): validation loss.\n\n"
         + table(["method", "train steps", "val loss", "achieved"], lm_rows)
     )

@@ -268,8 +268,8 @@ def _absolute(path: str) -> str:
 def absolute_paths(overrides: list[str]) -> list[str]:
     """Relative paths given for files a run reads, made absolute: its saved config (which ``export`` and
     ``load_pruned`` rebuild the run from) must still find them from another directory. Plain values and a sweep's
-    comma list of them are rewritten; quoted values and sweep functions are left to Hydra. Output folders with a
-    space or a non-ASCII letter are quoted."""
+    comma list of them are rewritten, and so is a single quoted path; interpolations (``$``) and sweep functions are
+    left to Hydra. Output folders with a space or a non-ASCII letter are quoted."""
     rewritten = []
     for override in overrides:
         key, _, value = override.partition("=")

@@ -1,6 +1,6 @@
 """The run record every command writes and ``compare`` reads (DESIGN.md §3).
 
-A run directory holds ``.hydra/`` (Hydra's own snapshot), ``metrics.jsonl`` (one line per evaluation),
+A run directory holds ``.hydra/`` (Hydra's own snapshot), ``metrics.jsonl`` (one line per evaluation and per mask update),
 ``model.safetensors`` and ``result.json``. result.json is written last and atomically, so a record that exists
 and parses describes a run that ended (with its ``status``).
 """

@@ -1,7 +1,7 @@
 """2:4 semi-structured sparse kernels on CUDA (``torch.sparse.to_sparse_semi_structured``), used only where faster.
 
 2:4 sparsity can run on sparse tensor cores, but whether it beats the dense kernel depends on the shape and the
-batch (1.44× at 8192² fp16 on an H100, yet 0.5× at 4096×11008 and far slower at small batches). So every layer is
+batch (BENCHMARKS.md, gpu: 1.13–1.32× for large fp16 weights at 8192 tokens on an H100, 0.02–0.08× at 64). So every layer is
 timed both ways on the machine at hand and converted only when the sparse kernel wins.
 """
 
