@@ -257,3 +257,27 @@ def test_rigl_regrows_nothing_on_a_step_the_grad_scaler_skips(tiny_mlp):
     assert scaler.get_scale() == 2.0**9  # the step was skipped
     assert all(torch.equal(a, b) for a, b in zip(before, pruner.masks.keep))  # and nothing regrew
     assert pruner.updates == []  # step 3 was the first regrowth update
+
+
+def test_rigl_ranks_the_true_gradients_under_a_grad_scaler(tiny_mlp):
+    """The fused step unscales .grad in place before the post-step hook: dividing again would rank grad / scale²."""
+    from patcli.engine import REGROWTHS
+
+    optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.05, fused=True)
+    pruner = Pruner(tiny_mlp, sparsity=0.8, schedule=SCHEDULES.get("constant")(), total_steps=30,
+                    regrowth=REGROWTHS.get("rigl")(delta_t=3)).attach(optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    seen = []
+    update = pruner.regrowth.update
+    pruner.regrowth.update = lambda t, weights, grads, keep: (seen.append([g.clone() for g in grads]), update(t, weights, grads, keep))[1]
+    for step in range(4):
+        if step == 3:
+            reference = copy.deepcopy(tiny_mlp)
+            loss_of(reference, step).backward()
+        optimizer.zero_grad()
+        scaler.scale(loss_of(tiny_mlp, step)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    (grads,) = seen
+    for grad, layer in zip(grads, (reference[0], reference[2], reference[4])):
+        torch.testing.assert_close(grad, layer.weight.grad)

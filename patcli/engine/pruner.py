@@ -276,16 +276,15 @@ class Pruner:
     def regrow(self, t: int) -> MaskUpdate | None:
         """Dynamic sparse training: drop the smallest active weights, regrow as many (SET / RigL).
 
-        Under a GradScaler with a fused optimizer the gradients are still scaled: unscaled here, and a step it skips
-        for overflow regrows nothing (one host sync per regrowth update, never per step).
+        Under a GradScaler a fused optimizer's step has already unscaled the gradients in place by now (this runs
+        after the step), and a step it skipped for overflow regrows nothing (one host sync per regrowth update, never
+        per step).
         """
-        grad_scale, found_inf = (getattr(self.optimizer, name, None) for name in ("grad_scale", "found_inf"))
+        found_inf = getattr(self.optimizer, "found_inf", None)
         if found_inf is not None and bool(found_inf):
             log.info("regrowth at step %d skipped: the GradScaler skipped this step for overflow", t)
             return None
         grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self.masks.weights]
-        if grad_scale is not None:
-            grads = unscaled(grads, grad_scale, None)
         keeps, regrown = self.regrowth.update(t, self.masks.weights, grads, self.masks.keep)
         self._adopt([k.reshape(-1) for k in keeps])
         if self.optimizer is not None:
