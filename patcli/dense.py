@@ -125,5 +125,11 @@ def train_dense(config: RunConfig, run_dir: Path, progress=None) -> Path:
     elif run_dir.exists():  # an attempt that never finished (interrupted, killed): its metrics would mix into this run's
         shutil.rmtree(run_dir)
     log.info("training the dense reference into %s", run_dir)
-    execute(parse_run_config(dense_source(config)), run_dir, progress, label="dense reference")
+    try:
+        execute(parse_run_config(dense_source(config)), run_dir, progress, label="dense reference")
+    except BaseException as error:  # its folder says what happened; a later attempt trains it afresh
+        from .runner import failed_record
+
+        failed_record(dense_source(config), run_dir, error, "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
+        raise
     return run_dir

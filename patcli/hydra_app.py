@@ -195,14 +195,15 @@ def check_run_dir(overrides: list[str], cfg: DictConfig, multirun: bool) -> None
 
 
 def holds_a_run(directory: Path, multirun: bool) -> str | None:
-    """Why ``directory`` must not be reused: a run or sweep is already there, and patcli never overwrites one."""
+    """Why ``directory`` must not be reused: a run or sweep is already there (either, whichever this command makes),
+    and patcli never overwrites one."""
     if not directory.is_dir():
         return None
-    found = ["multirun.yaml", "*/result.json"] if multirun else ["result.json", ".hydra"]
-    held = next((hit for pattern in found for hit in directory.glob(pattern)), None)
+    marks = {"multirun.yaml": "sweep", "*/result.json": "sweep", "result.json": "run", ".hydra": "run"}
+    held = next(((hit, kind) for pattern, kind in marks.items() for hit in directory.glob(pattern)), None)
     if held is None:
         return None
-    return f"{directory} already holds a {'sweep' if multirun else 'run'} ({held.relative_to(directory)}); allowed: a new or empty directory"
+    return f"{directory} already holds a {held[1]} ({held[0].relative_to(directory)}); allowed: a new or empty directory"
 
 
 def check_device_here(config: RunConfig) -> None:
@@ -337,7 +338,7 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
     sweeper returns its jobs (Optuna's returns nothing) and the summary still has to find them.
     """
     from .plugins import OPTUNA_SWEEPER
-    from .sweeps import SweepResult, job_dirs
+    from .sweeps import SweepResult, job_dirs, record_unfinished
 
     directory = str(Path(cfg.hydra.sweep.dir).absolute())  # a joblib worker's own cwd may differ; check_run_dir resolved it
     pinned = [f"hydra.sweep.dir={quoted(directory)}", f"++hydra.job.env_set.{START_DIR_ENV}={quoted(os.getcwd())}"]
@@ -345,6 +346,9 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
     study = cfg.hydra.sweeper.get("_target_") == OPTUNA_SWEEPER
     try:  # Hydra's own CLI sets the mode; called directly, jobs would not know they are in a sweep
         returns = GlobalHydra.instance().hydra.multirun(CONFIG_NAME, task, [*others, *pinned, "hydra.mode=MULTIRUN"])
+    except KeyboardInterrupt:  # a launcher's worker stopped with it leaves no record of its own
+        record_unfinished(Path(directory))
+        raise
     except ValueError as error:
         if not (study and "No trials are completed yet" in str(error)):
             raise
@@ -365,6 +369,10 @@ def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunCon
     except ConfigError as error:
         raise UsageError(str(error)) from error
     jobs = expand_jobs(overrides, cfg)
+    subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
+    if jobs and len(jobs) > 1 and isinstance(subdir, str) and "${" not in subdir:
+        raise UsageError(f"hydra.sweep.subdir: {subdir!r} is the same folder for all {len(jobs)} jobs; allowed: a name "
+                         "that differs per job, e.g. ${hydra.job.num} (the default) or one built from the swept keys")
     if jobs is None:  # another sweeper (Optuna) chooses its jobs as it goes: check what they share, then each checks itself
         config = validate(job_config(cfg), check)
         try:

@@ -69,14 +69,40 @@ def search_space_edges(overrides: list[str], cfg: DictConfig) -> list[list[str]]
 
 
 def prepare(configs: list[RunConfig], progress_factory) -> list[Path]:
-    """Train (or find) each distinct dense run the jobs need, before the sweep; returns their directories."""
+    """Train (or find) each distinct dense run the jobs need, before the sweep; returns their directories.
+
+    A dense run that fails (diverges) does not stop the sweep: the jobs that need it fail with records of their own,
+    the others run.
+    """
+    from .console import console
     from .dense import resolve_dense
 
     done: dict[str, Path] = {}
+    failed: set[str] = set()
     for config in configs:
-        if config.needs_dense and not config.dense and config.dense_key() not in done:
-            done[config.dense_key()] = resolve_dense(config, progress_factory("dense reference"))
+        key = config.dense_key()
+        if config.needs_dense and not config.dense and key not in done and key not in failed:
+            try:
+                done[key] = resolve_dense(config, progress_factory("dense reference"))
+            except Exception as error:  # a user mistake was caught before; this is the training itself failing
+                failed.add(key)
+                console.print(f"[red]dense reference failed[/] ({error.__class__.__name__}: {error}): the jobs that "
+                              "need it will fail", highlight=False)
     return list(done.values())
+
+
+def record_unfinished(sweep_dir: Path) -> None:
+    """Jobs a stopped sweep left without a record (a launcher's worker killed with it): recorded interrupted."""
+    from .runner import failed_record
+
+    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir()) if sweep_dir.is_dir() else []:
+        snapshot = job / ".hydra" / "config.yaml"
+        if snapshot.is_file() and not (job / "result.json").exists():
+            try:
+                source = OmegaConf.to_container(OmegaConf.load(snapshot), resolve=False)
+            except Exception:  # a snapshot cut short: nothing to record the job from
+                continue
+            failed_record(source if isinstance(source, dict) else {}, job, KeyboardInterrupt(), status="interrupted")
 
 
 def job_dirs(returns: Any) -> list[Path]:

@@ -1,6 +1,7 @@
 """`patcli sweep`: real Hydra multiruns with the basic and joblib launchers and the Optuna sweeper, failed jobs kept
 apart, the summary table, and one-line errors for missing plugins and a wrong study direction."""
 
+import json
 import re
 from pathlib import Path
 
@@ -230,3 +231,47 @@ def test_a_missing_plugin_names_the_extra_to_install(cli, tmp_path, monkeypatch)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "hydra/sweeper=nope: unknown option; allowed: basic, optuna" in err
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_run_folder_and_a_sweep_folder_are_never_reused_for_each_other(cli, tmp_path):
+    code, _, err = cli("train", *FAST, "hydra.run.dir=r1")
+    assert code == 0, err
+    code, _, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.dir=r1")
+    assert code == 2 and "r1 already holds a run (" in err, err
+    code, _, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.dir=s1")
+    assert code == 0, err
+    code, _, err = cli("train", *FAST, "hydra.run.dir=s1")
+    assert code == 2 and "s1 already holds a sweep (" in err, err
+
+
+def test_a_subdir_that_is_the_same_for_every_job_is_refused(cli, tmp_path):
+    code, _, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.subdir=same")
+    assert code == 2 and err.strip().startswith("error: hydra.sweep.subdir: 'same' is the same folder for all 2 jobs"), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_diverging_dense_reference_fails_only_the_jobs_that_need_it(cli, tmp_path):
+    code, out, err = cli("sweep", *FAST, "trainer.lr=0.01,1e30", "baseline=none,magnitude", "hydra.sweep.dir=s")
+    assert code == 1, err
+    records = [json.loads(p.read_text()) for p in (tmp_path / "s").glob("*/result.json")]
+    statuses = sorted((r["config"]["trainer"]["lr"], r["method"], r["status"]) for r in records)
+    assert statuses == [(0.01, "pat", "ok"), (0.01, "post:magnitude", "ok"),
+                        (1e30, "pat", "failed"), (1e30, "post:magnitude", "failed")]
+    dense = sorted(json.loads(p.read_text())["status"] for p in (tmp_path / "outputs" / "dense").glob("*/result.json"))
+    assert dense == ["failed", "ok"]  # the diverged dense folder says what happened
+
+
+def test_a_stopped_sweep_records_the_jobs_a_worker_left_unfinished(tmp_path):
+    from omegaconf import OmegaConf
+
+    from patcli.sweeps import record_unfinished
+
+    for job, finished in (("0", True), ("1", False)):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml({"seed": 3, "pruning": {"sparsity": 0.9}}))
+        if finished:
+            (tmp_path / job / "result.json").write_text("{}")
+    record_unfinished(tmp_path)
+    assert (tmp_path / "0" / "result.json").read_text() == "{}"
+    record = json.loads((tmp_path / "1" / "result.json").read_text())
+    assert record["status"] == "interrupted" and record["seed"] == 3 and record["target_sparsity"] == 0.9
