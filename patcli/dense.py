@@ -113,7 +113,21 @@ def resolve_dense(config: RunConfig, progress=None) -> Path:
         found = find_dense(config)
         if found is not None:
             return found
+        diverged = _diverged(cache / key)
+        if diverged:  # the same settings and seed train the same way: every job of a sweep would diverge again
+            raise FloatingPointError(f"the dense reference in {cache / key} diverged with these settings ({diverged}); "
+                                     "lower trainer.lr, or delete that folder to train it again")
         return train_dense(config, cache / key, progress)
+
+
+def _diverged(run_dir: Path) -> str | None:
+    """The error of a dense reference that diverged in this folder, if one did."""
+    try:
+        record = read_record(run_dir / RESULT_FILE)
+    except RecordError:
+        return None
+    diverged = record.status == "failed" and (record.error or "").startswith("FloatingPointError")
+    return record.error if diverged else None
 
 
 def train_dense(config: RunConfig, run_dir: Path, progress=None) -> Path:

@@ -192,6 +192,10 @@ def check_run_dir(overrides: list[str], cfg: DictConfig, multirun: bool) -> None
     why = unwritable_reason(directory, want_dir=True) or holds_a_run(directory, multirun)
     if why:
         raise UsageError(f"{key}: {why}")
+    root = cfg.get("output_root")  # where shared dense runs go, whatever the run dir
+    why = root is not None and unwritable_reason(Path(str(root)) / "dense", want_dir=True)
+    if why:
+        raise UsageError(f"output_root: {why}")
 
 
 def holds_a_run(directory: Path, multirun: bool) -> str | None:

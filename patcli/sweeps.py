@@ -84,7 +84,7 @@ def prepare(configs: list[RunConfig], progress_factory) -> list[Path]:
         if config.needs_dense and not config.dense and key not in done and key not in failed:
             try:
                 done[key] = resolve_dense(config, progress_factory("dense reference"))
-            except Exception as error:  # a user mistake was caught before; this is the training itself failing
+            except FloatingPointError as error:  # the training diverged; anything else stops the sweep as before
                 failed.add(key)
                 console.print(f"[red]dense reference failed[/] ({error.__class__.__name__}: {error}): the jobs that "
                               "need it will fail", highlight=False)

@@ -259,6 +259,8 @@ def test_a_diverging_dense_reference_fails_only_the_jobs_that_need_it(cli, tmp_p
                         (1e30, "pat", "failed"), (1e30, "post:magnitude", "failed")]
     dense = sorted(json.loads(p.read_text())["status"] for p in (tmp_path / "outputs" / "dense").glob("*/result.json"))
     assert dense == ["failed", "ok"]  # the diverged dense folder says what happened
+    failed = next(r for r in records if r["method"] == "post:magnitude" and r["status"] == "failed")
+    assert "diverged with these settings" in failed["error"]  # the job did not train the same dense run again
 
 
 def test_a_stopped_sweep_records_the_jobs_a_worker_left_unfinished(tmp_path):
@@ -275,3 +277,9 @@ def test_a_stopped_sweep_records_the_jobs_a_worker_left_unfinished(tmp_path):
     assert (tmp_path / "0" / "result.json").read_text() == "{}"
     record = json.loads((tmp_path / "1" / "result.json").read_text())
     assert record["status"] == "interrupted" and record["seed"] == 3 and record["target_sparsity"] == 0.9
+
+
+def test_a_sweep_stops_before_any_job_when_the_dense_cache_cannot_be_made(cli, tmp_path):
+    (tmp_path / "afile").write_text("")
+    code, _, err = cli("sweep", *FAST, "baseline=magnitude", "pruning.sparsity=0.5,0.8", "output_root=afile", "hydra.sweep.dir=sw")
+    assert code == 2 and err.strip().startswith(f"error: output_root: {tmp_path}/afile is a file, so ") and not (tmp_path / "sw").exists()
