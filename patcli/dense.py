@@ -7,7 +7,6 @@ Finding or training one holds a file lock per key, so parallel sweep jobs never 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -89,13 +88,11 @@ def find_dense(config: RunConfig) -> Path | None:
     matches = []
     for path in find_record_files([Path(config.output_root)]):
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON: not a run this could reuse
+            record = read_record(path)
+        except RecordError:  # not a run this could reuse
             continue
-        if not isinstance(data, dict):
-            continue
-        continued = ((data.get("config") or {}).get("trainer") or {}).get("init_from")  # more steps than its key says
-        if data.get("method") == "dense" and data.get("status") == "ok" and not continued and (data.get("extra") or {}).get("dense_key") == key:
+        continued = (record.config.get("trainer") or {}).get("init_from")  # more steps than its key says
+        if record.method == "dense" and record.status == "ok" and not continued and record.extra.get("dense_key") == key:
             matches.append(path.parent)
     return max(matches, key=lambda p: (p / RESULT_FILE).stat().st_mtime) if matches else None
 

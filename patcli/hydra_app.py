@@ -189,7 +189,7 @@ def check_run_dir(overrides: list[str], cfg: DictConfig, multirun: bool) -> None
     if value is None or not str(value).strip():
         raise UsageError(f"{key}: empty; allowed: a directory path")
     directory = Path(value)
-    why = unwritable_reason(directory, want_dir=True) or holds_a_run(directory, multirun)
+    why = unwritable_reason(directory, want_dir=True) or holds_a_run(directory)
     if why:
         raise UsageError(f"{key}: {why}")
     root = cfg.get("output_root")  # where shared dense runs go, whatever the run dir
@@ -198,7 +198,7 @@ def check_run_dir(overrides: list[str], cfg: DictConfig, multirun: bool) -> None
         raise UsageError(f"output_root: {why}")
 
 
-def holds_a_run(directory: Path, multirun: bool) -> str | None:
+def holds_a_run(directory: Path) -> str | None:
     """Why ``directory`` must not be reused: a run or sweep is already there (either, whichever this command makes),
     and patcli never overwrites one."""
     if not directory.is_dir():

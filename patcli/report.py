@@ -104,7 +104,7 @@ class GroupTable:
 class Comparison:
     groups: list[GroupTable]
     not_ok: list[RunRecord]
-    repeats: list[str] = field(default_factory=list)  # runs counted once: the same recipe, sparsity, seed and fold
+    repeats: list[str] = field(default_factory=list)  # runs counted once: the same recipe, sparsity, seed, fold, start
 
     @property
     def has_values(self) -> bool:
@@ -194,7 +194,7 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
     configs: dict[tuple[str, str, str], dict] = {}
     references: dict[str, RunRecord] = {}  # dense run (id, or dir for older records) → one record that cites it
     dense_rows_of: dict[str, Row] = {}  # id and dir of each dense run among the records → its row
-    seen: dict[tuple, str] = {}  # (group, recipe, sparsity, seed, fold) → the run counted for it
+    seen: dict[tuple, str] = {}  # (group, recipe, sparsity, seed, fold, starting weights) → the run counted for it
     repeats: list[str] = []
     for record in (r for r in records if r.status == "ok"):
         name = metric or record.primary_metric

@@ -18,18 +18,24 @@ from hydra.core.override_parser.types import IntervalSweep, RangeSweep
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, RunConfig
+from .records import RESULT_FILE
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 OPTUNA_RESULTS = "optimization_results.yaml"
 OVERRIDES_FILE = ".hydra/overrides.yaml"
 
 
+def parsed_overrides(overrides: list[str], cfg: DictConfig) -> list:
+    """The sweeper's own params (a preset's) and the command line's overrides, parsed as Hydra parses them."""
+    params = [f"{key}={value}" for key, value in (cfg.hydra.sweeper.get("params") or {}).items()]
+    return OverridesParser.create().parse_overrides(params + list(overrides))
+
+
 def check_sweep_functions(overrides: list[str], cfg: DictConfig) -> None:
     """Sweep functions the sweeper would fail on once started, as one line naming the key: a range() with step 0 or
     no value, an interval() with its ends reversed, or one given to the basic sweeper, which cannot sample it."""
     basic = cfg.hydra.sweeper.get("_target_") == BASIC_SWEEPER
-    params = [f"{key}={value}" for key, value in (cfg.hydra.sweeper.get("params") or {}).items()]
-    for override in OverridesParser.create().parse_overrides(params + list(overrides)):
+    for override in parsed_overrides(overrides, cfg):
         sweep, key = override.value(), override.get_key_element()
         if isinstance(sweep, RangeSweep):
             if sweep.step == 0 or not list(override.sweep_string_iterator()):
@@ -48,17 +54,14 @@ def expand_jobs(overrides: list[str], cfg: DictConfig) -> list[list[str]] | None
     sweeper = cfg.hydra.sweeper
     if sweeper.get("_target_") != BASIC_SWEEPER:
         return None
-    params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
-    parsed = OverridesParser.create().parse_overrides(params + list(overrides))
-    return [job for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None) for job in batch]
+    return [job for batch in BasicSweeper.split_arguments(parsed_overrides(overrides, cfg), max_batch_size=None) for job in batch]
 
 
 def search_space_edges(overrides: list[str], cfg: DictConfig) -> list[list[str]]:
     """For a sweeper that samples as it goes (Optuna): one job per edge of each searched setting — every choice,
     both ends of a range or interval — with the other searched settings at their defaults. A bound no job could
     take fails before the study, not in every trial."""
-    params = [f"{key}={value}" for key, value in (cfg.hydra.sweeper.get("params") or {}).items()]
-    parsed = OverridesParser.create().parse_overrides(params + list(overrides))
+    parsed = parsed_overrides(overrides, cfg)
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     jobs = []
     for searched in (o for o in parsed if o.is_sweep_override()):
@@ -97,7 +100,7 @@ def record_unfinished(sweep_dir: Path) -> None:
 
     for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir()) if sweep_dir.is_dir() else []:
         snapshot = job / ".hydra" / "config.yaml"
-        if snapshot.is_file() and not (job / "result.json").exists():
+        if snapshot.is_file() and not (job / RESULT_FILE).exists():
             try:
                 source = OmegaConf.to_container(OmegaConf.load(snapshot), resolve=False)
             except Exception:  # a snapshot cut short: nothing to record the job from

@@ -215,10 +215,11 @@ class TextFile(CharCorpus):
         except OSError as error:
             raise ConfigError("dataset.path", f"{self.path} cannot be read ({error.strerror or error}); allowed: "
                                               "a readable UTF-8 text file") from error
-        bad = next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)
-        if bad is not None:
+        try:  # an undecodable byte was read as a lone surrogate, which cannot be encoded back
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
             raise ConfigError("dataset.path", f"{self.path} is not UTF-8 text (a byte that is not UTF-8 at character "
-                                              f"{bad}); allowed: a UTF-8 text file")
+                                              f"{error.start}); allowed: a UTF-8 text file") from None
         return text
 
     def file_state(self) -> tuple | None:
