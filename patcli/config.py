@@ -23,7 +23,7 @@ from .engine.regrowth import REGROWTHS, Regrowth
 from .engine.regularizers import REGULARIZERS, Regularizer
 from .engine.registry import ParamError, Registry
 from .engine.schedules import SCHEDULES, Schedule
-from .engine.scorers import SCORERS, Scorer
+from .engine.scorers import SCORERS, SEED_LIMIT, Scorer
 
 
 class ConfigError(ValueError):
@@ -92,7 +92,7 @@ def parse(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{prefix}.{unknown[0]}", f"unknown key; allowed: {', '.join(sorted(fields)) or '(none)'}")
+        raise ConfigError(f"{prefix}.{unknown[0]}", f"unknown key; allowed: {', '.join(f'{prefix}.{name}' for name in sorted(fields)) or '(none)'}")
     kwargs = {name: coerce(value, hints[name], f"{prefix}.{name}") for name, value in data.items()}
     try:
         obj = cls(**kwargs)
@@ -345,6 +345,8 @@ def parse_run_config(source: Mapping[str, Any]) -> RunConfig:
     if unknown:
         raise ConfigError(unknown[0], f"unknown key; allowed: {', '.join(TOP_LEVEL)}")
     seed = coerce(source.get("seed", 0), int, "seed")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ConfigError("seed", f"{seed} is out of range; allowed: 0 <= seed < 2**63")
     pruning_data = dict(source.get("pruning") or {})
     common = {f.name for f in dataclasses.fields(PruningConfig)}
     pruning = parse(PruningConfig, {k: v for k, v in pruning_data.items() if k in common}, "pruning")
@@ -356,8 +358,11 @@ def parse_run_config(source: Mapping[str, Any]) -> RunConfig:
         if fixed is not None and pruning.sparsity is not None and abs(pruning.sparsity - fixed) > 1e-9:
             raise ConfigError(
                 "pruning.sparsity",
-                f"pruning={pruning.mode} fixes sparsity at {fixed:g}; allowed: {fixed:g} or null",
+                f"pruning={pruning.mode} fixes sparsity at {fixed:.12g}; allowed: {fixed:.12g} or null",
             )
+        if fixed is not None and pruning.max_layer_sparsity < fixed - 1e-9:  # every layer sits at the fixed sparsity
+            raise ConfigError("pruning.max_layer_sparsity", f"{pruning.max_layer_sparsity} is below the sparsity "
+                              f"pruning={pruning.mode} gives every layer; allowed: {fixed:.12g} <= value < 1")
         if fixed is None and pruning.sparsity is None:
             raise ConfigError("pruning.sparsity", "missing; allowed: 0 <= value < 1")
     elif pattern_data:

@@ -159,11 +159,15 @@ def warn_if_one_jump(schedule: Schedule, frequency: int) -> None:
     gradual = schedule.curve(0.0) < schedule.curve(1.0) and getattr(schedule, "monotone", True)
     steps = schedule.update_steps()
     rising = [t for t in steps if schedule.target(t) > schedule.initial_sparsity]
-    if gradual and len(rising) == 1:
-        log.warning("schedule=%s reaches %.4g sparsity in one jump at step %d (mask updates every pruning.frequency=%d "
-                    "steps, a ramp of %d steps): that is one-shot pruning; lower pruning.frequency or train longer",
-                    schedule.name, schedule.final_sparsity, rising[0], frequency,
-                    schedule.end_step - schedule.begin_step)
+    if not (gradual and len(rising) == 1):
+        return
+    ramp = schedule.end_step - schedule.begin_step
+    advice = ("schedule.end equals schedule.begin; set end later for a ramp" if ramp == 0
+              else "lower pruning.frequency or train longer")
+    # step numbers as metrics.jsonl counts them: optimizer steps done when the masks change
+    log.warning("schedule=%s reaches %.4g sparsity in one jump at step %d (mask updates every pruning.frequency=%d "
+                "steps, a ramp of %d steps): that is one-shot pruning; %s",
+                schedule.name, schedule.final_sparsity, rising[0] + 1, frequency, ramp, advice)
 
 
 def warn_of_unused_options(config: RunConfig) -> None:

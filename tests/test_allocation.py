@@ -268,3 +268,47 @@ def test_sensitivity_trials_start_from_all_weights_when_masks_can_shrink(regrowt
         if step in (0, 4):  # the first and the second compressed phase start
             assert seen == expected, step
     assert pruner.masks.sparsity() == pytest.approx(0.7, abs=1 / 800)
+
+
+def test_sensitivity_with_a_zero_cap_prunes_nothing_instead_of_dividing_by_zero():
+    from torch import nn
+
+    from patcli.engine import SCHEDULES, Pruner
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    pruner = Pruner(model, sparsity=0.0, schedule=SCHEDULES.get("oneshot")(), total_steps=5, max_layer_sparsity=0.0,
+                    allocation=ALLOCATIONS.get("sensitivity")(), evaluate=lambda: 0.0)
+    pruner.update_masks(0)
+    assert pruner.sparsity() == 0.0
+
+
+def test_sensitivity_without_refresh_measures_at_the_first_update_that_prunes():
+    """A schedule's first update (target 0, untrained weights) needs no curves; measuring there once and for all
+    would allocate every later update by an untrained model's sensitivities."""
+    from torch import nn
+
+    from patcli.engine import SCHEDULES, Pruner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    measured_at = []
+    pruner = Pruner(model, sparsity=0.8, schedule=SCHEDULES.get("linear")(begin=0, end=10), total_steps=12, frequency=5,
+                    allocation=ALLOCATIONS.get("sensitivity")(refresh=False, trials=[0.5]),
+                    evaluate=lambda: measured_at.append(pruner.step) or 0.0)
+    for t in (0, 5, 10):
+        pruner.step = t
+        pruner.update_masks(t)
+    assert set(measured_at) == {5}  # the target-0 update at step 0 measured nothing; step 10 reused step 5's curves
+    assert abs(pruner.sparsity() - 0.8) <= 1 / pruner.masks.accounted_numel()
+
+
+def test_erk_takes_a_large_power_without_underflow_and_refuses_an_infinite_one():
+    shapes = [torch.Size([256, 64]), torch.Size([256, 256]), torch.Size([10, 256])]  # every (Σ/Π)^200 underflows to 0.0
+    sizes = [math.prod(s) for s in shapes]
+    sparsities = erk_sparsities(shapes, 0.5, 0.99, power=200.0)
+    # relative to each other the raw densities do not underflow: the smaller layers stay dense, the largest one
+    # takes the whole budget
+    assert sparsities[0] == sparsities[2] == 0.0
+    assert sum(s * n for s, n in zip(sparsities, sizes)) == pytest.approx(0.5 * sum(sizes))
+    with pytest.raises(ValueError, match=r"^power: inf is out of range; allowed: finite values >= 0"):
+        ALLOCATIONS.get("erk")(power=float("inf"))

@@ -107,6 +107,19 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
         ("schedule=alternating schedule.final=0.9 schedule.begin=0.5", "schedule.final: the final phase"),
         ("model._target_=torch.nn.Linear", "model._target_: unknown key; allowed: model.name, model.hidden, model.activation, "
          "model.dropout; for a model of your own: model=custom model._target_=package.Class"),
+        ("seed=9223372036854775808", "seed: 9223372036854775808 is out of range; allowed: 0 <= seed < 2**63"),
+        ("scorer=random scorer.seed=-1", "scorer.seed: -1 is out of range; allowed: 0 <= seed < 2**63"),
+        ("allocation=erk allocation.power=inf", "allocation.power: inf is out of range; allowed: finite values >= 0"),
+        ("pruning=nm pruning.max_layer_sparsity=0.3", "pruning.max_layer_sparsity: 0.3 is below the sparsity pruning=nm "
+                                                      "gives every layer; allowed: 0.5 <= value < 1"),
+        ("pruning=nm pruning.n=1 pruning.m=3 pruning.sparsity=0.6", "pruning.sparsity: pruning=nm fixes sparsity at "
+                                                                    "0.666666666667; allowed: 0.666666666667 or null"),
+        ("pruning=block pruning.cols=0", "pruning.cols: 0 is not allowed (block 1x0); allowed: sizes >= 1"),
+        ("schedule=oneshot +schedule.end=0.5", "schedule.end: unknown key; allowed: schedule.begin, schedule.initial_sparsity"),
+        ("schedule=alternating schedule.ramp=linear schedule.power=2", "schedule.power: 2.0 is used only by ramp=agp; "
+                                                                        "allowed with ramp=linear: 3.0 (the default)"),
+        ("scorer=attention_entropy pruning=neurons", "pruning: scorer 'attention_entropy' scores attention heads; "
+                                                     "allowed with pruning=heads"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_no_run_directory(cli, tmp_path, override, expected):
@@ -355,11 +368,19 @@ def test_the_dense_reference_of_a_baseline_records_the_default_pruning_groups(cl
 def test_a_ramp_with_too_few_mask_updates_is_called_one_shot(cli, caplog):
     code, out, err = cli("train", *TINY)  # 40 steps, AGP until step 30, an update every 50 steps: one jump
     assert code == 0, err
-    assert "schedule=agp reaches 0.9 sparsity in one jump at step 30" in out + err + caplog.text
+    # numbered as metrics.jsonl numbers the update: 31 optimizer steps done
+    rows = [json.loads(line) for line in (run_dir_of(out) / "metrics.jsonl").read_text().splitlines()]
+    jumps = [row["step"] for row in rows if row["kind"] == "mask_update" and row["sparsity"] > 0]
+    assert jumps == [31]
+    assert "schedule=agp reaches 0.9 sparsity in one jump at step 31" in out + err + caplog.text
+    assert "lower pruning.frequency or train longer" in out + err + caplog.text
     caplog.clear()
     code, out, err = cli("train", *TINY, "pruning.frequency=5")
     assert code == 0, err
     assert "one jump" not in out + err + caplog.text
+    code, out, err = cli("train", *TINY, "schedule.begin=10", "schedule.end=10")
+    assert code == 0, err
+    assert "one jump at step 11" in out + err + caplog.text and "schedule.end equals schedule.begin" in out + err + caplog.text
 
 
 def test_digits_folds_partition_the_non_test_images_and_never_move_the_test_split():

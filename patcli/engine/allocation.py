@@ -228,8 +228,8 @@ class ERK(Allocation):
     power: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.power >= 0:
-            raise ParamError("power", f"{self.power} is out of range; allowed: >= 0 (0 = uniform)")
+        if not 0 <= self.power < math.inf:
+            raise ParamError("power", f"{self.power} is out of range; allowed: finite values >= 0 (0 = uniform)")
 
     def prune_counts(self, budget: LayerBudget) -> list[int]:
         check_reachable(budget)
@@ -246,9 +246,12 @@ class ERK(Allocation):
 
 
 def erk_sparsities(shapes: list[torch.Size], target: float, max_layer_sparsity: float, power: float = 1.0) -> list[float]:
-    """Per-layer sparsities whose weighted mean is ``target`` with density_l = min(1, ε·raw_l), raw_l = (Σ dims/Π dims)^power."""
+    """Per-layer sparsities whose weighted mean is ``target`` with density_l = min(1, ε·raw_l), raw_l = (Σ dims/Π dims)^power.
+
+    raw is taken relative to the largest free layer's, through logarithms: a large power would underflow it to 0.
+    """
     sizes = [math.prod(s) for s in shapes]
-    raw = [(sum(s) / math.prod(s)) ** power for s in shapes]
+    log_raw = [power * (math.log(sum(s)) - math.log(math.prod(s))) for s in shapes]
     keep_total = (1.0 - target) * sum(sizes)
     min_density = 1.0 - max_layer_sparsity
     density: dict[int, float] = {}
@@ -257,6 +260,8 @@ def erk_sparsities(shapes: list[torch.Size], target: float, max_layer_sparsity: 
         if not free:  # every layer at its cap or dense: the target is out of reach, the caps hold
             return [1.0 - density[i] for i in range(len(shapes))]
         fixed_keep = sum(density[i] * sizes[i] for i in density)
+        largest = max(log_raw[i] for i in free)
+        raw = {i: math.exp(log_raw[i] - largest) for i in free}
         eps = (keep_total - fixed_keep) / sum(raw[i] * sizes[i] for i in free)
         dense_now = [i for i in free if eps * raw[i] > 1.0]
         if dense_now:
@@ -301,9 +306,9 @@ class Sensitivity(Allocation):
             raise ParamError("batches", f"{self.batches} is out of range; allowed: >= 1 or null (the whole split)")
 
     def points(self, budget: LayerBudget) -> list[float]:
-        """The trial sparsities below the per-layer cap, and the cap itself."""
+        """The trial sparsities below the per-layer cap, and the cap itself (none when the cap is 0)."""
         cap = budget.max_layer_sparsity
-        return sorted({t for t in self.trials if t < cap} | {cap})
+        return sorted({t for t in self.trials if t < cap} | ({cap} if cap > 0 else set()))
 
     def measure(self, budget: LayerBudget) -> None:
         if budget.loss_with_layer_pruned is None:
@@ -316,7 +321,9 @@ class Sensitivity(Allocation):
 
     def prune_counts(self, budget: LayerBudget) -> list[int]:
         check_reachable(budget)
-        if self.refresh or not self.curves:
+        if budget.budget_elements <= 0:  # nothing to allocate (a schedule's first update): no curves needed yet
+            return budget.floors()
+        if self.refresh or not self.curves:  # without refresh: measured once, at the first update that prunes
             self.measure(budget)
         elements = [g * size for g, size in zip(budget.num_groups, budget.group_sizes)]
         segments = cheapest_first(self.curves, self.points(budget), elements)

@@ -107,8 +107,9 @@ class Block(Pattern):
     cols: int = 4
 
     def __post_init__(self) -> None:
-        if self.rows < 1 or self.cols < 1:
-            raise ParamError("rows", f"block {self.rows}x{self.cols} is not allowed; allowed: sizes >= 1")
+        for name, size in (("rows", self.rows), ("cols", self.cols)):
+            if size < 1:
+                raise ParamError(name, f"{size} is not allowed (block {self.rows}x{self.cols}); allowed: sizes >= 1")
 
     def check(self, name: str, shape: torch.Size) -> None:
         out, inputs = as_rows(shape)

@@ -112,6 +112,8 @@ class Pruner:
         if getattr(self.scorer, "grouped", False):
             if not isinstance(self.layout, ChannelLayout):
                 raise ValueError(f"scorer {self.scorer.name!r} scores whole channels; allowed with pruning=neurons, filters or heads")
+            if self.scorer.heads_only and self.pattern.name != "heads":
+                raise ValueError(f"scorer {self.scorer.name!r} scores attention heads; allowed with pruning=heads")
             self.scorer.attach(model, self.layout)
         self.masks = MaskSet(dict(zip(self.layout.names, self.layout.params)), self.layout.accounted)
         if masking not in MASKINGS:

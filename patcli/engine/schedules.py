@@ -100,12 +100,15 @@ class Schedule:
 
 
 
+AGP_POWER = 3.0  # Zhu & Gupta's cubic ramp
+
+
 @SCHEDULES.register("oneshot")
 @dataclass
 class OneShot(Schedule):
     """Prune to the final target once, at ``begin``."""
 
-    end: int | float = 0
+    end: int | float = field(default=0, init=False)  # always ``begin``: not a parameter
 
     def bind(self, total_steps: int, final_sparsity: float, frequency: int) -> "Schedule":
         self.end = self.begin
@@ -148,7 +151,7 @@ class Cubic(Schedule):
 class AGP(Schedule):
     """Automated gradual pruning (Zhu & Gupta 2017; TF-MOT PolynomialDecay): s_f + (s_i - s_f)·(1 - p)^power."""
 
-    power: float = 3.0
+    power: float = AGP_POWER
 
     def __post_init__(self) -> None:
         check_power(self.power)
@@ -197,7 +200,7 @@ class Alternating(Schedule):
     decompressed: int | float = 0.1
     final: int | float = 0.2
     ramp: str = "agp"
-    power: float = 3.0
+    power: float = AGP_POWER
     monotone = False
     resets_optimizer_state = True
 
@@ -205,6 +208,8 @@ class Alternating(Schedule):
         check_power(self.power)
         if self.ramp not in ("agp", "linear", "cubic", "constant", "exponential"):
             raise ParamError("ramp", f"{self.ramp!r} is not allowed; allowed: agp, linear, cubic, constant, exponential")
+        if self.ramp != "agp" and self.power != AGP_POWER:  # the other ramps have fixed shapes: it would be ignored
+            raise ParamError("power", f"{self.power} is used only by ramp=agp; allowed with ramp={self.ramp}: {AGP_POWER} (the default)")
 
     def bind(self, total_steps: int, final_sparsity: float, frequency: int) -> "Schedule":
         final_steps = max(to_step(self.final, total_steps, "schedule.final"), 1)
