@@ -6,10 +6,10 @@ import argparse
 import inspect
 import time
 
-from . import engine_speed, gpu, main_job, quality, quality_gap, structured, sweep_launchers
+from . import engine_speed, gpu, handwritten_step, main_job, quality, quality_gap, structured, sweep_launchers
 from .common import write_section
 
-SECTIONS = {**main_job.SECTIONS, **engine_speed.SECTIONS, **gpu.SECTIONS, **quality.SECTIONS, **quality_gap.SECTIONS, **structured.SECTIONS, **sweep_launchers.SECTIONS}
+SECTIONS = {**main_job.SECTIONS, **engine_speed.SECTIONS, **handwritten_step.SECTIONS, **gpu.SECTIONS, **quality.SECTIONS, **quality_gap.SECTIONS, **structured.SECTIONS, **sweep_launchers.SECTIONS}
 
 
 def main() -> None:

@@ -99,7 +99,6 @@ class Schedule:
         return [t for t in range(self.begin_step, self.end_step + 1) if self.is_update_step(t)]
 
 
-
 AGP_POWER = 3.0  # Zhu & Gupta's cubic ramp
 
 
