@@ -45,9 +45,6 @@ def training_variant(kind: str, dims: list[int], batch: int, optimizer: str, ste
     torch.manual_seed(0)
     model = mlp(dims)
     opt = make_optimizer(optimizer, model)
-    generator = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(batch, dims[0], generator=generator), torch.randint(0, dims[-1], (batch,), generator=generator))
-               for _ in range(8)]
     pruner = None
     if kind == "pat":
         pruner = Pruner(model, sparsity=0.9, schedule=SCHEDULES.get("agp")(begin=0, end=0.9), total_steps=total_steps,
@@ -60,6 +57,14 @@ def training_variant(kind: str, dims: list[int], batch: int, optimizer: str, ste
     elif kind == "torch_prune":
         linears = [(m, "weight") for m in model if isinstance(m, nn.Linear)]
         torch_prune.global_unstructured(linears, pruning_method=torch_prune.L1Unstructured, amount=0.9)
+    return timed_training(model, opt, dims, batch, steps_per_block), pruner
+
+
+def timed_training(model: nn.Module, opt: torch.optim.Optimizer, dims: list[int], batch: int, steps_per_block: int):
+    """A closure that trains ``steps_per_block`` steps on 8 fixed random batches and returns seconds per step."""
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(batch, dims[0], generator=generator), torch.randint(0, dims[-1], (batch,), generator=generator))
+               for _ in range(8)]
     step = 0
 
     def block() -> float:
@@ -74,7 +79,7 @@ def training_variant(kind: str, dims: list[int], batch: int, optimizer: str, ste
             step += 1
         return (time.perf_counter() - started) / steps_per_block
 
-    return block, pruner
+    return block
 
 
 def overhead(blocks: int = 30, warmup_blocks: int = 3) -> str:

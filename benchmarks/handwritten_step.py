@@ -10,15 +10,13 @@ instead of a pass of its own. It is a measurement, not a patcli feature: patcli 
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
-from torch import nn
 
 from patcli.engine import ALLOCATIONS, SCHEDULES, Pruner
 
 from .common import interleaved, percent, ratio_stats, table
-from .engine_speed import DEFAULT_FREQUENCY, make_optimizer, mlp
+from .engine_speed import DEFAULT_FREQUENCY, make_optimizer, mlp, timed_training
 
 KERNELS = r"""
 #include <torch/extension.h>
@@ -170,30 +168,13 @@ def loop_variant(kernels, kind: str, dims: list[int], batch: int, optimizer: str
     model = mlp(dims)
     reference = make_optimizer(optimizer, model)
     opt = reference if kind == "torch" else hand_written_like(kernels, reference, model.parameters())
-    generator = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(batch, dims[0], generator=generator), torch.randint(0, dims[-1], (batch,), generator=generator))
-               for _ in range(8)]
     if kind.startswith("pat"):
         pruner = Pruner(model, sparsity=0.9, schedule=SCHEDULES.get("agp")(begin=0, end=0.9), total_steps=total_steps,
                         allocation=ALLOCATIONS.get("global")(), frequency=DEFAULT_FREQUENCY).attach(opt)
         if kind == "pat_fused":
             opt.masks = {id(w): m for w, m in zip(pruner.masks.weights, pruner.masks.multipliers)}
             pruner.masking.after_step = lambda zero=True: None  # the kernel keeps pruned weights at zero
-    step = 0
-
-    def block() -> float:
-        nonlocal step
-        started = time.perf_counter()
-        for _ in range(steps_per_block):
-            inputs, targets = batches[step % len(batches)]
-            loss = nn.functional.cross_entropy(model(inputs), targets)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-        return (time.perf_counter() - started) / steps_per_block
-
-    return block
+    return timed_training(model, opt, dims, batch, steps_per_block)
 
 
 def handwritten_step(blocks: int = 30, warmup_blocks: int = 3) -> str:
