@@ -267,3 +267,33 @@ def test_sensitivity_without_a_loss_to_measure_fails_when_built_not_mid_training
     with pytest.raises(ValueError, match="pass evaluate="):
         Pruner(tiny(), sparsity=0.5, schedule=SCHEDULES.get("agp")(), total_steps=10,
                allocation=ALLOCATIONS.get("sensitivity")())
+
+
+def test_movement_ranks_channels_by_their_summed_signed_scores_whatever_the_reduce():
+    """A neuron whose weights all move hard toward zero must go first; an l2 norm of -3, -3, -3 would keep it."""
+    for reduce in ("l2", "l1"):
+        model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 1, bias=False))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(1.0)
+        pruner = Pruner(model, sparsity=0.25, schedule=SCHEDULES.get("oneshot")(), total_steps=2,
+                        scorer=SCORERS.get("movement")(), allocation=ALLOCATIONS.get("uniform")(),
+                        pattern=PATTERNS.get("neurons")(reduce=reduce))
+        model[0].weight.grad = torch.tensor([[3.0, 3.0], [-1.0, -1.0]])  # neuron 0 shrinks, neuron 1 grows
+        model[2].weight.grad = torch.tensor([[3.0, -1.0]])
+        pruner.observe()
+        pruner.update_masks(0, target=0.5)
+        assert pruner.layout.group_keep[0].tolist() == [False, True]
+
+
+@pytest.mark.parametrize("name", ["linear", "cubic", "exponential", "agp", "polynomial"])
+def test_the_final_target_is_exactly_the_sparsity_asked_so_ties_round_the_same_way(name):
+    """s_i + (s_f - s_i)·1 is 0.8999999999999999 for s_i = 0.2, s_f = 0.9: 13.5 weights would round to 13, not 14."""
+    schedule = SCHEDULES.get(name)(begin=0, end=4, initial_sparsity=0.2).bind(6, 0.9, 1)
+    assert schedule.target(4) == schedule.target(5) == 0.9
+    model = nn.Linear(5, 3, bias=False)
+    pruner = Pruner(model, sparsity=0.9, schedule=SCHEDULES.get(name)(begin=0, end=4, initial_sparsity=0.2), total_steps=6,
+                    frequency=1)
+    for t in range(5):
+        pruner.update_masks(t)
+    assert int((model.weight == 0).sum()) == 14  # round(0.9 · 15) = round(13.5), to even

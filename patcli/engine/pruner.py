@@ -317,7 +317,9 @@ class Pruner:
             buffers = self._score_buffers() if scorer is self.scorer else None
             weights = self.masking.dense_weights()
             scores = scorer.scores(weights) if buffers is None else scorer.scores(weights, out=buffers)
-            grouped = self.layout.group_scores([s.float() for s in scores])
+            # signed scores (movement) are summed per channel: an l2 norm would rank a channel moving hard toward
+            # zero as high as one moving away
+            grouped = self.layout.group_scores([s.float() for s in scores], reduce="sum" if scorer.signed else None)
         self._check_not_nan(grouped)
         if self.monotone if monotone is None else monotone:
             if self.layout.elementwise:  # one group per element: the float masks already held mark the scores

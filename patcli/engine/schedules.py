@@ -81,7 +81,9 @@ class Schedule:
         """Target sparsity at step t (0 before ``begin``)."""
         if t < self.begin_step:
             return 0.0
-        return self.curve(self.progress(t))
+        p = self.progress(t)
+        # exactly the final target at the end: s_i + (s_f - s_i)·1 can land one ulp off and round the count the other way
+        return self.final_sparsity if p >= 1.0 else self.curve(p)
 
     def curve(self, p: float) -> float:
         raise NotImplementedError

@@ -22,6 +22,7 @@ class Scorer:
     """Base scorer: magnitude-free defaults for the accumulation hooks."""
 
     needs_grad = False
+    signed = False  # scores may be negative, and their sign matters (a channel sums them rather than taking a norm)
 
     def observe(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """See one step's gradients (only called when ``needs_grad``)."""
@@ -144,6 +145,8 @@ class Movement(Accumulating):
 
     The sum is not reset at mask updates: movement is a property of the whole fine-tuning trajectory.
     """
+
+    signed = True
 
     def accumulate(self, sums: list[torch.Tensor], weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         torch._foreach_addcmul_(sums, weights, grads, value=-1.0)
