@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .engine.allocation import ALLOCATIONS, Allocation
+from .engine.combinations import CombinationError
+from .engine.combinations import check_combination as engine_check_combination
 from .engine.patterns import PATTERNS, Pattern
 from .engine.regrowth import REGROWTHS, Regrowth
 from .engine.regularizers import REGULARIZERS, Regularizer
@@ -405,34 +407,12 @@ def _regularizer(data: Mapping[str, Any] | None) -> Regularizer | None:
 
 
 def check_combination(config: RunConfig) -> None:
-    """Engine parts that cannot work together: one line saying why."""
-    regrowth, schedule, regularizer = config.regrowth, config.schedule, config.regularizer
-    if regrowth.replaces_schedule:
-        if schedule.name != "constant":
-            raise ConfigError("regrowth", f"regrowth={regrowth.name} is sparse at the target from the first step and "
-                              f"decides its own updates; allowed with schedule=constant (got schedule={schedule.name})")
-        if config.pruning.mode != "unstructured":
-            raise ConfigError("regrowth", f"regrowth={regrowth.name} drops and regrows single weights; allowed with "
-                              f"pruning=unstructured (got pruning={config.pruning.mode})")
-        if config.pruning.masking != "inplace":
-            raise ConfigError("pruning.masking", f"regrowth={regrowth.name} regrows weights at zero, which a dense copy "
-                              "would overwrite; allowed with pruning.masking=inplace")
-    if regrowth.name == "reversal" and schedule.name == "alternating":
-        raise ConfigError("regrowth", "regrowth=reversal and schedule=alternating both lift masks, in different ways; "
-                          "allowed: one of them")
-    if regularizer is not None:
-        if regrowth.name != "none":
-            raise ConfigError("regularizer", f"regularizer={regularizer.name} masks what it zeroes, which regrowth="
-                              f"{regrowth.name} would undo; allowed with regrowth=none")
-        if config.pruning.masking != "inplace":
-            raise ConfigError("regularizer", "the proximal step acts on the weights themselves; allowed with pruning.masking=inplace")
-        structured = config.pruning.mode in ("neurons", "filters", "heads")
-        if regularizer.name == "group_lasso" and not structured:
-            raise ConfigError("regularizer", "regularizer=group_lasso shrinks whole channels; allowed with pruning=neurons, "
-                              f"filters or heads (got pruning={config.pruning.mode})")
-        if regularizer.name == "lasso" and config.pruning.mode != "unstructured":
-            raise ConfigError("regularizer", "regularizer=lasso shrinks single weights; allowed with pruning=unstructured "
-                              f"(got pruning={config.pruning.mode}; use group_lasso for channels)")
+    """Engine parts that cannot work together: one line saying why, naming the option to change."""
+    try:
+        engine_check_combination(config.schedule, config.pruning.mode, config.pruning.masking, config.regrowth,
+                                 config.regularizer)
+    except CombinationError as error:
+        raise ConfigError(error.key, str(error)) from error
 
 
 def check_schedule_bounds(schedule: Schedule) -> None:

@@ -254,8 +254,10 @@ def test_sensitivity_trials_start_from_all_weights_when_masks_can_shrink(regrowt
         seen.append([round(float((layer.weight == 0).float().mean()), 3) for layer in model])
         return float(model(inputs).pow(2).mean().detach())
 
-    schedule = SCHEDULES.get("alternating")(begin=0, compressed=2, decompressed=2, final=2, ramp="constant")
-    pruner = Pruner(model, sparsity=0.7, schedule=schedule, total_steps=10, evaluate=evaluate,
+    # updates at steps 0 and 4 either way: alternating's compressed phases, or reversal every 4 steps at the target
+    schedule = (SCHEDULES.get("alternating")(begin=0, compressed=2, decompressed=2, final=2, ramp="constant")
+                if regrowth == "none" else SCHEDULES.get("constant")(begin=0, end=8))
+    pruner = Pruner(model, sparsity=0.7, schedule=schedule, total_steps=10, evaluate=evaluate, frequency=4,
                     allocation=ALLOCATIONS.get("sensitivity")(trials=[0.3]), regrowth=REGROWTHS.get(regrowth)())
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     pruner.attach(optimizer)

@@ -120,6 +120,8 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
                                                                         "allowed with ramp=linear: 3.0 (the default)"),
         ("scorer=attention_entropy pruning=neurons", "pruning: scorer 'attention_entropy' scores attention heads; "
                                                      "allowed with pruning=heads"),
+        ("pruning.exclude=[nope.weight]", "pruning: exclude pattern 'nope.weight' matches no Linear/Conv weight; allowed: "
+                                          "fnmatch patterns over 1.weight, 3.weight, 5.weight"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_no_run_directory(cli, tmp_path, override, expected):

@@ -146,7 +146,8 @@ def test_a_run_resumed_from_state_dicts_matches_the_uninterrupted_run_exactly(re
     def build():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-        schedule_name, schedule_params = recipe.get("schedule", ("linear", dict(begin=0, end=20)))
+        default = ("constant", {}) if "regrowth" in recipe else ("linear", dict(begin=0, end=20))  # regrowth: constant only
+        schedule_name, schedule_params = recipe.get("schedule", default)
         regrowth_name, regrowth_params = recipe.get("regrowth", ("none", {}))
         pruner = Pruner(model, sparsity=0.8, schedule=SCHEDULES.get(schedule_name)(**schedule_params), total_steps=40,
                         scorer=SCORERS.get(recipe.get("scorer", "magnitude"))(), frequency=4,

@@ -213,13 +213,16 @@ def test_a_regularizers_closing_mask_keeps_the_largest_weights_whatever_the_scor
     assert pruner.masks.sparsity() == pytest.approx(0.6, abs=1e-3)
 
 
-def test_rigl_regrows_at_zero_even_when_dense_shadow_masking_was_asked():
+def test_rigl_regrows_at_zero_and_refuses_dense_shadow_masking():
     from patcli.engine import REGROWTHS
     from patcli.engine.masks import InplaceMasking
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    pruner = Pruner(model, sparsity=0.8, schedule=SCHEDULES.get("constant")(), total_steps=20, masking="dense_shadow",
+    with pytest.raises(ValueError, match="regrowth=rigl regrows weights at zero, which a dense copy would overwrite"):
+        Pruner(model, sparsity=0.8, schedule=SCHEDULES.get("constant")(), total_steps=20, masking="dense_shadow",
+               regrowth=REGROWTHS.get("rigl")(delta_t=5))
+    pruner = Pruner(model, sparsity=0.8, schedule=SCHEDULES.get("constant")(), total_steps=20,
                     regrowth=REGROWTHS.get("rigl")(delta_t=5))
     assert isinstance(pruner.masking, InplaceMasking)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -281,3 +284,84 @@ def test_rigl_ranks_the_true_gradients_under_a_grad_scaler(tiny_mlp):
     (grads,) = seen
     for grad, layer in zip(grads, (reference[0], reference[2], reference[4])):
         torch.testing.assert_close(grad, layer.weight.grad)
+
+
+def small_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(total_steps=3 * 7 / 2), r"total_steps must be an integer >= 1 \(optimizer steps\), got 10.5"),
+    (dict(total_steps=20, frequency=2.5), r"frequency must be an integer >= 1 \(optimizer steps\), got 2.5"),
+    (dict(total_steps=20, max_layer_sparsity=1.5), r"max_layer_sparsity must be a number within 0 <= value < 1, got 1.5"),
+    (dict(total_steps=20, max_layer_sparsity=float("nan")), r"max_layer_sparsity must be a number within 0 <= value < 1, got nan"),
+    (dict(total_steps=20, sparsity="0.5"), r"sparsity must be a number within 0 <= value < 1, got '0.5'"),
+    (dict(total_steps=20, schedule="agp"), r"schedule must be a Schedule object, e.g. SCHEDULES.get\(name\)\(\), got 'agp'"),
+    (dict(total_steps=20, exclude="2.weight"), r"exclude takes a list of name patterns, e.g. exclude=\['2.weight'\]"),
+    (dict(total_steps=20, exclude=["head.weight"]), r"exclude pattern 'head.weight' matches no Linear/Conv weight; "
+                                                    r"allowed: fnmatch patterns over 0.weight, 2.weight, 4.weight"),
+])
+def test_a_pruner_built_in_python_names_a_bad_argument(arguments, message):
+    """A float step count (epochs · batches / accumulation) used to put the schedule's end between two steps, so the
+    target was never reached; a bare string exclude was read letter by letter."""
+    arguments = {"sparsity": 0.9, "schedule": SCHEDULES.get("linear")(end=1.0), **arguments}
+    with pytest.raises((ValueError, TypeError), match=f"^{message}"):
+        Pruner(small_model(), **arguments)
+
+
+def test_numpy_integer_step_counts_are_taken():
+    import numpy as np
+
+    pruner = Pruner(small_model(), sparsity=0.5, schedule=SCHEDULES.get("agp")(), total_steps=np.int64(20), frequency=np.int64(5))
+    assert pruner.schedule.end_step == 15
+
+
+@pytest.mark.parametrize("parts, message", [
+    (dict(schedule="agp", regrowth="rigl"), "regrowth=rigl is sparse at the target from the first step and decides its own updates"),
+    (dict(schedule="alternating", regrowth="rigl"), "regrowth=rigl is sparse at the target"),
+    (dict(schedule="alternating", regrowth="reversal"), "regrowth=reversal and schedule=alternating both lift masks"),
+    (dict(schedule="constant", pattern="nm", regularizer="lasso"), "regularizer=lasso shrinks single weights; allowed with pruning=unstructured"),
+    (dict(schedule="constant", regrowth="rigl", regularizer="lasso"), "regularizer=lasso masks what it zeroes, which regrowth=rigl would undo"),
+])
+def test_the_engine_refuses_the_combinations_the_cli_refuses(parts, message):
+    model = small_model()
+    with pytest.raises(ValueError, match=message):
+        prune_during_training(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, total_steps=24, frequency=3, **parts)
+
+
+def test_regularizer_none_by_name_is_no_regularizer_as_on_the_command_line():
+    model = small_model()
+    pruner = prune_during_training(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, total_steps=10,
+                                   regularizer="none")
+    assert pruner.regularizer is None
+
+
+def test_a_model_cast_after_the_pruner_was_built_is_named_at_the_next_update():
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    pruner = prune_during_training(model, optimizer, sparsity=0.5, total_steps=20, frequency=5)
+    with pytest.raises(ValueError, match=r"^0.weight is now torch.float64 on cpu, but the pruner was built for torch.float32 "
+                                         r"on cpu; allowed: move or cast the model before building the Pruner"):
+        for step in range(20):
+            if step == 3:
+                model.double()
+            optimizer.zero_grad()
+            model(torch.randn(4, 8, dtype=model[0].weight.dtype)).sum().backward()
+            optimizer.step()
+    assert pruner.step == 5  # stopped at the first update after the cast, step 5
+
+
+@pytest.mark.parametrize("init", ["erk", "random"])
+def test_dynamic_sparse_training_starts_at_exactly_the_target_count(init):
+    from patcli.engine import REGROWTHS
+
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+    pruner = Pruner(model, sparsity=0.8, schedule=SCHEDULES.get("constant")(), total_steps=20,
+                    regrowth=REGROWTHS.get("rigl")(delta_t=5, init=init))
+    assert sum(int((w == 0).sum()) for w in pruner.masks.weights) == round(0.8 * (256 + 512 + 64))  # 666: ERK rounded to 665
+
+
+def test_alternating_refuses_phases_of_no_steps():
+    with pytest.raises(ValueError, match="^compressed: 0 is out of range"):
+        SCHEDULES.get("alternating")(compressed=0)

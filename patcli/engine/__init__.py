@@ -44,6 +44,8 @@ __all__ = [
 
 
 def _part(registry, value):
+    if value == "none" and "none" not in registry:  # as the CLI's regularizer=none: no such part
+        return None
     return registry.get(value)() if isinstance(value, str) else value
 
 

@@ -89,6 +89,14 @@ class MaskSet:
         """The masks as 1.0 / 0.0 in each weight's dtype (read-only for callers)."""
         return self._multipliers
 
+    def check_weights(self) -> None:
+        """The masks are made in the weights' dtype and device: a model moved or cast afterwards no longer fits."""
+        for name, weight, multiplier in zip(self.names, self.weights, self._multipliers):
+            if weight.dtype != multiplier.dtype or weight.device != multiplier.device:
+                raise ValueError(f"{name} is now {weight.dtype} on {weight.device}, but the pruner was built for "
+                                 f"{multiplier.dtype} on {multiplier.device}; allowed: move or cast the model before "
+                                 "building the Pruner (and the optimizer)")
+
     def zero_pruned_(self, tensors: list[torch.Tensor] | None = None) -> None:
         """Multiply ``tensors`` (the weights by default) by the masks in place."""
         with torch.no_grad():

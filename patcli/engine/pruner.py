@@ -7,9 +7,11 @@ decision. The pruner hooks into ``optimizer.step()``, so a training loop needs n
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import logging
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -18,8 +20,9 @@ import torch
 from torch import nn
 
 from .allocation import Allocation, LayerBudget, Uniform, check_reachable
+from .combinations import check_combination
 from .layouts import ChannelLayout, Layout, TensorLayout
-from .masks import MASKINGS, MaskSet, as_bytes, mark_pruned_, select_prunable, zero_optimizer_state_
+from .masks import MASKINGS, PRUNABLE_MODULES, MaskSet, as_bytes, mark_pruned_, select_prunable, zero_optimizer_state_
 from .patterns import Pattern, Structured, Unstructured
 from .regrowth import NoRegrowth, Regrowth
 from .regularizers import Regularizer
@@ -50,12 +53,47 @@ def unscaled(grads: list[torch.Tensor], grad_scale: torch.Tensor | None, found_i
     return grads
 
 
+def check_patterns(model: nn.Module, include, exclude) -> None:
+    """A bare string would be read letter by letter, and a pattern that matches nothing (a typo) would silently leave
+    the layer it meant pruned or dense: both are errors."""
+    names = [f"{name}.weight" if name else "weight" for name, m in model.named_modules() if isinstance(m, PRUNABLE_MODULES)]
+    for key, patterns in (("include", include), ("exclude", exclude)):
+        if isinstance(patterns, str):
+            raise TypeError(f"{key} takes a list of name patterns, e.g. {key}=[{patterns!r}]; got the string {patterns!r}")
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+                raise ValueError(f"{key} pattern {pattern!r} matches no Linear/Conv weight; allowed: fnmatch patterns "
+                                 f"over {shown or '(the model has none)'}")
+
+
 def make_layout(model: nn.Module, pattern: Pattern, include, exclude) -> Layout:
     """Tensor layout for element/N:M/block patterns, channel layout for neurons/filters/heads."""
+    check_patterns(model, include, exclude)
     if isinstance(pattern, Structured):
         params = dict(model.named_parameters())
         return ChannelLayout(params, channel_groups(model, pattern.kind, include, exclude), pattern.reduce)
     return TensorLayout(select_prunable(model, include, exclude), pattern)
+
+
+PARTS = {"schedule": (Schedule, "SCHEDULES"), "scorer": (Scorer, "SCORERS"), "allocation": (Allocation, "ALLOCATIONS"),
+         "pattern": (Pattern, "PATTERNS"), "regrowth": (Regrowth, "REGROWTHS"), "regularizer": (Regularizer, "REGULARIZERS")}
+
+
+def check_arguments(*, sparsity, total_steps, frequency, max_layer_sparsity, **parts) -> None:
+    """What the CLI's config checks, for a Pruner built in Python: one ValueError (TypeError) naming the argument."""
+    for name, value, high in (("sparsity", sparsity, 1.0), ("max_layer_sparsity", max_layer_sparsity, 1.0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < high:
+            raise ValueError(f"{name} must be a number within 0 <= value < {high:g}, got {value!r}")
+    for name, value in (("total_steps", total_steps), ("frequency", frequency)):
+        # a float (epochs * batches / accumulation) would put the schedule's end between two steps: never reached
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1 (optimizer steps), got {value!r}")
+    for name, value in parts.items():
+        kind, registry = PARTS[name]
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(f"{name} must be a {kind.__name__} object, e.g. {registry}.get(name)(), got {value!r}; "
+                            "prune_during_training also takes names")
 
 
 class Pruner:
@@ -86,8 +124,9 @@ class Pruner:
         evaluate: Callable[[], float] | None = None,
         on_update: Callable[[MaskUpdate], None] | None = None,
     ) -> None:
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be within 0 <= s < 1, got {sparsity}")
+        check_arguments(sparsity=sparsity, total_steps=total_steps, frequency=frequency, max_layer_sparsity=max_layer_sparsity,
+                        schedule=schedule, scorer=scorer, allocation=allocation, pattern=pattern, regrowth=regrowth,
+                        regularizer=regularizer)
         self.model = model
         self.pattern = pattern or Unstructured()
         if self.pattern.fixed_sparsity is not None and abs(sparsity - self.pattern.fixed_sparsity) > 1e-9:
@@ -103,6 +142,7 @@ class Pruner:
         self.max_layer_sparsity = max_layer_sparsity
         self.regrowth = regrowth or NoRegrowth()
         self.regularizer = regularizer
+        check_combination(schedule, self.pattern.name, masking, self.regrowth, regularizer)
         masking = self.regrowth.masking or masking
         self.monotone = monotone and getattr(self.schedule, "monotone", True) and self.regrowth.monotone
         self.evaluate = evaluate
@@ -131,15 +171,11 @@ class Pruner:
         self._group_index: dict[int, int] = {}
         self._handles: list = []
         if self.regrowth.replaces_schedule:
-            if not isinstance(self.layout, TensorLayout) or type(self.pattern) is not Unstructured:
-                raise ValueError(f"regrowth={self.regrowth.name} drops and regrows single weights; allowed with pruning=unstructured")
             self.regrowth.bind(total_steps)
             self.check_reachable()  # the masks start at the target: the caps must allow it
             self._adopt([k.reshape(-1) for k in self.regrowth.initial_masks(self.masks.weights, sparsity, max_layer_sparsity)])
         if self.regularizer is not None:
             self.regularizer.check(self.layout)
-            if masking != "inplace":
-                raise ValueError("a regularizer's proximal step acts on the weights themselves; allowed with pruning.masking=inplace")
             self.regularizer.bind(total_steps)
 
     # -- wiring ---------------------------------------------------------------------------------------------------
@@ -155,6 +191,7 @@ class Pruner:
         if untrained:  # pruned but never trained: gradient scores would be 0 there and nothing would recover
             raise ValueError(f"{untrained[0]} is prunable but not in the optimizer; allowed: give it to the optimizer, "
                              f"or leave it dense with exclude=[{untrained[0]!r}]")
+        self.masks.check_weights()
         for handle in self._handles:
             handle.remove()
         self.optimizer = optimizer
@@ -231,12 +268,12 @@ class Pruner:
 
     def _scheduled_update(self, t: int) -> bool:
         """The mask update due at step t, if any (each one enforces the masks it makes)."""
-        if self.regrowth.replaces_schedule:
-            if not self.regrowth.is_update_step(t):
-                return False
-            self.regrow(t)
-        elif not self.schedule.is_update_step(t):
+        due = self.regrowth.is_update_step(t) if self.regrowth.replaces_schedule else self.schedule.is_update_step(t)
+        if not due:
             return False
+        self.masks.check_weights()  # at each update, not each step: soon after a model is cast, at no per-step cost
+        if self.regrowth.replaces_schedule:
+            self.regrow(t)
         elif self.regularizer is None:
             self.update_masks(t)
         elif t == self.schedule.end_step and self.regularizer.target is not None:

@@ -36,6 +36,20 @@ class Regrowth:
         pass
 
 
+def exact_counts(sparsities: list[float], sizes: list[int], total: int, caps: list[int]) -> list[int]:
+    """Per-layer counts near s_l · n_l that add up to ``total``: floors, then the largest remainders get one more
+    (rounding each layer alone can miss the total by up to one per layer)."""
+    wanted = [s * n for s, n in zip(sparsities, sizes)]
+    counts = [min(math.floor(w), c) for w, c in zip(wanted, caps)]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: counts[i] - wanted[i])  # largest remainder first
+    for i in by_remainder:
+        if sum(counts) >= total:
+            break
+        if counts[i] < caps[i]:
+            counts[i] += 1
+    return counts
+
+
 @REGROWTHS.register("none")
 @dataclass
 class NoRegrowth(Regrowth):
@@ -98,14 +112,17 @@ class DynamicSparse(Regrowth):
             self.generator.set_state(state["generator"])
 
     def initial_masks(self, weights: list[torch.Tensor], target: float, max_layer_sparsity: float) -> list[torch.Tensor]:
-        """Random positions, exactly round(s_l · n_l) pruned per layer (s_l uniform or ERK)."""
+        """Random positions, s_l · n_l pruned per layer (s_l uniform or ERK), rounded so the total is exactly
+        round(target · Σ n_l)."""
         shapes = [w.shape for w in weights]
         sparsities = [target] * len(weights) if self.init == "random" else erk_sparsities(shapes, target, max_layer_sparsity)
+        sizes = [w.numel() for w in weights]
+        caps = [math.floor(max_layer_sparsity * n + 1e-9) for n in sizes]
         masks = []
-        for weight, sparsity in zip(weights, sparsities):
+        for weight, pruned in zip(weights, exact_counts(sparsities, sizes, round(target * sum(sizes)), caps)):
             order = torch.randperm(weight.numel(), generator=self.generator).to(weight.device)
             keep = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
-            keep[order[: round(sparsity * weight.numel())]] = False
+            keep[order[:pruned]] = False
             masks.append(keep.reshape(weight.shape))
         return masks
 
