@@ -25,7 +25,7 @@ from torch import nn
 from . import __version__
 from .config import ConfigError, RunConfig
 from .data import DataBundle, load_dataset
-from .engine import SCHEDULES, MaskUpdate, Pruner, select_prunable
+from .engine import REGROWTHS, SCHEDULES, MaskUpdate, Pruner, select_prunable
 from .engine.patterns import Structured
 from .engine.pruner import make_layout
 from .engine.allocation import AllocationError
@@ -77,8 +77,9 @@ def plan(config: RunConfig) -> Plan:
             baseline.check(model, config.pruning.mode)
         if not config.pruning.enabled:
             raise ConfigError("pruning", "post-training baselines prune: choose a pruning mode, not none")
-        fixed = dataclasses.replace(config, schedule=SCHEDULES.get("fixed")())
-        build_pruner(fixed, model, 1, evaluate_fn=never_called)  # the target fits the caps?
+        # the target fits the caps? (regrowth and regularizers shape PAT's updates, not this one-shot check)
+        fixed = dataclasses.replace(config, schedule=SCHEDULES.get("fixed")(), regrowth=REGROWTHS.get("none")(), regularizer=None)
+        build_pruner(fixed, model, 1, evaluate_fn=never_called)
     elif config.pruning.enabled:
         trial = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule))
         pruner = build_pruner(trial, model, steps, evaluate_fn=never_called)  # pattern fits?

@@ -120,7 +120,7 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
                                                                         "allowed with ramp=linear: 3.0 (the default)"),
         ("scorer=attention_entropy pruning=neurons", "pruning: scorer 'attention_entropy' scores attention heads; "
                                                      "allowed with pruning=heads"),
-        ("pruning.exclude=[nope.weight]", "pruning: exclude pattern 'nope.weight' matches no Linear/Conv weight; allowed: "
+        ("pruning.exclude=[nope.weight]", "pruning: exclude pattern 'nope.weight' matches no prunable weight; allowed: "
                                           "fnmatch patterns over 1.weight, 3.weight, 5.weight"),
     ],
 )

@@ -299,7 +299,7 @@ def small_model() -> nn.Sequential:
     (dict(total_steps=20, sparsity="0.5"), r"sparsity must be a number within 0 <= value < 1, got '0.5'"),
     (dict(total_steps=20, schedule="agp"), r"schedule must be a Schedule object, e.g. SCHEDULES.get\(name\)\(\), got 'agp'"),
     (dict(total_steps=20, exclude="2.weight"), r"exclude takes a list of name patterns, e.g. exclude=\['2.weight'\]"),
-    (dict(total_steps=20, exclude=["head.weight"]), r"exclude pattern 'head.weight' matches no Linear/Conv weight; "
+    (dict(total_steps=20, exclude=["head.weight"]), r"exclude pattern 'head.weight' matches no prunable weight; "
                                                     r"allowed: fnmatch patterns over 0.weight, 2.weight, 4.weight"),
 ])
 def test_a_pruner_built_in_python_names_a_bad_argument(arguments, message):
@@ -365,3 +365,66 @@ def test_dynamic_sparse_training_starts_at_exactly_the_target_count(init):
 def test_alternating_refuses_phases_of_no_steps():
     with pytest.raises(ValueError, match="^compressed: 0 is out of range"):
         SCHEDULES.get("alternating")(compressed=0)
+
+
+class PlainParameterMLP(nn.Module):
+    """A hidden layer of plain parameters (no nn.Linear), whose channels the model describes itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w1 = nn.Parameter(torch.randn(16, 8) * 0.3)
+        self.b1 = nn.Parameter(torch.zeros(16))
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(x @ self.w1.T + self.b1))
+
+    def channel_groups(self, kind: str):
+        from patcli.engine.layouts import ChannelGroup, Slice
+
+        return [ChannelGroup(name="hidden", channels=16, slices=[Slice("w1", 0), Slice("b1", 0), Slice("out.weight", 1)],
+                             shape=torch.Size([16, 8]))]
+
+
+def test_include_patterns_are_checked_against_the_channel_groups_a_model_describes():
+    for include in (["*"], ["w1"], (name for name in ["w1"])):  # a generator is read once, not used up by the check
+        model = PlainParameterMLP()
+        pruner = Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=2,
+                        pattern=PATTERNS.get("neurons")(), include=include)
+        pruner.update_masks(0)
+        assert int((model.w1.abs().sum(1) == 0).sum()) == 8
+    with pytest.raises(ValueError, match=r"^include pattern 'w2' matches no prunable weight; allowed: fnmatch patterns over w1$"):
+        Pruner(PlainParameterMLP(), sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=2,
+               pattern=PATTERNS.get("neurons")(), include=["w2"])
+
+
+def test_head_importance_still_scores_neurons_and_a_users_own_schedule_passes_the_combination_check():
+    from patcli.engine import REGROWTHS
+    from patcli.engine.schedules import Linear
+
+    class MyLinear(Linear):  # never registered: no name
+        pass
+
+    model = small_model()
+    Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("agp")(), total_steps=10, pattern=PATTERNS.get("neurons")(),
+           scorer=SCORERS.get("head_importance")())
+    pruner = Pruner(small_model(), sparsity=0.5, schedule=MyLinear(end=1.0), total_steps=10, frequency=2,
+                    regrowth=REGROWTHS.get("reversal")())
+    assert pruner.schedule.end_step == 9
+
+
+def test_a_baseline_run_with_regrowth_in_its_config_plans_as_before():
+    """Post-training baselines ignore regrowth (with a warning); its plan's one-shot trial must not refuse it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from patcli.config import parse_run_config
+    from patcli.hydra_app import conf_dir
+    from patcli.runner import plan
+
+    for baseline in ("magnitude", "pat_from_dense"):
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = compose("config", [f"baseline={baseline}", "regrowth=rigl", "trainer.max_steps=20"])
+        config = parse_run_config(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True))
+        assert plan(config).total_steps == 20

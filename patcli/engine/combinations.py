@@ -17,32 +17,38 @@ class CombinationError(ValueError):
         self.key = key
 
 
+def name_of(part) -> str:
+    """A registered part's name; a user's own subclass, never registered, goes by its class name."""
+    return getattr(part, "name", type(part).__name__)
+
+
 def check_combination(schedule: Schedule, mode: str, masking: str, regrowth: Regrowth, regularizer: Regularizer | None) -> None:
     """Raise CombinationError saying why, in one line; ``mode`` is the pattern's name (unstructured, nm, neurons, ...)."""
+    schedule_name, regrowth_name = name_of(schedule), name_of(regrowth)
     if regrowth.replaces_schedule:
-        if schedule.name != "constant":
-            raise CombinationError("regrowth", f"regrowth={regrowth.name} is sparse at the target from the first step and "
-                                   f"decides its own updates; allowed with schedule=constant (got schedule={schedule.name})")
+        if schedule_name != "constant":
+            raise CombinationError("regrowth", f"regrowth={regrowth_name} is sparse at the target from the first step and "
+                                   f"decides its own updates; allowed with schedule=constant (got schedule={schedule_name})")
         if mode != "unstructured":
-            raise CombinationError("regrowth", f"regrowth={regrowth.name} drops and regrows single weights; allowed with "
+            raise CombinationError("regrowth", f"regrowth={regrowth_name} drops and regrows single weights; allowed with "
                                    f"pruning=unstructured (got pruning={mode})")
         if masking != "inplace":
-            raise CombinationError("pruning.masking", f"regrowth={regrowth.name} regrows weights at zero, which a dense "
+            raise CombinationError("pruning.masking", f"regrowth={regrowth_name} regrows weights at zero, which a dense "
                                    "copy would overwrite; allowed with pruning.masking=inplace")
-    if regrowth.name == "reversal" and schedule.name == "alternating":
+    if regrowth_name == "reversal" and schedule_name == "alternating":
         raise CombinationError("regrowth", "regrowth=reversal and schedule=alternating both lift masks, in different "
                                "ways; allowed: one of them")
     if regularizer is None:
         return
-    if regrowth.name != "none":
-        raise CombinationError("regularizer", f"regularizer={regularizer.name} masks what it zeroes, which regrowth="
-                               f"{regrowth.name} would undo; allowed with regrowth=none")
+    if regrowth_name != "none":
+        raise CombinationError("regularizer", f"regularizer={name_of(regularizer)} masks what it zeroes, which regrowth="
+                               f"{regrowth_name} would undo; allowed with regrowth=none")
     if masking != "inplace":
         raise CombinationError("regularizer", "the proximal step acts on the weights themselves; allowed with "
                                "pruning.masking=inplace")
-    if regularizer.name == "group_lasso" and mode not in CHANNEL_MODES:
+    if name_of(regularizer) == "group_lasso" and mode not in CHANNEL_MODES:
         raise CombinationError("regularizer", "regularizer=group_lasso shrinks whole channels; allowed with "
                                f"pruning=neurons, filters or heads (got pruning={mode})")
-    if regularizer.name == "lasso" and mode != "unstructured":
+    if name_of(regularizer) == "lasso" and mode != "unstructured":
         raise CombinationError("regularizer", "regularizer=lasso shrinks single weights; allowed with "
                                f"pruning=unstructured (got pruning={mode}; use group_lasso for channels)")

@@ -23,7 +23,7 @@ class GroupScorer(Scorer):
     """Accumulates one score per channel and layer between mask updates."""
 
     grouped = True
-    heads_only = False  # reads modules only an attention layer's head groups name
+    heads_only = False  # True: reads the attention probabilities only head groups name
     _sums: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
     _counts: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
     _handles: list = field(default_factory=list, init=False, repr=False)
@@ -115,8 +115,6 @@ class HeadImportance(GroupScorer):
 
     With o_h the head's output, ∂L/∂ξ_h = Σ o_h · ∂L/∂o_h: read from a tensor hook on the head-output module.
     """
-
-    heads_only = True
 
     def watch(self, index: int, group, modules: dict[str, nn.Module]) -> None:
         module = self._module(modules, group.activation, "head output")

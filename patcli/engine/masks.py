@@ -17,6 +17,26 @@ from .threshold import count
 PRUNABLE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def pattern_lists(names: list[str], include: Iterable[str], exclude: Iterable[str]) -> tuple[list[str], list[str]]:
+    """``include``/``exclude`` as lists, each pattern checked to match one of ``names`` (the candidate weights).
+
+    A bare string would be read letter by letter, and a pattern that matches nothing (a typo) would silently leave
+    the layer it meant pruned or dense: both are errors.
+    """
+    lists = []
+    for key, patterns in (("include", include), ("exclude", exclude)):
+        if isinstance(patterns, str):
+            raise TypeError(f"{key} takes a list of name patterns, e.g. {key}=[{patterns!r}]; got the string {patterns!r}")
+        patterns = list(patterns)
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+                raise ValueError(f"{key} pattern {pattern!r} matches no prunable weight; allowed: fnmatch patterns "
+                                 f"over {shown or '(the model has none)'}")
+        lists.append(patterns)
+    return lists[0], lists[1]
+
+
 def select_prunable(
     model: nn.Module, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()
 ) -> dict[str, nn.Parameter]:
@@ -26,7 +46,8 @@ def select_prunable(
     (pruning it would prune the embedding), nor a frozen weight (``requires_grad=False``: nothing would recover
     what pruning takes, and gradient scores are 0 there); a weight shared by two modules is listed once.
     """
-    include, exclude = list(include), list(exclude)
+    names = [f"{name}.weight" if name else "weight" for name, m in model.named_modules() if isinstance(m, PRUNABLE_MODULES)]
+    include, exclude = pattern_lists(names, include, exclude)
     selected: dict[str, nn.Parameter] = {}
     seen: set[int] = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
     for module_name, module in model.named_modules():

@@ -7,7 +7,6 @@ decision. The pruner hooks into ``optimizer.step()``, so a training loop needs n
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import logging
 import math
@@ -20,9 +19,9 @@ import torch
 from torch import nn
 
 from .allocation import Allocation, LayerBudget, Uniform, check_reachable
-from .combinations import check_combination
+from .combinations import check_combination, name_of
 from .layouts import ChannelLayout, Layout, TensorLayout
-from .masks import MASKINGS, PRUNABLE_MODULES, MaskSet, as_bytes, mark_pruned_, select_prunable, zero_optimizer_state_
+from .masks import MASKINGS, MaskSet, as_bytes, mark_pruned_, select_prunable, zero_optimizer_state_
 from .patterns import Pattern, Structured, Unstructured
 from .regrowth import NoRegrowth, Regrowth
 from .regularizers import Regularizer
@@ -53,23 +52,8 @@ def unscaled(grads: list[torch.Tensor], grad_scale: torch.Tensor | None, found_i
     return grads
 
 
-def check_patterns(model: nn.Module, include, exclude) -> None:
-    """A bare string would be read letter by letter, and a pattern that matches nothing (a typo) would silently leave
-    the layer it meant pruned or dense: both are errors."""
-    names = [f"{name}.weight" if name else "weight" for name, m in model.named_modules() if isinstance(m, PRUNABLE_MODULES)]
-    for key, patterns in (("include", include), ("exclude", exclude)):
-        if isinstance(patterns, str):
-            raise TypeError(f"{key} takes a list of name patterns, e.g. {key}=[{patterns!r}]; got the string {patterns!r}")
-        for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-                shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-                raise ValueError(f"{key} pattern {pattern!r} matches no Linear/Conv weight; allowed: fnmatch patterns "
-                                 f"over {shown or '(the model has none)'}")
-
-
 def make_layout(model: nn.Module, pattern: Pattern, include, exclude) -> Layout:
     """Tensor layout for element/N:M/block patterns, channel layout for neurons/filters/heads."""
-    check_patterns(model, include, exclude)
     if isinstance(pattern, Structured):
         params = dict(model.named_parameters())
         return ChannelLayout(params, channel_groups(model, pattern.kind, include, exclude), pattern.reduce)
@@ -142,7 +126,7 @@ class Pruner:
         self.max_layer_sparsity = max_layer_sparsity
         self.regrowth = regrowth or NoRegrowth()
         self.regularizer = regularizer
-        check_combination(schedule, self.pattern.name, masking, self.regrowth, regularizer)
+        check_combination(schedule, name_of(self.pattern), masking, self.regrowth, regularizer)
         masking = self.regrowth.masking or masking
         self.monotone = monotone and getattr(self.schedule, "monotone", True) and self.regrowth.monotone
         self.evaluate = evaluate
@@ -152,7 +136,7 @@ class Pruner:
         if getattr(self.scorer, "grouped", False):
             if not isinstance(self.layout, ChannelLayout):
                 raise ValueError(f"scorer {self.scorer.name!r} scores whole channels; allowed with pruning=neurons, filters or heads")
-            if self.scorer.heads_only and self.pattern.name != "heads":
+            if self.scorer.heads_only and name_of(self.pattern) != "heads":
                 raise ValueError(f"scorer {self.scorer.name!r} scores attention heads; allowed with pruning=heads")
             self.scorer.attach(model, self.layout)
         self.masks = MaskSet(dict(zip(self.layout.names, self.layout.params)), self.layout.accounted)

@@ -15,6 +15,7 @@ from typing import Iterable
 from torch import nn
 
 from .layouts import ChannelGroup, Slice
+from .masks import pattern_lists
 
 PRODUCERS = {"neurons": (nn.Linear,), "filters": (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -41,7 +42,6 @@ def channel_groups(
 ) -> list[ChannelGroup]:
     """The prunable channel groups of ``kind`` (neurons | filters | heads) whose producing weight is included and
     that touch no frozen parameter."""
-    include, exclude = list(include), list(exclude)
     if hasattr(model, "channel_groups"):
         groups = model.channel_groups(kind)
     elif kind == "heads":
@@ -49,6 +49,7 @@ def channel_groups(
                              "define channel_groups('heads') on the model")
     else:
         groups = sequential_groups(model, kind)
+    include, exclude = pattern_lists([g.slices[0].param for g in groups], include, exclude)
     # a frozen layer is never pruned, not even the input columns a channel of another layer owns there (a frozen
     # norm's γ/β or a bias only go with their channel)
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad and p.dim() >= 2}
