@@ -27,6 +27,7 @@ from .config import ConfigError, RunConfig
 from .data import DataBundle, load_dataset
 from .engine import REGROWTHS, SCHEDULES, MaskUpdate, Pruner, select_prunable
 from .engine.patterns import Structured
+from .engine.masks import PatternError, pattern_lists
 from .engine.pruner import make_layout
 from .engine.allocation import AllocationError
 from .engine.schedules import Schedule, ScheduleError
@@ -63,6 +64,10 @@ def plan(config: RunConfig) -> Plan:
                                                   f"so the learning rate would never reach trainer.lr; allowed: 0 to {steps - 1}")
     model = build_model(config.model, data.meta)  # validates model keys; a throwaway the checks below share
     check_model_fits(model, data)
+    try:  # every run, dense included: its sparsity report reads them
+        pattern_lists(model, config.pruning.include, config.pruning.exclude)
+    except PatternError as error:
+        raise ConfigError(f"pruning.{error.key}", error.message) from error
     update_steps = 0
     if config.dense:  # a baseline's starting point, or a training run's reference: checked before anything runs
         from .dense import check_dense_run

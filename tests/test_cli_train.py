@@ -120,8 +120,9 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
                                                                         "allowed with ramp=linear: 3.0 (the default)"),
         ("scorer=attention_entropy pruning=neurons", "pruning: scorer 'attention_entropy' scores attention heads; "
                                                      "allowed with pruning=heads"),
-        ("pruning.exclude=[nope.weight]", "pruning: exclude pattern 'nope.weight' matches no prunable weight; allowed: "
-                                          "fnmatch patterns over 1.weight, 3.weight, 5.weight"),
+        ("pruning.exclude=[nope.weight]", "pruning.exclude: pattern 'nope.weight' matches no parameter of the model; "
+                                          "allowed: fnmatch patterns over 1.weight, 1.bias, 3.weight, 3.bias, 5.weight, 5.bias"),
+        ("pruning=none pruning.exclude=[nope.weight]", "pruning.exclude: pattern 'nope.weight' matches no parameter"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_no_run_directory(cli, tmp_path, override, expected):

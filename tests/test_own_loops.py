@@ -299,8 +299,9 @@ def small_model() -> nn.Sequential:
     (dict(total_steps=20, sparsity="0.5"), r"sparsity must be a number within 0 <= value < 1, got '0.5'"),
     (dict(total_steps=20, schedule="agp"), r"schedule must be a Schedule object, e.g. SCHEDULES.get\(name\)\(\), got 'agp'"),
     (dict(total_steps=20, exclude="2.weight"), r"exclude takes a list of name patterns, e.g. exclude=\['2.weight'\]"),
-    (dict(total_steps=20, exclude=["head.weight"]), r"exclude pattern 'head.weight' matches no prunable weight; "
-                                                    r"allowed: fnmatch patterns over 0.weight, 2.weight, 4.weight"),
+    (dict(total_steps=20, exclude=["head.weight"]), r"exclude pattern 'head.weight' matches no parameter of the model; "
+                                                    r"allowed: fnmatch patterns over 0.weight, 0.bias, 2.weight, 2.bias, "
+                                                    r"4.weight, 4.bias"),
 ])
 def test_a_pruner_built_in_python_names_a_bad_argument(arguments, message):
     """A float step count (epochs · batches / accumulation) used to put the schedule's end between two steps, so the
@@ -394,7 +395,8 @@ def test_include_patterns_are_checked_against_the_channel_groups_a_model_describ
                         pattern=PATTERNS.get("neurons")(), include=include)
         pruner.update_masks(0)
         assert int((model.w1.abs().sum(1) == 0).sum()) == 8
-    with pytest.raises(ValueError, match=r"^include pattern 'w2' matches no prunable weight; allowed: fnmatch patterns over w1$"):
+    with pytest.raises(ValueError, match=r"^include pattern 'w2' matches no parameter of the model; allowed: fnmatch "
+                                         r"patterns over w1, b1, out.weight, out.bias$"):
         Pruner(PlainParameterMLP(), sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=2,
                pattern=PATTERNS.get("neurons")(), include=["w2"])
 
@@ -428,3 +430,24 @@ def test_a_baseline_run_with_regrowth_in_its_config_plans_as_before():
             cfg = compose("config", [f"baseline={baseline}", "regrowth=rigl", "trainer.max_steps=20"])
         config = parse_run_config(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True))
         assert plan(config).total_steps == 20
+
+
+def test_an_exclude_the_layout_cannot_use_is_no_error_one_exclude_serves_every_mode():
+    """The output layer has no prunable neurons: excluding it means nothing in neurons mode, but the same override
+    must work for a sweep over modes, a structured baseline of an unstructured config, a dense run's report and
+    the export of a run made before patterns were checked."""
+    from patcli.engine.masks import select_prunable
+    from patcli.engine.structure import channel_groups
+
+    for pattern in (PATTERNS.get("unstructured")(), PATTERNS.get("neurons")()):
+        model = small_model()
+        pruner = Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=2, pattern=pattern,
+                        exclude=["4.weight"])
+        pruner.update_masks(0)
+        if pattern.name == "unstructured":
+            assert not bool((model[4].weight == 0).any())
+        else:  # its input columns go with the hidden neurons pruned before it
+            assert pruner.masks.names == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight"]
+    model = small_model()
+    assert list(select_prunable(model, ["*"], ["nothing.at.all"])) == ["0.weight", "2.weight", "4.weight"]  # no check here
+    assert len(channel_groups(model, "neurons", ["*"], ["4.weight"])) == 2

@@ -17,12 +17,23 @@ from .threshold import count
 PRUNABLE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def pattern_lists(names: list[str], include: Iterable[str], exclude: Iterable[str]) -> tuple[list[str], list[str]]:
-    """``include``/``exclude`` as lists, each pattern checked to match one of ``names`` (the candidate weights).
+class PatternError(ValueError):
+    """An include/exclude pattern that matches nothing; ``key`` says which list."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key} {message}")
+        self.key = key
+        self.message = message
+
+
+def pattern_lists(model: nn.Module, include: Iterable[str], exclude: Iterable[str]) -> tuple[list[str], list[str]]:
+    """``include``/``exclude`` as lists, each pattern checked to match a parameter of ``model``.
 
     A bare string would be read letter by letter, and a pattern that matches nothing (a typo) would silently leave
-    the layer it meant pruned or dense: both are errors.
+    the layer it meant pruned or dense: both are errors. Any parameter counts, not only those the chosen layout
+    prunes, so one exclude can serve every pruning mode of a sweep.
     """
+    names = [name for name, _ in model.named_parameters()]
     lists = []
     for key, patterns in (("include", include), ("exclude", exclude)):
         if isinstance(patterns, str):
@@ -31,8 +42,8 @@ def pattern_lists(names: list[str], include: Iterable[str], exclude: Iterable[st
         for pattern in patterns:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
                 shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-                raise ValueError(f"{key} pattern {pattern!r} matches no prunable weight; allowed: fnmatch patterns "
-                                 f"over {shown or '(the model has none)'}")
+                raise PatternError(key, f"pattern {pattern!r} matches no parameter of the model; allowed: fnmatch "
+                                        f"patterns over {shown or '(the model has none)'}")
         lists.append(patterns)
     return lists[0], lists[1]
 
@@ -46,8 +57,7 @@ def select_prunable(
     (pruning it would prune the embedding), nor a frozen weight (``requires_grad=False``: nothing would recover
     what pruning takes, and gradient scores are 0 there); a weight shared by two modules is listed once.
     """
-    names = [f"{name}.weight" if name else "weight" for name, m in model.named_modules() if isinstance(m, PRUNABLE_MODULES)]
-    include, exclude = pattern_lists(names, include, exclude)
+    include, exclude = list(include), list(exclude)
     selected: dict[str, nn.Parameter] = {}
     seen: set[int] = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
     for module_name, module in model.named_modules():

@@ -21,7 +21,7 @@ from torch import nn
 from .allocation import Allocation, LayerBudget, Uniform, check_reachable
 from .combinations import check_combination, name_of
 from .layouts import ChannelLayout, Layout, TensorLayout
-from .masks import MASKINGS, MaskSet, as_bytes, mark_pruned_, select_prunable, zero_optimizer_state_
+from .masks import MASKINGS, MaskSet, as_bytes, mark_pruned_, pattern_lists, select_prunable, zero_optimizer_state_
 from .patterns import Pattern, Structured, Unstructured
 from .regrowth import NoRegrowth, Regrowth
 from .regularizers import Regularizer
@@ -54,6 +54,7 @@ def unscaled(grads: list[torch.Tensor], grad_scale: torch.Tensor | None, found_i
 
 def make_layout(model: nn.Module, pattern: Pattern, include, exclude) -> Layout:
     """Tensor layout for element/N:M/block patterns, channel layout for neurons/filters/heads."""
+    include, exclude = pattern_lists(model, include, exclude)
     if isinstance(pattern, Structured):
         params = dict(model.named_parameters())
         return ChannelLayout(params, channel_groups(model, pattern.kind, include, exclude), pattern.reduce)

@@ -15,7 +15,6 @@ from typing import Iterable
 from torch import nn
 
 from .layouts import ChannelGroup, Slice
-from .masks import pattern_lists
 
 PRODUCERS = {"neurons": (nn.Linear,), "filters": (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -49,7 +48,7 @@ def channel_groups(
                              "define channel_groups('heads') on the model")
     else:
         groups = sequential_groups(model, kind)
-    include, exclude = pattern_lists([g.slices[0].param for g in groups], include, exclude)
+    include, exclude = list(include), list(exclude)
     # a frozen layer is never pruned, not even the input columns a channel of another layer owns there (a frozen
     # norm's γ/β or a bias only go with their channel)
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad and p.dim() >= 2}
