@@ -451,3 +451,21 @@ def test_an_exclude_the_layout_cannot_use_is_no_error_one_exclude_serves_every_m
     model = small_model()
     assert list(select_prunable(model, ["*"], ["nothing.at.all"])) == ["0.weight", "2.weight", "4.weight"]  # no check here
     assert len(channel_groups(model, "neurons", ["*"], ["4.weight"])) == 2
+    for select in (lambda: select_prunable(model, exclude="2.weight"), lambda: channel_groups(model, "neurons", exclude="2.weight")):
+        with pytest.raises(TypeError, match=r"^exclude takes a list of name patterns"):
+            select()
+
+
+def test_a_weight_shared_by_two_modules_can_be_named_by_either():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+            self.fc2.weight = self.fc1.weight
+
+        def forward(self, x):
+            return self.out(self.fc2(torch.relu(self.fc1(x))))
+
+    for name in ("fc1.weight", "fc2.weight"):
+        pruner = Pruner(Shared(), sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=2, include=[name])
+        assert len(pruner.masks.weights) == 1

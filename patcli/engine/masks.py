@@ -17,6 +17,13 @@ from .threshold import count
 PRUNABLE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def as_list(key: str, patterns: Iterable[str]) -> list[str]:
+    """A list of name patterns; a bare string would be read letter by letter."""
+    if isinstance(patterns, str):
+        raise TypeError(f"{key} takes a list of name patterns, e.g. {key}=[{patterns!r}]; got the string {patterns!r}")
+    return list(patterns)
+
+
 class PatternError(ValueError):
     """An include/exclude pattern that matches nothing; ``key`` says which list."""
 
@@ -33,12 +40,10 @@ def pattern_lists(model: nn.Module, include: Iterable[str], exclude: Iterable[st
     the layer it meant pruned or dense: both are errors. Any parameter counts, not only those the chosen layout
     prunes, so one exclude can serve every pruning mode of a sweep.
     """
-    names = [name for name, _ in model.named_parameters()]
+    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]  # a shared weight under each name
     lists = []
     for key, patterns in (("include", include), ("exclude", exclude)):
-        if isinstance(patterns, str):
-            raise TypeError(f"{key} takes a list of name patterns, e.g. {key}=[{patterns!r}]; got the string {patterns!r}")
-        patterns = list(patterns)
+        patterns = as_list(key, patterns)
         for pattern in patterns:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
                 shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
@@ -57,7 +62,7 @@ def select_prunable(
     (pruning it would prune the embedding), nor a frozen weight (``requires_grad=False``: nothing would recover
     what pruning takes, and gradient scores are 0 there); a weight shared by two modules is listed once.
     """
-    include, exclude = list(include), list(exclude)
+    include, exclude = as_list("include", include), as_list("exclude", exclude)
     selected: dict[str, nn.Parameter] = {}
     seen: set[int] = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
     for module_name, module in model.named_modules():

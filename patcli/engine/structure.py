@@ -15,6 +15,7 @@ from typing import Iterable
 from torch import nn
 
 from .layouts import ChannelGroup, Slice
+from .masks import as_list
 
 PRODUCERS = {"neurons": (nn.Linear,), "filters": (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -48,7 +49,7 @@ def channel_groups(
                              "define channel_groups('heads') on the model")
     else:
         groups = sequential_groups(model, kind)
-    include, exclude = list(include), list(exclude)
+    include, exclude = as_list("include", include), as_list("exclude", exclude)
     # a frozen layer is never pruned, not even the input columns a channel of another layer owns there (a frozen
     # norm's γ/β or a bias only go with their channel)
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad and p.dim() >= 2}
