@@ -22,6 +22,7 @@ from .config import ConfigError, RunConfig, parse
 from .data import DataBundle, load_dataset
 from .dense import check_dense_run, dense_reference, load_run_config, resolve_dense
 from .engine import ALLOCATIONS, PATTERNS, SCHEDULES, Pruner
+from .engine.patterns import CHANNEL_MODES
 from .engine.registry import ParamError, Registry
 from .engine.structure import StructureError, channel_groups
 from .engine.scorers import Gradient, Magnitude, Scorer
@@ -33,7 +34,6 @@ from .training import Progress, Trainer, loss_and_outputs, resolve_device, steps
 
 log = logging.getLogger(__name__)
 BASELINES: Registry = Registry("baseline")
-CHANNEL_KINDS = ("neurons", "filters", "heads")
 
 
 @dataclass
@@ -155,7 +155,7 @@ class StructuredNorm:
     allocation: str = "uniform"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("auto", "neurons", "filters", "heads"):
+        if self.kind not in ("auto", *CHANNEL_MODES):
             raise ParamError("kind", f"{self.kind!r} is not allowed; allowed: auto, neurons, filters, heads")
         allowed = [name for name in ALLOCATIONS.names() if not ALLOCATIONS.get(name).needs_loss]  # one-shot: no loss to measure
         if self.allocation not in allowed:
@@ -164,13 +164,13 @@ class StructuredNorm:
     def kind_for(self, model: nn.Module, mode: str) -> str:
         """The channels to remove: ``pruning=neurons|filters|heads`` names them (so a sweep over ``baseline`` prunes
         what its PAT runs prune), else ``kind`` does, ``auto`` meaning filters for conv nets and neurons otherwise."""
-        if mode in CHANNEL_KINDS:
+        if mode in CHANNEL_MODES:
             if self.kind not in ("auto", mode):
                 raise ConfigError("baseline.kind", f"{self.kind!r} contradicts pruning={mode}; allowed: auto or {mode}")
             return mode
         if mode != "unstructured":
             raise ConfigError("pruning", f"{mode!r} is not a channel pattern for baseline=structured; allowed: "
-                                         f"unstructured (then baseline.kind chooses), {', '.join(CHANNEL_KINDS)}")
+                                         f"unstructured (then baseline.kind chooses), {', '.join(CHANNEL_MODES)}")
         if self.kind != "auto":
             return self.kind
         return "filters" if any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in model.modules()) else "neurons"

@@ -409,8 +409,9 @@ def test_head_importance_still_scores_neurons_and_a_users_own_schedule_passes_th
         pass
 
     model = small_model()
-    Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("agp")(), total_steps=10, pattern=PATTERNS.get("neurons")(),
-           scorer=SCORERS.get("head_importance")())
+    neurons = Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("agp")(), total_steps=10, pattern=PATTERNS.get("neurons")(),
+                     scorer=SCORERS.get("head_importance")())
+    assert len(neurons.scorer._sums) == 2  # one gate score per hidden neuron of both hidden layers
     pruner = Pruner(small_model(), sparsity=0.5, schedule=MyLinear(end=1.0), total_steps=10, frequency=2,
                     regrowth=REGROWTHS.get("reversal")())
     assert pruner.schedule.end_step == 9

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from .patterns import CHANNEL_MODES
 from .regrowth import Regrowth
 from .regularizers import Regularizer
 from .schedules import Schedule
-
-CHANNEL_MODES = ("neurons", "filters", "heads")
 
 
 class CombinationError(ValueError):

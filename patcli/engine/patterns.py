@@ -133,6 +133,9 @@ class Block(Pattern):
         return grid.expand(-1, self.rows, -1, self.cols).reshape(shape)
 
 
+CHANNEL_MODES = ("neurons", "filters", "heads")  # the registered Structured patterns
+
+
 @dataclass
 class Structured(Pattern):
     """Whole channels across tensors (see layouts.ChannelLayout); ``reduce`` folds element scores into one per channel."""

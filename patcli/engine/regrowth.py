@@ -41,12 +41,13 @@ def exact_counts(sparsities: list[float], sizes: list[int], total: int, caps: li
     (rounding each layer alone can miss the total by up to one per layer)."""
     wanted = [s * n for s, n in zip(sparsities, sizes)]
     counts = [min(math.floor(w), c) for w, c in zip(wanted, caps)]
-    by_remainder = sorted(range(len(sizes)), key=lambda i: counts[i] - wanted[i])  # largest remainder first
-    for i in by_remainder:
-        if sum(counts) >= total:
+    missing = total - sum(counts)
+    for i in sorted(range(len(sizes)), key=lambda i: counts[i] - wanted[i]):  # largest remainder first
+        if missing <= 0:
             break
         if counts[i] < caps[i]:
             counts[i] += 1
+            missing -= 1
     return counts
 
 
