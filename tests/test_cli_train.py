@@ -1,6 +1,7 @@
 """`patcli train` end to end on a tiny config, its run record, and one-line errors for bad input."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -49,14 +50,23 @@ def test_train_writes_a_complete_record_and_reaches_the_target(cli, tmp_path):
     assert set(modes.values()) == {0o666 & ~umask}, modes
 
 
-def test_dense_run_and_init_from(cli, tmp_path):
+def test_dense_run_and_init_from(cli, tmp_path, monkeypatch):
+    from patcli.training import Trainer
+
     code, out, _ = cli("train", *TINY, "pruning=none", f"hydra.run.dir={tmp_path}/dense")
     assert code == 0
     dense = result_of(run_dir_of(out))
     assert dense["method"] == "dense" and dense["achieved_sparsity"] < 0.01 and dense["target_sparsity"] == 0
+    started_from = []
+    fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: (
+        started_from.append({n: t.detach().clone() for n, t in self.model.state_dict().items()}), fit(self, *a, **k))[1])
     code, out, _ = cli("train", *TINY, f"trainer.init_from={tmp_path}/dense", "schedule=oneshot", "trainer.lr_schedule=cosine",
                        "trainer.warmup_steps=5")
     assert code == 0
+    trained_dense = load_file(tmp_path / "dense" / "model.safetensors")
+    (start,) = started_from
+    assert start.keys() == trained_dense.keys() and all(torch.equal(start[n], trained_dense[n]) for n in start)
     tuned = result_of(run_dir_of(out))
     assert tuned["recipe"] == "oneshot+magnitude+global+init"
     assert tuned["total_train_steps"] == dense["train_steps"] + tuned["train_steps"]
@@ -463,7 +473,7 @@ def test_the_fold_leaves_the_model_dataset_hash_of_older_runs_unchanged():
     assert default.dense_key() == "111b70191749" != fold.dense_key()
 
 
-def test_trainer_threads_hold_for_their_run_only(cli, tmp_path, monkeypatch):
+def test_trainer_threads_hold_for_their_run_only(cli, tmp_path, monkeypatch, request):
     """The count changes floating-point sums: a later job in the same process must not inherit it."""
     from patcli.runner import torch_threads
     from patcli.training import Trainer
@@ -475,7 +485,7 @@ def test_trainer_threads_hold_for_their_run_only(cli, tmp_path, monkeypatch):
         return fit(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "fit", counting_fit)
-
+    request.addfinalizer(lambda count=torch.get_num_threads(): torch.set_num_threads(count))  # for the tests after this one
     torch.set_num_threads(2)
     with torch_threads(1):
         assert torch.get_num_threads() == 1
@@ -520,10 +530,22 @@ def test_a_dense_run_continued_from_another_is_neither_the_baselines_reference_n
 
 
 def test_an_eval_row_gives_the_learning_rate_its_last_step_used(cli, tmp_path):
-    from patcli.training import lr_factor
-
     code, _, err = cli("train", *TINY, "trainer.lr_schedule=linear", "trainer.max_steps=10", "pruning=none", "hydra.run.dir=run")
     assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if r["kind"] == "eval"][-1]
-    assert last["step"] == 10 and last["lr"] == pytest.approx(0.01 * lr_factor(9, 10, 0, "linear")) and last["lr"] > 0
+    assert last["step"] == 10 and last["lr"] == pytest.approx(0.01 * (1 - 9 / 10))  # step 9 of 10 (from 0), linear decay
+
+
+def test_learning_rate_schedules_equal_their_closed_forms():
+    from patcli.training import lr_factor
+
+    total, warmup = 110, 10
+    for step in range(warmup):
+        assert lr_factor(step, total, warmup, "cosine") == pytest.approx((step + 1) / warmup)
+    for step in (10, 35, 60, 109, 200):
+        progress = min((step - warmup) / 100, 1.0)
+        assert lr_factor(step, total, warmup, "constant") == 1.0
+        assert lr_factor(step, total, warmup, "linear") == pytest.approx(1 - progress)
+        assert lr_factor(step, total, warmup, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * progress)))
+    assert lr_factor(60, total, warmup, "cosine") == pytest.approx(0.5) and lr_factor(60, total, warmup, "linear") == 0.5

@@ -70,8 +70,8 @@ def test_dynamic_sparse_training_keeps_the_exact_active_count_per_layer_at_every
     regrowth = REGROWTHS.get(name)(delta_t=3, end=24, init="erk")
     pruner = Pruner(model, sparsity=0.8, schedule=SCHEDULES.get("constant")(), total_steps=30, regrowth=regrowth).attach(optimizer)
     counts = [int(k.sum()) for k in pruner.masks.keep]
-    assert sum(w.numel() for w in pruner.masks.weights) - sum(counts) == round(0.8 * sum(w.numel() for w in pruner.masks.weights)) \
-        or abs(pruner.sparsity() - 0.8) < 0.01  # ERK: per-layer rounding
+    # ERK densities differ per layer, but the rounded per-layer counts add up to the exact total
+    assert sum(w.numel() for w in pruner.masks.weights) - sum(counts) == round(0.8 * sum(w.numel() for w in pruner.masks.weights))
     generator = torch.Generator().manual_seed(0)
     changed = False
     for _ in range(30):
@@ -93,8 +93,8 @@ def test_regrown_weights_start_at_zero_with_fresh_optimizer_state():
     for _ in range(4):
         step(model, optimizer, generator)
     before = [k.clone() for k in pruner.masks.keep]
-    step(model, optimizer, generator)  # step index 4 → t=5? no: the update runs after step t=5
-    step(model, optimizer, generator)
+    step(model, optimizer, generator)  # t=4
+    step(model, optimizer, generator)  # t=5, after which the update runs
     grown = [(~b) & k for b, k in zip(before, pruner.masks.keep)]
     assert sum(int(g.sum()) for g in grown) > 0
     for weight, positions in zip(pruner.masks.weights, grown):
