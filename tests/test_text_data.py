@@ -72,17 +72,18 @@ def test_prune_post_trains_a_new_dense_run_when_the_text_file_changes(cli, tmp_p
     assert len(dense) == 3 and len({result_of(p)["model_dataset_hash"] for p in dense}) == 3
 
 
-def test_a_cut_vocabulary_warns_with_the_fraction_and_the_key_to_raise(tmp_path, caplog):
+def test_a_cut_vocabulary_warns_in_every_run_log_with_the_fraction_and_the_key_to_raise(cli, tmp_path):
     path = tmp_path / "wide.txt"
     path.write_text("".join(chr(0x4E00 + i) for i in range(1000)) * 3)
-    with caplog.at_level(logging.WARNING):
-        load_dataset(text_config(path))
-    assert "87.3% of the characters map to the unknown id" in caplog.text and "dataset.max_vocab=128" in caplog.text
-    caplog.clear()
+    (warning,) = load_dataset(text_config(path, max_vocab=128)).warnings
+    assert warning.startswith("87.3% of the characters map to the unknown id") and "dataset.max_vocab=128" in warning
+    # the load above is cached, and the command checks its config before its job's log exists: each run still says it
+    for run in ("first", "second"):
+        code, _, err = cli("train", *GPT, f"dataset.path={path}", "dataset.max_vocab=128", f"hydra.run.dir={run}")
+        assert code == 0, err
+        assert (tmp_path / run / "run.log").read_text().count("87.3% of the characters map to the unknown id") == 1
     path.write_text(LOOP * 100)
-    with caplog.at_level(logging.WARNING):
-        load_dataset(text_config(path))
-    assert "unknown id" not in caplog.text
+    assert load_dataset(text_config(path)).warnings == []
 
 
 def test_a_text_too_short_for_a_training_split_names_the_dataset_keys(cli, tmp_path):

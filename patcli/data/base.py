@@ -51,6 +51,8 @@ class DataBundle:
     test: Split
     meta: dict[str, Any] = field(default_factory=dict)
     fingerprint: str | None = None  # sha256 of the text a user's file gave; None for built-in data
+    # what is wrong with the data, said in every run's log that uses it: a load is cached and reused by later runs
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def primary_metric(self) -> tuple[str, bool]:

@@ -148,10 +148,11 @@ class CharCorpus:
         test_start = int(n * (1.0 - self.test_fraction))
         self.check_splits(n, {"training": val_start, "validation": test_start - val_start, "test": n - test_start})
         unknown = int((ids == 0).sum()) / n
+        warnings = []
         if unknown > MAX_UNKNOWN:
-            log.warning("%.1f%% of the characters map to the unknown id: dataset.max_vocab=%d keeps only the %d most "
-                        "frequent, and predicting the unknown id makes the loss look better than it is; raise "
-                        "dataset.max_vocab (allowed: up to 65536)", 100 * unknown, self.max_vocab, self.max_vocab - 1)
+            warnings.append(f"{100 * unknown:.1f}% of the characters map to the unknown id: dataset.max_vocab="
+                            f"{self.max_vocab} keeps only the {self.max_vocab - 1} most frequent, and predicting the "
+                            "unknown id makes the loss look better than it is; raise dataset.max_vocab (allowed: up to 65536)")
         return DataBundle(
             name=self.name,
             task="language_modeling",
@@ -161,6 +162,7 @@ class CharCorpus:
             meta={"vocab_size": len(vocab), "block_size": self.block_size, "input_shape": [self.block_size],
                   "num_classes": len(vocab)},
             fingerprint=fingerprint,
+            warnings=warnings,
         )
 
     def check_splits(self, n: int, sizes: dict[str, int]) -> None:
