@@ -251,9 +251,9 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: "
         print_error(f"--metric: {metric!r} is in no {split} record; allowed: {', '.join(known)}")
         raise typer.Exit(code=2)
     comparison = report.compare(records, metric, split)
-    for line in comparison.repeats:
+    for line in comparison.repeats + comparison.without_metric:
         errors.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
-    if not comparison.groups and not comparison.not_ok:
+    if not records:
         print_error(f"no run records (result.json) under {', '.join(map(str, paths))}")
         raise typer.Exit(code=2)
     if format is Format.table:

@@ -87,14 +87,16 @@ class GroupTable:
         def rank(row: Row) -> tuple:
             if row.method == "pat":
                 return (0, row.label)
-            if row.label in POST_ORDER:
-                return (1, POST_ORDER.index(row.label))
+            if row.method in POST_ORDER:
+                return (1, POST_ORDER.index(row.method), row.label)
             return (2, row.label)
 
         return sorted(self.rows.values(), key=rank)
 
     def best(self, column: float) -> float | None:
-        means = [row.cells[column].mean for row in self.rows.values() if column in row.cells]
+        """The best mean among the rows in ``column``; in the 0% column the reference dense row competes too."""
+        competing = [*self.rows.values(), *([self.dense] if self.dense and column == 0.0 else [])]
+        means = [row.cells[column].mean for row in competing if column in row.cells]
         if not means:
             return None
         return max(means) if self.higher_is_better else min(means)
@@ -105,6 +107,7 @@ class Comparison:
     groups: list[GroupTable]
     not_ok: list[RunRecord]
     repeats: list[str] = field(default_factory=list)  # runs counted once: the same recipe, sparsity, seed, fold, start
+    without_metric: list[str] = field(default_factory=list)  # finished runs left out: no value of the metric shown
 
     @property
     def has_values(self) -> bool:
@@ -196,14 +199,16 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
     dense_rows_of: dict[str, Row] = {}  # id and dir of each dense run among the records → its row
     seen: dict[tuple, str] = {}  # (group, recipe, sparsity, seed, fold, starting weights) → the run counted for it
     repeats: list[str] = []
+    without_metric: list[str] = []
     for record in (r for r in records if r.status == "ok"):
         name = metric or record.primary_metric
         higher = record.higher_is_better if name == record.primary_metric else name == "accuracy"
-        group = groups.setdefault(record.model_dataset_hash, GroupTable(
-            record.model, record.dataset, record.model_dataset_hash, name, split, higher))
         value = record.metrics.get(split, {}).get(name)
         if value is None:
+            without_metric.append(f"{record.run_dir}: no {split} {name} in its record, left out")
             continue
+        group = groups.setdefault(record.model_dataset_hash, GroupTable(
+            record.model, record.dataset, record.model_dataset_hash, name, split, higher))
         label, key = row_label(record), identity(record)
         column = 0.0 if record.method == "dense" else round(record.target_sparsity, 6)
         flat = flatten(record.config)
@@ -235,12 +240,20 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
                       or [row for row in rows.values() if any(row is c for c in cited)])
         if dense_rows:  # the dense configuration with the most runs is the reference; others stay rows
             group.dense = max(dense_rows, key=lambda r: r.cells[0.0].n)
-        group.rows = {row.label: row for row in rows.values() if row is not group.dense}
+        group.rows = {}
+        for row in (row for row in rows.values() if row is not group.dense):
+            label, n = row.label, 1
+            while row.label in group.rows:  # settings that print alike (1 and "1"): both rows stay, numbered
+                n += 1
+                row.label = f"{label} #{n}"
+            group.rows[row.label] = row
     for cited, record in references.items():  # dense runs known only through the records that cite them
         group = groups[record.model_dataset_hash]
         value = (record.dense_reference.get("metrics") or {}).get(split, {}).get(group.metric)
-        if cited not in dense_rows_of and value is not None and (group.dense is None or group.dense.label == "dense"):
-            group.dense = group.dense or Row("dense", "dense")
+        training = training_key(record)  # pooled only with dense runs trained the same way (epochs, lr, ...)
+        if cited not in dense_rows_of and value is not None and (
+                group.dense is None or (group.dense.label == "dense" and group.dense.training == training)):
+            group.dense = group.dense or Row("dense", "dense", training=training)
             _add(group.dense, 0.0, value, None, steps=record.dense_reference.get("train_steps"))
     for group_key, rows in keyed.items():
         group = groups[group_key]
@@ -250,7 +263,8 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
         if group.dense is not None:
             group.dense.dense_value = group.dense_value
     not_ok = [r for r in records if r.status != "ok"]
-    return Comparison(sorted(groups.values(), key=lambda g: (g.model, g.dataset, g.config_hash)), not_ok, repeats)
+    return Comparison(sorted(groups.values(), key=lambda g: (g.model, g.dataset, g.config_hash)), not_ok, repeats,
+                      without_metric)
 
 
 def _dense_value_for(row: Row, group: GroupTable, dense_rows: list[Row], dense_rows_of: dict[str, Row]) -> float | None:
@@ -280,10 +294,15 @@ def _disambiguate(rows: dict[tuple[str, str], Row], configs: dict[tuple[str, str
             continue
         flats = [configs[k] for k in keys]
         differing = sorted({name for flat in flats for name in flat
-                            if name not in NOT_IDENTITY and len({json.dumps(f.get(name), default=str) for f in flats}) > 1})
+                            if name not in NOT_IDENTITY and len({_setting(f, name, json.dumps) for f in flats}) > 1})
         for key, flat in zip(keys, flats):
-            detail = ", ".join(f"{name}={flat.get(name)}" for name in differing)
+            detail = ", ".join(f"{name}={_setting(flat, name, str)}" for name in differing)
             rows[key].label = f"{label} [{detail}]"
+
+
+def _setting(flat: dict, name: str, text) -> str:
+    """A record of an older patcli may lack a key that another has as null: those differ too."""
+    return text(flat[name]) if name in flat else "(unset)"
 
 
 def _add(row: Row, column: float, value: float, record: RunRecord | None, steps: int | None = None) -> None:
@@ -387,7 +406,8 @@ def long_rows(comparison: Comparison) -> list[dict]:
                 "model": group.model, "dataset": group.dataset, "config_hash": group.config_hash,
                 "method": row.method, "row": row.label, "target_sparsity": column,
                 "achieved_sparsity": statistics.fmean(cell.achieved) if cell.achieved else column,
-                "split": group.split, "metric": group.metric, "mean": cell.mean, "std": cell.std, "n": cell.n,
+                "split": group.split, "metric": group.metric, "mean": cell.mean,
+                "std": cell.std if cell.n > 1 else None, "n": cell.n,  # one run has no spread to show
                 "delta_vs_dense": None if dense is None else cell.mean - dense,
                 "higher_is_better": group.higher_is_better, "train_steps": row.steps_text(),
             })

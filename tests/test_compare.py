@@ -61,7 +61,7 @@ def test_a_run_reached_twice_or_copied_counts_once(cli, runs):
         f"{json.loads((runs / 'pat-90-s1' / 'result.json').read_text())['run_id']}) as {runs}/pat-90-s1/result.json"]
     cells = {(r["row"], r["target_sparsity"]): (r["n"], r["std"]) for r in json.loads(out)["rows"]}
     assert cells[("PAT agp+magnitude+global", 0.9)] == (2, pytest.approx(0.0028284, abs=1e-6))
-    assert cells[("PAT agp+magnitude+global", 0.95)] == (1, 0.0) and cells[("dense", 0.0)][0] == 1
+    assert cells[("PAT agp+magnitude+global", 0.95)] == (1, None) and cells[("dense", 0.0)][0] == 1  # one run: no std
 
 
 @pytest.mark.parametrize(
@@ -284,3 +284,77 @@ def test_the_same_seed_started_from_other_weights_is_another_sample(tmp_path):
     (group,) = comparison.groups
     assert comparison.repeats == []
     assert group.rows["post:magnitude"].cells[0.9].n == 2 and group.rows["PAT agp+magnitude+global"].cells[0.9].n == 2
+
+
+def test_a_cited_dense_run_pools_only_with_dense_runs_trained_the_same_way(tmp_path):
+    short, long = {"trainer": {"epochs": 2}}, {"trainer": {"epochs": 3}}
+    record(tmp_path, "d-s0", "dense", "dense", 0.0, 0.80, seed=0, config=short, run_id="d0")
+    record(tmp_path, "d-s1", "dense", "dense", 0.0, 0.90, seed=1, config=short, run_id="d1")
+    record(tmp_path, "pat", "pat", "agp+magnitude+global", 0.8, 0.86, config=short, run_id="p")
+    # the epochs=3 dense run is not among the records, only cited by a baseline trained at epochs=3
+    record(tmp_path, "mag3", "post:magnitude", "post:magnitude", 0.9, 0.50, config=long, run_id="m3",
+           dense_reference={"run_id": "d3", "run_dir": str(tmp_path / "d3"), "metrics": {"test": {"accuracy": 0.99}}})
+    (group,) = report.compare(report.load_records([tmp_path])[0]).groups
+    assert group.dense.cells[0.0].values == [0.80, 0.90]  # not the cited 0.99 of another training
+    assert group.rows["PAT agp+magnitude+global"].dense_value == pytest.approx(0.85)
+    assert group.rows["post:magnitude"].dense_value == pytest.approx(0.99)  # against the run it started from
+
+
+def test_the_reference_dense_competes_for_best_in_the_dense_column(tmp_path):
+    record(tmp_path, "d-s0", "dense", "dense", 0.0, 0.84, seed=0, config={"trainer": {"epochs": 2}})
+    record(tmp_path, "d-s1", "dense", "dense", 0.0, 0.85, seed=1, config={"trainer": {"epochs": 2}})
+    record(tmp_path, "d-short", "dense", "dense", 0.0, 0.71, config={"trainer": {"epochs": 1}})
+    (group,) = report.compare(report.load_records([tmp_path])[0]).groups
+    assert group.dense.cells[0.0].n == 2 and group.best(0.0) == pytest.approx(0.845)  # the shorter dense row is worse
+    (shorter,) = [line for line in report.to_markdown(report.compare(report.load_records([tmp_path])[0])).splitlines()
+                  if "epochs=1" in line]
+    assert shorter.endswith("| 71.0 (-13.5) |")  # not in bold
+
+
+def test_a_setting_missing_from_an_older_record_keeps_both_rows(tmp_path):
+    record(tmp_path, "new", "pat", "agp+magnitude+global", 0.9, 0.90, seed=0, config={"trainer": {"grad_clip": None}})
+    record(tmp_path, "old", "pat", "agp+magnitude+global", 0.9, 0.70, seed=1, config={"trainer": {}})
+    (group,) = report.compare(report.load_records([tmp_path])[0]).groups
+    assert sorted(group.rows) == ["PAT agp+magnitude+global [trainer.grad_clip=(unset)]",
+                                  "PAT agp+magnitude+global [trainer.grad_clip=None]"]
+    assert sorted(row.cells[0.9].values[0] for row in group.rows.values()) == [0.70, 0.90]
+
+
+def test_settings_that_print_alike_still_give_two_rows(tmp_path):
+    record(tmp_path, "int", "pat", "agp+magnitude+global", 0.9, 0.90, config={"trainer": {"tag": 1}})
+    record(tmp_path, "str", "pat", "agp+magnitude+global", 0.9, 0.70, config={"trainer": {"tag": "1"}})
+    (group,) = report.compare(report.load_records([tmp_path])[0]).groups
+    assert len(group.rows) == 2 and sorted(r.cells[0.9].values[0] for r in group.rows.values()) == [0.70, 0.90]
+
+
+def test_runs_without_the_metric_shown_are_named_not_dropped_silently(cli, runs):
+    record(runs, "no-loss", "pat", "agp+magnitude+global", 0.9, 0.980, seed=2)
+    path = runs / "no-loss" / "result.json"
+    data = json.loads(path.read_text())
+    del data["metrics"]["test"]["loss"]  # as a record of an older patcli, or a run of a model without that metric
+    path.write_text(json.dumps(data))
+    code, out, err = cli("compare", str(runs), "--metric", "loss", "--format", "json")
+    assert code == 0
+    assert err.count("left out") == 1 and f"{runs / 'no-loss'}: no test loss in its record, left out" in err
+    cells = {(r["row"], r["target_sparsity"]): r["n"] for r in json.loads(out)["rows"]}
+    assert cells[("PAT agp+magnitude+global", 0.9)] == 2  # the two that have it
+    comparison = report.compare(report.load_records([runs])[0], "loss", "val")  # no val record has a loss
+    assert comparison.groups == [] and len(comparison.without_metric) == 8
+
+
+def test_a_labelled_baseline_row_keeps_the_baselines_order(tmp_path):
+    for name, method, epochs in (("it", "post:iterative", 2), ("it3", "post:iterative", 3), ("mag", "post:magnitude", 2),
+                                 ("mag3", "post:magnitude", 3)):
+        record(tmp_path, name, method, method, 0.9, 0.5, config={"trainer": {"epochs": epochs}})
+    (group,) = report.compare(report.load_records([tmp_path])[0]).groups
+    assert [row.method for row in group.ordered_rows()] == ["post:magnitude"] * 2 + ["post:iterative"] * 2
+
+
+def test_records_without_the_split_are_nothing_to_compare_not_no_records(cli, tmp_path):
+    record(tmp_path, "a", "pat", "agp+magnitude+global", 0.9, 0.9)
+    data = json.loads((tmp_path / "a" / "result.json").read_text())
+    data["metrics"] = {"test": data["metrics"]["test"]}
+    (tmp_path / "a" / "result.json").write_text(json.dumps(data))
+    code, out, err = cli("compare", str(tmp_path), "--split", "val")
+    assert code == 1 and "no run records" not in err and "nothing to compare" in out + err, (out, err)
+    assert "no val accuracy in its record, left out" in err
