@@ -25,7 +25,8 @@ def run_job(source: dict[str, Any], run_dir: Path, mode: RunMode | None) -> floa
     sweeping = mode == RunMode.MULTIRUN
     try:
         config = parse_run_config(source)
-        plan(config)
+        for warning in plan(config).data.warnings:  # into this job's run.log, whatever loaded the data first
+            log.warning(warning)
         progress = None if sweeping else RichProgress(config.recipe())
         record = execute(config, run_dir, progress)
     except KeyboardInterrupt as error:

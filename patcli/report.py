@@ -247,17 +247,28 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
                 n += 1
                 row.label = f"{label} #{n}"
             group.rows[row.label] = row
-    for cited, record in references.items():  # dense runs known only through the records that cite them
+    # dense runs known only through the records that cite them, one row per training (epochs, lr, ...)
+    cited_only: dict[str, dict[str, Row]] = {}
+    for cited, record in references.items():
         group = groups[record.model_dataset_hash]
         value = (record.dense_reference.get("metrics") or {}).get(split, {}).get(group.metric)
-        training = training_key(record)  # pooled only with dense runs trained the same way (epochs, lr, ...)
-        if cited not in dense_rows_of and value is not None and (
-                group.dense is None or (group.dense.label == "dense" and group.dense.training == training)):
-            group.dense = group.dense or Row("dense", "dense", training=training)
-            _add(group.dense, 0.0, value, None, steps=record.dense_reference.get("train_steps"))
-    for group_key, rows in keyed.items():
+        if cited in dense_rows_of or value is None:
+            continue
+        training = training_key(record)
+        plain = group.dense is not None and group.dense.label.partition(" [")[0] == "dense"  # not dense+init
+        if plain and group.dense.training == training:
+            row = group.dense
+        else:
+            row = cited_only.setdefault(record.model_dataset_hash, {}).setdefault(training, Row("dense", "dense", training=training))
+        _add(row, 0.0, value, None, steps=record.dense_reference.get("train_steps"))
+    for group_key, by_training in cited_only.items():
         group = groups[group_key]
-        dense_rows = [row for row in rows.values() if row.method == "dense" and 0.0 in row.cells]
+        if group.dense is None:  # the training cited most is the reference, labelled when there are others
+            _disambiguate({("dense", t): row for t, row in by_training.items()}, {("dense", t): json.loads(t) for t in by_training})
+            group.dense = max(by_training.values(), key=lambda r: r.cells[0.0].n)
+    for group_key, group in groups.items():
+        dense_rows = [row for row in keyed.get(group_key, {}).values() if row.method == "dense" and 0.0 in row.cells]
+        dense_rows += cited_only.get(group_key, {}).values()
         for row in group.rows.values():
             row.dense_value = _dense_value_for(row, group, dense_rows, dense_rows_of)
         if group.dense is not None:

@@ -372,8 +372,6 @@ def execute(config: RunConfig, run_dir: Path, progress: Progress | None = None, 
 
         snapshot.parent.mkdir(parents=True, exist_ok=True)
         snapshot.write_text(OmegaConf.to_yaml(config.source))
-    for warning in load_dataset(config.dataset).warnings:  # into this run's log (run.log), whatever loaded it first
-        log.warning(warning)
     with torch_threads(config.trainer.threads):
         if config.needs_dense:
             from .baselines import run_baseline

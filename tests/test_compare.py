@@ -358,3 +358,20 @@ def test_records_without_the_split_are_nothing_to_compare_not_no_records(cli, tm
     code, out, err = cli("compare", str(tmp_path), "--split", "val")
     assert code == 1 and "no run records" not in err and "nothing to compare" in out + err, (out, err)
     assert "no val accuracy in its record, left out" in err
+
+
+def test_dense_runs_known_only_by_citation_stay_apart_per_training_and_serve_rows_trained_alike(tmp_path):
+    def cite(dense_id, accuracy):
+        return {"run_id": dense_id, "run_dir": str(tmp_path / dense_id), "metrics": {"test": {"accuracy": accuracy}}}
+
+    two, three = {"trainer": {"epochs": 2}}, {"trainer": {"epochs": 3}}
+    record(tmp_path, "pat2", "pat", "agp+magnitude+global", 0.8, 0.80, config=two)
+    record(tmp_path, "mag2", "post:magnitude", "post:magnitude", 0.8, 0.60, config=two, dense_reference=cite("d2", 0.84))
+    for seed, accuracy in enumerate((0.88, 0.89, 0.90)):
+        record(tmp_path, f"mag3-{seed}", "post:magnitude", "post:magnitude", 0.8, 0.70, seed=seed, config=three,
+               dense_reference=cite(f"d3-{seed}", accuracy))
+    (group,) = report.compare(report.load_records([tmp_path])[0]).groups
+    assert group.dense.label == "dense [trainer.epochs=3]" and group.dense.cells[0.0].values == [0.88, 0.89, 0.90]
+    assert group.rows["PAT agp+magnitude+global"].dense_value == pytest.approx(0.84)  # trained at epochs=2
+    assert group.rows["post:magnitude [trainer.epochs=2]"].dense_value == pytest.approx(0.84)
+    assert group.rows["post:magnitude [trainer.epochs=3]"].dense_value == pytest.approx(0.89)

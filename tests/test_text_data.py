@@ -78,8 +78,9 @@ def test_a_cut_vocabulary_warns_in_every_run_log_with_the_fraction_and_the_key_t
     (warning,) = load_dataset(text_config(path, max_vocab=128)).warnings
     assert warning.startswith("87.3% of the characters map to the unknown id") and "dataset.max_vocab=128" in warning
     # the load above is cached, and the command checks its config before its job's log exists: each run still says it
-    for run in ("first", "second"):
-        code, _, err = cli("train", *GPT, f"dataset.path={path}", "dataset.max_vocab=128", f"hydra.run.dir={run}")
+    for command, run in (("train", "first"), ("train", "second"), ("prune-post", "post")):  # post trains its dense run too
+        code, _, err = cli(command, *GPT, f"dataset.path={path}", "dataset.max_vocab=128", f"hydra.run.dir={run}",
+                           *(["baseline=magnitude", f"output_root={tmp_path}/o"] if command == "prune-post" else []))
         assert code == 0, err
         assert (tmp_path / run / "run.log").read_text().count("87.3% of the characters map to the unknown id") == 1
     path.write_text(LOOP * 100)
