@@ -178,6 +178,8 @@ def identity(record: RunRecord) -> str:
     """What makes two records the same recipe: their whole config except seed, fold, sparsity and locations, and
     except the PAT settings a dense run or a post-training baseline does not read."""
     unused = () if record.method == "pat" else PAT_ONLY
+    if record.method == "dense":  # nothing is pruned: the cap is inert (a cached dense reference does not record it)
+        unused += ("pruning.max_layer_sparsity",)
     flat = {k: v for k, v in settings(record).items() if k not in NOT_IDENTITY and not k.startswith(unused)}
     return json.dumps(flat, sort_keys=True, default=str)
 

@@ -375,3 +375,12 @@ def test_dense_runs_known_only_by_citation_stay_apart_per_training_and_serve_row
     assert group.rows["PAT agp+magnitude+global"].dense_value == pytest.approx(0.84)  # trained at epochs=2
     assert group.rows["post:magnitude [trainer.epochs=2]"].dense_value == pytest.approx(0.84)
     assert group.rows["post:magnitude [trainer.epochs=3]"].dense_value == pytest.approx(0.89)
+
+
+def test_a_cached_dense_reference_pools_with_a_dense_run_trained_by_hand(tmp_path):
+    """prune-post's cached dense run records only the pruning keys a dense run reads; `train pruning=none` records all."""
+    by_hand = {"pruning": {"mode": "none", "frequency": 50, "masking": "inplace", "max_layer_sparsity": 0.99}}
+    record(tmp_path, "by-hand", "dense", "dense", 0.0, 0.90, seed=0, config=by_hand)
+    record(tmp_path, "cached", "dense", "dense", 0.0, 0.92, seed=1, config={"pruning": {"mode": "none"}})
+    (group,) = report.compare(report.load_records([tmp_path])[0]).groups
+    assert group.rows == {} and group.dense.label == "dense" and group.dense.cells[0.0].values == [0.90, 0.92]
