@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -199,17 +199,29 @@ def load_pruned(path: str | Path, device: str | None = None) -> nn.Module:
         hint = (f"; run `patcli export {path}` first" if status == "ok"
                 else f": its run did not finish (status {status}), so there is nothing to export" if status else "")
         raise FileNotFoundError(f"{path} holds no export ({DESCRIPTION}){hint}")
-    description = json.loads((path / DESCRIPTION).read_text())
-    model_config = dict(description["model"])
-    name = model_config.pop("name")
-    model = build_model(NamedConfig(name, model_config), description["meta"])
-    if (path / SMALL_MODEL).is_file():
-        resize_like(model, description["shapes"])
-        model.load_state_dict(load_file(str(path / SMALL_MODEL)))
-    else:
-        with safe_open(str(path / COMPRESSED), framework="pt") as handle:
-            metadata = handle.metadata()
-        model.load_state_dict(decompress(load_file(str(path / COMPRESSED)), metadata))
+    try:
+        description = json.loads((path / DESCRIPTION).read_text())
+        model_config = dict(description["model"])
+        name, meta = model_config.pop("name"), description["meta"]
+        structured = "shapes" in description  # a shrunk model, else the compressed weights of the full-size one
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path / DESCRIPTION} is damaged or not a patcli export ({error.__class__.__name__}: {error}); "
+                         "allowed: the files `patcli export` writes: run it again") from error
+    weights = path / (SMALL_MODEL if structured else COMPRESSED)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing from the export; run `patcli export` on its run again")
+    model = build_model(NamedConfig(name, model_config), meta)
+    try:
+        if structured:
+            resize_like(model, description["shapes"])
+            model.load_state_dict(load_file(str(weights)))
+        else:
+            with safe_open(str(weights), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            model.load_state_dict(decompress(load_file(str(weights)), metadata))
+    except (SafetensorError, ValueError, KeyError, TypeError, RuntimeError, OSError) as error:
+        raise ValueError(f"{weights} does not load into the model {DESCRIPTION} describes ({error.__class__.__name__}: "
+                         f"{error}); allowed: the files `patcli export` writes: run it again") from error
     plan = description.get("semi_structured")
     if device == "cuda" and isinstance(plan, dict):
         from .engine import semi_structured

@@ -100,13 +100,18 @@ def check_model_fits(model: nn.Module, data: DataBundle) -> None:
     inputs, targets = data.train.inputs[:2], data.train.targets[:2]
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("model", f"{type(model).__name__} has no trainable parameters; allowed: a model with some")
+    wanted = ", ".join(f"{k}={v}" for k, v in data.meta.items() if k in ("input_shape", "num_classes", "vocab_size"))
     try:
         with torch.no_grad():
-            loss_and_outputs(model.eval(), data.task, inputs, targets)  # eval: no batch statistics move
+            _, outputs = loss_and_outputs(model.eval(), data.task, inputs, targets)  # eval: no batch statistics move
     except Exception as error:  # a model of one's own may fail in any way (a tuple output has no .reshape)
-        wanted = ", ".join(f"{k}={v}" for k, v in data.meta.items() if k in ("input_shape", "num_classes", "vocab_size"))
         raise ConfigError("model", f"does not fit dataset={data.name} ({error.__class__.__name__}: {error}); "
                                    f"allowed: a model for {wanted}") from error
+    # two samples may not hold the largest class: more or fewer outputs than classes would train, or fail mid-run
+    if outputs.shape[-1] != data.meta["num_classes"]:
+        per = "sample" if data.task == "classification" else "position"
+        raise ConfigError("model", f"does not fit dataset={data.name} (it gives {outputs.shape[-1]} scores per {per} for "
+                                   f"{data.meta['num_classes']} classes); allowed: a model for {wanted}")
 
 
 def check_init_from(config: RunConfig) -> Path:

@@ -1,6 +1,7 @@
 """`patcli export` of a run whose weights or config snapshot are damaged: one line naming the file, exit 2, nothing written."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -99,3 +100,53 @@ def test_load_pruned_imports_no_standard_library_module_a_tampered_export_names(
     with pytest.raises(ConfigError, match=r"^model._target_: this is a standard-library module, not imported for a model"):
         patcli.load_pruned(run)
     assert "this" not in sys.modules
+
+
+@pytest.fixture(scope="module")
+def exported(finished_run, tmp_path_factory):
+    """The finished run exported (unstructured: compressed weights) and a structured one (a shrunk model)."""
+    root = tmp_path_factory.mktemp("exported")
+    runs = {"unstructured": root / "unstructured", "neurons": root / "neurons"}
+    shutil.copytree(finished_run, runs["unstructured"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        result = CliRunner().invoke(app, ["train", "model.hidden=[32,32]", "trainer.epochs=1", "pruning=neurons",
+                                          "pruning.sparsity=0.5", f"hydra.run.dir={runs['neurons']}"], catch_exceptions=False)
+        assert result.exit_code == 0, result.stderr
+        for run in runs.values():
+            result = CliRunner().invoke(app, ["export", str(run), "--no-latency"], catch_exceptions=False)
+            assert result.exit_code == 0, result.stderr
+    return runs
+
+
+def rewrite_description(change):
+    def damage(export):
+        description = json.loads((export / "model.json").read_text())
+        (export / "model.json").write_text(json.dumps(change(description)))
+    return damage
+
+
+def drop(key):
+    return rewrite_description(lambda d: {k: v for k, v in d.items() if k != key})
+
+
+@pytest.mark.parametrize("kind, damage, error, why", [
+    ("neurons", lambda e: (e / "model.safetensors").unlink(), FileNotFoundError, "model.safetensors is missing from the export"),
+    ("unstructured", lambda e: (e / "compressed.safetensors").unlink(), FileNotFoundError,
+     "compressed.safetensors is missing from the export"),
+    ("neurons", drop("shapes"), FileNotFoundError, "compressed.safetensors is missing"),  # read as unstructured
+    ("unstructured", drop("meta"), ValueError, "model.json is damaged or not a patcli export (KeyError: 'meta')"),
+    ("unstructured", rewrite_description(lambda d: []), ValueError, "model.json is damaged or not a patcli export (TypeError"),
+    ("unstructured", lambda e: (e / "model.json").write_text("{"), ValueError, "model.json is damaged or not a patcli export"),
+    ("unstructured", lambda e: (e / "compressed.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "),
+     ValueError, "compressed.safetensors does not load into the model model.json describes"),
+], ids=["shrunk-model-missing", "compressed-missing", "shapes-missing", "meta-missing", "not-a-dict", "broken-json",
+        "no-metadata"])
+def test_load_pruned_of_a_damaged_export_names_the_file(tmp_path, exported, kind, damage, error, why):
+    import patcli
+
+    run = tmp_path / kind
+    shutil.copytree(exported[kind], run)
+    damage(run / "export")
+    with pytest.raises(error, match=re.escape(why)):
+        patcli.load_pruned(run)
