@@ -6,6 +6,7 @@ module-level because joblib and submitit pickle it.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import re
@@ -19,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.initialize import initialize_config_dir
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import TOP_LEVEL, ConfigError, RunConfig, parse_run_config
@@ -203,7 +204,10 @@ def holds_a_run(directory: Path) -> str | None:
     and patcli never overwrites one."""
     if not directory.is_dir():
         return None
-    marks = {"multirun.yaml": "sweep", "*/result.json": "sweep", "result.json": "run", ".hydra": "run"}
+    # at any depth: a sweep folder given by hand may hold earlier sweeps under their date folders, whose records a
+    # sweep's own table (and an Optuna study's) would then read as its own
+    marks = {"multirun.yaml": "sweep", "*/result.json": "sweep", "result.json": "run", ".hydra": "run",
+             "*/**/multirun.yaml": "sweep", "*/**/result.json": "sweep"}
     held = next(((hit, kind) for pattern, kind in marks.items() for hit in directory.glob(pattern)), None)
     if held is None:
         return None
@@ -373,10 +377,6 @@ def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunCon
     except ConfigError as error:
         raise UsageError(str(error)) from error
     jobs = expand_jobs(overrides, cfg)
-    subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
-    if jobs and len(jobs) > 1 and isinstance(subdir, str) and "${" not in subdir:
-        raise UsageError(f"hydra.sweep.subdir: {subdir!r} is the same folder for all {len(jobs)} jobs; allowed: a name "
-                         "that differs per job, e.g. ${hydra.job.num} (the default) or one built from the swept keys")
     if jobs is None:  # another sweeper (Optuna) chooses its jobs as it goes: check what they share, then each checks itself
         config = validate(job_config(cfg), check)
         try:
@@ -392,11 +392,35 @@ def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunCon
         return
     configs = []
     here = "submitit" not in str(cfg.hydra.launcher.get("_target_", ""))  # a cluster launcher runs jobs elsewhere
-    for job in jobs:
+    folders: dict[str, list[str]] = {}  # each job's subdir → the job
+    for number, job in enumerate(jobs):
+        composed = compose(job, RunMode.RUN)
         try:
-            configs.append(validate(job_config(compose(job, RunMode.RUN)), check))
+            configs.append(validate(job_config(composed), check))
             if here:
                 check_device_here(configs[-1])
         except UsageError as error:
             raise UsageError(f"{error} (sweep job: {' '.join(job)})") from error
+        folder = job_subdir(composed, number)
+        if folder in folders:  # the later job would overwrite the earlier one's run
+            subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
+            earlier, later = (" ".join(o for o in a if o not in b) for a, b in ((folders[folder], job), (job, folders[folder])))
+            raise UsageError(f"hydra.sweep.subdir: {subdir!r} is the same folder ({folder}) for the jobs {earlier!r} and "
+                             f"{later!r}; allowed: a name that differs per job, e.g. ${{hydra.job.num}} (the default) or "
+                             "one built from every swept key")
+        folders[folder] = job
     prepare(configs, RichProgress)
+
+
+def job_subdir(composed: DictConfig, number: int) -> str:
+    """The folder a launcher gives a job: hydra.sweep.subdir with the job's own config and number (as Hydra's
+    launchers set hydra.job.num before they resolve it)."""
+    job = copy.deepcopy(composed)
+    OmegaConf.set_readonly(job, False)
+    with open_dict(job):
+        job.hydra.job.num = number
+        job.hydra.job.id = str(number)
+    try:
+        return str(job.hydra.sweep.subdir)
+    except OmegaConfBaseException as error:
+        raise UsageError(f"hydra.sweep.subdir: cannot resolve it ({str(error).splitlines()[0]})") from error

@@ -246,7 +246,8 @@ def test_a_run_folder_and_a_sweep_folder_are_never_reused_for_each_other(cli, tm
 
 def test_a_subdir_that_is_the_same_for_every_job_is_refused(cli, tmp_path):
     code, _, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.subdir=same")
-    assert code == 2 and err.strip().startswith("error: hydra.sweep.subdir: 'same' is the same folder for all 2 jobs"), err
+    assert code == 2 and err.strip().startswith("error: hydra.sweep.subdir: 'same' is the same folder (same) for the jobs "
+                                                "'pruning.sparsity=0.5' and 'pruning.sparsity=0.9'"), err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -283,3 +284,21 @@ def test_a_sweep_stops_before_any_job_when_the_dense_cache_cannot_be_made(cli, t
     (tmp_path / "afile").write_text("")
     code, _, err = cli("sweep", *FAST, "baseline=magnitude", "pruning.sparsity=0.5,0.8", "output_root=afile", "hydra.sweep.dir=sw")
     assert code == 2 and err.strip().startswith(f"error: output_root: {tmp_path}/afile is a file, so ") and not (tmp_path / "sw").exists()
+
+
+def test_a_subdir_that_resolves_alike_for_two_jobs_is_refused_before_any_runs(cli, tmp_path):
+    code, _, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.subdir=s${seed}", "hydra.sweep.dir=sw")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: hydra.sweep.subdir: 's${seed}' is the same folder (s0) for the jobs "
+                          "'pruning.sparsity=0.5' and 'pruning.sparsity=0.9'"), err
+    assert not (tmp_path / "sw").exists()
+    code, _, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.subdir=s${pruning.sparsity}", "hydra.sweep.dir=ok")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir() if p.is_dir()) == ["s0.5", "s0.9"]
+
+
+def test_a_sweep_folder_holding_an_earlier_sweep_further_down_is_refused(cli, tmp_path):
+    code, _, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.dir=multirun/2026-11-29/a")
+    assert code == 0, err
+    code, _, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.dir=multirun")
+    assert code == 2 and "multirun already holds a sweep (2026-11-29/a/multirun.yaml)" in err, err
