@@ -207,7 +207,7 @@ def holds_a_run(directory: Path) -> str | None:
     # at any depth: a sweep folder given by hand may hold earlier sweeps under their date folders, whose records a
     # sweep's own table (and an Optuna study's) would then read as its own
     marks = {"multirun.yaml": "sweep", "*/result.json": "sweep", "result.json": "run", ".hydra": "run",
-             "*/**/multirun.yaml": "sweep", "*/**/result.json": "sweep"}
+             "*/**/multirun.yaml": "sweep", "*/**/result.json": "run"}
     held = next(((hit, kind) for pattern, kind in marks.items() for hit in directory.glob(pattern)), None)
     if held is None:
         return None
@@ -401,8 +401,8 @@ def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunCon
                 check_device_here(configs[-1])
         except UsageError as error:
             raise UsageError(f"{error} (sweep job: {' '.join(job)})") from error
-        folder = job_subdir(composed, number)
-        if folder in folders:  # the later job would overwrite the earlier one's run
+        folder = job_subdir(composed, number) if here else None  # a cluster's node may resolve it otherwise
+        if folder is not None and folder in folders:  # the later job would overwrite the earlier one's run
             subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
             earlier, later = (" ".join(o for o in a if o not in b) for a, b in ((folders[folder], job), (job, folders[folder])))
             raise UsageError(f"hydra.sweep.subdir: {subdir!r} is the same folder ({folder}) for the jobs {earlier!r} and "
@@ -412,15 +412,21 @@ def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunCon
     prepare(configs, RichProgress)
 
 
-def job_subdir(composed: DictConfig, number: int) -> str:
-    """The folder a launcher gives a job: hydra.sweep.subdir with the job's own config and number (as Hydra's
-    launchers set hydra.job.num before they resolve it)."""
+def job_subdir(composed: DictConfig, number: int) -> str | None:
+    """The folder a launcher gives a job: hydra.sweep.subdir with the job's own config and number, as Hydra's
+    launchers resolve it (hydra.job.num set, the ${hydra:...} resolver reading this job); None where it can only be
+    told when the job runs (an environment variable of the job's own)."""
     job = copy.deepcopy(composed)
     OmegaConf.set_readonly(job, False)
     with open_dict(job):
         job.hydra.job.num = number
         job.hydra.job.id = str(number)
+    hydra_config = HydraConfig.instance()
+    before = hydra_config.cfg
     try:
+        hydra_config.set_config(job)
         return str(job.hydra.sweep.subdir)
-    except OmegaConfBaseException as error:
-        raise UsageError(f"hydra.sweep.subdir: cannot resolve it ({str(error).splitlines()[0]})") from error
+    except OmegaConfBaseException:
+        return None
+    finally:
+        hydra_config.cfg = before

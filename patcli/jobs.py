@@ -25,7 +25,7 @@ def run_job(source: dict[str, Any], run_dir: Path, mode: RunMode | None) -> floa
     sweeping = mode == RunMode.MULTIRUN
     try:
         config = parse_run_config(source)
-        for warning in plan(config).data.warnings:  # into this job's run.log, whatever loaded the data first
+        for warning in plan(config).warnings:  # into this job's run.log (its config was checked before the log existed)
             log.warning(warning)
         progress = None if sweeping else RichProgress(config.recipe())
         record = execute(config, run_dir, progress)

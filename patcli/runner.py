@@ -47,6 +47,7 @@ class Plan:
     data: DataBundle
     total_steps: int
     update_steps: int
+    warnings: list[str]  # said once, in the job's run.log (the plan is also made before the job's log exists)
 
 
 def seed_everything(seed: int) -> None:
@@ -63,7 +64,7 @@ def plan(config: RunConfig) -> Plan:
         raise ConfigError("trainer.warmup_steps", f"{config.trainer.warmup_steps} is not below the run's {steps} steps, "
                                                   f"so the learning rate would never reach trainer.lr; allowed: 0 to {steps - 1}")
     model = build_model(config.model, data.meta)  # validates model keys; a throwaway the checks below share
-    check_model_fits(model, data)
+    warnings = data.warnings + check_model_fits(model, data)
     try:  # every run, dense included: its sparsity report reads them
         pattern_lists(model, config.pruning.include, config.pruning.exclude)
     except PatternError as error:
@@ -91,10 +92,10 @@ def plan(config: RunConfig) -> Plan:
         update_steps = len(pruner.schedule.update_steps())
     if config.trainer.init_from:
         load_weights(model, check_init_from(config), "trainer.init_from")
-    return Plan(data=data, total_steps=steps, update_steps=update_steps)
+    return Plan(data=data, total_steps=steps, update_steps=update_steps, warnings=warnings)
 
 
-def check_model_fits(model: nn.Module, data: DataBundle) -> None:
+def check_model_fits(model: nn.Module, data: DataBundle) -> list[str]:
     """One forward pass and loss on two training samples: a model of one's own whose input or output size does not
     fit the data fails here, in one line, instead of at the first training step with a run directory half-written."""
     inputs, targets = data.train.inputs[:2], data.train.targets[:2]
@@ -107,11 +108,17 @@ def check_model_fits(model: nn.Module, data: DataBundle) -> None:
     except Exception as error:  # a model of one's own may fail in any way (a tuple output has no .reshape)
         raise ConfigError("model", f"does not fit dataset={data.name} ({error.__class__.__name__}: {error}); "
                                    f"allowed: a model for {wanted}") from error
-    # two samples may not hold the largest class: more or fewer outputs than classes would train, or fail mid-run
-    if outputs.shape[-1] != data.meta["num_classes"]:
-        per = "sample" if data.task == "classification" else "position"
-        raise ConfigError("model", f"does not fit dataset={data.name} (it gives {outputs.shape[-1]} scores per {per} for "
-                                   f"{data.meta['num_classes']} classes); allowed: a model for {wanted}")
+    # two samples may not hold the largest class: fewer outputs than classes would fail mid-run; more train (a
+    # vocabulary padded to a round size), but may be a mistake
+    scores, classes = outputs.shape[-1], data.meta["num_classes"]
+    per = "sample" if data.task == "classification" else "position"
+    if scores < classes:
+        raise ConfigError("model", f"does not fit dataset={data.name} (it gives {scores} scores per {per} for "
+                                   f"{classes} classes); allowed: a model for {wanted}")
+    if scores > classes:
+        return [f"the model gives {scores} scores per {per} for the {classes} classes of dataset={data.name}: the extra "
+                "ones are never a target"]
+    return []
 
 
 def check_init_from(config: RunConfig) -> Path:

@@ -211,11 +211,14 @@ def test_a_model_of_ones_own_gets_exactly_the_keys_given(cli, tmp_path):
     linear = ["model=custom", "model._target_=torch.nn.Linear", "trainer.epochs=1", "hydra.run.dir=wrong"]
     for sizes, why in ((["+model.in_features=32", "+model.out_features=10"], "mat1 and mat2 shapes cannot be multiplied"),
                        (["+model.in_features=64", "+model.out_features=3"], "Target 9 is out of bounds"),
-                       (["+model.in_features=64", "+model.out_features=12"], "it gives 12 scores per sample for 10 classes")):
+                       (["+model.in_features=64", "+model.out_features=9", "dataset.split_seed=1"],  # first targets 4, 1
+                        "it gives 9 scores per sample for 10 classes")):
         code, _, err = cli("train", *linear, *sizes)  # caught before training, not at its first step
         assert code == 2 and err.startswith("error: model: does not fit dataset=digits") and why in err, err
         assert "allowed: a model for input_shape=[64], num_classes=10" in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "wrong").exists()
+    code, _, err = cli("train", *linear[:-1], "+model.in_features=64", "+model.out_features=12", "hydra.run.dir=padded")
+    assert code == 0 and "the model gives 12 scores per sample for the 10 classes" in (tmp_path / "padded" / "run.log").read_text()
     code, _, err = cli("train", *linear, "+model.in_features=64")  # the class's own multi-line message, on one line
     assert code == 2 and "missing 1 required positional argument: 'out_features'" in err and len(err.strip().splitlines()) == 1
 

@@ -302,3 +302,27 @@ def test_a_sweep_folder_holding_an_earlier_sweep_further_down_is_refused(cli, tm
     assert code == 0, err
     code, _, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.dir=multirun")
     assert code == 2 and "multirun already holds a sweep (2026-11-29/a/multirun.yaml)" in err, err
+
+
+def test_a_subdir_through_hydras_own_resolver_is_resolved_per_job_as_hydra_does(cli, tmp_path):
+    code, _, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.subdir=j${hydra:job.num}", "hydra.sweep.dir=ok")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir() if p.is_dir()) == ["j0", "j1"]
+    code, _, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.subdir=${hydra:job.name}", "hydra.sweep.dir=no")
+    assert code == 2 and "is the same folder (" in err, err
+
+
+def test_a_subdir_only_the_job_can_resolve_is_left_to_the_job(tmp_path, monkeypatch):
+    """An environment variable a cluster launcher sets on its node: no clash can be told before the jobs run."""
+    from hydra import initialize_config_dir
+    from hydra.types import RunMode
+
+    from patcli.hydra_app import compose, conf_dir, job_subdir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NODE_JOB_ID", raising=False)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="patcli"):
+        composed = compose(["hydra.sweep.subdir=${oc.env:NODE_JOB_ID}"], RunMode.RUN)
+        assert job_subdir(composed, 0) is None
+        monkeypatch.setenv("NODE_JOB_ID", "7")
+        assert job_subdir(composed, 0) == "7"
