@@ -475,3 +475,42 @@ def test_a_weight_shared_by_two_modules_can_be_named_by_either():
     for name in ("fc1.weight", "fc2.weight"):
         pruner = Pruner(Shared(), sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=2, include=[name])
         assert len(pruner.masks.weights) == 1
+        pruner = Pruner(Shared(), sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=2, exclude=[name])
+        assert pruner.masks.names == ["out.weight"]  # excluded by either of its names
+
+
+@pytest.mark.parametrize("name, pattern", [("lasso", "unstructured"), ("group_lasso", "neurons")])
+def test_a_step_the_grad_scaler_skips_takes_no_proximal_step_under_a_fused_optimizer(tiny_mlp, name, pattern):
+    """The fused kernel skips an overflowing step on the device: the regularizer's shrinkage must skip it too."""
+    from patcli.engine import REGULARIZERS
+
+    optimizer = torch.optim.AdamW(tiny_mlp.parameters(), lr=0.05, fused=True)
+    Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("agp")(), total_steps=30, pattern=PATTERNS.get(pattern)(),
+           regularizer=REGULARIZERS.get(name)(lam=1.0)).attach(optimizer)  # its hooks keep it
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for step in range(3):
+        optimizer.zero_grad()
+        scaler.scale(loss_of(tiny_mlp, step)).backward()
+        before = [p.detach().clone() for p in tiny_mlp.parameters()]
+        if step == 2:
+            tiny_mlp[0].weight.grad[0, 0] = float("inf")
+        scaler.step(optimizer)
+        scaler.update()
+        changed = [not torch.equal(a, p) for a, p in zip(before, tiny_mlp.parameters())]
+        assert all(changed) if step < 2 else not any(changed), (step, changed)
+    assert scaler.get_scale() == 2.0**9  # the last step was skipped
+
+
+def test_a_pruner_detached_and_attached_again_still_scores_channels_by_activation(tiny_mlp):
+    optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.05)
+    pruner = prune_during_training(tiny_mlp, optimizer, sparsity=0.5, total_steps=4, frequency=2, scorer="activation",
+                                   pattern="neurons")
+    pruner.detach()
+    pruner.attach(optimizer)
+    pruner.attach(optimizer)  # twice: still one set of hooks, each batch counted once
+    for step in range(4):
+        optimizer.zero_grad()
+        loss_of(tiny_mlp, step).backward()
+        optimizer.step()
+    assert [u.step for u in pruner.updates][-1] == 3 and pruner.sparsity() > 0.3
+    assert all(int(c) <= 2 for c in pruner.scorer._counts)

@@ -33,8 +33,13 @@ class GroupScorer(Scorer):
         self._sums = [torch.zeros(g.channels, device=device) for g in layout.groups]
         self._counts = [torch.zeros((), device=device) for _ in layout.groups]
         self.layout = layout
+        self.watch_model(model)
+
+    def watch_model(self, model: nn.Module) -> None:
+        """(Re-)register this scorer's hooks on the model: a pruner detached and attached again watches it again."""
+        self.detach()
         modules = dict(model.named_modules())
-        for i, group in enumerate(layout.groups):
+        for i, group in enumerate(self.layout.groups):
             self.watch(i, group, modules)
 
     def watch(self, index: int, group, modules: dict[str, nn.Module]) -> None:

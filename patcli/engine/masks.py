@@ -63,18 +63,17 @@ def select_prunable(
     what pruning takes, and gradient scores are 0 there); a weight shared by two modules is listed once.
     """
     include, exclude = as_list("include", include), as_list("exclude", exclude)
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+    candidates: dict[int, tuple[nn.Parameter, list[str]]] = {}  # each weight with every name it has
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, PRUNABLE_MODULES) and id(module.weight) not in tied and module.weight.requires_grad:
+            name = f"{module_name}.weight" if module_name else "weight"
+            candidates.setdefault(id(module.weight), (module.weight, []))[1].append(name)
     selected: dict[str, nn.Parameter] = {}
-    seen: set[int] = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
-    for module_name, module in model.named_modules():
-        if not isinstance(module, PRUNABLE_MODULES):
-            continue
-        name = f"{module_name}.weight" if module_name else "weight"
-        weight = module.weight
-        if id(weight) in seen or not weight.requires_grad:
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude):
-            selected[name] = weight
-            seen.add(id(weight))
+    for weight, names in candidates.values():  # a shared weight goes by its first name, and any name may exclude it
+        if any(fnmatch.fnmatchcase(n, p) for n in names for p in include) and \
+                not any(fnmatch.fnmatchcase(n, p) for n in names for p in exclude):
+            selected[names[0]] = weight
     return selected
 
 

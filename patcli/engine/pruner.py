@@ -179,6 +179,8 @@ class Pruner:
         self.masks.check_weights()
         for handle in self._handles:
             handle.remove()
+        if getattr(self.scorer, "grouped", False):  # detach() took its model hooks away
+            self.scorer.watch_model(self.model)
         self.optimizer = optimizer
         # each weight's param group by position: optimizer.load_state_dict replaces the group dicts, not their order
         self._group_index = group_index
@@ -230,8 +232,14 @@ class Pruner:
         self.masking.after_step(zero=not entering)
         if self.regularizer is not None and self.optimizer is not None and t <= self.schedule.end_step:
             groups, index = self.optimizer.param_groups, self._group_index
-            # a parameter the optimizer does not train (a frozen norm) takes no step
-            self.regularizer.apply(self.layout, lambda weight: groups[index[id(weight)]]["lr"] if id(weight) in index else 0.0, t)
+            # a GradScaler's fused step skipped for overflow takes no proximal step either (decided on the device)
+            found_inf = getattr(self.optimizer, "found_inf", None)
+
+            def step_size(weight: torch.Tensor) -> float | torch.Tensor:
+                rate = groups[index[id(weight)]]["lr"] if id(weight) in index else 0.0  # a frozen norm takes no step
+                return rate if found_inf is None else (1.0 - found_inf) * rate
+
+            self.regularizer.apply(self.layout, step_size, t)
         if not self._scheduled_update(t) and entering:
             self.masking.masks_changed()
         self.step += 1

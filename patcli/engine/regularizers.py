@@ -49,13 +49,18 @@ class Regularizer:
         """Raise ValueError when the layout cannot carry this penalty."""
 
     def apply(self, layout: Layout, lr: Callable[[torch.Tensor], float], t: int) -> None:
-        """One proximal step after the optimizer's; ``lr(weight)`` is the learning rate the optimizer gave it."""
+        """One proximal step after the optimizer's; ``lr(weight)`` is the learning rate the optimizer gave it (a 0-dim
+        tensor, 0 on a step a GradScaler skipped, under a fused optimizer)."""
         raise NotImplementedError
 
 
-def soft_threshold_(weight: torch.Tensor, threshold: float) -> None:
-    """w ← sign(w)·max(|w| − threshold, 0), in place (softshrink: one kernel instead of four)."""
-    weight.copy_(F.softshrink(weight, threshold))
+def soft_threshold_(weight: torch.Tensor, threshold: float | torch.Tensor) -> None:
+    """w ← sign(w)·max(|w| − threshold, 0), in place (softshrink: one kernel instead of four; a threshold on the
+    device, which softshrink cannot take, as w − clamp(w, −t, t))."""
+    if isinstance(threshold, torch.Tensor):
+        weight.sub_(weight.clamp(-threshold, threshold))
+    else:
+        weight.copy_(F.softshrink(weight, threshold))
 
 
 @REGULARIZERS.register("lasso")
