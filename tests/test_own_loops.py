@@ -514,3 +514,19 @@ def test_a_pruner_detached_and_attached_again_still_scores_channels_by_activatio
         optimizer.step()
     assert [u.step for u in pruner.updates][-1] == 3 and pruner.sparsity() > 0.3
     assert all(int(c) <= 2 for c in pruner.scorer._counts)
+
+
+def test_a_regularizer_runs_reported_sparsity_counts_the_zeros_it_made_before_any_mask(tiny_mlp):
+    from patcli.engine import REGULARIZERS
+
+    model = tiny_mlp
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = Pruner(model, sparsity=0.8, schedule=SCHEDULES.get("agp")(), total_steps=40,
+                    regularizer=REGULARIZERS.get("lasso")(lam=0.5)).attach(optimizer)
+    for step in range(5):
+        optimizer.zero_grad()
+        loss_of(model, step).backward()
+        optimizer.step()
+    zeros = sum(int((w == 0).sum()) for w in pruner.masks.weights)
+    assert zeros / pruner.masks.accounted_numel() > pruner.masks.sparsity() + 0.05  # the penalty zeroed more than masks hold
+    assert pruner.current_sparsity() == zeros / pruner.masks.accounted_numel()

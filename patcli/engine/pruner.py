@@ -426,8 +426,9 @@ class Pruner:
 
     def current_sparsity(self) -> float:
         """The sparsity the model holds now, for progress and metrics: the masks' while they are enforced (no host
-        sync), counted from the weights while an alternating schedule has lifted them."""
-        return self.masks.sparsity() if self.masking.enforced else self.sparsity()
+        sync), counted from the weights while an alternating schedule has lifted them, or while a regularizer zeroes
+        weights the masks do not hold (its closing mask comes only at the end)."""
+        return self.masks.sparsity() if self.masking.enforced and self.regularizer is None else self.sparsity()
 
     def sparsity(self) -> float:
         """Achieved fraction of accounted (prunable) weights that are exactly zero in the model."""
