@@ -135,7 +135,7 @@ def test_lbfgs_is_refused_because_its_inner_forward_passes_would_see_unmasked_we
         pruner.attach(torch.optim.LBFGS(tiny_mlp.parameters()))
 
 
-def test_a_pruner_state_of_another_pattern_or_model_is_refused_before_anything_is_loaded(tiny_mlp):
+def test_a_pruner_state_of_another_pattern_model_or_schedule_is_refused_before_anything_is_loaded(tiny_mlp):
     """2:4 keeps one flag per weight like unstructured, but an unstructured mask is no 2:4 mask."""
     unstructured = Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10)
     unstructured.update_masks(0)
@@ -149,7 +149,15 @@ def test_a_pruner_state_of_another_pattern_or_model_is_refused_before_anything_i
     with pytest.raises(ValueError, match=r"^the pruner state does not fit this pruner: 512 group flags for 0.weight in the "
                                          r"state, 1024 here .*allowed: the state of a pruner built the same way"):
         other_model.load_state_dict(state)
-    for pruner in (two_four, other_model):
+    sparser = Pruner(tiny_mlp, sparsity=0.3, schedule=SCHEDULES.get("constant")(), total_steps=10)
+    with pytest.raises(ValueError, match=r"^the pruner state was saved with schedule Constant\(final_sparsity=0.5, .*, this "
+                                         r"pruner uses Constant\(final_sparsity=0.3, .*allowed: the state of a pruner built "
+                                         r"the same way \(sparsity, total_steps, frequency, schedule"):
+        sparser.load_state_dict(state)  # a sparser state would bring pruned weights back
+    agp = {steps: Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("agp")(), total_steps=steps) for steps in (10, 20)}
+    with pytest.raises(ValueError, match=r"end_step=8\), this pruner uses AGP\(.*end_step=15\)"):
+        agp[20].load_state_dict(agp[10].state_dict())  # a resumed run of another length would miss its final update
+    for pruner in (two_four, other_model, sparser, agp[20]):
         assert pruner.step == 0 and all(bool(k.all()) for k in pruner.masks.keep)
 
 

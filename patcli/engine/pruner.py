@@ -447,8 +447,15 @@ class Pruner:
         fields = ", ".join(f"{k}={v}" for k, v in vars(self.pattern).items() if k != "reduce")
         return f"{type(self.pattern).__name__}({fields})"
 
+    def _schedule_id(self) -> str:
+        """The schedule as bound to this run: its kind, target, update interval and steps."""
+        s = self.schedule
+        return (f"{type(s).__name__}(final_sparsity={s.final_sparsity}, frequency={s.frequency}, begin_step={s.begin_step}, "
+                f"end_step={s.end_step})")
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {"step": torch.tensor(self.step), "pattern": torch.tensor(list(self._pattern_id().encode()), dtype=torch.uint8),
+                 "schedule": torch.tensor(list(self._schedule_id().encode()), dtype=torch.uint8),
                  "updates": torch.tensor([[u.step, u.target, u.sparsity, u.revived] for u in self.updates], dtype=torch.float64)
                  .reshape(-1, 4)}
         state.update({f"mask.{k}": v for k, v in self.masks.state_dict().items()})
@@ -469,11 +476,13 @@ class Pruner:
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
-        if "pattern" in state:  # masks of another pattern would not hold this one's structure (2:4, blocks)
-            saved_pattern = bytes(state["pattern"].tolist()).decode()
-            if saved_pattern != self._pattern_id():
-                raise ValueError(f"the pruner state was saved with pattern {saved_pattern}, this pruner uses "
-                                 f"{self._pattern_id()}; allowed: the state of a pruner built the same way")
+        # masks of another pattern would not hold this one's structure (2:4, blocks); under another schedule (run
+        # length, target, interval) the saved step and masks would miss its updates or undo them
+        for key, mine in (("pattern", self._pattern_id()), ("schedule", self._schedule_id())):
+            saved = bytes(state[key].tolist()).decode() if key in state else mine  # older states lack "schedule"
+            if saved != mine:
+                raise ValueError(f"the pruner state was saved with {key} {saved}, this pruner uses {mine}; allowed: the "
+                                 "state of a pruner built the same way (sparsity, total_steps, frequency, schedule, pattern)")
         groups = part("groups.")
         for i, (name, current) in enumerate(zip(self.layout.layer_names, self.layout.group_keep)):
             saved = groups.get(str(i))
