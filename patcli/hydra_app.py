@@ -206,8 +206,8 @@ def holds_a_run(directory: Path) -> str | None:
         return None
     # at any depth: a sweep folder given by hand may hold earlier sweeps under their date folders, whose records a
     # sweep's own table (and an Optuna study's) would then read as its own
-    marks = {"multirun.yaml": "sweep", "*/result.json": "sweep", "result.json": "run", ".hydra": "run",
-             "*/**/multirun.yaml": "sweep", "*/**/result.json": "run"}
+    marks = {"multirun.yaml": "sweep", "result.json": "run", ".hydra": "run", "*/**/multirun.yaml": "sweep",
+             "*/**/result.json": "run"}
     held = next(((hit, kind) for pattern, kind in marks.items() for hit in directory.glob(pattern)), None)
     if held is None:
         return None

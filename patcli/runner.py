@@ -97,7 +97,8 @@ def plan(config: RunConfig) -> Plan:
 
 def check_model_fits(model: nn.Module, data: DataBundle) -> list[str]:
     """One forward pass and loss on two training samples: a model of one's own whose input or output size does not
-    fit the data fails here, in one line, instead of at the first training step with a run directory half-written."""
+    fit the data fails here, in one line, instead of at the first training step with a run directory half-written.
+    Returns the warnings for a model that fits but looks unusual (more outputs than classes)."""
     inputs, targets = data.train.inputs[:2], data.train.targets[:2]
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("model", f"{type(model).__name__} has no trainable parameters; allowed: a model with some")

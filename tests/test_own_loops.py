@@ -513,9 +513,15 @@ def test_a_pruner_detached_and_attached_again_still_scores_channels_by_activatio
     optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.05)
     pruner = prune_during_training(tiny_mlp, optimizer, sparsity=0.5, total_steps=4, frequency=2, scorer="activation",
                                    pattern="neurons")
+    def hooks() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny_mlp.modules())
+
+    watching = hooks()
     pruner.detach()
+    assert watching > 0 and hooks() == 0
     pruner.attach(optimizer)
     pruner.attach(optimizer)  # twice: still one set of hooks, each batch counted once
+    assert hooks() == watching
     for step in range(4):
         optimizer.zero_grad()
         loss_of(tiny_mlp, step).backward()

@@ -234,10 +234,11 @@ class Pruner:
             groups, index = self.optimizer.param_groups, self._group_index
             # a GradScaler's fused step skipped for overflow takes no proximal step either (decided on the device)
             found_inf = getattr(self.optimizer, "found_inf", None)
+            taken = None if found_inf is None else 1.0 - found_inf  # 0 on a skipped step, once per step
 
             def step_size(weight: torch.Tensor) -> float | torch.Tensor:
                 rate = groups[index[id(weight)]]["lr"] if id(weight) in index else 0.0  # a frozen norm takes no step
-                return rate if found_inf is None else (1.0 - found_inf) * rate
+                return rate if taken is None else taken * rate
 
             self.regularizer.apply(self.layout, step_size, t)
         if not self._scheduled_update(t) and entering:
