@@ -106,18 +106,51 @@ def test_chains_with_norms_of_every_kind_shrink_to_the_masked_models_outputs(nor
     assert small[0].out_channels == 4
 
 
+class ResidualSequential(nn.Sequential):
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+def shared_weight():
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 3))
+    model[4].weight = model[2].weight
+    return model
+
+
+def shared_layer():
+    layer = nn.Linear(16, 16)
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), layer, nn.ReLU(), layer, nn.Linear(16, 3))
+
+
 @pytest.mark.parametrize("model, why", [
     (lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), Residual(), nn.Linear(16, 3)), "(Residual)"),
     (lambda: nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(128, 3)),
      "(Conv2d(groups=2))"),
-], ids=["residual-block", "grouped-conv"])
+    (lambda: nn.Sequential(nn.Linear(12, 16), ResidualSequential(nn.Linear(16, 16), nn.ReLU()), nn.Linear(16, 3)),
+     "(ResidualSequential)"),
+    (shared_layer, "(module 2 = 4 used twice)"),
+    (shared_weight, "(parameter 2.weight = 4.weight used twice)"),
+], ids=["residual-block", "grouped-conv", "sequential-with-its-own-forward", "layer-used-twice", "weight-shared"])
 def test_a_chain_the_reader_cannot_follow_is_refused_before_training(model, why):
-    """Read as a plain chain, a residual block or a grouped conv trained fine and then failed to shrink."""
+    """Read as a plain chain, a residual block, a grouped conv or a layer used twice trained fine and then failed to shrink."""
     from patcli.engine.structure import StructureError
 
     mode = "filters" if "Conv" in why else "neurons"
     with pytest.raises(StructureError, match=rf"Sequential {re.escape(why)} needs a channel_groups\(kind\) method"):
         pruned(model(), mode, 0.5)
+
+
+def test_an_activation_module_used_twice_is_no_obstacle():
+    """A shared ReLU holds nothing to cut: the chain still reads, and shrinks to the masked model's outputs."""
+    relu = nn.ReLU()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), relu, nn.Linear(16, 16), relu, nn.Linear(16, 3))
+    pruner = pruned(model, "neurons", 0.5)
+    small = shrink(model, pruner.layout.groups, live_channels(model, pruner.layout.groups))
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))
+    assert small[0].out_features < 16 and small[2].out_features < 16 and param_count(small) < param_count(model)
 
 
 @pytest.mark.parametrize("mode, model, why", [
@@ -127,7 +160,13 @@ def test_a_chain_the_reader_cannot_follow_is_refused_before_training(model, why)
      "0 → 2: an Unflatten between them moves the channels"),
     ("filters", lambda: nn.Sequential(nn.Conv1d(1, 8, 3), nn.ReLU(), nn.Linear(8, 3)),  # on length 10: 8 positions
      "0 → 2: a Linear right after a conv acts on its last (spatial) axis, not on its channels; allowed: a Flatten"),
-], ids=["linear-over-positions-then-flatten", "unflatten-between", "linear-on-a-conv-length"])
+    # pooling mixes neighbouring neurons (masked and shrunk outputs differed by 0.19)
+    ("neurons", lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.AvgPool1d(3, stride=1, padding=1), nn.Linear(16, 3)),
+     "0 → 3: the AvgPool1d between them pools along the channel axis, mixing neighbouring channels"),
+    ("filters", lambda: nn.Sequential(nn.Conv1d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.MaxPool1d(2), nn.Linear(32, 3)),
+     "0 → 4: the MaxPool1d between them pools along the channel axis"),
+], ids=["linear-over-positions-then-flatten", "unflatten-between", "linear-on-a-conv-length", "pool-over-neurons",
+        "pool-after-flatten"])
 def test_a_consumer_that_does_not_read_the_channels_where_the_reader_assumes_is_refused(mode, model, why):
     """Each trained with masks on the wrong input columns, then failed to shrink (or shrank to other outputs)."""
     from patcli.engine.structure import StructureError

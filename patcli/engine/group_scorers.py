@@ -119,6 +119,8 @@ class HeadImportance(GroupScorer):
     """|∂L/∂ξ_h| for a gate ξ_h = 1 on each head's output (Michel et al. 2019), per example, averaged.
 
     With o_h the head's output, ∂L/∂ξ_h = Σ o_h · ∂L/∂o_h: read from a tensor hook on the head-output module.
+    Under a GradScaler that gradient is the scaled one: a step's scores all carry the same loss scale (the ranking
+    holds), and a batch whose gradient overflowed adds nothing, decided on the device.
     """
 
     def watch(self, index: int, group, modules: dict[str, nn.Module]) -> None:
@@ -132,7 +134,10 @@ class HeadImportance(GroupScorer):
 
                 def on_grad(grad: torch.Tensor) -> None:
                     per_example = (value * grad).movedim(dim, 1).reshape(value.shape[0], group.channels, -1).sum(-1)
-                    self._accumulate(index, per_example.abs().mean(0))
+                    score = per_example.abs().mean(0).float()
+                    finite = torch.isfinite(score).all()
+                    self._sums[index] += torch.where(finite, score, 0.0)
+                    self._counts[index] += finite
 
                 heads.register_hook(on_grad)
 

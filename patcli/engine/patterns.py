@@ -76,6 +76,8 @@ class NM(Pattern):
     m: int = 4
 
     def __post_init__(self) -> None:
+        if self.m < 2:
+            raise ParamError("m", f"{self.m} is not allowed; allowed: m >= 2")
         if not 1 <= self.n < self.m:
             raise ParamError("n", f"{self.n}:{self.m} is not allowed; allowed: 1 <= n < m")
 

@@ -20,9 +20,9 @@ from .masks import as_list
 PRODUCERS = {"neurons": (nn.Linear,), "filters": (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-TRANSPARENT = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.Dropout, nn.Flatten,
-               nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-               nn.Identity, nn.Unflatten)
+POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+TRANSPARENT = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.Dropout, nn.Flatten, nn.Identity,
+               nn.Unflatten, *POOLS)
 
 
 class StructureError(ValueError):
@@ -33,8 +33,8 @@ def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if not list(m.children())]
 
 
-def _matches(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+def _any_match(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def channel_groups(
@@ -50,28 +50,45 @@ def channel_groups(
     else:
         groups = sequential_groups(model, kind)
     include, exclude = as_list("include", include), as_list("exclude", exclude)
-    # a frozen layer is never pruned, not even the input columns a channel of another layer owns there (a frozen
-    # norm's γ/β or a bias only go with their channel)
+    # include/exclude name a layer by its producing weight: an excluded layer keeps its channels, while its input
+    # columns still go with the previous layer's (so one exclude, e.g. the classifier, serves every mode). A frozen
+    # weight is never pruned, not even those columns (a frozen norm's γ/β or a bias only go with their channel).
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad and p.dim() >= 2}
-    return [g for g in groups if _matches(g.slices[0].param, include, exclude) and not any(s.param in frozen for s in g.slices)]
+    return [g for g in groups if _any_match(g.slices[0].param, include) and not _any_match(g.slices[0].param, exclude)
+            and not any(s.param in frozen for s in g.slices)]
+
+
+def _plain_sequential(module: nn.Module) -> bool:
+    """A Sequential that runs its children in order: a subclass with a forward of its own (a residual block) does not."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
 def _unreadable(model: nn.Module) -> list[str]:
     """What the chain reader cannot follow: modules of unknown type (a block with its own forward, a residual
-    connection) and grouped convolutions, whose channels cannot be cut one at a time."""
+    connection), grouped convolutions, whose channels cannot be cut one at a time, and a layer or weight used at
+    two places in the chain (the reader would see it once; cutting it for one place breaks the other)."""
     found = [type(m).__name__ for _, m in model.named_modules()
-             if not isinstance(m, nn.Sequential) and (list(m.children()) or not isinstance(m, LAYERS + NORMS + TRANSPARENT))]
+             if not _plain_sequential(m) and (list(m.children()) or not isinstance(m, LAYERS + NORMS + TRANSPARENT))]
     found += [f"{type(m).__name__}(groups={m.groups})" for m in model.modules() if getattr(m, "groups", 1) != 1]
-    return found
+    shared = _used_twice(((n, m) for n, m in model.named_modules(remove_duplicate=False)
+                          if any(True for _ in m.parameters(recurse=False))), "module")  # a shared ReLU is harmless
+    return found + (shared or _used_twice(model.named_parameters(remove_duplicate=False), "parameter"))
+
+
+def _used_twice(named: Iterable[tuple[str, object]], what: str) -> list[str]:
+    names: dict[int, list[str]] = {}
+    for name, thing in named:
+        names.setdefault(id(thing), []).append(name)
+    return [f"{what} {' = '.join(shared)} used twice" for shared in names.values() if len(shared) > 1]
 
 
 def sequential_groups(model: nn.Module, kind: str) -> list[ChannelGroup]:
     leaves = _leaves(model)
     unknown = _unreadable(model)
-    if unknown or not isinstance(model, nn.Sequential):
+    if unknown or not _plain_sequential(model):
         raise StructureError(
             f"structured pruning reads feed-forward nn.Sequential chains; {type(model).__name__} "
-            f"({', '.join(sorted(set(unknown))) or 'not a Sequential'}) needs a channel_groups(kind) method"
+            f"({', '.join(sorted(set(unknown))) or 'not a plain Sequential'}) needs a channel_groups(kind) method"
         )
     groups = []
     for i, (name, module) in enumerate(leaves):
@@ -114,6 +131,10 @@ def _channel_axis_problem(producer: nn.Module, consumer: nn.Module, between: lis
     a Linear's on the last axis, and after a conv's Flatten in channel-major blocks of ``width`` inputs."""
     if any(isinstance(m, nn.Unflatten) for m in between):
         return "an Unflatten between them moves the channels; allowed: define channel_groups(kind) on the model"
+    for i, module in enumerate(between):  # pooling is per channel only over a conv's spatial axes, before any Flatten
+        if isinstance(module, POOLS) and (isinstance(producer, nn.Linear) or any(isinstance(m, nn.Flatten) for m in between[:i])):
+            return (f"the {type(module).__name__} between them pools along the channel axis, mixing neighbouring channels; "
+                    "allowed: pooling over a conv's spatial axes, or define channel_groups(kind) on the model")
     if isinstance(producer, nn.Linear):
         if not isinstance(consumer, nn.Linear):
             return "a Linear's outputs lie on the last axis, a conv reads its channels on axis 1; allowed: define channel_groups(kind)"
