@@ -23,9 +23,9 @@ from .engine.combinations import check_combination as engine_check_combination
 from .engine.patterns import PATTERNS, Pattern
 from .engine.regrowth import REGROWTHS, Regrowth
 from .engine.regularizers import REGULARIZERS, Regularizer
-from .engine.registry import ParamError, Registry
+from .engine.registry import SEED_LIMIT, ParamError, Registry
 from .engine.schedules import SCHEDULES, Schedule
-from .engine.scorers import SCORERS, SEED_LIMIT, Scorer
+from .engine.scorers import SCORERS, Scorer
 
 
 class ConfigError(ValueError):
@@ -410,7 +410,7 @@ def check_combination(config: RunConfig) -> None:
     """Engine parts that cannot work together: one line saying why, naming the option to change."""
     try:
         engine_check_combination(config.schedule, config.pruning.mode, config.pruning.masking, config.regrowth,
-                                 config.regularizer)
+                                 config.regularizer, config.scorer, config.allocation)
     except CombinationError as error:
         raise ConfigError(error.key, str(error)) from error
 

@@ -359,9 +359,27 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
         record.total_train_steps += source.total_train_steps
         record.extra["init_from"] = str(config.trainer.init_from)
     finish_record(record, trainer.model, config, data, run_dir, device)
-    if config.regularizer is not None and config.regularizer.target is None:  # the penalty chose the sparsity
-        record.target_sparsity = round(record.achieved_sparsity, 2)
+    if config.regularizer is not None:
+        warn_if_penalty_overshot(config, record)
+        if config.regularizer.target is None:  # the penalty chose the sparsity
+            record.target_sparsity = round(record.achieved_sparsity, 2)
     return record
+
+
+def warn_if_penalty_overshot(config: RunConfig, record: RunRecord) -> None:
+    """A penalty too strong zeroes more than regularizer.target, or a layer beyond the cap: no mask can bring those
+    weights back, so the run ends sparser (or cut) than asked; say so, with the fix."""
+    regularizer, cap = config.regularizer, config.pruning.max_layer_sparsity
+    # in channel modes a weight whose input and output channels are both cut may pass the cap: only a whole layer counts
+    limit = 1.0 - 1e-9 if isinstance(config.pattern, Structured) else cap + 1e-9
+    over = [name for name, sparsity in record.per_layer_sparsity.items() if sparsity > limit]
+    if over:
+        log.warning("regularizer=%s zeroed %s beyond pruning.max_layer_sparsity=%g (%s): lower regularizer.lam (%g)",
+                    regularizer.name, ", ".join(over), cap,
+                    ", ".join(f"{record.per_layer_sparsity[name]:.4g}" for name in over), regularizer.lam)
+    if regularizer.target is not None and record.achieved_sparsity > regularizer.target + 0.005:
+        log.warning("regularizer=%s zeroed %.4g of the prunable weights, more than regularizer.target=%g: lower "
+                    "regularizer.lam (%g)", regularizer.name, record.achieved_sparsity, regularizer.target, regularizer.lam)
 
 
 @contextlib.contextmanager

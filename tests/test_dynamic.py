@@ -1,6 +1,8 @@
 """Pruning reversal, SET/RigL and proximal (group-)lasso PAT: revival, constant active counts, closed forms."""
 
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ from patcli.engine import REGROWTHS, REGULARIZERS, SCHEDULES, Pruner
 from patcli.engine.layouts import ChannelGroup, ChannelLayout, Slice
 from patcli.engine.regrowth import drop_fraction_at
 from patcli.engine.regularizers import soft_threshold_
+
+from conftest import result_of, run_dir_of
 
 
 def tiny():
@@ -160,8 +164,52 @@ def test_lasso_pat_masks_what_it_zeroes_and_can_close_at_an_exact_target():
         (["regrowth=rigl", "regrowth.drop_fraction=1.5"], "regrowth.drop_fraction: 1.5 is out of range"),
         (["regrowth=rigl", "schedule=constant", "pruning.masking=dense_shadow"],
          "pruning.masking: regrowth=rigl regrows weights at zero, which a dense copy would overwrite; allowed with pruning.masking=inplace"),
+        # parts a run would carry unused, under a recipe name that never ran
+        (["regrowth=rigl", "scorer=movement"], "scorer: regrowth=rigl drops the smallest weights by magnitude; allowed "
+                                               "with scorer=magnitude (got scorer=movement)"),
+        (["regrowth=set", "allocation=lamp"], "allocation: regrowth=set spreads the sparsity over layers by regrowth.init"),
+        (["regularizer=lasso", "scorer=hessian"], "scorer: regularizer=lasso zeroes weights by its penalty and closes by "
+                                                  "magnitude; allowed with scorer=magnitude (got scorer=hessian)"),
+        (["regularizer=lasso", "regularizer.lam=nan"], "regularizer.lam: nan is out of range; allowed: a finite number >= 0"),
+        (["regularizer=lasso", "regularizer.lam=inf"], "regularizer.lam: inf is out of range"),
+        (["regrowth=rigl", "regrowth.seed=-1"], "regrowth.seed: -1 is out of range; allowed: 0 <= seed < 2**63"),
+        (["regrowth=rigl", "regrowth.seed=99999999999999999999"], "regrowth.seed: 99999999999999999999 is out of range"),
+        (["schedule=alternating", "schedule.final=0"], "schedule.final: 0 is out of range"),
     ],
 )
-def test_invalid_combinations_are_one_line_errors(cli, overrides, message):
+def test_invalid_combinations_are_one_line_errors(cli, tmp_path, overrides, message):
     code, out, err = cli("train", "trainer.epochs=1", *overrides)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.glob("outputs/**/result.json"))  # refused before any run began
+
+
+def test_the_engine_in_python_refuses_a_wrong_type_naming_the_argument_as_the_cli_does():
+    """Built in Python, RigL(delta_t=2.5) ran and drop_fraction="0.3" died comparing a string with a number."""
+    for build, message in [
+        (lambda: REGROWTHS.get("rigl")(delta_t=2.5), "regrowth 'rigl': delta_t must be an int, got 2.5"),
+        (lambda: REGROWTHS.get("rigl")(delta_t=True), "regrowth 'rigl': delta_t must be an int, got True"),
+        (lambda: REGROWTHS.get("set")(drop_fraction="0.3"), "regrowth 'set': drop_fraction must be a number, got '0.3'"),
+        (lambda: REGULARIZERS.get("lasso")(lam="x"), "regularizer 'lasso': lam must be a number, got 'x'"),
+        (lambda: REGULARIZERS.get("lasso")(target="0.5"), "regularizer 'lasso': target must be a number or None, got '0.5'"),
+        (lambda: SCHEDULES.get("agp")(end="half"), "schedule 'agp': end must be an int or a number, got 'half'"),
+    ]:
+        with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+            build()
+    assert REGROWTHS.get("rigl")(delta_t=5, drop_fraction=1 / 2).delta_t == 5  # right types pass, ints as numbers too
+    assert REGULARIZERS.get("lasso")(lam=1, target=None).lam == 1
+
+
+def test_a_penalty_that_overshoots_its_target_or_the_layer_cap_is_said_in_the_run_log(cli):
+    """lam=20 zeroed 99.1% of the first layer and 39.7% overall for a target of 30%, with no word; the mask-update
+    rows showed the masks' 30% while every weight was zero."""
+    code, out, err = cli("train", "regularizer=lasso", "regularizer.lam=20", "regularizer.target=0.3", "trainer.epochs=4")
+    assert code == 0, err
+    run = run_dir_of(out)
+    record, log = result_of(run), (run / "run.log").read_text()
+    assert record["achieved_sparsity"] > 0.305 and record["per_layer_sparsity"]["1.weight"] > 0.99
+    assert (f"regularizer=lasso zeroed {record['achieved_sparsity']:.4g} of the prunable weights, more than "
+            "regularizer.target=0.3: lower regularizer.lam (20)") in log
+    assert "regularizer=lasso zeroed 1.weight beyond pruning.max_layer_sparsity=0.99" in log
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    closing = [r for r in rows if r["kind"] == "mask_update"][-1]
+    assert closing["target"] == 0.3 and closing["sparsity"] > 0.9  # the weights' zeros at that step, not the masks' 0.3

@@ -161,6 +161,35 @@ def test_a_pruner_state_of_another_pattern_model_or_schedule_is_refused_before_a
         assert pruner.step == 0 and all(bool(k.all()) for k in pruner.masks.keep)
 
 
+def test_a_pruner_state_of_another_masking_or_scorer_is_refused_before_anything_is_loaded(tiny_mlp):
+    """A plain state loaded into a reversal pruner raised KeyError 'shadow.0.weight' after step and masks were
+    overwritten; the other way round, the shadow weights were dropped without a word."""
+    from patcli.engine import REGROWTHS
+
+    def built(**parts):
+        return Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10, **parts)
+
+    plain = built()
+    plain.update_masks(0)
+    plain.step = 4
+    reversal, movement = built(regrowth=REGROWTHS.get("reversal")()), built(scorer=SCORERS.get("movement")())
+    with pytest.raises(ValueError, match=r"^the pruner state lacks masking\.shadow\.0\.weight \(saved by a pruner with "
+                                         r"another scorer, masking or regrowth\); allowed: the state of a pruner built the same way$"):
+        reversal.load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match=r"^the pruner state holds masking\.shadow\.0\.weight, which this pruner does not keep"):
+        built().load_state_dict(reversal.state_dict())
+    loss_of(tiny_mlp, 0).backward()
+    movement.observe()  # once it has seen gradients it holds its accumulator
+    fresh = built()
+    with pytest.raises(ValueError, match=r"^the pruner state holds scorer\.count, which this pruner does not keep"):
+        fresh.load_state_dict(movement.state_dict())
+    for pruner in (reversal, fresh):
+        assert pruner.step == 0 and all(bool(k.all()) for k in pruner.masks.keep)
+    resumed = built()
+    resumed.load_state_dict(plain.state_dict())  # the same build loads
+    assert resumed.step == 4 and [torch.equal(a, b) for a, b in zip(resumed.masks.keep, plain.masks.keep)] == [True] * 3
+
+
 def _train_ddp_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -198,14 +227,20 @@ def test_under_ddp_every_rank_prunes_the_same_weights_to_the_exact_count(tmp_pat
     assert sum(int((w == 0).sum()) for w in weights) == pruned
 
 
-def test_a_regularizers_closing_mask_keeps_the_largest_weights_whatever_the_scorer():
-    """The close is by magnitude: with scorer=gradient it used to keep weights the penalty had zeroed."""
+def test_a_regularizers_closing_mask_keeps_the_largest_weights_and_no_other_scorer_is_taken():
+    """The close is by magnitude (another scorer once kept weights the penalty had zeroed); a scorer that would only
+    be carried along unused is refused, so no record names a recipe that never ran."""
     from patcli.engine import REGULARIZERS
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 10))
+    lasso = dict(lam=0.05, warmup=4, target=0.6)
+    with pytest.raises(ValueError, match=r"^regularizer=lasso zeroes weights by its penalty and closes by magnitude; "
+                                         r"allowed with scorer=magnitude \(got scorer=gradient\)$"):
+        Pruner(model, sparsity=0.6, schedule=SCHEDULES.get("constant")(), total_steps=20,
+               regularizer=REGULARIZERS.get("lasso")(**lasso), scorer=SCORERS.get("gradient")())
     pruner = Pruner(model, sparsity=0.6, schedule=SCHEDULES.get("constant")(begin=0, end=10), total_steps=20, frequency=3,
-                    regularizer=REGULARIZERS.get("lasso")(lam=0.05, warmup=4, target=0.6), scorer=SCORERS.get("gradient")())
+                    regularizer=REGULARIZERS.get("lasso")(**lasso))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     pruner.attach(optimizer)
     before = {}
@@ -273,6 +308,32 @@ def test_rigl_regrows_nothing_on_a_step_the_grad_scaler_skips(tiny_mlp):
     assert scaler.get_scale() == 2.0**9  # the step was skipped
     assert all(torch.equal(a, b) for a, b in zip(before, pruner.masks.keep))  # and nothing regrew
     assert pruner.updates == []  # step 3 was the first regrowth update
+
+
+def test_head_importance_drops_a_batch_whose_scaled_gradient_overflowed():
+    """The scorer reads activation gradients in backward, before a GradScaler unscales anything: one overflowing
+    batch made every head's score NaN and stopped the run at the next mask update."""
+    from patcli.models.gpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(20, 8, 1, 4, 32, 8, 2, 0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    pruner = prune_during_training(model, optimizer, sparsity=0.25, total_steps=8, scorer="head_importance",
+                                   schedule=SCHEDULES.get("oneshot")(begin=5), allocation="uniform", pattern="heads",
+                                   frequency=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    inputs = [torch.randint(0, 20, (4, 8), generator=torch.Generator().manual_seed(s)) for s in range(5)]
+    for step, x in enumerate(inputs):
+        loss = nn.functional.cross_entropy(model(x).reshape(-1, 20), x.reshape(-1))
+        optimizer.zero_grad()
+        scaler.scale(loss * (1e36 if step == 2 else 1.0)).backward()  # one overflowing batch
+        scaler.step(optimizer)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**15  # the scaler skipped that step
+    counts, sums = pruner.scorer._counts[0], pruner.scorer._sums[0]
+    assert float(counts) == 4 and bool(torch.isfinite(sums).all()) and bool((sums > 0).all())
+    pruner.update_masks(5)  # no NaN: the update ranks the heads
+    assert [int(k.sum()) for k in pruner.layout.group_keep] == [3]
 
 
 def test_rigl_ranks_the_true_gradients_under_a_grad_scaler(tiny_mlp):

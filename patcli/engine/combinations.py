@@ -21,10 +21,23 @@ def name_of(part) -> str:
     return getattr(part, "name", type(part).__name__)
 
 
-def check_combination(schedule: Schedule, mode: str, masking: str, regrowth: Regrowth, regularizer: Regularizer | None) -> None:
-    """Raise CombinationError saying why, in one line; ``mode`` is the pattern's name (unstructured, nm, neurons, ...)."""
+def check_combination(schedule: Schedule, mode: str, masking: str, regrowth: Regrowth, regularizer: Regularizer | None,
+                      scorer=None, allocation=None) -> None:
+    """Raise CombinationError saying why, in one line; ``mode`` is the pattern's name (unstructured, nm, neurons, ...).
+
+    ``scorer``/``allocation`` (None: the default) are refused where the run would not use them: the record would name
+    a recipe that never ran.
+    """
     schedule_name, regrowth_name = name_of(schedule), name_of(regrowth)
+    scorer_name = "magnitude" if scorer is None else name_of(scorer)
     if regrowth.replaces_schedule:
+        if scorer_name != "magnitude":
+            raise CombinationError("scorer", f"regrowth={regrowth_name} drops the smallest weights by magnitude; allowed "
+                                   f"with scorer=magnitude (got scorer={scorer_name})")
+        if allocation is not None and name_of(allocation) != "global":
+            raise CombinationError("allocation", f"regrowth={regrowth_name} spreads the sparsity over layers by "
+                                   f"regrowth.init (erk or random); allowed: allocation=global, the default, which it "
+                                   f"leaves unused (got allocation={name_of(allocation)})")
         if schedule_name != "constant":
             raise CombinationError("regrowth", f"regrowth={regrowth_name} is sparse at the target from the first step and "
                                    f"decides its own updates; allowed with schedule=constant (got schedule={schedule_name})")
@@ -39,6 +52,9 @@ def check_combination(schedule: Schedule, mode: str, masking: str, regrowth: Reg
                                "ways; allowed: one of them")
     if regularizer is None:
         return
+    if scorer_name != "magnitude":
+        raise CombinationError("scorer", f"regularizer={name_of(regularizer)} zeroes weights by its penalty and closes "
+                               f"by magnitude; allowed with scorer=magnitude (got scorer={scorer_name})")
     if regrowth_name != "none":
         raise CombinationError("regularizer", f"regularizer={name_of(regularizer)} masks what it zeroes, which regrowth="
                                f"{regrowth_name} would undo; allowed with regrowth=none")

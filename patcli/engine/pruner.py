@@ -127,7 +127,7 @@ class Pruner:
         self.max_layer_sparsity = max_layer_sparsity
         self.regrowth = regrowth or NoRegrowth()
         self.regularizer = regularizer
-        check_combination(schedule, name_of(self.pattern), masking, self.regrowth, regularizer)
+        check_combination(schedule, name_of(self.pattern), masking, self.regrowth, regularizer, scorer, allocation)
         masking = self.regrowth.masking or masking
         self.monotone = monotone and getattr(self.schedule, "monotone", True) and self.regrowth.monotone
         self.evaluate = evaluate
@@ -331,7 +331,9 @@ class Pruner:
         self.masking.masks_changed()
 
     def _record(self, t: int, target: float, revived: int) -> MaskUpdate:
-        update = MaskUpdate(step=t, target=target, sparsity=self.masks.sparsity(), revived=revived)
+        # a penalty's zeros count where the masks do not hold them (yet, or any more after the closing update)
+        sparsity = self.masks.sparsity() if self.regularizer is None else self.sparsity()
+        update = MaskUpdate(step=t, target=target, sparsity=sparsity, revived=revived)
         self.updates.append(update)
         log.debug("mask update at step %d: target %.4f, sparsity %.4f, revived %d", t, target, update.sparsity, revived)
         if self.on_update:
@@ -492,6 +494,16 @@ class Pruner:
                 raise ValueError(f"the pruner state does not fit this pruner: {held} group flags for {name} in the state, "
                                  f"{current.numel()} here (another pattern, structure or model); allowed: the state of a "
                                  "pruner built the same way")
+        expected = set(self.state_dict())
+        # older states lack the schedule and the update history; a gradient scorer makes its accumulators at its first
+        # step; any other difference is another scorer, masking or regrowth, whose accumulators, shadow weights or
+        # random stream would be missing or left unread
+        lazy = {k for k in state if k.startswith("scorer.")} if self.scorer.needs_grad else set()
+        missing, extra = sorted(expected - set(state) - {"schedule", "updates"}), sorted(set(state) - expected - lazy)
+        if missing or extra:
+            what = f"lacks {missing[0]}" if missing else f"holds {extra[0]}, which this pruner does not keep"
+            raise ValueError(f"the pruner state {what} (saved by a pruner with another scorer, masking or regrowth); "
+                             "allowed: the state of a pruner built the same way")
         self.step = int(state["step"])
         if "updates" in state:  # the history of mask updates (a pruner state saved before it was kept has none)
             self.updates = [MaskUpdate(int(t), float(target), float(sparsity), int(revived))

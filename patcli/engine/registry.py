@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+import dataclasses
+import functools
+import inspect
+import numbers
+import types
+import typing
+from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -14,6 +20,14 @@ class ParamError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+SEED_LIMIT = 2**63  # seeds torch, numpy and Python all take
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < SEED_LIMIT:
+        raise ParamError("seed", f"{seed} is out of range; allowed: 0 <= seed < 2**63")
 
 
 class Registry(Generic[T]):
@@ -28,6 +42,8 @@ class Registry(Generic[T]):
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             cls.name = name  # type: ignore[attr-defined]
+            if dataclasses.is_dataclass(cls):
+                cls.__init__ = _type_checked(cls, f"{self.kind} {name!r}")  # type: ignore[method-assign]
             self._entries[name] = cls
             return cls
 
@@ -43,3 +59,48 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+
+def _type_checked(cls: type, label: str) -> Callable:
+    """``cls.__init__`` that first checks each argument against its field's type hint: the engine built in Python
+    refuses a wrong type with a TypeError naming the argument, as the CLI's config does, before any range check
+    compares a string with a number."""
+    init = cls.__init__
+    signature = inspect.signature(init)
+    hints = typing.get_type_hints(cls)
+
+    @functools.wraps(init)
+    def checked(self, *args, **kwargs) -> None:
+        for field, value in signature.bind(self, *args, **kwargs).arguments.items():
+            hint = hints.get(field)
+            if field != "self" and hint is not None and not _is_a(value, hint):
+                raise TypeError(f"{label}: {field} must be {_describe(hint)}, got {value!r}")
+        init(self, *args, **kwargs)
+
+    return checked
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    return True
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(hint))
+    return {int: "an int", float: "a number", str: "a string", bool: "true or false", type(None): "None"}.get(
+        hint, getattr(typing.get_origin(hint), "__name__", str(hint)))

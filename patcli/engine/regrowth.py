@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .allocation import erk_sparsities
-from .registry import ParamError, Registry
+from .registry import ParamError, Registry, check_seed
 from .schedules import to_step
 
 REGROWTHS: Registry["Regrowth"] = Registry("regrowth")
@@ -95,6 +95,7 @@ class DynamicSparse(Regrowth):
             raise ParamError("drop_fraction", f"{self.drop_fraction} is out of range; allowed: 0 < value < 1")
         if self.init not in ("random", "erk"):
             raise ParamError("init", f"{self.init!r} is not allowed; allowed: random, erk")
+        check_seed(self.seed)
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def bind(self, total_steps: int) -> "DynamicSparse":

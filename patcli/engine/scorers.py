@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .registry import ParamError, Registry
+from .registry import Registry, check_seed
 
 SCORERS: Registry["Scorer"] = Registry("scorer")
-SEED_LIMIT = 2**63  # seeds torch, numpy and Python all take
 
 
 @dataclass
@@ -65,8 +64,7 @@ class Random(Scorer):
     _draws: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.seed < SEED_LIMIT:  # each update draws with seed + its count, within torch's seed range
-            raise ParamError("seed", f"{self.seed} is out of range; allowed: 0 <= seed < 2**63")
+        check_seed(self.seed)  # each update draws with seed + its count, within torch's seed range
 
     def scores(self, weights: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed + self._draws)
