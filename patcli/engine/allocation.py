@@ -103,7 +103,7 @@ def counts_from_sparsities(budget: LayerBudget, sparsities: list[float]) -> list
         return counts
     for i in sorted(range(len(counts)), key=lambda i: -budget.num_groups[i] * sizes[i]):
         gap = budget.budget_elements - sum(c * s for c, s in zip(counts, sizes))
-        counts[i] = min(max(counts[i] + int(gap / sizes[i]), floors[i]), caps[i])
+        counts[i] = min(max(counts[i] + round(gap / sizes[i]), floors[i]), caps[i])  # the nearest whole group
     return counts
 
 

@@ -72,6 +72,9 @@ class GroupScorer(Scorer):
             s.zero_()
             c.zero_()
 
+    def state_bytes(self) -> int:  # the accumulators held, without copying them as state_dict() does
+        return sum(t.numel() * t.element_size() for t in (*self._sums, *self._counts))
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"sum.{i}": s.clone() for i, s in enumerate(self._sums)}
         state.update({f"count.{i}": c.clone() for i, c in enumerate(self._counts)})

@@ -360,6 +360,12 @@ class Pruner:
                            for g, m, pruned in zip(grouped, self.masks.multipliers, self.masks.pruned_counts)]
             else:
                 grouped = [mark_pruned_(g, as_bytes(k).to(g.dtype)) for g, k in zip(grouped, self.layout.group_keep)]
+        elif self.layout.elementwise:
+            # masks chosen afresh: a weight already at exactly zero costs nothing to prune, so it goes first. A gradient
+            # score ties it (at 0) with live weights whose gradient is 0, and pruning those instead left it zero but
+            # unmasked, the model sparser than its target. Once per non-monotone update, not per step.
+            grouped = [g.masked_fill_(w.detach().reshape(-1) == 0, -math.inf)
+                       for g, w in zip(grouped, self.masking.dense_weights())]
         return grouped
 
     def _check_not_nan(self, group_scores: list[torch.Tensor]) -> None:

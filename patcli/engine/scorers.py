@@ -41,7 +41,8 @@ class Scorer:
         pass
 
     def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+        """Bytes of the tensors this scorer holds between mask updates (none by default)."""
+        return 0
 
 
 @SCORERS.register("magnitude")
@@ -115,6 +116,9 @@ class Accumulating(Scorer):
         if not self._sums:
             return {}
         return {"count": torch.tensor(float(self._count)), **{f"sum.{i}": s.clone() for i, s in enumerate(self._sums)}}
+
+    def state_bytes(self) -> int:  # the accumulators held, without copying them as state_dict() does
+        return sum(s.numel() * s.element_size() for s in self._sums)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if "count" in state:
