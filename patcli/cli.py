@@ -6,6 +6,7 @@ Every subcommand takes ordinary Hydra overrides (``group=option``, ``key=value``
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -228,7 +229,7 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: "
     if split not in ("test", "val"):
         print_error(f"--split: {split!r} is not allowed; allowed: test, val")
         raise typer.Exit(code=2)
-    missing = [str(p) for p in paths if not p.exists()]
+    missing = [str(p) for p in paths if not os.path.exists(p)]  # never raises, unlike pathlib
     if missing:
         print_error(f"PATHS: {', '.join(missing)} does not exist")
         raise typer.Exit(code=2)

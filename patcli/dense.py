@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def dense_source(config: RunConfig) -> dict:
 
 def check_dense_run(run_dir: Path, config: RunConfig) -> RunRecord:
     """A finished dense patcli run of ``config``'s fold, or a ConfigError naming ``dense``."""
-    if not run_dir.is_dir():
+    if not os.path.isdir(run_dir):  # never raises, unlike pathlib (a name too long, a folder it may not read)
         raise ConfigError("dense", f"{run_dir} is not a directory; allowed: a run directory (the folder of its {RESULT_FILE})")
     try:
         record = read_record(run_dir / RESULT_FILE)
@@ -47,7 +48,7 @@ def check_dense_run(run_dir: Path, config: RunConfig) -> RunRecord:
     if record.method != "dense" or record.status != "ok":
         raise ConfigError("dense", f"{run_dir} is a {record.status} {record.method!r} run; allowed: a finished run of "
                           "`patcli train pruning=none`")
-    if not (run_dir / CONFIG_SNAPSHOT).is_file():
+    if not os.path.isfile(run_dir / CONFIG_SNAPSHOT):
         raise ConfigError("dense", f"{run_dir} has no {CONFIG_SNAPSHOT} to rebuild its model and data from")
     load_run_config(run_dir)  # readable, before anything runs
     if record.model_dataset_hash != config.model_dataset_hash():  # the baseline would prune another model than it records

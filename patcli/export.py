@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -150,9 +151,9 @@ def semi_structured_plan(model: nn.Module, tokens: int) -> dict | str:
 def export_run(run_dir: Path, measure_latency: bool = True) -> RunRecord:
     """Rebuild a finished run from its own config and weights, export it, and update its result.json."""
     run_dir = Path(run_dir)
-    if not (run_dir / RESULT_FILE).is_file() or not (run_dir / MODEL_FILE).is_file():
+    if not os.path.isfile(run_dir / RESULT_FILE) or not os.path.isfile(run_dir / MODEL_FILE):  # never raises, unlike pathlib
         raise ConfigError("RUN_DIR", f"{run_dir} is not a finished patcli run (needs {RESULT_FILE} and {MODEL_FILE})")
-    if not (run_dir / CONFIG_SNAPSHOT).is_file():
+    if not os.path.isfile(run_dir / CONFIG_SNAPSHOT):
         raise ConfigError("RUN_DIR", f"{run_dir} has no config snapshot ({CONFIG_SNAPSHOT}) to rebuild its model from")
     try:
         record = read_record(run_dir / RESULT_FILE)
@@ -192,9 +193,9 @@ def load_pruned(path: str | Path, device: str | None = None) -> nn.Module:
     With ``device="cuda"``, 2:4 layers the export measured as faster with sparse kernels are converted (fp16).
     """
     path = Path(path)
-    if (path / EXPORT_DIR).is_dir():
+    if os.path.isdir(path / EXPORT_DIR):  # os.path never raises, unlike pathlib (a name too long)
         path = path / EXPORT_DIR
-    if not (path / DESCRIPTION).is_file():
+    if not os.path.isfile(path / DESCRIPTION):
         status = _status(path / RESULT_FILE)
         hint = (f"; run `patcli export {path}` first" if status == "ok"
                 else f": its run did not finish (status {status}), so there is nothing to export" if status else "")

@@ -180,9 +180,7 @@ def check_run_dir(overrides: list[str], cfg: DictConfig, multirun: bool) -> None
     """The run (or sweep) directory Hydra will make can be made: else one line naming the key that placed it."""
     from .paths import unwritable_reason
 
-    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    if not any(o.startswith(f"{key}=") for o in overrides):
-        key = "output_root"
+    key = run_dir_key(overrides, multirun)
     try:
         value = cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir
     except OmegaConfBaseException as error:
@@ -199,10 +197,32 @@ def check_run_dir(overrides: list[str], cfg: DictConfig, multirun: bool) -> None
         raise UsageError(f"output_root: {why}")
 
 
+def run_dir_key(overrides: list[str], multirun: bool) -> str:
+    """The option that placed the run (or sweep) directory, for errors about it."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    return key if any(o.startswith(f"{key}=") for o in overrides) else "output_root"
+
+
+def claim_run_dir(overrides: list[str], cfg: DictConfig) -> list[str]:
+    """Take the run directory once the run is checked, and pin it for Hydra: the overrides to run with.
+
+    Two runs started together into one hydra.run.dir both passed check_run_dir, and the second merged its metrics
+    into the first's and replaced its files. Making the folder Hydra keeps the run's config in is atomic: one wins.
+    """
+    directory = Path(str(cfg.hydra.run.dir)).absolute()  # resolved once: ${now:} and ${uid:} would differ later
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        (directory / (cfg.hydra.output_subdir or ".hydra")).mkdir()
+    except FileExistsError:
+        raise UsageError(f"{run_dir_key(overrides, False)}: {directory} was taken by another run started at the same "
+                         "time; allowed: a directory no run uses") from None
+    return [*(o for o in overrides if not o.startswith("hydra.run.dir=")), f"hydra.run.dir={quoted(str(directory))}"]
+
+
 def holds_a_run(directory: Path) -> str | None:
     """Why ``directory`` must not be reused: a run or sweep is already there (either, whichever this command makes),
     and patcli never overwrites one."""
-    if not directory.is_dir():
+    if not os.path.isdir(directory):  # never raises, unlike pathlib (a name too long)
         return None
     # at any depth: a sweep folder given by hand may hold earlier sweeps under their date folders, whose records a
     # sweep's own table (and an Optuna study's) would then read as its own
@@ -327,6 +347,7 @@ def launch(
             prepare_sweep(overrides, cfg, check)
         else:
             check_device_here(validate(job_config(cfg), check))
+            overrides = claim_run_dir(overrides, cfg)
         try:
             if multirun:
                 return multirun_sweep(overrides, cfg)

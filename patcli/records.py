@@ -123,8 +123,11 @@ def mask_update_row(update: Any, steps_before: int = 0, after_a_step: bool = Tru
 
 
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    """One JSON line; a non-finite number (a diverged loss) is written as null, as JSON has no NaN that jq or a
+    browser would read."""
+    finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in row.items()}
     with open(run_dir / METRICS_FILE, "a") as handle:
-        handle.write(json.dumps(row, sort_keys=True) + "\n")
+        handle.write(json.dumps(finite, sort_keys=True, allow_nan=False) + "\n")
 
 
 class RecordError(ValueError):
@@ -158,7 +161,7 @@ def find_record_files(paths: list[Path]) -> Iterator[Path]:
     """result.json files under each path (a file is taken as is), in a stable order."""
     for root in paths:
         root = Path(root)
-        if root.is_file():
+        if os.path.isfile(root):  # never raises, unlike pathlib
             yield root
-        elif root.is_dir():
+        elif os.path.isdir(root):
             yield from sorted(root.rglob(RESULT_FILE))

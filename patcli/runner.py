@@ -62,7 +62,7 @@ def plan(config: RunConfig) -> Plan:
     steps = total_steps(data, config.trainer)
     if config.trainer.warmup_steps >= steps and not config.needs_dense:  # a baseline fine-tunes without warm-up
         raise ConfigError("trainer.warmup_steps", f"{config.trainer.warmup_steps} is not below the run's {steps} steps, "
-                                                  f"so the learning rate would never reach trainer.lr; allowed: 0 to {steps - 1}")
+                                                  f"so the whole run would be warm-up; allowed: 0 to {steps - 1}")
     model = build_model(config.model, data.meta)  # validates model keys; a throwaway the checks below share
     warnings = data.warnings + check_model_fits(model, data)
     try:  # every run, dense included: its sparsity report reads them
@@ -124,7 +124,7 @@ def check_model_fits(model: nn.Module, data: DataBundle) -> list[str]:
 
 def check_init_from(config: RunConfig) -> Path:
     run_dir = Path(config.trainer.init_from)
-    if not (run_dir / MODEL_FILE).is_file() or not (run_dir / RESULT_FILE).is_file():
+    if not os.path.isfile(run_dir / MODEL_FILE) or not os.path.isfile(run_dir / RESULT_FILE):  # never raises, unlike pathlib
         raise ConfigError("trainer.init_from", f"{run_dir} is not a finished patcli run (needs {MODEL_FILE} and {RESULT_FILE})")
     try:
         source = read_record(run_dir / RESULT_FILE)

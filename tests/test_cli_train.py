@@ -112,7 +112,7 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
         ("allocation=sensitivity allocation.batches=0", "allocation.batches: 0 is out of range; allowed: >= 1 or null"),
         ("model.name=cnn", "model.name: an option is chosen with model=cnn, not renamed; allowed: model=OPTION (cnn, custom, gpt, mlp)"),
         ("trainer.max_steps=20 trainer.warmup_steps=20", "trainer.warmup_steps: 20 is not below the run's 20 steps, so the "
-                                                         "learning rate would never reach trainer.lr; allowed: 0 to 19"),
+                                                         "whole run would be warm-up; allowed: 0 to 19"),
         ("schedule=alternating schedule.end=0.5", "schedule.end: unknown key; allowed: schedule.name, schedule.begin"),
         ("schedule=alternating schedule.final=0.9 schedule.begin=0.5", "schedule.final: the final phase"),
         ("model._target_=torch.nn.Linear", "model._target_: unknown key; allowed: model.name, model.hidden, model.activation, "
@@ -179,6 +179,38 @@ def test_a_directory_that_holds_a_run_or_sweep_is_never_overwritten(cli, tmp_pat
         code, _, err = cli(*command, *TINY, override)
         assert code == 2 and why in err and len(err.strip().splitlines()) == 1, err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_directory_another_run_takes_while_this_one_is_checked_is_refused(cli, tmp_path, monkeypatch):
+    """Both runs passed the folder check; the second then merged its metrics into the first's and replaced its files."""
+    from patcli import hydra_app
+
+    check_device = hydra_app.check_device_here
+
+    def other_run_starts(config):  # while this run is checked, another into the same folder gets there first
+        (tmp_path / "run" / ".hydra").mkdir(parents=True)
+        (tmp_path / "run" / "metrics.jsonl").write_text("the other run's\n")
+        check_device(config)
+
+    monkeypatch.setattr(hydra_app, "check_device_here", other_run_starts)
+    code, out, err = cli("train", *TINY, "hydra.run.dir=run")
+    assert code == 2 and err.strip() == (f"error: hydra.run.dir: {tmp_path}/run was taken by another run started at the "
+                                         "same time; allowed: a directory no run uses"), err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".hydra", "metrics.jsonl"]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == "the other run's\n"
+
+
+def test_a_long_or_unreadable_path_is_a_one_line_error_naming_its_key(cli, tmp_path):
+    """pathlib's is_file() raised 'File name too long' (and PermissionError under a folder it may not read)."""
+    long = "a" * 300
+    for command, override, key in ((["train", *TINY], f"trainer.init_from={long}", "trainer.init_from"),
+                                   (["train", "dataset=text", "model=gpt"], f"dataset.path={long}", "dataset.path"),
+                                   (["train", *TINY], f"hydra.run.dir={long}", "hydra.run.dir"),
+                                   (["prune-post", *TINY, "baseline=magnitude"], f"dense={long}", "dense")):
+        code, out, err = cli(*command, override)
+        assert code == 2 and err.startswith(f"error: {key}: ") and len(err.strip().splitlines()) == 1, err
+    assert "has a name of 300 bytes" in cli("train", *TINY, f"hydra.run.dir=x/{long}")[2]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_bad_dense_reference_stops_a_training_run_or_sweep_before_it_trains(cli, tmp_path):
@@ -319,6 +351,15 @@ def test_a_diverged_run_is_one_line_exit_1_and_recorded_as_failed(cli, tmp_path)
     assert "lower the learning rate" in err or "lower trainer.lr" in err
     record = result_of(tmp_path / "run")
     assert record["status"] == "failed" and "FloatingPointError" in record["error"]
+
+
+def test_a_diverged_loss_is_null_in_metrics_jsonl_which_strict_json_readers_take(cli, tmp_path):
+    """It was written as NaN: JSON has none, so jq turned it into null silently and a browser's JSON.parse failed."""
+    code, _, _ = cli("train", *TINY[:2], "pruning=none", "trainer.optimizer=sgd", "trainer.lr=1e8", f"hydra.run.dir={tmp_path}/run")
+    assert code == 1
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line}")) for line in lines]
+    assert any(row["kind"] == "eval" and row["loss"] is None for row in rows), rows
 
 
 def test_console_script_runs_in_a_fresh_process(tmp_path):

@@ -204,7 +204,7 @@ class TextFile(CharCorpus):
         super().validate(prefix)
         if not self.path:
             raise ConfigError(f"{prefix}.path", "missing; allowed: the path of a UTF-8 text file")
-        if not Path(self.path).is_file():
+        if not os.path.isfile(self.path):  # pathlib raises for a name too long or a folder it may not read
             raise ConfigError(f"{prefix}.path", f"{self.path} is not a file; allowed: the path of a UTF-8 text file")
 
     def text(self) -> str:
