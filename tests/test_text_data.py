@@ -1,7 +1,6 @@
 """A user's text file as a dataset: the data a run used is what keys its dense run and its cache."""
 
 import hashlib
-import logging
 import os
 import re
 import shutil
@@ -15,7 +14,7 @@ from patcli.data import load_dataset
 from patcli.data.base import _cached_load
 from patcli.data.text import TextFile
 
-from conftest import result_of
+from conftest import result_of, run_dir_of
 
 GPT = ["model=gpt", "model.d_model=16", "model.n_head=2", "dataset=text", "dataset.block_size=16", "trainer.max_steps=5"]
 LOOP = "for i in range(10):\n    print(i * i)\n"
@@ -100,16 +99,20 @@ def test_a_text_too_short_for_a_training_split_names_the_dataset_keys(cli, tmp_p
         load_dataset(NamedConfig("text", {"path": str(tmp_path / "t.txt"), "block_size": 8, "val_fraction": 0.025}))
 
 
-def test_an_unusable_cache_folder_only_costs_the_cache(tmp_path, monkeypatch, caplog):
+def test_an_unusable_cache_folder_only_costs_the_cache_and_every_run_log_says_so(cli, tmp_path, monkeypatch):
+    """The warning went to the terminal once, during the checks before any run log existed: run.log lacked it."""
     path = tmp_path / "t.txt"
     path.write_text(LOOP * 100)
     monkeypatch.setenv("PATCLI_CACHE", str(path / "sub"))  # under a file
-    with caplog.at_level(logging.WARNING):
-        data = load_dataset(text_config(path))
-        _cached_load.cache_clear()
-        again = load_dataset(text_config(path))
+    data = load_dataset(text_config(path))
+    _cached_load.cache_clear()
+    again = load_dataset(text_config(path))
     assert torch.equal(data.train.inputs, again.train.inputs)
-    assert caplog.text.count("is not cached") == 1 and "PATCLI_CACHE" in caplog.text
+    assert len(data.warnings) == 1 and data.warnings == again.warnings  # each load encodes again, and says why
+    assert data.warnings[0].startswith(f"the dataset is not cached: {path / 'sub'} is not a usable folder")
+    assert "set PATCLI_CACHE to a writable folder" in data.warnings[0]
+    code, out, _ = cli("train", *GPT, f"dataset.path={path}", "trainer.max_steps=2")
+    assert code == 0 and (run_dir_of(out) / "run.log").read_text().count("the dataset is not cached") == 1
     monkeypatch.setenv("PATCLI_CACHE", "")  # empty is unset: the default folder, not the current one
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.chdir(tmp_path)

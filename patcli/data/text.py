@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import sys
 import sysconfig
@@ -22,7 +21,6 @@ import torch
 from ..config import ConfigError
 from .base import DATASETS, DataBundle, Split
 
-log = logging.getLogger(__name__)
 
 UNKNOWN = "\x00"  # characters outside the vocabulary map here
 MAX_UNKNOWN = 0.01  # a larger share of characters mapped to UNKNOWN is warned about
@@ -35,25 +33,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "patcli"
 
 
-_UNUSABLE: set[Path] = set()  # cache folders already warned about in this process
-
-
-def read_cache(path: Path) -> tuple[torch.Tensor, list[str]] | None:
-    try:
-        if not path.is_file():
-            return None
-    except OSError:  # an unreadable folder: writing will say so
+def read_cache(path: Path, notes: list[str]) -> tuple[torch.Tensor, list[str]] | None:
+    """The cached encoding, or None; what went wrong is added to ``notes`` (the data's warnings, for every run log)."""
+    if not os.path.isfile(path):  # never raises, unlike pathlib: an unreadable folder is said when writing
         return None
     try:
         cached = torch.load(path, weights_only=True)
         return cached["ids"], json.loads(bytes(cached["vocab"].tolist()).decode())
     except Exception as error:  # a damaged cache is only a cache: rebuild it
-        log.warning("rebuilding the damaged dataset cache %s (%s)", path, error.__class__.__name__)
+        notes.append(f"rebuilt the damaged dataset cache {path} ({error.__class__.__name__})")
         return None
 
 
-def write_cache(path: Path, ids: torch.Tensor, vocab: list[str]) -> None:
-    """Atomically (a temporary file, then a rename); a folder that cannot be written only means no cache."""
+def write_cache(path: Path, ids: torch.Tensor, vocab: list[str], notes: list[str]) -> None:
+    """Atomically (a temporary file, then a rename); a folder that cannot be written only means no cache (said in
+    ``notes``: each run then encodes the text again)."""
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     vocab_bytes = torch.tensor(list(json.dumps(vocab).encode()), dtype=torch.uint8)
     try:
@@ -64,21 +58,20 @@ def write_cache(path: Path, ids: torch.Tensor, vocab: list[str]) -> None:
     except (OSError, RuntimeError) as error:  # torch's writer reports a failed write as a RuntimeError
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        if path.parent not in _UNUSABLE:  # one warning: an unusable cache costs a rebuild per run, not the run
-            _UNUSABLE.add(path.parent)
-            log.warning("the dataset is not cached: %s is not a usable folder (%s: %s); set PATCLI_CACHE to a writable "
-                        "folder to cache it", path.parent, error.__class__.__name__, getattr(error, "strerror", None) or error)
+        notes.append(f"the dataset is not cached: {path.parent} is not a usable folder ({error.__class__.__name__}: "
+                     f"{getattr(error, 'strerror', None) or error}); set PATCLI_CACHE to a writable folder to cache it")
 
 
-def cached_encoding(name: str, text: Callable[[], str], max_vocab: int) -> tuple[torch.Tensor, list[str]]:
-    """The encoded corpus from the cache file ``name``, else encoded from ``text()`` and cached."""
-    path = cache_dir() / f"{name}.pt"
-    cached = read_cache(path)
+def cached_encoding(name: str, text: Callable[[], str], max_vocab: int) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The encoded corpus from the cache file ``name``, else encoded from ``text()`` and cached; and what went wrong
+    with the cache."""
+    path, notes = cache_dir() / f"{name}.pt", []
+    cached = read_cache(path, notes)
     if cached is not None:
-        return cached
+        return *cached, notes
     ids, vocab = encode(text(), max_vocab)
-    write_cache(path, ids, vocab)
-    return ids, vocab
+    write_cache(path, ids, vocab, notes)
+    return ids, vocab, notes
 
 
 def read_stdlib(max_chars: int) -> str:
@@ -137,18 +130,18 @@ class CharCorpus:
             if not 0.0 < getattr(self, key) < 0.5:
                 raise ConfigError(f"{prefix}.{key}", f"{getattr(self, key)} is out of range; allowed: 0 < value < 0.5")
 
-    def encoded(self) -> tuple[torch.Tensor, list[str], str | None]:
-        """(ids, vocabulary, fingerprint of the text or None), from the cache when this build was made before."""
+    def encoded(self) -> tuple[torch.Tensor, list[str], str | None, list[str]]:
+        """(ids, vocabulary, fingerprint of the text or None, the cache's warnings), from the cache when this build
+        was made before."""
         raise NotImplementedError
 
     def load(self) -> DataBundle:
-        ids, vocab, fingerprint = self.encoded()
+        ids, vocab, fingerprint, warnings = self.encoded()
         n = ids.numel()
         val_start = int(n * (1.0 - self.val_fraction - self.test_fraction))
         test_start = int(n * (1.0 - self.test_fraction))
         self.check_splits(n, {"training": val_start, "validation": test_start - val_start, "test": n - test_start})
         unknown = int((ids == 0).sum()) / n
-        warnings = []
         if unknown > MAX_UNKNOWN:
             warnings.append(f"{100 * unknown:.1f}% of the characters map to the unknown id: dataset.max_vocab="
                             f"{self.max_vocab} keeps only the {self.max_vocab - 1} most frequent, and predicting the "
@@ -186,10 +179,11 @@ class CharCorpus:
 class PythonSources(CharCorpus):
     """The installed standard library's ``.py`` sources (tests excluded), deterministic order, first ``max_chars``."""
 
-    def encoded(self) -> tuple[torch.Tensor, list[str], None]:
+    def encoded(self) -> tuple[torch.Tensor, list[str], None, list[str]]:
         stdlib = sysconfig.get_paths()["stdlib"]  # and the exact Python: an update in place rewrites its sources
         key = hashlib.sha256(f"{stdlib}|{sys.version}|{self.max_chars}|{self.max_vocab}".encode()).hexdigest()[:16]
-        return (*cached_encoding(f"{self.name}-{key}", lambda: read_stdlib(self.max_chars), self.max_vocab), None)
+        ids, vocab, notes = cached_encoding(f"{self.name}-{key}", lambda: read_stdlib(self.max_chars), self.max_vocab)
+        return ids, vocab, None, notes
 
 
 @DATASETS.register("text")
@@ -233,9 +227,10 @@ class TextFile(CharCorpus):
             return None
         return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
-    def encoded(self) -> tuple[torch.Tensor, list[str], str]:
+    def encoded(self) -> tuple[torch.Tensor, list[str], str, list[str]]:
         """Keyed on the text itself: the cache cannot return another file's data, whatever its size and times."""
         text = self.text()
         fingerprint = hashlib.sha256(text.encode("utf-8")).hexdigest()
         key = hashlib.sha256(f"{fingerprint}|{self.max_vocab}".encode()).hexdigest()[:16]
-        return (*cached_encoding(f"{self.name}-{key}", lambda: text, self.max_vocab), fingerprint)
+        ids, vocab, notes = cached_encoding(f"{self.name}-{key}", lambda: text, self.max_vocab)
+        return ids, vocab, fingerprint, notes
