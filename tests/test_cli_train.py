@@ -200,6 +200,12 @@ def test_a_run_directory_another_run_takes_while_this_one_is_checked_is_refused(
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == "the other run's\n"
 
 
+def test_a_nested_hydra_output_subdir_still_holds_the_runs_config(cli, tmp_path):
+    code, out, err = cli("train", *TINY, "hydra.run.dir=run", "hydra.output_subdir=meta/hydra")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "run" / "meta" / "hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+
+
 def test_a_long_or_unreadable_path_is_a_one_line_error_naming_its_key(cli, tmp_path):
     """pathlib's is_file() raised 'File name too long' (and PermissionError under a folder it may not read)."""
     long = "a" * 300

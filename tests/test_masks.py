@@ -235,6 +235,25 @@ def test_a_scorer_of_ones_own_without_score_buffers_still_works(tiny_mlp):
     assert pruner._scratch is None and pruner.sparsity() == pytest.approx(0.5, abs=1 / pruner.masks.accounted_numel())
 
 
+def test_a_scorer_of_ones_own_that_keeps_a_tensor_has_it_counted_as_engine_state(tiny_mlp):
+    from patcli.engine.scorers import Scorer
+
+    class Smoothed(Scorer):  # an exponential average of |w|, saved with the pruner
+        def __init__(self):
+            self.average = [torch.zeros_like(p) for p in tiny_mlp.parameters() if p.dim() == 2]
+
+        def scores(self, weights):
+            return [a.mul_(0.5).add_(w.detach().abs()) for a, w in zip(self.average, weights)]
+
+        def state_dict(self):
+            return {f"average.{i}": a for i, a in enumerate(self.average)}
+
+    plain = Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=10)
+    smoothed = Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=10, scorer=Smoothed())
+    held = sum(a.numel() * 4 for a in smoothed.scorer.average)
+    assert smoothed.engine_state_bytes() == plain.engine_state_bytes() + held
+
+
 @pytest.mark.parametrize("scorer", ["magnitude", "hessian"])
 @pytest.mark.parametrize(("inputs", "allocation"), [(20, "global"), (400, "uniform"), (400, "global")])
 def test_nan_scores_stop_the_update_with_the_layers_name(scorer, inputs, allocation):

@@ -140,6 +140,19 @@ def test_a_chain_the_reader_cannot_follow_is_refused_before_training(model, why)
         pruned(model(), mode, 0.5)
 
 
+def test_pooling_over_a_convs_positions_after_a_flatten_that_keeps_its_channels_is_read():
+    """Flatten(start_dim=2) keeps the channel axis: pooling after it is spatial, as before a Flatten."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.ReLU(), nn.Flatten(start_dim=2),
+                          nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(6, 3))
+    pruner = pruned(model, "filters", 0.5)
+    small = shrink(model, pruner.layout.groups, live_channels(model, pruner.layout.groups))
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))
+    assert small[2].out_channels < 6 and param_count(small) < param_count(model)
+
+
 def test_an_activation_module_used_twice_is_no_obstacle():
     """A shared ReLU holds nothing to cut: the chain still reads, and shrinks to the masked model's outputs."""
     relu = nn.ReLU()

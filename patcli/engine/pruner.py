@@ -21,7 +21,7 @@ from torch import nn
 from .allocation import Allocation, LayerBudget, Uniform, check_reachable
 from .combinations import check_combination, name_of
 from .layouts import ChannelLayout, Layout, TensorLayout
-from .masks import MASKINGS, MaskSet, as_bytes, mark_pruned_, pattern_lists, select_prunable, zero_optimizer_state_
+from .masks import MASKINGS, DenseShadowMasking, MaskSet, as_bytes, mark_pruned_, pattern_lists, select_prunable, zero_optimizer_state_
 from .patterns import Pattern, Structured, Unstructured
 from .regrowth import NoRegrowth, Regrowth
 from .regularizers import Regularizer
@@ -361,11 +361,13 @@ class Pruner:
             else:
                 grouped = [mark_pruned_(g, as_bytes(k).to(g.dtype)) for g, k in zip(grouped, self.layout.group_keep)]
         elif self.layout.elementwise:
-            # masks chosen afresh: a weight already at exactly zero costs nothing to prune, so it goes first. A gradient
+            # Masks chosen afresh: a weight already at exactly zero costs nothing to prune, so it goes first. A gradient
             # score ties it (at 0) with live weights whose gradient is 0, and pruning those instead left it zero but
-            # unmasked, the model sparser than its target. Once per non-monotone update, not per step.
-            grouped = [g.masked_fill_(w.detach().reshape(-1) == 0, -math.inf)
-                       for g, w in zip(grouped, self.masking.dense_weights())]
+            # unmasked, the model sparser than its target. Below every score, not -inf, which would mark it as pruned
+            # before (allocations never prune less than that). Once per non-monotone update, not per step.
+            lowest = min(float(g.min()) for g in grouped if g.numel())
+            below = lowest - 1.0 - abs(lowest)
+            grouped = [g.masked_fill_(w.detach().reshape(-1) == 0, below) for g, w in zip(grouped, self.masking.dense_weights())]
         return grouped
 
     def _check_not_nan(self, group_scores: list[torch.Tensor]) -> None:
@@ -500,16 +502,13 @@ class Pruner:
                 raise ValueError(f"the pruner state does not fit this pruner: {held} group flags for {name} in the state, "
                                  f"{current.numel()} here (another pattern, structure or model); allowed: the state of a "
                                  "pruner built the same way")
-        expected = set(self.state_dict())
-        # older states lack the schedule and the update history; a gradient scorer makes its accumulators at its first
-        # step; any other difference is another scorer, masking or regrowth, whose accumulators, shadow weights or
-        # random stream would be missing or left unread
-        lazy = {k for k in state if k.startswith("scorer.")} if self.scorer.needs_grad else set()
-        missing, extra = sorted(expected - set(state) - {"schedule", "updates"}), sorted(set(state) - expected - lazy)
-        if missing or extra:
-            what = f"lacks {missing[0]}" if missing else f"holds {extra[0]}, which this pruner does not keep"
-            raise ValueError(f"the pruner state {what} (saved by a pruner with another scorer, masking or regrowth); "
-                             "allowed: the state of a pruner built the same way")
+        # dense weights kept aside (dense_shadow masking, reversal) in one and not the other: loading would stop half
+        # way on a missing key, or drop the weights the masks hide
+        saved_shadow = any(k.startswith("masking.") for k in state)
+        if saved_shadow != isinstance(self.masking, DenseShadowMasking):
+            held, kept = ("holds", "keeps none") if saved_shadow else ("holds none of", "needs them")
+            raise ValueError(f"the pruner state {held} the dense weights that pruning.masking=dense_shadow (or reversal) "
+                             f"keeps aside, and this pruner {kept}; allowed: the state of a pruner built the same way")
         self.step = int(state["step"])
         if "updates" in state:  # the history of mask updates (a pruner state saved before it was kept has none)
             self.updates = [MaskUpdate(int(t), float(target), float(sparsity), int(revived))

@@ -10,6 +10,8 @@ import types
 import typing
 from typing import Any, Callable, Generic, TypeVar
 
+import numpy as np
+
 T = TypeVar("T")
 
 
@@ -67,7 +69,10 @@ def _type_checked(cls: type, label: str) -> Callable:
     compares a string with a number."""
     init = cls.__init__
     signature = inspect.signature(init)
-    hints = typing.get_type_hints(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # a hint only a type checker resolves (a name imported under TYPE_CHECKING): not checked
+        return init
 
     @functools.wraps(init)
     def checked(self, *args, **kwargs) -> None:
@@ -87,7 +92,7 @@ def _is_a(value: Any, hint: Any) -> bool:
     if hint is type(None):
         return value is None
     if hint is bool:
-        return isinstance(value, bool)
+        return isinstance(value, (bool, np.bool_))
     if hint is int:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if hint is float:
@@ -95,7 +100,7 @@ def _is_a(value: Any, hint: Any) -> bool:
     if hint is str:
         return isinstance(value, str)
     if origin in (list, tuple):
-        return isinstance(value, (list, tuple))
+        return isinstance(value, (list, tuple, np.ndarray))
     return True
 
 

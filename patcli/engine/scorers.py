@@ -41,8 +41,8 @@ class Scorer:
         pass
 
     def state_bytes(self) -> int:
-        """Bytes of the tensors this scorer holds between mask updates (none by default)."""
-        return 0
+        """Bytes of the tensors this scorer holds between mask updates (a scorer of one's own: its state's)."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
 
 @SCORERS.register("magnitude")

@@ -131,8 +131,9 @@ def _channel_axis_problem(producer: nn.Module, consumer: nn.Module, between: lis
     a Linear's on the last axis, and after a conv's Flatten in channel-major blocks of ``width`` inputs."""
     if any(isinstance(m, nn.Unflatten) for m in between):
         return "an Unflatten between them moves the channels; allowed: define channel_groups(kind) on the model"
-    for i, module in enumerate(between):  # pooling is per channel only over a conv's spatial axes, before any Flatten
-        if isinstance(module, POOLS) and (isinstance(producer, nn.Linear) or any(isinstance(m, nn.Flatten) for m in between[:i])):
+    for i, module in enumerate(between):  # pooling is per channel only over a conv's spatial axes
+        merged = any(isinstance(m, nn.Flatten) and not m.start_dim >= 2 for m in between[:i])  # channels into features
+        if isinstance(module, POOLS) and (isinstance(producer, nn.Linear) or merged):
             return (f"the {type(module).__name__} between them pools along the channel axis, mixing neighbouring channels; "
                     "allowed: pooling over a conv's spatial axes, or define channel_groups(kind) on the model")
     if isinstance(producer, nn.Linear):
