@@ -51,6 +51,12 @@ class BaselineContext:
     pruners: list[Pruner] = field(default_factory=list)  # every pruner the baseline used, for the record
     fit_seconds: float = 0.0
     steps_done: int = 0  # fine-tuning steps of earlier rounds
+    # one shuffling stream for all fine-tuning: each round of a prune-and-fine-tune loop goes on to new batches
+    # (a trainer per round, each seeded alike, replayed the first round's batches)
+    shuffle: torch.Generator = field(default_factory=torch.Generator)
+
+    def __post_init__(self) -> None:
+        self.shuffle.manual_seed(self.config.seed)
 
     @property
     def target(self) -> float:
@@ -104,7 +110,7 @@ class BaselineContext:
             dense_trainer, epochs=math.ceil(steps / per_epoch), max_steps=steps, lr=lr or dense_trainer.lr,
             warmup_steps=0, init_from=None,
         )
-        return Trainer(self.model, self.data, config, self.device, self.config.seed)
+        return Trainer(self.model, self.data, config, self.device, self.config.seed, shuffle=self.shuffle)
 
 
 @BASELINES.register("magnitude")
@@ -136,12 +142,14 @@ class OneShotGradient:
             while True:
                 yield from train.batches(ctx.dense.trainer.batch_size, generator)
 
+        ctx.model.eval()  # no fine-tuning: BatchNorm statistics stay the dense run's, and no dropout in the scores
         for _, (inputs, targets) in zip(range(self.calibration_batches), batches()):
             ctx.model.zero_grad(set_to_none=True)
             loss, _ = loss_and_outputs(ctx.model, ctx.data.task, inputs, targets)
             loss.backward()
             pruner.observe()
         ctx.model.zero_grad(set_to_none=True)
+        ctx.model.train()
         pruner.update_masks(0, ctx.target)
         return 0
 
@@ -177,10 +185,14 @@ class StructuredNorm:
 
     def check(self, model: nn.Module, mode: str) -> None:
         """The model has the groups this kind removes (before any run starts)."""
+        kind = self.kind_for(model, mode)
         try:
-            channel_groups(model, self.kind_for(model, mode))
+            groups = channel_groups(model, kind)
         except StructureError as error:
             raise ConfigError("baseline.kind", f"{error}; allowed here: another kind, or auto") from error
+        if not groups:
+            raise ConfigError("baseline.kind", f"the model ({type(model).__name__}) has no {kind} to remove; allowed here: "
+                                               "another kind, or auto")
 
     def recorded(self, config: RunConfig, model: nn.Module) -> RunConfig:
         """The run as it pruned: channels, so its sparsity, record and export are those of a structured run."""
@@ -188,11 +200,12 @@ class StructuredNorm:
         # the record's config says so too: runs pruned alike must not split into two rows of compare
         source = {**config.source, "pruning": {**(config.source.get("pruning") or {}), "mode": kind, "reduce": "l2"}}
         return dataclasses.replace(config, pattern=PATTERNS.get(kind)(reduce="l2"), source=source,
-                                   pruning=dataclasses.replace(config.pruning, mode=kind))
+                                   pruning=dataclasses.replace(config.pruning, mode=kind),
+                                   allocation=ALLOCATIONS.get(self.allocation)())
 
     def run(self, ctx: BaselineContext) -> int:
-        pattern = PATTERNS.get(self.kind_for(ctx.model, ctx.config.pruning.mode))(reduce="l2")
-        ctx.pruner(Magnitude(), pattern=pattern, allocation=ALLOCATIONS.get(self.allocation)()).update_masks(0, ctx.target)
+        pruned = self.recorded(ctx.config, ctx.model)
+        ctx.pruner(Magnitude(), pattern=pruned.pattern, allocation=pruned.allocation).update_masks(0, ctx.target)
         return 0
 
 
@@ -257,8 +270,8 @@ def at_least(name: str, value: int, low: int) -> None:
 def check_budget(fraction: float, lr: float | None) -> None:
     if not 0.0 < fraction <= 10.0:
         raise ParamError("finetune_fraction", f"{fraction} is out of range; allowed: 0 < value <= 10 (of the dense steps)")
-    if lr is not None and lr <= 0:
-        raise ParamError("lr", f"{lr} is out of range; allowed: > 0 or null (the dense run's)")
+    if lr is not None and not 0 < lr < math.inf:  # NaN fails every comparison
+        raise ParamError("lr", f"{lr} is out of range; allowed: a finite number > 0 or null (the dense run's)")
 
 
 def parse_baseline(config: RunConfig):

@@ -261,8 +261,8 @@ class RunConfig:
     def target_sparsity(self) -> float:
         if not self.pruning.enabled:
             return 0.0
-        if self.regularizer is not None and self.regularizer.target is not None:
-            return self.regularizer.target
+        if self.regularizer is not None and self.regularizer.target is not None and self.method == "pat":
+            return self.regularizer.target  # a post-training baseline prunes to pruning.sparsity (and says it ignores it)
         if self.pruning.sparsity is None:
             return float(self.pattern.fixed_sparsity)
         return self.pruning.sparsity

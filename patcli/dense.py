@@ -32,6 +32,7 @@ def dense_source(config: RunConfig) -> dict:
     source["pruning"] = {"mode": "none", "include": pruning.get("include", ["*"]), "exclude": pruning.get("exclude", [])}
     source["baseline"] = {"name": "none"}
     source.update(copy.deepcopy(pruning_defaults()))  # nothing to score, schedule or regrow: a dense run's own
+    source["regularizer"] = {"name": "none"}  # nor to shrink
     source["dense"] = None
     source.setdefault("trainer", {})["init_from"] = None
     return source

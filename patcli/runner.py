@@ -83,8 +83,10 @@ def plan(config: RunConfig) -> Plan:
             baseline.check(model, config.pruning.mode)
         if not config.pruning.enabled:
             raise ConfigError("pruning", "post-training baselines prune: choose a pruning mode, not none")
-        # the target fits the caps? (regrowth and regularizers shape PAT's updates, not this one-shot check)
-        fixed = dataclasses.replace(config, schedule=SCHEDULES.get("fixed")(), regrowth=REGROWTHS.get("none")(), regularizer=None)
+        # the target fits the caps, with what the baseline prunes (structured: its channels and allocation)? Regrowth
+        # and regularizers shape PAT's updates, not this one-shot check
+        pruned = baseline.recorded(config, model) if hasattr(baseline, "recorded") else config
+        fixed = dataclasses.replace(pruned, schedule=SCHEDULES.get("fixed")(), regrowth=REGROWTHS.get("none")(), regularizer=None)
         build_pruner(fixed, model, 1, evaluate_fn=never_called)
     elif config.pruning.enabled:
         trial = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule))
@@ -196,6 +198,8 @@ def warn_of_unused_options(config: RunConfig) -> None:
         return
     ignored = [f"{group}={name}" for group, default in pruning_defaults().items()
                if (name := (config.source.get(group) or {}).get("name", default["name"])) != default["name"]]
+    if config.regularizer is not None:
+        ignored.append(f"regularizer={config.regularizer.name}")
     if ignored:
         what = "pruning=none trains dense" if config.method == "dense" else f"baseline={config.baseline.name} prunes its own way"
         log.warning("%s: %s do%s not apply", what, ", ".join(ignored), "es" if len(ignored) == 1 else "")

@@ -119,7 +119,9 @@ class FitResult:
 class Trainer:
     """Trains ``model`` on ``data``; ``on_eval`` receives each validation row (the run's metrics.jsonl)."""
 
-    def __init__(self, model: nn.Module, data: DataBundle, config: TrainerConfig, device: torch.device, seed: int) -> None:
+    def __init__(self, model: nn.Module, data: DataBundle, config: TrainerConfig, device: torch.device, seed: int,
+                 shuffle: torch.Generator | None = None) -> None:
+        """``shuffle``: a stream of batch orders to go on with (a baseline's rounds); else one seeded by ``seed``."""
         self.model = model.to(device)
         if device.type == "cpu":
             # Training leaves denormal values (below ~1e-38) in weights, activations and optimizer state, and CPU
@@ -131,6 +133,7 @@ class Trainer:
         self.config = config
         self.device = device
         self.seed = seed
+        self.shuffle = shuffle
         self.total_steps = total_steps(data, config)
         self.optimizer = make_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -150,7 +153,7 @@ class Trainer:
         label: str | None = None,
     ) -> FitResult:
         config, model = self.config, self.model
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = self.shuffle if self.shuffle is not None else torch.Generator().manual_seed(self.seed)
         per_epoch = steps_per_epoch(self.data, config.batch_size)
         result = FitResult(steps=0, seconds=0.0)
         started = time.perf_counter()

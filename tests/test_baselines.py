@@ -337,3 +337,56 @@ def test_a_structured_baseline_is_one_row_whatever_pruning_mode_was_given(cli, t
     records, _ = report.load_records([tmp_path / "st-unstructured", tmp_path / "st-neurons"])
     (group,) = compare(records).groups
     assert list(group.rows) == ["post:structured"] and sorted(group.rows["post:structured"].cells) == [0.25, 0.5]
+
+
+def test_the_gradient_baseline_leaves_batchnorm_statistics_as_the_dense_run_had_them(cli, tmp_path):
+    """Its calibration ran in training mode: 16 batches re-estimated BatchNorm on the unpruned network, so the
+    no-fine-tuning model was not the dense model plus a mask."""
+    import torch
+    from safetensors.torch import load_file
+
+    cnn = ["model=cnn", "model.channels=[4,4]", "dataset.flatten=false", "trainer.epochs=1", f"output_root={tmp_path}"]
+    code, out, err = cli("prune-post", *cnn, "baseline=gradient", "pruning.sparsity=0.5", "hydra.run.dir=g")
+    assert code == 0, err
+    record = result_of(run_dir_of(out))
+    dense = load_file(Path(record["dense_reference"]["run_dir"]) / "model.safetensors")
+    pruned = load_file(tmp_path / "g" / "model.safetensors")
+    buffers = [k for k in dense if "running" in k or "num_batches" in k]
+    assert buffers and all(torch.equal(dense[k], pruned[k]) for k in buffers)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["baseline=iterative", "baseline.lr=nan"], "baseline.lr: nan is out of range; allowed: a finite number > 0 or null"),
+    (["baseline=pat_from_dense", "baseline.lr=inf"], "baseline.lr: inf is out of range"),
+    # checked with the channels the structured baseline removes, not the run's unstructured pattern
+    (["baseline=structured", "baseline.kind=filters"], "baseline.kind: the model (Sequential) has no filters to remove; allowed here: another kind, or auto"),
+    (["baseline=structured", "model.hidden=[4]", "pruning.sparsity=0.98"], "pruning.sparsity: sparsity 0.98 needs"),
+])
+def test_a_baseline_mistake_is_one_line_before_the_dense_run_is_trained(cli, tmp_path, overrides, message):
+    code, out, err = cli("prune-post", *TINY, *overrides, f"output_root={tmp_path}/out")
+    assert code == 2 and err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_each_round_of_iterative_pruning_fine_tunes_on_new_batches(cli, monkeypatch):
+    """Each round's trainer restarted the same shuffle: 10 fine-tuning steps in 3 rounds saw 4 distinct batches."""
+    from patcli import training
+
+    seen = []
+    real = training.loss_and_outputs
+    monkeypatch.setattr(training, "loss_and_outputs",
+                        lambda model, task, inputs, targets: (model.training and seen.append(float(inputs.sum())),
+                                                              real(model, task, inputs, targets))[1])
+    code, _, err = cli("prune-post", *TINY, "baseline=iterative", "baseline.rounds=3", "pruning.sparsity=0.9", "hydra.run.dir=it")
+    assert code == 0, err
+    finetuning = seen[-10:]  # after the dense run's 40 steps: rounds of 4, 3 and 3 steps
+    assert len(seen) == 50 and len(set(finetuning)) == 10
+
+
+def test_a_regularizer_given_to_a_post_training_baseline_is_named_unused_and_does_not_set_its_target(cli, caplog):
+    code, out, err = cli("prune-post", *TINY, "baseline=magnitude", "regularizer=lasso", "regularizer.target=0.5",
+                         "pruning.sparsity=0.9", "hydra.run.dir=m")
+    assert code == 0, err
+    record = result_of(run_dir_of(out))
+    assert record["target_sparsity"] == 0.9 and record["achieved_sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert "baseline=magnitude prunes its own way: regularizer=lasso does not apply" in out + err + caplog.text
