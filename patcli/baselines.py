@@ -186,13 +186,13 @@ class StructuredNorm:
     def check(self, model: nn.Module, mode: str) -> None:
         """The model has the groups this kind removes (before any run starts)."""
         kind = self.kind_for(model, mode)
+        key = "pruning" if mode in CHANNEL_MODES else "baseline.kind"  # the option that chose the kind
         try:
             groups = channel_groups(model, kind)
         except StructureError as error:
-            raise ConfigError("baseline.kind", f"{error}; allowed here: another kind, or auto") from error
+            raise ConfigError(key, f"{error}; allowed here: another kind") from error
         if not groups:
-            raise ConfigError("baseline.kind", f"the model ({type(model).__name__}) has no {kind} to remove; allowed here: "
-                                               "another kind, or auto")
+            raise ConfigError(key, f"the model ({type(model).__name__}) has no {kind} to remove; allowed here: another kind")
 
     def recorded(self, config: RunConfig, model: nn.Module) -> RunConfig:
         """The run as it pruned: channels, so its sparsity, record and export are those of a structured run."""

@@ -211,8 +211,11 @@ def claim_run_dir(overrides: list[str], cfg: DictConfig) -> list[str]:
     """
     directory = Path(str(cfg.hydra.run.dir)).absolute()  # resolved once: ${now:} and ${uid:} would differ later
     directory.mkdir(parents=True, exist_ok=True)
+    claim = Path(os.path.normpath(directory / (cfg.hydra.output_subdir or ".hydra")))
+    if directory not in claim.parents:  # the config kept in the run folder itself, or elsewhere: claim the usual one
+        claim = directory / ".hydra"
     try:
-        (directory / (cfg.hydra.output_subdir or ".hydra")).mkdir(parents=True)  # only the last level must be new
+        claim.mkdir(parents=True)  # only the last level must be new
     except FileExistsError:
         raise UsageError(f"{run_dir_key(overrides, False)}: {directory} was taken by another run started at the same "
                          "time; allowed: a directory no run uses") from None

@@ -86,6 +86,9 @@ def test_structured_baseline_takes_its_channels_from_a_channel_pattern_and_rejec
     assert code == 2 and err.startswith("error: pruning: 'nm' is not a channel pattern for baseline=structured")
     code, _, err = cli("prune-post", *TINY, "baseline=structured", "baseline.kind=filters", "pruning=neurons")
     assert code == 2 and err.strip() == "error: baseline.kind: 'filters' contradicts pruning=neurons; allowed: auto or neurons"
+    code, _, err = cli("prune-post", "model=cnn", "trainer.epochs=1", "baseline=structured", "pruning=neurons")
+    assert code == 2 and err.strip() == ("error: pruning: the model (Sequential) has no neurons to remove; allowed here: "
+                                         "another kind")  # pruning= chose the kind, so pruning is the key to change
 
 
 def test_a_given_dense_run_lends_the_baseline_its_seed_and_trainer_and_unused_options_are_named(cli, tmp_path, caplog):
@@ -359,7 +362,7 @@ def test_the_gradient_baseline_leaves_batchnorm_statistics_as_the_dense_run_had_
     (["baseline=iterative", "baseline.lr=nan"], "baseline.lr: nan is out of range; allowed: a finite number > 0 or null"),
     (["baseline=pat_from_dense", "baseline.lr=inf"], "baseline.lr: inf is out of range"),
     # checked with the channels the structured baseline removes, not the run's unstructured pattern
-    (["baseline=structured", "baseline.kind=filters"], "baseline.kind: the model (Sequential) has no filters to remove; allowed here: another kind, or auto"),
+    (["baseline=structured", "baseline.kind=filters"], "baseline.kind: the model (Sequential) has no filters to remove; allowed here: another kind"),
     (["baseline=structured", "model.hidden=[4]", "pruning.sparsity=0.98"], "pruning.sparsity: sparsity 0.98 needs"),
 ])
 def test_a_baseline_mistake_is_one_line_before_the_dense_run_is_trained(cli, tmp_path, overrides, message):

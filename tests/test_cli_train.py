@@ -200,10 +200,11 @@ def test_a_run_directory_another_run_takes_while_this_one_is_checked_is_refused(
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == "the other run's\n"
 
 
-def test_a_nested_hydra_output_subdir_still_holds_the_runs_config(cli, tmp_path):
-    code, out, err = cli("train", *TINY, "hydra.run.dir=run", "hydra.output_subdir=meta/hydra")
+@pytest.mark.parametrize("subdir", ["meta/hydra", "."])
+def test_a_hydra_output_subdir_nested_or_the_run_folder_itself_still_holds_the_runs_config(cli, tmp_path, subdir):
+    code, out, err = cli("train", *TINY, "hydra.run.dir=run", f"hydra.output_subdir={subdir}")
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "run" / "meta" / "hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert {"config.yaml", "hydra.yaml", "overrides.yaml"} <= {p.name for p in (tmp_path / "run" / subdir).iterdir()}
 
 
 def test_a_long_or_unreadable_path_is_a_one_line_error_naming_its_key(cli, tmp_path):

@@ -154,7 +154,7 @@ def test_lasso_pat_masks_what_it_zeroes_and_can_close_at_an_exact_target():
     assert pruner.sparsity() == pytest.approx(0.6, abs=2e-3)  # exact (up to rounding) after closing at the end
 
 
-@pytest.mark.parametrize("allocation", ["global", "uniform", "erk"])
+@pytest.mark.parametrize("allocation", ["global", "uniform", "erk", "lamp"])
 def test_a_lasso_close_is_exact_under_every_allocation_however_many_zeros_the_penalty_made(allocation):
     """Weights the penalty zeroed once counted as pruned before the close (scores of -inf): per-layer allocations then
     could not prune fewer, and a 0.3 target closed at 0.79."""
@@ -169,9 +169,20 @@ def test_a_lasso_close_is_exact_under_every_allocation_however_many_zeros_the_pe
     for _ in range(20):
         step(model, optimizer, generator)
     assert pruner.sparsity() > 0.6  # the penalty zeroed far more than the target before the close
+    closing_update = pruner.update_masks
+    before = []
+    pruner.update_masks = lambda *args, **kwargs: (before.extend(w.detach().clone() for w in pruner.masks.weights),
+                                                    closing_update(*args, **kwargs))[1]
     step(model, optimizer, generator)  # step 20: the close
     closing = pruner.updates[-1]
     assert closing.step == 20 and pruner.masks.sparsity() == pytest.approx(0.3, abs=1 / pruner.masks.accounted_numel())
+    for weight, keep in zip(before, pruner.masks.keep):  # within each layer, the largest weights are kept
+        if bool(keep.any()) and not bool(keep.all()):
+            assert float(weight.abs()[~keep].max()) <= float(weight.abs()[keep].min())
+    # per layer, what the allocation gives for the magnitudes as they were (zeros once scored below every weight,
+    # which distorted LAMP's per-layer normalisation: one zero moved hundreds of prunes between layers)
+    budget = pruner._budget([w.abs().reshape(-1) for w in before], 0.3)
+    assert [int((~k).sum()) for k in pruner.masks.keep] == ALLOCATIONS.get(allocation)().prune_counts(budget)
 
 
 @pytest.mark.parametrize(
@@ -246,3 +257,18 @@ def test_a_penalty_that_overshoots_its_target_or_the_layer_cap_is_said_in_the_ru
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     closing = [r for r in rows if r["kind"] == "mask_update"][-1]
     assert closing["target"] == 0.3 and closing["sparsity"] > 0.9  # the weights' zeros at that step, not the masks' 0.3
+
+
+def test_masks_chosen_afresh_under_lamp_follow_the_magnitudes_even_with_a_weight_at_zero():
+    """Zeros were once given a score below every other weight for a fresh choice; LAMP then shifted that layer's
+    scores and compared numbers that no longer meant the same: one zero moved hundreds of prunes between layers."""
+    from patcli.engine import ALLOCATIONS
+
+    model = tiny()
+    with torch.no_grad():
+        model[0].weight[0, 0] = 0.0
+    pruner = Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10,
+                    allocation=ALLOCATIONS.get("lamp")())
+    expected = ALLOCATIONS.get("lamp")().prune_counts(pruner._budget([w.detach().abs().reshape(-1) for w in pruner.masks.weights], 0.5))
+    pruner.update_masks(0, 0.5, monotone=False)
+    assert [int((~k).sum()) for k in pruner.masks.keep] == expected

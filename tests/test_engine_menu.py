@@ -298,23 +298,3 @@ def test_the_final_target_is_exactly_the_sparsity_asked_so_ties_round_the_same_w
         pruner.update_masks(t)
     assert int((model.weight == 0).sum()) == 14  # round(0.9 · 15) = round(13.5), to even
 
-
-@pytest.mark.parametrize("scorer", ["gradient", "hessian", "magnitude"])
-def test_masks_chosen_afresh_prune_weights_already_at_zero_first(scorer):
-    """A gradient score ties an exact zero (score 0) with a live weight whose gradient is 0 (a dead input here): ties
-    went by layer order, so alternating pruned the live ones and left the zeros unmasked, 5 weights above the target
-    in a digits run."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.ReLU(), nn.Linear(6, 3, bias=False))
-    with torch.no_grad():
-        model[2].weight[0, :4] = 0.0  # four weights at exactly zero, in the last layer
-    pruner = Pruner(model, sparsity=4 / 42, schedule=SCHEDULES.get("constant")(), total_steps=10,
-                    scorer=SCORERS.get(scorer)(), allocation=ALLOCATIONS.get("global")())
-    inputs = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
-    inputs[:, 0] = 0.0  # a dead input: the first layer's column 0 gets no gradient, so gradient scores 0 there
-    nn.functional.cross_entropy(model(inputs), torch.arange(32) % 3).backward()
-    pruner.observe()
-    assert int((model[0].weight.grad[:, 0] == 0).sum()) == 6
-    pruner.update_masks(0, 4 / 42, monotone=False)
-    assert [int((~k).sum()) for k in pruner.masks.keep] == [0, 4]
-    assert bool((~pruner.masks.keep[1][0, :4]).all()) and pruner.sparsity() == 4 / 42

@@ -185,6 +185,20 @@ def test_a_pruner_state_with_or_without_dense_weights_aside_is_refused_before_an
     assert fresh.step == 4 and [torch.equal(a, b) for a, b in zip(fresh.masks.keep, plain.masks.keep)] == [True] * 3
 
 
+def test_a_pruner_state_a_part_cannot_take_leaves_the_pruner_as_it_was(tiny_mlp):
+    """scorer=random's state needs its draw count: a magnitude pruner's state raised KeyError 'draws' after step and
+    masks were overwritten."""
+    saved = Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10)
+    saved.update_masks(0)
+    saved.step = 4
+    random = Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10, scorer=SCORERS.get("random")())
+    with pytest.raises(ValueError, match=r"^the pruner state does not fit this pruner \(KeyError: 'draws'\), saved by a "
+                                         r"pruner with another scorer, allocation or regrowth; allowed: the state of a pruner built the same way$"):
+        random.load_state_dict(saved.state_dict())
+    assert random.step == 0 and random.updates == [] and all(bool(k.all()) for k in random.masks.keep)
+    assert all(bool(k.all()) for k in random.layout.group_keep) and random.scorer.state_dict()["draws"] == 0
+
+
 def test_states_whose_parts_fill_in_later_still_resume(tiny_mlp):
     """Sensitivity's curves come with its first measurement and SET's random stream was not saved by older versions:
     a key-by-key check refused both."""

@@ -178,8 +178,12 @@ def test_an_activation_module_used_twice_is_no_obstacle():
      "0 → 3: the AvgPool1d between them pools along the channel axis, mixing neighbouring channels"),
     ("filters", lambda: nn.Sequential(nn.Conv1d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.MaxPool1d(2), nn.Linear(32, 3)),
      "0 → 4: the MaxPool1d between them pools along the channel axis"),
+    # a Flatten that keeps the channel axis leaves the Linear reading positions (it shrank, then failed to run)
+    ("filters", lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(start_dim=2), nn.AdaptiveAvgPool1d(8),
+                                      nn.Linear(8, 3), nn.Flatten(), nn.Linear(12, 2)),
+     "0 → 4: a Linear right after a conv acts on its last (spatial) axis, not on its channels; allowed: a Flatten (start_dim=1)"),
 ], ids=["linear-over-positions-then-flatten", "unflatten-between", "linear-on-a-conv-length", "pool-over-neurons",
-        "pool-after-flatten"])
+        "pool-after-flatten", "linear-after-a-flatten-that-keeps-channels"])
 def test_a_consumer_that_does_not_read_the_channels_where_the_reader_assumes_is_refused(mode, model, why):
     """Each trained with masks on the wrong input columns, then failed to shrink (or shrank to other outputs)."""
     from patcli.engine.structure import StructureError

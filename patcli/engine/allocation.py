@@ -343,8 +343,7 @@ class Sensitivity(Allocation):
         return {"curves": torch.tensor(self.curves)} if self.curves else {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if "curves" in state:
-            self.curves = state["curves"].tolist()
+        self.curves = state["curves"].tolist() if "curves" in state else []  # none yet: measured at the next update
 
 
 def lower_hull(xs: list[float], ys: list[float]) -> list[tuple[float, float]]:

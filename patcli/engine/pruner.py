@@ -360,14 +360,6 @@ class Pruner:
                            for g, m, pruned in zip(grouped, self.masks.multipliers, self.masks.pruned_counts)]
             else:
                 grouped = [mark_pruned_(g, as_bytes(k).to(g.dtype)) for g, k in zip(grouped, self.layout.group_keep)]
-        elif self.layout.elementwise:
-            # Masks chosen afresh: a weight already at exactly zero costs nothing to prune, so it goes first. A gradient
-            # score ties it (at 0) with live weights whose gradient is 0, and pruning those instead left it zero but
-            # unmasked, the model sparser than its target. Below every score, not -inf, which would mark it as pruned
-            # before (allocations never prune less than that). Once per non-monotone update, not per step.
-            lowest = min(float(g.min()) for g in grouped if g.numel())
-            below = lowest - 1.0 - abs(lowest)
-            grouped = [g.masked_fill_(w.detach().reshape(-1) == 0, below) for g, w in zip(grouped, self.masking.dense_weights())]
         return grouped
 
     def _check_not_nan(self, group_scores: list[torch.Tensor]) -> None:
@@ -464,6 +456,23 @@ class Pruner:
         return (f"{type(s).__name__}(final_sparsity={s.final_sparsity}, frequency={s.frequency}, begin_step={s.begin_step}, "
                 f"end_step={s.end_step})")
 
+    def _load_parts(self, state: dict[str, torch.Tensor]) -> None:
+        """The pruner's own state, every part's, from ``state`` (the model's weights are left as they are)."""
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+        self.step = int(state["step"])
+        if "updates" in state:  # the history of mask updates (a pruner state saved before it was kept has none)
+            self.updates = [MaskUpdate(int(t), float(target), float(sparsity), int(revived))
+                            for t, target, sparsity, revived in state["updates"].tolist()]
+        self.masks.load_state_dict(part("mask."))
+        self.layout.group_keep = [state[f"groups.{i}"].clone() for i in range(len(self.layout.group_keep))]
+        self.masking.load_state_dict(part("masking."))
+        self.scorer.load_state_dict(part("scorer."))
+        self.allocation.load_state_dict(part("allocation."))
+        self.regrowth.load_state_dict(part("regrowth."))
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {"step": torch.tensor(self.step), "pattern": torch.tensor(list(self._pattern_id().encode()), dtype=torch.uint8),
                  "schedule": torch.tensor(list(self._schedule_id().encode()), dtype=torch.uint8),
@@ -484,9 +493,7 @@ class Pruner:
         before that would lose the ones its first random masks drop.
         """
 
-        def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
+        groups = {k.removeprefix("groups."): v for k, v in state.items() if k.startswith("groups.")}
         # masks of another pattern would not hold this one's structure (2:4, blocks); under another schedule (run
         # length, target, interval) the saved step and masks would miss its updates or undo them
         for key, mine in (("pattern", self._pattern_id()), ("schedule", self._schedule_id())):
@@ -494,7 +501,6 @@ class Pruner:
             if saved != mine:
                 raise ValueError(f"the pruner state was saved with {key} {saved}, this pruner uses {mine}; allowed: the "
                                  "state of a pruner built the same way (sparsity, total_steps, frequency, schedule, pattern)")
-        groups = part("groups.")
         for i, (name, current) in enumerate(zip(self.layout.layer_names, self.layout.group_keep)):
             saved = groups.get(str(i))
             if saved is None or saved.shape != current.shape:  # another pattern or model: the masks would not hold it
@@ -509,15 +515,13 @@ class Pruner:
             held, kept = ("holds", "keeps none") if saved_shadow else ("holds none of", "needs them")
             raise ValueError(f"the pruner state {held} the dense weights that pruning.masking=dense_shadow (or reversal) "
                              f"keeps aside, and this pruner {kept}; allowed: the state of a pruner built the same way")
-        self.step = int(state["step"])
-        if "updates" in state:  # the history of mask updates (a pruner state saved before it was kept has none)
-            self.updates = [MaskUpdate(int(t), float(target), float(sparsity), int(revived))
-                            for t, target, sparsity, revived in state["updates"].tolist()]
-        self.masks.load_state_dict(part("mask."))
-        self.layout.group_keep = [groups[str(i)].clone() for i in range(len(self.layout.group_keep))]
-        self.masking.load_state_dict(part("masking."))
-        self.scorer.load_state_dict(part("scorer."))
-        self.allocation.load_state_dict(part("allocation."))
-        self.regrowth.load_state_dict(part("regrowth."))
+        before = self.state_dict()
+        try:
+            self._load_parts(state)
+        except (KeyError, ValueError, RuntimeError) as error:  # a part's state missing or of another shape
+            self._load_parts(before)  # nothing half-loaded; the model's weights were not touched yet
+            raise ValueError(f"the pruner state does not fit this pruner ({type(error).__name__}: {error}), saved by a "
+                             "pruner with another scorer, allocation or regrowth; allowed: the state of a pruner built "
+                             "the same way") from error
         self.masking.enforced = self.schedule.masks_enforced(max(self.step - 1, 0))
         self.masking.masks_changed()

@@ -121,9 +121,11 @@ class Accumulating(Scorer):
         return sum(s.numel() * s.element_size() for s in self._sums)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if "count" in state:
-            self._count = int(state["count"])
-            self._sums = [state[f"sum.{i}"].clone() for i in range(len(state) - 1)]
+        if "count" not in state:  # saved before its first step: nothing accumulated yet
+            self._sums, self._count = [], 0
+            return
+        self._count = int(state["count"])
+        self._sums = [state[f"sum.{i}"].clone() for i in range(len(state) - 1)]
 
 
 @SCORERS.register("gradient")

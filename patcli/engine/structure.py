@@ -132,7 +132,7 @@ def _channel_axis_problem(producer: nn.Module, consumer: nn.Module, between: lis
     if any(isinstance(m, nn.Unflatten) for m in between):
         return "an Unflatten between them moves the channels; allowed: define channel_groups(kind) on the model"
     for i, module in enumerate(between):  # pooling is per channel only over a conv's spatial axes
-        merged = any(isinstance(m, nn.Flatten) and not m.start_dim >= 2 for m in between[:i])  # channels into features
+        merged = any(isinstance(m, nn.Flatten) and not _keeps_channels(m) for m in between[:i])
         if isinstance(module, POOLS) and (isinstance(producer, nn.Linear) or merged):
             return (f"the {type(module).__name__} between them pools along the channel axis, mixing neighbouring channels; "
                     "allowed: pooling over a conv's spatial axes, or define channel_groups(kind) on the model")
@@ -142,10 +142,20 @@ def _channel_axis_problem(producer: nn.Module, consumer: nn.Module, between: lis
         if width > 1:  # the Linear ran on more than two dims: Flatten interleaves its outputs with the positions
             return (f"the consumer takes {width}× the Linear's outputs, flattened with its positions, not in blocks per "
                     "neuron; allowed: define channel_groups(kind) on the model")
-    elif isinstance(consumer, nn.Linear) and not any(isinstance(m, nn.Flatten) for m in between):
+    elif isinstance(consumer, nn.Linear) and not any(isinstance(m, nn.Flatten) and _merges_channels(m) for m in between):
         return ("a Linear right after a conv acts on its last (spatial) axis, not on its channels; allowed: a Flatten "
-                "between them, or define channel_groups(kind) on the model")
+                "(start_dim=1) between them, or define channel_groups(kind) on the model")
     return None
+
+
+def _keeps_channels(flatten: nn.Flatten) -> bool:
+    """Flatten(start_dim >= 2) flattens a conv's positions only; its channel axis stays."""
+    return flatten.start_dim >= 2
+
+
+def _merges_channels(flatten: nn.Flatten) -> bool:
+    """Flatten(start_dim=1) makes channel-major features of a conv's output (a negative start is not known to)."""
+    return 0 <= flatten.start_dim < 2
 
 
 def _norm_slices(name: str, norm: nn.Module, channels: int, *tensors: str) -> list[Slice]:
