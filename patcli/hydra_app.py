@@ -118,6 +118,8 @@ def _unknown_key_error(key: str, overrides: list[str]) -> UsageError:
     except Exception:
         allowed = list(TOP_LEVEL)
     hint = "; for a model of your own: model=custom model._target_=package.Class" if key == "model._target_" else ""
+    if parent == "model" and allowed == ["_target_"]:  # model=custom: its arguments are keys of one's own
+        hint = f"; an argument of your model's class is added with a plus: +{key}=VALUE"
     return UsageError(f"{key}: unknown key; allowed: {', '.join(f'{parent}.{a}' if parent else a for a in allowed)}{hint}")
 
 
@@ -274,6 +276,14 @@ def task(cfg: DictConfig) -> float | None:
         return None
 
 
+def check_no_flags(overrides: list[str]) -> None:
+    """``--sparsity 0.9`` reached Hydra's parser, whose message names neither the key nor the way to write it."""
+    flag = next((o for o in overrides if o.startswith("-")), None)
+    if flag:
+        raise UsageError(f"{flag}: settings are Hydra overrides, key=value, not flags; allowed: e.g. pruning.sparsity=0.9 "
+                         "trainer.epochs=3 (the command's --help lists the keys)")
+
+
 def check_no_renamed_option(overrides: list[str]) -> None:
     """``model.name=cnn`` would keep the MLP's keys under another name and fail on one of them: say what is meant."""
     groups = config_groups()
@@ -336,6 +346,7 @@ def launch(
 ) -> Any:
     """Compose + validate, then hand the run (or sweep) to Hydra. Returns Hydra's job return(s)."""
     check_single_process()
+    check_no_flags(overrides)
     overrides = absolute_paths(overrides)
     check_no_renamed_option(overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="patcli"):

@@ -422,13 +422,16 @@ def long_rows(comparison: Comparison) -> list[dict]:
                 "split": group.split, "metric": group.metric, "mean": cell.mean,
                 "std": cell.std if cell.n > 1 else None, "n": cell.n,  # one run has no spread to show
                 "delta_vs_dense": None if dense is None else cell.mean - dense,
-                "higher_is_better": group.higher_is_better, "train_steps": row.steps_text(),
+                "higher_is_better": group.higher_is_better,
+                # numbers, not the table's "1,100–1,200": the runs pooled in a row may have trained for different steps
+                "train_steps_min": min(row.steps, default=None), "train_steps_max": max(row.steps, default=None),
             })
     return rows
 
 
 CSV_FIELDS = ["model", "dataset", "config_hash", "method", "row", "target_sparsity", "achieved_sparsity", "split", "metric",
-              "mean", "std", "n", "delta_vs_dense", "higher_is_better", "train_steps", "status", "run_dir", "error"]
+              "mean", "std", "n", "delta_vs_dense", "higher_is_better", "train_steps_min", "train_steps_max", "status",
+              "run_dir", "error"]
 
 
 def not_ok_rows(comparison: Comparison) -> list[dict]:

@@ -235,8 +235,7 @@ def build_pruner(
             regularizer=dataclasses.replace(config.regularizer) if config.regularizer else None,
             evaluate=evaluate_fn,
             on_update=on_update,
-        )
-        pruner.check_reachable()
+        )  # it refuses a target the per-layer caps cannot reach
         return pruner
     except ScheduleError as error:
         raise ConfigError(error.key, str(error).split(": ", 1)[1]) from error

@@ -126,6 +126,8 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
                                                                     "0.666666666667; allowed: 0.666666666667 or null"),
         ("pruning=block pruning.cols=0", "pruning.cols: 0 is not allowed (block 1x0); allowed: sizes >= 1"),
         ("pruning=nm pruning.m=0", "pruning.m: 0 is not allowed; allowed: m >= 2"),  # it named pruning.n
+        # a flag reached Hydra's parser: "cannot parse override: LexerNoViableAltException: --sparsity"
+        ("--sparsity 0.9", "--sparsity: settings are Hydra overrides, key=value, not flags; allowed: e.g. pruning.sparsity=0.9"),
         ("pruning=nm pruning.n=4", "pruning.n: 4:4 is not allowed; allowed: 1 <= n < m"),
         ("schedule=oneshot +schedule.end=0.5", "schedule.end: unknown key; allowed: schedule.begin, schedule.initial_sparsity"),
         ("schedule=alternating schedule.ramp=linear schedule.power=2", "schedule.power: 2.0 is used only by ramp=agp; "

@@ -133,11 +133,15 @@ def test_cli_table_csv_json_markdown_and_plot(cli, runs):
     assert float(by_key[("post:magnitude", 0.9)]["mean"]) == pytest.approx(0.64)
     assert int(by_key[("PAT agp+magnitude+global", 0.9)]["n"]) == 2
     assert float(by_key[("post:iterative", 0.95)]["delta_vs_dense"]) == pytest.approx(0.005)
+    # steps as numbers (the table's "1,250" was written as text)
+    assert (by_key[("post:iterative", 0.95)]["train_steps_min"], by_key[("post:iterative", 0.95)]["train_steps_max"]) == ("1250", "1250")
 
     code, out, _ = cli("compare", str(runs), "--format", "json", "--split", "val")
     data = json.loads(out)
     assert {r["row"] for r in data["rows"]} == {"dense", "PAT agp+magnitude+global", "post:magnitude", "post:iterative"}
     assert data["rows"][0]["split"] == "val" and data["not_ok"][0]["status"] == "failed"
+    assert {(r["row"], r["train_steps_min"], r["train_steps_max"]) for r in data["rows"] if r["row"] == "post:iterative"} == {
+        ("post:iterative", 1250, 1250)}
 
     code, out, _ = cli("compare", str(runs), "--format", "markdown", "--output", str(runs / "table.md"),
                        "--plot", str(runs / "figures" / "curves.png"))  # a folder that does not exist yet
@@ -162,7 +166,8 @@ def test_csv_carries_the_runs_that_did_not_finish_as_rows_with_their_status_and_
     assert [r["status"] for r in rows] == ["ok"] * 6 + ["failed"]
     assert rows[-1] == {"model": "mlp", "dataset": "digits", "config_hash": "h1", "method": "post:gradient",
                         "row": "post:gradient", "target_sparsity": "0.9", "achieved_sparsity": "", "split": "", "metric": "",
-                        "mean": "", "std": "", "n": "", "delta_vs_dense": "", "higher_is_better": "", "train_steps": "",
+                        "mean": "", "std": "", "n": "", "delta_vs_dense": "", "higher_is_better": "", "train_steps_min": "",
+                        "train_steps_max": "",
                         "status": "failed", "run_dir": str(runs / "broken"), "error": "RuntimeError: boom"}
 
 

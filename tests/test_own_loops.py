@@ -2,6 +2,7 @@
 
 import copy
 import gc
+import re
 
 import pytest
 import torch
@@ -185,6 +186,46 @@ def test_a_pruner_state_with_or_without_dense_weights_aside_is_refused_before_an
     assert fresh.step == 4 and [torch.equal(a, b) for a, b in zip(fresh.masks.keep, plain.masks.keep)] == [True] * 3
 
 
+def test_a_pruner_state_of_a_model_with_other_names_is_refused_and_nothing_is_loaded(tiny_mlp):
+    """The same shapes under other names (a Sequential inside a module): step and history were loaded, then KeyError."""
+    saved = Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10)
+    saved.update_masks(0)
+    saved.step = 4
+    wrapped = nn.Module()
+    wrapped.net = copy.deepcopy(tiny_mlp)
+    other = Pruner(wrapped, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10)
+    with pytest.raises(ValueError, match=r"^the pruner state does not fit this pruner \(KeyError: .*net\.0\.weight"):
+        other.load_state_dict(saved.state_dict())
+    assert other.step == 0 and other.updates == [] and all(bool(k.all()) for k in other.masks.keep)
+
+
+def test_the_engine_raises_a_type_error_for_a_wrong_type_and_a_value_error_otherwise_as_readme_says(tiny_mlp):
+    optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.1)
+    for arguments, error, message in [
+        (dict(scorer="magnitud"), ValueError, "unknown scorer 'magnitud'; allowed: "),  # was a KeyError
+        (dict(schedule="agpp"), ValueError, "unknown schedule 'agpp'; allowed: "),
+        (dict(sparsity="0.9"), TypeError, "sparsity must be a number within 0 <= value < 1, got '0.9'"),
+        (dict(sparsity=None), TypeError, "sparsity must be a number"),
+        (dict(total_steps="100"), TypeError, "total_steps must be an integer >= 1 (optimizer steps), got '100'"),
+        (dict(sparsity=1.5), ValueError, "sparsity must be a number within 0 <= value < 1, got 1.5"),
+        (dict(total_steps=0), ValueError, "total_steps must be an integer >= 1"),
+    ]:
+        with pytest.raises(error, match=f"^{re.escape(message)}"):
+            prune_during_training(tiny_mlp, optimizer, **{"sparsity": 0.5, "total_steps": 10, **arguments})
+
+
+def test_a_target_the_layer_caps_cannot_reach_is_refused_when_the_pruner_is_built(tiny_mlp):
+    """It was accepted and failed at the mask update that first passed the caps, 65% into training."""
+    from patcli.engine.allocation import AllocationError
+
+    optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.1)
+    for allocation in ("uniform", "global"):
+        with pytest.raises(AllocationError, match=r"^sparsity 0.995 needs \d+ pruned weights but the per-layer cap "
+                                                  r"max_layer_sparsity=0.99 allows at most"):
+            prune_during_training(tiny_mlp, optimizer, sparsity=0.995, total_steps=1000, allocation=allocation)
+    assert not optimizer._optimizer_step_post_hooks  # nothing was attached
+
+
 def test_a_pruner_state_a_part_cannot_take_leaves_the_pruner_as_it_was(tiny_mlp):
     """scorer=random's state needs its draw count: a magnitude pruner's state raised KeyError 'draws' after step and
     masks were overwritten."""
@@ -193,7 +234,7 @@ def test_a_pruner_state_a_part_cannot_take_leaves_the_pruner_as_it_was(tiny_mlp)
     saved.step = 4
     random = Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10, scorer=SCORERS.get("random")())
     with pytest.raises(ValueError, match=r"^the pruner state does not fit this pruner \(KeyError: 'draws'\), saved by a "
-                                         r"pruner with another scorer, allocation or regrowth; allowed: the state of a pruner built the same way$"):
+                                         r"pruner built another way \(model, scorer, allocation or regrowth\); allowed: the state of a pruner built the same way$"):
         random.load_state_dict(saved.state_dict())
     assert random.step == 0 and random.updates == [] and all(bool(k.all()) for k in random.masks.keep)
     assert all(bool(k.all()) for k in random.layout.group_keep) and random.scorer.state_dict()["draws"] == 0

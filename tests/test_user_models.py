@@ -24,6 +24,8 @@ OWN = ["model=custom", "trainer.epochs=1"]
     ("torch.load", ["+model.f=evil.pkl"], "model._target_: torch.load is not an nn.Module class"),
     ("torch.nn.Linear", ["+model.in_features=64", "+model.out_features=10", "+model.bias={_target_:os.remove,path:x}"],
      "model.bias._target_: Hydra directives are not followed here"),
+    ("torch.nn.Linear", ["model.in_features=64"], "model.in_features: unknown key; allowed: model._target_; an argument of "
+                                                  "your model's class is added with a plus: +model.in_features=VALUE"),
 ])
 def test_a_model_of_ones_own_that_cannot_run_is_one_line(cli, tmp_path, target, extra, expected):
     code, _, err = cli("train", *OWN, f"model._target_={target}", *extra, "hydra.run.dir=run")
@@ -98,7 +100,7 @@ def test_regrowth_and_regularizer_are_named_like_the_other_parts(tiny_mlp):
     optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.1)
     pruner = prune_during_training(tiny_mlp, optimizer, sparsity=0.8, total_steps=100, schedule="constant", regrowth="rigl")
     assert pruner.regrowth.name == "rigl" and pruner.masks.sparsity() == pytest.approx(0.8, abs=1e-3)
-    with pytest.raises(KeyError, match="unknown regularizer 'ridge'; allowed: group_lasso, lasso"):
+    with pytest.raises(ValueError, match="^unknown regularizer 'ridge'; allowed: group_lasso, lasso$"):  # ValueError as README says
         prune_during_training(nn.Linear(4, 4), torch.optim.SGD(nn.Linear(4, 4).parameters(), lr=0.1), sparsity=0.5,
                               total_steps=10, regularizer="ridge")
 

@@ -68,11 +68,15 @@ PARTS = {"schedule": (Schedule, "SCHEDULES"), "scorer": (Scorer, "SCORERS"), "al
 def check_arguments(*, sparsity, total_steps, frequency, max_layer_sparsity, **parts) -> None:
     """What the CLI's config checks, for a Pruner built in Python: one ValueError (TypeError) naming the argument."""
     for name, value, high in (("sparsity", sparsity, 1.0), ("max_layer_sparsity", max_layer_sparsity, 1.0)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < high:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number within 0 <= value < {high:g}, got {value!r}")
+        if not 0.0 <= value < high:
             raise ValueError(f"{name} must be a number within 0 <= value < {high:g}, got {value!r}")
     for name, value in (("total_steps", total_steps), ("frequency", frequency)):
         # a float (epochs * batches / accumulation) would put the schedule's end between two steps: never reached
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an integer >= 1 (optimizer steps), got {value!r}")
+        if value < 1:
             raise ValueError(f"{name} must be an integer >= 1 (optimizer steps), got {value!r}")
     for name, value in parts.items():
         kind, registry = PARTS[name]
@@ -155,9 +159,9 @@ class Pruner:
         self.optimizer: torch.optim.Optimizer | None = None
         self._group_index: dict[int, int] = {}
         self._handles: list = []
+        self.check_reachable()  # the final target under the caps: said now, not at an update late in training
         if self.regrowth.replaces_schedule:
             self.regrowth.bind(total_steps)
-            self.check_reachable()  # the masks start at the target: the caps must allow it
             self._adopt([k.reshape(-1) for k in self.regrowth.initial_masks(self.masks.weights, sparsity, max_layer_sparsity)])
         if self.regularizer is not None:
             self.regularizer.check(self.layout)
@@ -521,7 +525,7 @@ class Pruner:
         except (KeyError, ValueError, RuntimeError) as error:  # a part's state missing or of another shape
             self._load_parts(before)  # nothing half-loaded; the model's weights were not touched yet
             raise ValueError(f"the pruner state does not fit this pruner ({type(error).__name__}: {error}), saved by a "
-                             "pruner with another scorer, allocation or regrowth; allowed: the state of a pruner built "
-                             "the same way") from error
+                             "pruner built another way (model, scorer, allocation or regrowth); allowed: the state of a "
+                             "pruner built the same way") from error
         self.masking.enforced = self.schedule.masks_enforced(max(self.step - 1, 0))
         self.masking.masks_changed()

@@ -32,6 +32,13 @@ def check_seed(seed: int) -> None:
         raise ParamError("seed", f"{seed} is out of range; allowed: 0 <= seed < 2**63")
 
 
+class UnknownName(ValueError, KeyError):
+    """A name no entry has: a ValueError as the engine's other argument errors are (and a KeyError, as a lookup)."""
+
+    def __str__(self) -> str:  # the message as written, not quoted as a KeyError's key would be
+        return str(self.args[0])
+
+
 class Registry(Generic[T]):
     """A dictionary of named classes with a decorator to fill it and an error that lists what exists."""
 
@@ -53,7 +60,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> type[T]:
         if name not in self._entries:
-            raise KeyError(f"unknown {self.kind} {name!r}; allowed: {', '.join(self.names())}")
+            raise UnknownName(f"unknown {self.kind} {name!r}; allowed: {', '.join(self.names())}")
         return self._entries[name]
 
     def names(self) -> list[str]:
