@@ -394,7 +394,9 @@ class Pruner:
 
     def check_reachable(self) -> None:
         """Raise AllocationError when the final target needs more than the per-layer caps allow."""
-        check_reachable(self._budget([torch.zeros(k.numel()) for k in self.layout.group_keep], self.sparsity_target))
+        # only the group counts matter: stand-in scores that hold no memory (a model's worth of zeros would)
+        stand_in = torch.zeros(())
+        check_reachable(self._budget([stand_in.expand(k.numel()) for k in self.layout.group_keep], self.sparsity_target))
 
     def _budget(self, group_scores: list[torch.Tensor], target: float) -> LayerBudget:
         return LayerBudget(
