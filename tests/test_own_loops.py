@@ -224,6 +224,15 @@ def test_a_target_the_layer_caps_cannot_reach_is_refused_when_the_pruner_is_buil
                                                   r"max_layer_sparsity=0.99 allows at most"):
             prune_during_training(tiny_mlp, optimizer, sparsity=0.995, total_steps=1000, allocation=allocation)
     assert not optimizer._optimizer_step_post_hooks  # nothing was attached
+    from patcli.engine import REGULARIZERS  # a regularizer's target is its own: sparsity is not what it reaches
+
+    for target in (0.5, None):
+        pruner = prune_during_training(tiny_mlp, optimizer, sparsity=0.995, total_steps=20, frequency=5,
+                                       regularizer=REGULARIZERS.get("lasso")(lam=1e-3, target=target))
+        pruner.detach()
+    with pytest.raises(AllocationError, match=r"^sparsity 0.995 needs"):
+        prune_during_training(tiny_mlp, optimizer, sparsity=0.5, total_steps=20,
+                              regularizer=REGULARIZERS.get("lasso")(lam=1e-3, target=0.995))
 
 
 def test_a_pruner_state_a_part_cannot_take_leaves_the_pruner_as_it_was(tiny_mlp):

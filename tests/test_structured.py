@@ -140,6 +140,19 @@ def test_a_chain_the_reader_cannot_follow_is_refused_before_training(model, why)
         pruned(model(), mode, 0.5)
 
 
+@pytest.mark.parametrize("flatten", [nn.Flatten(), nn.Flatten(start_dim=-3)], ids=["start-1", "start-minus-3"])
+def test_a_flatten_of_a_convs_channels_and_positions_is_read_however_its_start_is_written(flatten):
+    """Flatten(start_dim=-3) of (N, C, H, W) is Flatten(1): it was refused as if it left the channels alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), flatten, nn.Linear(32, 10))
+    pruner = pruned(model, "filters", 0.5)
+    small = shrink(model, pruner.layout.groups, live_channels(model, pruner.layout.groups))
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))
+    assert small[0].out_channels < 8
+
+
 def test_pooling_over_a_convs_positions_after_a_flatten_that_keeps_its_channels_is_read():
     """Flatten(start_dim=2) keeps the channel axis: pooling after it is spatial, as before a Flatten."""
     torch.manual_seed(0)
@@ -181,9 +194,12 @@ def test_an_activation_module_used_twice_is_no_obstacle():
     # a Flatten that keeps the channel axis leaves the Linear reading positions (it shrank, then failed to run)
     ("filters", lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(start_dim=2), nn.AdaptiveAvgPool1d(8),
                                       nn.Linear(8, 3), nn.Flatten(), nn.Linear(12, 2)),
-     "0 → 4: a Linear right after a conv acts on its last (spatial) axis, not on its channels; allowed: a Flatten (start_dim=1)"),
+     "0 → 4: a Linear right after a conv acts on its last (spatial) axis, not on its channels; allowed: a Flatten of the "
+     "channels and every position (start_dim=1)"),
+    ("filters", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(1, 2), nn.Linear(6, 3)),
+     "0 → 3: a Linear right after a conv acts on its last (spatial) axis"),  # channels and rows merged, the Linear on columns
 ], ids=["linear-over-positions-then-flatten", "unflatten-between", "linear-on-a-conv-length", "pool-over-neurons",
-        "pool-after-flatten", "linear-after-a-flatten-that-keeps-channels"])
+        "pool-after-flatten", "linear-after-a-flatten-that-keeps-channels", "linear-after-a-flatten-of-channels-and-rows"])
 def test_a_consumer_that_does_not_read_the_channels_where_the_reader_assumes_is_refused(mode, model, why):
     """Each trained with masks on the wrong input columns, then failed to shrink (or shrank to other outputs)."""
     from patcli.engine.structure import StructureError

@@ -393,10 +393,14 @@ class Pruner:
         return self._scratch
 
     def check_reachable(self) -> None:
-        """Raise AllocationError when the final target needs more than the per-layer caps allow."""
+        """Raise AllocationError when the final target needs more than the per-layer caps allow (a regularizer's:
+        its closing target; without one it masks what its penalty zeroes, and targets nothing)."""
+        target = self.sparsity_target if self.regularizer is None else self.regularizer.target
+        if target is None:
+            return
         # only the group counts matter: stand-in scores that hold no memory (a model's worth of zeros would)
         stand_in = torch.zeros(())
-        check_reachable(self._budget([stand_in.expand(k.numel()) for k in self.layout.group_keep], self.sparsity_target))
+        check_reachable(self._budget([stand_in.expand(k.numel()) for k in self.layout.group_keep], target))
 
     def _budget(self, group_scores: list[torch.Tensor], target: float) -> LayerBudget:
         return LayerBudget(

@@ -131,31 +131,27 @@ def _channel_axis_problem(producer: nn.Module, consumer: nn.Module, between: lis
     a Linear's on the last axis, and after a conv's Flatten in channel-major blocks of ``width`` inputs."""
     if any(isinstance(m, nn.Unflatten) for m in between):
         return "an Unflatten between them moves the channels; allowed: define channel_groups(kind) on the model"
-    for i, module in enumerate(between):  # pooling is per channel only over a conv's spatial axes
-        merged = any(isinstance(m, nn.Flatten) and not _keeps_channels(m) for m in between[:i])
-        if isinstance(module, POOLS) and (isinstance(producer, nn.Linear) or merged):
+    rank = producer.weight.dim()  # a conv's output: (batch, channels, *positions)
+    merged = channel_major = False  # channels flattened into features; and into channel-major features of all of them
+    for module in between:
+        if isinstance(module, POOLS) and (isinstance(producer, nn.Linear) or merged):  # per channel only over positions
             return (f"the {type(module).__name__} between them pools along the channel axis, mixing neighbouring channels; "
                     "allowed: pooling over a conv's spatial axes, or define channel_groups(kind) on the model")
+        if isinstance(module, nn.Flatten) and not isinstance(producer, nn.Linear):
+            start, end = module.start_dim % rank, module.end_dim % rank  # a negative dim counts from the last
+            if start <= 1 <= end:
+                merged, channel_major = True, start == 1 and end == rank - 1
+            rank -= end - start
     if isinstance(producer, nn.Linear):
         if not isinstance(consumer, nn.Linear):
             return "a Linear's outputs lie on the last axis, a conv reads its channels on axis 1; allowed: define channel_groups(kind)"
         if width > 1:  # the Linear ran on more than two dims: Flatten interleaves its outputs with the positions
             return (f"the consumer takes {width}× the Linear's outputs, flattened with its positions, not in blocks per "
                     "neuron; allowed: define channel_groups(kind) on the model")
-    elif isinstance(consumer, nn.Linear) and not any(isinstance(m, nn.Flatten) and _merges_channels(m) for m in between):
+    elif isinstance(consumer, nn.Linear) and not channel_major:
         return ("a Linear right after a conv acts on its last (spatial) axis, not on its channels; allowed: a Flatten "
-                "(start_dim=1) between them, or define channel_groups(kind) on the model")
+                "of the channels and every position (start_dim=1) between them, or define channel_groups(kind) on the model")
     return None
-
-
-def _keeps_channels(flatten: nn.Flatten) -> bool:
-    """Flatten(start_dim >= 2) flattens a conv's positions only; its channel axis stays."""
-    return flatten.start_dim >= 2
-
-
-def _merges_channels(flatten: nn.Flatten) -> bool:
-    """Flatten(start_dim=1) makes channel-major features of a conv's output (a negative start is not known to)."""
-    return 0 <= flatten.start_dim < 2
 
 
 def _norm_slices(name: str, norm: nn.Module, channels: int, *tensors: str) -> list[Slice]:
