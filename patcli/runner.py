@@ -362,6 +362,10 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
         record.total_train_steps += source.total_train_steps
         record.extra["init_from"] = str(config.trainer.init_from)
     finish_record(record, trainer.model, config, data, run_dir, device)
+    if pruner and config.regularizer is None and abs(record.achieved_sparsity - record.target_sparsity) > 0.005:
+        log.warning("pruning=%s reached %.4g of the prunable weights for pruning.sparsity=%g: the nearest that whole %s "
+                    "reach", config.pruning.mode, record.achieved_sparsity, record.target_sparsity,
+                    config.pruning.mode if isinstance(config.pattern, Structured) else "blocks")
     if config.regularizer is not None:
         warn_if_penalty_overshot(config, record)
         if config.regularizer.target is None:  # the penalty chose the sparsity

@@ -438,3 +438,22 @@ def test_an_export_folder_that_is_a_link_is_exported_through(cli, tmp_path):
     (tmp_path / "run" / "export").write_text("a file")
     code, _, err = cli("export", "run", "--no-latency")
     assert code == 2 and err.strip() == "error: RUN_DIR: run/export is not a folder; allowed: a folder (or a link to one) for the export"
+
+
+def test_a_target_whole_heads_cannot_meet_is_met_as_nearly_as_they_allow_and_the_run_log_says_so(cli, tmp_path):
+    """16 heads: 0.3 lands on 5 of them (0.3125); it happened without a word."""
+    code, out, err = cli("train", "model=gpt", "model.d_model=32", "model.n_head=8", "dataset=pysrc", "dataset.max_chars=200000",
+                         "trainer.max_steps=5", "pruning=heads", "pruning.sparsity=0.3", "hydra.run.dir=run")
+    assert code == 0, err
+    record = result_of(tmp_path / "run")
+    assert record["achieved_sparsity"] == pytest.approx(5 / 16)
+    assert ("pruning=heads reached 0.3125 of the prunable weights for pruning.sparsity=0.3: the nearest that whole heads "
+            "reach") in (tmp_path / "run" / "run.log").read_text()
+
+
+def test_excluding_a_heads_k_or_v_weight_keeps_the_heads_of_that_layer():
+    """Only a pattern matching Q excluded a block's heads: K and V were pruned with the rest, 25% zero."""
+    model = model_of("gpt", TEXT_META, n_layer=2, n_head=4, d_model=32)
+    pruner = pruned(model, "heads", 0.25, exclude=["blocks.0.attn.k.weight"])
+    assert pruner.layout.layer_names == ["blocks.1.attn"]
+    assert not bool((model.blocks[0].attn.k.weight == 0).any()) and bool((model.blocks[1].attn.k.weight == 0).any())

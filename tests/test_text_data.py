@@ -183,3 +183,11 @@ def test_only_the_characters_read_must_be_utf8(tmp_path):
     (tmp_path / "early.txt").write_bytes(b"ab\xffcd")
     with pytest.raises(ConfigError, match=r"is not UTF-8 text \(a byte that is not UTF-8 at character 2\); allowed: a UTF-8 text file"):
         TextFile(path=str(tmp_path / "early.txt")).text()
+
+
+def test_a_gpt_dropout_out_of_range_is_one_line_as_the_mlps_is(cli, tmp_path):
+    """1.5 was a torch traceback at model build (exit 1); 1.0 trained a model that drops everything."""
+    for value in ("1.5", "1.0"):
+        code, _, err = cli("train", *GPT, "dataset=pysrc", f"model.dropout={value}", "hydra.run.dir=run")
+        assert code == 2 and err.strip() == f"error: model.dropout: {value} is out of range; allowed: 0 <= value < 1", err
+    assert not (tmp_path / "run").exists()

@@ -135,6 +135,8 @@ class GPTConfig:
             raise ConfigError(f"{prefix}.head_dim", f"{self.head_dim} is out of range; allowed: >= 1, or null for d_model / n_head")
         if self.head_dim is None and self.d_model % self.n_head:
             raise ConfigError(f"{prefix}.n_head", f"{self.n_head} does not divide d_model={self.d_model}; set head_dim")
+        if not 0.0 <= self.dropout < 1.0:  # as the MLP's: 1.0 would drop everything
+            raise ConfigError(f"{prefix}.dropout", f"{self.dropout} is out of range; allowed: 0 <= value < 1")
 
     def build(self, meta: dict[str, Any]) -> nn.Module:
         if "vocab_size" not in meta:
