@@ -396,7 +396,8 @@ def parse_run_config(source: Mapping[str, Any]) -> RunConfig:
     if pattern is not None and pattern.fixed_sparsity is not None:
         config.allocation = ALLOCATIONS.get("uniform")()  # a fixed pattern prunes every layer alike
     check_schedule_bounds(config.schedule)
-    check_combination(config)
+    if config.method == "pat":  # a dense run or a post-training baseline uses no regrowth or regularizer (it warns)
+        check_combination(config)
     return config
 
 

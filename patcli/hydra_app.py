@@ -49,7 +49,9 @@ def pruning_defaults() -> dict[str, dict[str, Any]]:
 
 def quoted(value: str) -> str:
     """A value as a quoted Hydra override string (paths may hold characters the override grammar reserves)."""
-    return "'" + value.replace("'", "\\'") + "'"
+    escaped = value.replace("'", "\\'")
+    trailing = len(escaped) - len(escaped.rstrip("\\"))  # a backslash before the closing quote would escape it
+    return "'" + escaped + "\\" * trailing + "'"
 
 
 class UsageError(Exception):
@@ -190,7 +192,7 @@ def check_run_dir(overrides: list[str], cfg: DictConfig, multirun: bool) -> None
     if value is None or not str(value).strip():
         raise UsageError(f"{key}: empty; allowed: a directory path")
     directory = Path(value)
-    why = unwritable_reason(directory, want_dir=True) or holds_a_run(directory)
+    why = unwritable_reason(directory, want_dir=True) or holds_a_run(directory) or inside_a_sweep(directory)
     if why:
         raise UsageError(f"{key}: {why}")
     root = cfg.get("output_root")  # where shared dense runs go, whatever the run dir
@@ -202,7 +204,7 @@ def check_run_dir(overrides: list[str], cfg: DictConfig, multirun: bool) -> None
 def run_dir_key(overrides: list[str], multirun: bool) -> str:
     """The option that placed the run (or sweep) directory, for errors about it."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    return key if any(o.startswith(f"{key}=") for o in overrides) else "output_root"
+    return key if any(o.lstrip("+").startswith(f"{key}=") for o in overrides) else "output_root"
 
 
 def claim_run_dir(overrides: list[str], cfg: DictConfig) -> list[str]:
@@ -213,15 +215,19 @@ def claim_run_dir(overrides: list[str], cfg: DictConfig) -> list[str]:
     """
     directory = Path(str(cfg.hydra.run.dir)).absolute()  # resolved once: ${now:} and ${uid:} would differ later
     directory.mkdir(parents=True, exist_ok=True)
-    claim = Path(os.path.normpath(directory / (cfg.hydra.output_subdir or ".hydra")))
-    if directory not in claim.parents:  # the config kept in the run folder itself, or elsewhere: claim the usual one
-        claim = directory / ".hydra"
-    try:
-        claim.mkdir(parents=True)  # only the last level must be new
+    try:  # Hydra's own config folder by default; with hydra.output_subdir elsewhere, an empty one as the claim
+        (directory / ".hydra").mkdir()
     except FileExistsError:
         raise UsageError(f"{run_dir_key(overrides, False)}: {directory} was taken by another run started at the same "
                          "time; allowed: a directory no run uses") from None
-    return [*(o for o in overrides if not o.startswith("hydra.run.dir=")), f"hydra.run.dir={quoted(str(directory))}"]
+    return [*(o for o in overrides if not o.lstrip("+").startswith("hydra.run.dir=")), f"hydra.run.dir={quoted(str(directory))}"]
+
+
+def inside_a_sweep(directory: Path) -> str | None:
+    """Why ``directory`` must not hold a new run or sweep: it lies inside an earlier sweep's folder, whose table
+    (``compare`` of that folder, an Optuna study's best trial) would then count it as one of its jobs."""
+    sweep = next((p for p in Path(directory).absolute().parents if os.path.isfile(p / "multirun.yaml")), None)
+    return None if sweep is None else f"{directory} lies inside the sweep {sweep} (multirun.yaml); allowed: a directory outside it"
 
 
 def holds_a_run(directory: Path) -> str | None:

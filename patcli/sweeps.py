@@ -8,11 +8,13 @@ first baseline job starts (each job would otherwise find or train its own under 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep, RangeSweep
 from omegaconf import DictConfig, OmegaConf
@@ -28,7 +30,8 @@ OVERRIDES_FILE = ".hydra/overrides.yaml"
 def parsed_overrides(overrides: list[str], cfg: DictConfig) -> list:
     """The sweeper's own params (a preset's) and the command line's overrides, parsed as Hydra parses them."""
     params = [f"{key}={value}" for key, value in (cfg.hydra.sweeper.get("params") or {}).items()]
-    return OverridesParser.create().parse_overrides(params + list(overrides))
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())  # glob() lists group options
+    return parser.parse_overrides(params + list(overrides))
 
 
 def check_sweep_functions(overrides: list[str], cfg: DictConfig) -> None:
@@ -63,10 +66,20 @@ def search_space_edges(overrides: list[str], cfg: DictConfig) -> list[list[str]]
     take fails before the study, not in every trial."""
     parsed = parsed_overrides(overrides, cfg)
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    given = {o.get_key_element() for o in parsed[len(parsed) - len(overrides):]}  # on the command line
     jobs = []
-    for searched in (o for o in parsed if o.is_sweep_override()):
+    for number, searched in enumerate(parsed):
+        preset = number < len(parsed) - len(overrides)
+        if not searched.is_sweep_override() or (preset and searched.get_key_element() in given):
+            continue  # a preset's search that the command line sets is not searched (Optuna drops it too)
         sweep = searched.value()
-        edges = [sweep.start, sweep.end] if isinstance(sweep, IntervalSweep) else list(searched.sweep_string_iterator())
+        if isinstance(sweep, IntervalSweep):
+            edges = [sweep.start, sweep.end]
+        elif isinstance(sweep, RangeSweep):  # Optuna samples up to stop itself (its distributions' high), as range() does not
+            last = sweep.start + math.floor((sweep.stop - sweep.start) / sweep.step + 1e-9) * sweep.step
+            edges = [sweep.start, round(last, 12) if isinstance(last, float) else last]
+        else:
+            edges = list(searched.sweep_string_iterator())
         jobs += [[*fixed, f"{searched.get_key_element()}={edge}"] for edge in edges]
     return jobs
 
@@ -98,9 +111,9 @@ def record_unfinished(sweep_dir: Path) -> None:
     """Jobs a stopped sweep left without a record (a launcher's worker killed with it): recorded interrupted."""
     from .runner import failed_record
 
-    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir()) if sweep_dir.is_dir() else []:
-        snapshot = job / ".hydra" / "config.yaml"
-        if snapshot.is_file() and not (job / RESULT_FILE).exists():
+    for snapshot in sorted(sweep_dir.rglob(".hydra/config.yaml")) if sweep_dir.is_dir() else []:  # any subdir depth
+        job = snapshot.parent.parent
+        if not (job / RESULT_FILE).exists():
             try:
                 source = OmegaConf.to_container(OmegaConf.load(snapshot), resolve=False)
             except Exception:  # a snapshot cut short: nothing to record the job from
@@ -161,6 +174,6 @@ def best_trial(sweep_dir: Path) -> BestTrial | None:
         return None
     params = saved["best_params"]
     wanted = {f"{key}={value}" for key, value in params.items()}  # as the sweeper wrote them into each job's overrides
-    run_dir = next((job for job in sorted(sweep_dir.glob(f"*/{OVERRIDES_FILE}"))
+    run_dir = next((job for job in sorted(sweep_dir.glob(f"**/{OVERRIDES_FILE}"))  # any hydra.sweep.subdir depth
                     if wanted <= set(OmegaConf.load(job))), None)
     return BestTrial(params, float(saved["best_value"]), run_dir.parent.parent if run_dir else None)

@@ -202,11 +202,26 @@ def test_a_run_directory_another_run_takes_while_this_one_is_checked_is_refused(
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == "the other run's\n"
 
 
-@pytest.mark.parametrize("subdir", ["meta/hydra", "."])
+@pytest.mark.parametrize("subdir", ["meta/hydra", ".", "meta"])
 def test_a_hydra_output_subdir_nested_or_the_run_folder_itself_still_holds_the_runs_config(cli, tmp_path, subdir):
+    (tmp_path / "run" / "meta").mkdir(parents=True)  # a folder of one's own: no run's ("taken by another run", it said)
     code, out, err = cli("train", *TINY, "hydra.run.dir=run", f"hydra.output_subdir={subdir}")
     assert code == 0, err
     assert {"config.yaml", "hydra.yaml", "overrides.yaml"} <= {p.name for p in (tmp_path / "run" / subdir).iterdir()}
+
+
+def test_a_run_folder_whose_name_ends_in_a_backslash_runs(cli, tmp_path):
+    """Pinned for Hydra in quotes, its last backslash escaped the closing quote: the override could not be parsed."""
+    code, out, err = cli("train", *TINY, r"hydra.run.dir='r r\\'")  # Hydra reads the folder r r\
+    assert code == 0, err
+    assert (tmp_path / "r r\\" / "result.json").is_file()
+
+
+def test_regrowth_or_a_regularizer_given_to_a_dense_run_is_warned_unused_not_refused(cli, tmp_path, caplog):
+    """A sweep over pruning=none,unstructured with regrowth=rigl was refused over a pair the dense run never uses."""
+    code, out, err = cli("train", *TINY, "pruning=none", "regrowth=rigl", "hydra.run.dir=run")
+    assert code == 0, err
+    assert "pruning=none trains dense: schedule=constant, regrowth=rigl do not apply" in out + err + caplog.text
 
 
 def test_a_long_or_unreadable_path_is_a_one_line_error_naming_its_key(cli, tmp_path):

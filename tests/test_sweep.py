@@ -153,6 +153,9 @@ def test_optuna_direction_must_fit_the_primary_metric(cli, tmp_path):
     ("pruning.sparsity=interval(0.5,1.5)", "pruning.sparsity: 1.5 is out of range; allowed: 0.0 <= value < 1.0 (searched: pruning.sparsity=1.5)"),
     ("pruning.frequency=choice(10,a)", "pruning.frequency: expected an integer, got 'a' (searched: pruning.frequency=a)"),
     ("schedule.end=interval(5,10)", "schedule.end: 5.0 is out of range"),  # Optuna samples floats here: fractions
+    # Optuna samples a range's stop too (its distributions' high), which Python's range() leaves out
+    ("pruning.sparsity=range(0.5,1.0,0.25)", "pruning.sparsity: 1.0 is out of range; allowed: 0.0 <= value < 1.0 "
+                                             "(searched: pruning.sparsity=1.0)"),
 ])
 def test_an_optuna_search_space_no_trial_could_run_is_a_one_line_error_before_the_study(cli, tmp_path, searched, expected):
     code, _, err = cli("sweep", *FAST, "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", searched)
@@ -269,15 +272,16 @@ def test_a_stopped_sweep_records_the_jobs_a_worker_left_unfinished(tmp_path):
 
     from patcli.sweeps import record_unfinished
 
-    for job, finished in (("0", True), ("1", False)):
+    for job, finished in (("0", True), ("1", False), ("p0.9/2", False)):  # a nested hydra.sweep.subdir too
         (tmp_path / job / ".hydra").mkdir(parents=True)
         (tmp_path / job / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml({"seed": 3, "pruning": {"sparsity": 0.9}}))
         if finished:
             (tmp_path / job / "result.json").write_text("{}")
     record_unfinished(tmp_path)
     assert (tmp_path / "0" / "result.json").read_text() == "{}"
-    record = json.loads((tmp_path / "1" / "result.json").read_text())
-    assert record["status"] == "interrupted" and record["seed"] == 3 and record["target_sparsity"] == 0.9
+    for job in ("1", "p0.9/2"):
+        record = json.loads((tmp_path / job / "result.json").read_text())
+        assert record["status"] == "interrupted" and record["seed"] == 3 and record["target_sparsity"] == 0.9
 
 
 def test_a_sweep_stops_before_any_job_when_the_dense_cache_cannot_be_made(cli, tmp_path):
@@ -302,6 +306,37 @@ def test_a_sweep_folder_holding_an_earlier_sweep_further_down_is_refused(cli, tm
     assert code == 0, err
     code, _, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.dir=multirun")
     assert code == 2 and "multirun already holds a sweep (2026-11-29/a/multirun.yaml)" in err, err
+    # and the other way round: a run or sweep inside an earlier sweep would join its table
+    before = sorted(p for p in tmp_path.rglob("*"))
+    for command, override, key in ((["sweep", "pruning.sparsity=0.5,0.9"], "++hydra.sweep.dir=multirun/2026-11-29/a/more", "hydra.sweep.dir"),
+                                   (["train"], "hydra.run.dir=multirun/2026-11-29/a/extra", "hydra.run.dir")):
+        code, _, err = cli(*command, *FAST, override)
+        assert code == 2 and err.strip() == (f"error: {key}: multirun/2026-11-29/a/{override.rsplit('/', 1)[1]} lies inside "
+                                             f"the sweep {tmp_path}/multirun/2026-11-29/a (multirun.yaml); allowed: a "
+                                             "directory outside it"), err
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_a_glob_over_a_groups_options_sweeps_them(cli, tmp_path):
+    """glob() needs the config loader to list a group's options: the sweep crashed with 'ConfigLoader is not set'."""
+    code, out, err = cli("sweep", *FAST, "scorer=glob(m*)", "hydra.sweep.dir=sw")
+    assert code == 0, err
+    assert sorted(result_of(p)["scorer"] for p in (tmp_path / "sw").iterdir() if (p / "result.json").exists()) == [
+        "magnitude", "movement"]
+
+
+def test_a_searched_key_fixed_on_the_command_line_is_not_checked_as_searched():
+    """The study never tries a preset's scorer=movement once scorer=magnitude is given: its edges must not either."""
+    from hydra import compose, initialize_config_dir
+
+    from patcli.sweeps import search_space_edges
+
+    overrides = ["+experiment=tune_schedule", "scorer=magnitude"]
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides, return_hydra_config=True)
+        edges = search_space_edges(overrides, cfg)
+    assert edges and not any(job[-1].startswith("scorer=") for job in edges)
+    assert any(job[-1].startswith("schedule=") for job in edges)
 
 
 def test_a_subdir_through_hydras_own_resolver_is_resolved_per_job_as_hydra_does(cli, tmp_path):
