@@ -6,6 +6,7 @@ module-level because joblib and submitit pickle it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import functools
 import os
@@ -398,6 +399,10 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
     except KeyboardInterrupt:  # a launcher's worker stopped with it leaves no record of its own
         record_unfinished(Path(directory))
         raise
+    except concurrent.futures.BrokenExecutor as error:  # a worker died (killed, out of memory): the jobs it held
+        why = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+        record_unfinished(Path(directory), RuntimeError(f"the launcher's worker died ({why})"), status="failed")
+        return SweepResult(Path(directory), [], study=study, stopped=why)
     except ValueError as error:
         if not (study and "No trials are completed yet" in str(error)):
             raise

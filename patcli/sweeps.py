@@ -107,8 +107,9 @@ def prepare(configs: list[RunConfig], progress_factory) -> list[Path]:
     return list(done.values())
 
 
-def record_unfinished(sweep_dir: Path) -> None:
-    """Jobs a stopped sweep left without a record (a launcher's worker killed with it): recorded interrupted."""
+def record_unfinished(sweep_dir: Path, error: BaseException | None = None, status: str = "interrupted") -> None:
+    """Jobs a stopped sweep left without a record (a launcher's worker killed with it, or dead): recorded with
+    ``status`` and ``error`` (an interrupt by default)."""
     from .runner import failed_record
 
     for snapshot in sorted(sweep_dir.rglob(".hydra/config.yaml")) if sweep_dir.is_dir() else []:  # any subdir depth
@@ -118,7 +119,7 @@ def record_unfinished(sweep_dir: Path) -> None:
                 source = OmegaConf.to_container(OmegaConf.load(snapshot), resolve=False)
             except Exception:  # a snapshot cut short: nothing to record the job from
                 continue
-            failed_record(source if isinstance(source, dict) else {}, job, KeyboardInterrupt(), status="interrupted")
+            failed_record(source if isinstance(source, dict) else {}, job, error or KeyboardInterrupt(), status=status)
 
 
 def job_dirs(returns: Any) -> list[Path]:
@@ -136,6 +137,7 @@ class SweepResult:
     directory: Path
     job_dirs: list[Path]
     study: bool = False
+    stopped: str | None = None  # why the launcher stopped before every job ran (a worker that died)
 
     @property
     def record_paths(self) -> list[Path]:
@@ -146,10 +148,13 @@ class SweepResult:
         """Jobs whose record is missing or does not say ok (they are in the table; the exit code tells scripts)."""
         from .records import RESULT_FILE, RecordError, read_record
 
+        from .records import find_record_files
+
+        records = [d / RESULT_FILE for d in self.job_dirs] or list(find_record_files([self.directory]))
         failed = 0
-        for job_dir in self.job_dirs:
+        for path in records:
             try:
-                failed += read_record(job_dir / RESULT_FILE).status != "ok"
+                failed += read_record(path).status != "ok"
             except RecordError:
                 failed += 1
         return failed

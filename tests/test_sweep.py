@@ -361,3 +361,26 @@ def test_a_subdir_only_the_job_can_resolve_is_left_to_the_job(tmp_path, monkeypa
         assert job_subdir(composed, 0) is None
         monkeypatch.setenv("NODE_JOB_ID", "7")
         assert job_subdir(composed, 0) == "7"
+
+
+def test_a_launcher_worker_that_dies_leaves_its_jobs_recorded_failed_a_table_and_exit_1(cli, tmp_path, monkeypatch):
+    """A joblib worker killed mid-sweep (out of memory, kill -9) ended in a TerminatedWorkerError traceback, no table,
+    and no record for the jobs it held."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from hydra._internal.hydra import Hydra
+
+    def dies(self, config_name, task_function, overrides, *args, **kwargs):
+        folder = Path(next(o for o in overrides if o.startswith("hydra.sweep.dir=")).split("=", 1)[1].strip("'"))
+        (folder / "0" / ".hydra").mkdir(parents=True)  # a job in flight when its worker died
+        (folder / "0" / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml({"seed": 0, "pruning": {"sparsity": 0.5}}))
+        raise BrokenProcessPool("A worker process managed by the executor was unexpectedly terminated.")
+
+    monkeypatch.setattr(Hydra, "multirun", dies)
+    code, out, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.dir=sw")
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().endswith("error: the sweep stopped: BrokenProcessPool: A worker process managed by the executor was "
+                                "unexpectedly terminated.; the jobs it held are recorded as failed, those not started are missing")
+    record = result_of(tmp_path / "sw" / "0")
+    assert record["status"] == "failed" and "the launcher's worker died" in record["error"]
+    assert "runs that did not finish ok" in out
