@@ -134,12 +134,13 @@ def sweep(
         raise typer.Exit(code=2)
     # a study chooses on validation, so its table shows validation; the best trial's test metric is reported once
     show_comparison(result.record_paths, None, "val" if result.study else "test", Format.table, None, None)
+    if result.stopped:  # the jobs never started have no record: the table holds what ran (a study saved no best trial)
+        console.print(f"sweep dir: {result.directory}", highlight=False, soft_wrap=True)
+        print_error(f"the sweep stopped: {result.stopped}; the jobs it held are recorded as failed, those not started are missing")
+        raise typer.Exit(code=1)
     if result.study:
         show_best_trial(best_trial(result.directory))
     console.print(f"sweep dir: {result.directory}", highlight=False, soft_wrap=True)
-    if result.stopped:  # the jobs never started have no record: the table holds what ran
-        print_error(f"the sweep stopped: {result.stopped}; the jobs it held are recorded as failed, those not started are missing")
-        raise typer.Exit(code=1)
     failed = result.failed_jobs()
     if failed and not result.study:  # a study's failed trials are part of its search; its best trial is the result
         print_error(f"{failed} of {len(result.job_dirs)} jobs failed (listed apart in the table above)")

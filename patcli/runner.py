@@ -240,7 +240,8 @@ def build_pruner(
     except ScheduleError as error:
         raise ConfigError(error.key, str(error).split(": ", 1)[1]) from error
     except AllocationError as error:
-        raise ConfigError("pruning.sparsity", str(error)) from error
+        target = config.regularizer is not None and config.regularizer.target is not None
+        raise ConfigError("regularizer.target" if target else "pruning.sparsity", str(error)) from error
     except ValueError as error:
         raise ConfigError("pruning", str(error)) from error
 

@@ -75,7 +75,8 @@ def search_space_edges(overrides: list[str], cfg: DictConfig) -> list[list[str]]
         sweep = searched.value()
         if isinstance(sweep, IntervalSweep):
             edges = [sweep.start, sweep.end]
-        elif isinstance(sweep, RangeSweep):  # Optuna samples up to stop itself (its distributions' high), as range() does not
+        elif isinstance(sweep, RangeSweep) and not sweep.shuffle:  # Optuna samples up to stop (its distributions' high),
+            # as range() does not; a shuffled range is a list of its own values to it
             last = sweep.start + math.floor((sweep.stop - sweep.start) / sweep.step + 1e-9) * sweep.step
             edges = [sweep.start, round(last, 12) if isinstance(last, float) else last]
         else:

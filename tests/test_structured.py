@@ -457,3 +457,31 @@ def test_excluding_a_heads_k_or_v_weight_keeps_the_heads_of_that_layer():
     pruner = pruned(model, "heads", 0.25, exclude=["blocks.0.attn.k.weight"])
     assert pruner.layout.layer_names == ["blocks.1.attn"]
     assert not bool((model.blocks[0].attn.k.weight == 0).any()) and bool((model.blocks[1].attn.k.weight == 0).any())
+
+
+class InOutWeights(nn.Module):
+    """Weights stored (in, out), as Hugging Face's GPT-2 Conv1D keeps them: a hidden neuron is a column of w1."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(12, 16)), nn.Parameter(torch.zeros(16))
+        self.w2 = nn.Parameter(torch.randn(16, 3))
+
+    def forward(self, x):
+        return torch.relu(x @ self.w1 + self.b1) @ self.w2
+
+    def channel_groups(self, kind):
+        from patcli.engine.layouts import ChannelGroup, Slice
+
+        return [ChannelGroup("hidden", 16, [Slice("w1", 1), Slice("b1", 0), Slice("w2", 0)], self.w1.shape)]
+
+
+def test_a_layer_of_ones_own_is_named_by_the_weight_its_channels_are_cut_from_whatever_its_axis():
+    """With (in, out) weights the classifier w2 is cut along dim 0: it was read as the layer's own weight, so
+    excluding it (README's one exclude for every mode) left nothing to prune."""
+    from patcli.engine.structure import channel_groups
+
+    model = InOutWeights()
+    assert [g.name for g in channel_groups(model, "neurons", exclude=["w2"])] == ["hidden"]
+    assert channel_groups(model, "neurons", exclude=["w1"]) == []
+    assert [g.name for g in channel_groups(model, "neurons", include=["w1"])] == ["hidden"]

@@ -315,6 +315,8 @@ def test_a_sweep_folder_holding_an_earlier_sweep_further_down_is_refused(cli, tm
                                              f"the sweep {tmp_path}/multirun/2026-11-29/a (multirun.yaml); allowed: a "
                                              "directory outside it"), err
     assert sorted(p for p in tmp_path.rglob("*")) == before
+    code, _, err = cli("train", *FAST, "hydra.run.dir=multirun/2026-11-29/a/../beside")  # beside the sweep, not in it
+    assert code == 0, err
 
 
 def test_a_glob_over_a_groups_options_sweeps_them(cli, tmp_path):
@@ -337,6 +339,13 @@ def test_a_searched_key_fixed_on_the_command_line_is_not_checked_as_searched():
         edges = search_space_edges(overrides, cfg)
     assert edges and not any(job[-1].startswith("scorer=") for job in edges)
     assert any(job[-1].startswith("schedule=") for job in edges)
+    for searched, edge_values in (("range(0.5,1.0,0.25)", ["0.5", "1.0"]),  # Optuna samples the stop of a range
+                                  ("shuffle(range(0.5,1.0,0.25))", ["0.5", "0.75"])):  # a shuffled one is a list to it
+        overrides = [f"pruning.sparsity={searched}"]
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = compose("config", ["hydra/sweeper=optuna"], return_hydra_config=True)
+            edges = search_space_edges(overrides, cfg)
+        assert sorted(job[-1].split("=", 1)[1] for job in edges) == edge_values
 
 
 def test_a_subdir_through_hydras_own_resolver_is_resolved_per_job_as_hydra_does(cli, tmp_path):
@@ -363,7 +372,9 @@ def test_a_subdir_only_the_job_can_resolve_is_left_to_the_job(tmp_path, monkeypa
         assert job_subdir(composed, 0) == "7"
 
 
-def test_a_launcher_worker_that_dies_leaves_its_jobs_recorded_failed_a_table_and_exit_1(cli, tmp_path, monkeypatch):
+@pytest.mark.parametrize("search", [[], ["hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", "schedule.end=interval(0.5,0.9)"]],
+                         ids=["basic", "optuna"])
+def test_a_launcher_worker_that_dies_leaves_its_jobs_recorded_failed_a_table_and_exit_1(cli, tmp_path, monkeypatch, search):
     """A joblib worker killed mid-sweep (out of memory, kill -9) ended in a TerminatedWorkerError traceback, no table,
     and no record for the jobs it held."""
     from concurrent.futures.process import BrokenProcessPool
@@ -377,8 +388,8 @@ def test_a_launcher_worker_that_dies_leaves_its_jobs_recorded_failed_a_table_and
         raise BrokenProcessPool("A worker process managed by the executor was unexpectedly terminated.")
 
     monkeypatch.setattr(Hydra, "multirun", dies)
-    code, out, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.dir=sw")
-    assert code == 1 and "Traceback" not in err
+    code, out, err = cli("sweep", *FAST, *(search or ["pruning.sparsity=0.5,0.9"]), "hydra.sweep.dir=sw")
+    assert code == 1 and "Traceback" not in err  # a study saved no best trial: it said "no trial finished ok"
     assert err.strip().endswith("error: the sweep stopped: BrokenProcessPool: A worker process managed by the executor was "
                                 "unexpectedly terminated.; the jobs it held are recorded as failed, those not started are missing")
     record = result_of(tmp_path / "sw" / "0")

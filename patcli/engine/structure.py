@@ -50,15 +50,15 @@ def channel_groups(
     else:
         groups = sequential_groups(model, kind)
     include, exclude = as_list("include", include), as_list("exclude", exclude)
-    # include/exclude name a layer by its own weights, those whose rows are its channels (a neuron's or filter's; a
-    # head's Q, K and V): an excluded layer keeps its channels, while its input columns still go with the previous
+    # include/exclude name a layer by its own weights, those cut along the producing weight's axis (a neuron's or
+    # filter's rows; a head's Q, K and V): an excluded layer keeps its channels, while its input columns still go with the previous
     # layer's (so one exclude, e.g. the classifier, serves every mode). A frozen weight is never pruned, not even
     # those columns (a frozen norm's γ/β or a bias only go with their channel).
     weights = {name for name, p in model.named_parameters() if p.dim() >= 2}
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad and p.dim() >= 2}
 
-    def own(group: ChannelGroup) -> list[str]:
-        return [s.param for s in group.slices if s.dim == 0 and s.param in weights]
+    def own(group: ChannelGroup) -> list[str]:  # cut along the producing weight's axis (rows, or columns of an (in, out) one)
+        return [s.param for s in group.slices if s.dim == group.slices[0].dim and s.param in weights]
 
     return [g for g in groups if any(_any_match(w, include) for w in own(g)) and not any(_any_match(w, exclude) for w in own(g))
             and not any(s.param in frozen for s in g.slices)]
