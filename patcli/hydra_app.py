@@ -227,8 +227,8 @@ def claim_run_dir(overrides: list[str], cfg: DictConfig) -> list[str]:
 def inside_a_sweep(directory: Path) -> str | None:
     """Why ``directory`` must not hold a new run or sweep: it lies inside an earlier sweep's folder, whose table
     (``compare`` of that folder, an Optuna study's best trial) would then count it as one of its jobs."""
-    # abspath, not absolute(): a/sweep/../x lies beside the sweep, not in it
-    sweep = next((p for p in Path(os.path.abspath(directory)).parents if os.path.isfile(p / "multirun.yaml")), None)
+    # where the folder really is: sweep/../x lies beside the sweep, a-link-into-it/../x inside it
+    sweep = next((p for p in Path(os.path.realpath(directory)).parents if os.path.isfile(p / "multirun.yaml")), None)
     return None if sweep is None else f"{directory} lies inside the sweep {sweep} (multirun.yaml); allowed: a directory outside it"
 
 

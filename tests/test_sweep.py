@@ -317,6 +317,9 @@ def test_a_sweep_folder_holding_an_earlier_sweep_further_down_is_refused(cli, tm
     assert sorted(p for p in tmp_path.rglob("*")) == before
     code, _, err = cli("train", *FAST, "hydra.run.dir=multirun/2026-11-29/a/../beside")  # beside the sweep, not in it
     assert code == 0, err
+    (tmp_path / "into").symlink_to(tmp_path / "multirun" / "2026-11-29" / "a" / "0")
+    code, _, err = cli("train", *FAST, "hydra.run.dir=into/../inside")  # through a link, .. is the sweep itself
+    assert code == 2 and "lies inside the sweep" in err, err
 
 
 def test_a_glob_over_a_groups_options_sweeps_them(cli, tmp_path):

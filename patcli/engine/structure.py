@@ -54,11 +54,13 @@ def channel_groups(
     # filter's rows; a head's Q, K and V): an excluded layer keeps its channels, while its input columns still go with the previous
     # layer's (so one exclude, e.g. the classifier, serves every mode). A frozen weight is never pruned, not even
     # those columns (a frozen norm's γ/β or a bias only go with their channel).
-    weights = {name for name, p in model.named_parameters() if p.dim() >= 2}
+    shapes = {name: p.shape for name, p in model.named_parameters() if p.dim() >= 2}
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad and p.dim() >= 2}
 
     def own(group: ChannelGroup) -> list[str]:  # cut along the producing weight's axis (rows, or columns of an (in, out) one)
-        return [s.param for s in group.slices if s.dim == group.slices[0].dim and s.param in weights]
+        cut = [s for s in group.slices if s.param in shapes]
+        producing = next((s for s in cut if shapes[s.param] == group.shape), cut[0] if cut else None)  # in any order
+        return [s.param for s in cut if s.dim == producing.dim]
 
     return [g for g in groups if any(_any_match(w, include) for w in own(g)) and not any(_any_match(w, exclude) for w in own(g))
             and not any(s.param in frozen for s in g.slices)]
