@@ -136,7 +136,8 @@ def sweep(
     show_comparison(result.record_paths, None, "val" if result.study else "test", Format.table, None, None)
     if result.stopped:  # the jobs never started have no record: the table holds what ran (a study saved no best trial)
         console.print(f"sweep dir: {result.directory}", highlight=False, soft_wrap=True)
-        print_error(f"the sweep stopped: {result.stopped}; the jobs it held are recorded as failed, those not started are missing")
+        print_error(f"the sweep stopped: {result.stopped}; the jobs it held are recorded as failed, those not started "
+                    "are missing")
         raise typer.Exit(code=1)
     if result.study:
         show_best_trial(best_trial(result.directory))

@@ -229,7 +229,9 @@ def inside_a_sweep(directory: Path) -> str | None:
     (``compare`` of that folder, an Optuna study's best trial) would then count it as one of its jobs."""
     # where the folder really is: sweep/../x lies beside the sweep, a-link-into-it/../x inside it
     sweep = next((p for p in Path(os.path.realpath(directory)).parents if os.path.isfile(p / "multirun.yaml")), None)
-    return None if sweep is None else f"{directory} lies inside the sweep {sweep} (multirun.yaml); allowed: a directory outside it"
+    if sweep is None:
+        return None
+    return f"{directory} lies inside the sweep {sweep} (multirun.yaml); allowed: a directory outside it"
 
 
 def holds_a_run(directory: Path) -> str | None:

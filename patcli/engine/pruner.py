@@ -21,7 +21,8 @@ from torch import nn
 from .allocation import Allocation, LayerBudget, Uniform, check_reachable
 from .combinations import check_combination, name_of
 from .layouts import ChannelLayout, Layout, TensorLayout
-from .masks import MASKINGS, DenseShadowMasking, MaskSet, as_bytes, mark_pruned_, pattern_lists, select_prunable, zero_optimizer_state_
+from .masks import (MASKINGS, DenseShadowMasking, MaskSet, as_bytes, mark_pruned_, pattern_lists, select_prunable,
+                    zero_optimizer_state_)
 from .patterns import Pattern, Structured, Unstructured
 from .regrowth import NoRegrowth, Regrowth
 from .regularizers import Regularizer

@@ -51,9 +51,9 @@ def channel_groups(
         groups = sequential_groups(model, kind)
     include, exclude = as_list("include", include), as_list("exclude", exclude)
     # include/exclude name a layer by its own weights, those cut along the producing weight's axis (a neuron's or
-    # filter's rows; a head's Q, K and V): an excluded layer keeps its channels, while its input columns still go with the previous
-    # layer's (so one exclude, e.g. the classifier, serves every mode). A frozen weight is never pruned, not even
-    # those columns (a frozen norm's γ/β or a bias only go with their channel).
+    # filter's rows; a head's Q, K and V): an excluded layer keeps its channels, while its input columns still go
+    # with the previous layer's (so one exclude, e.g. the classifier, serves every mode). A frozen weight is never
+    # pruned, not even those columns (a frozen norm's γ/β or a bias only go with their channel).
     shapes = {name: p.shape for name, p in model.named_parameters() if p.dim() >= 2}
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad and p.dim() >= 2}
 
