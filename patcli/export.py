@@ -209,7 +209,7 @@ def load_pruned(path: str | Path, device: str | None = None) -> nn.Module:
         raise ValueError(f"{path / DESCRIPTION} is damaged or not a patcli export ({error.__class__.__name__}: {error}); "
                          "allowed: the files `patcli export` writes: run it again") from error
     weights = path / (SMALL_MODEL if structured else COMPRESSED)
-    if not weights.is_file():
+    if not os.path.isfile(weights):
         raise FileNotFoundError(f"{weights} is missing from the export; run `patcli export` on its run again")
     model = build_model(NamedConfig(name, model_config), meta)
     try:

@@ -66,11 +66,11 @@ def search_space_edges(overrides: list[str], cfg: DictConfig) -> list[list[str]]
     take fails before the study, not in every trial."""
     parsed = parsed_overrides(overrides, cfg)
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    given = {o.get_key_element() for o in parsed[len(parsed) - len(overrides):]}  # on the command line
+    presets = len(parsed) - len(overrides)  # parsed_overrides puts the preset's params first
+    given = {o.get_key_element() for o in parsed[presets:]}  # on the command line
     jobs = []
     for number, searched in enumerate(parsed):
-        preset = number < len(parsed) - len(overrides)
-        if not searched.is_sweep_override() or (preset and searched.get_key_element() in given):
+        if not searched.is_sweep_override() or (number < presets and searched.get_key_element() in given):
             continue  # a preset's search that the command line sets is not searched (Optuna drops it too)
         sweep = searched.value()
         if isinstance(sweep, IntervalSweep):
@@ -149,13 +149,10 @@ class SweepResult:
         """Jobs whose record is missing or does not say ok (they are in the table; the exit code tells scripts)."""
         from .records import RESULT_FILE, RecordError, read_record
 
-        from .records import find_record_files
-
-        records = [d / RESULT_FILE for d in self.job_dirs] or list(find_record_files([self.directory]))
         failed = 0
-        for path in records:
+        for job_dir in self.job_dirs:
             try:
-                failed += read_record(path).status != "ok"
+                failed += read_record(job_dir / RESULT_FILE).status != "ok"
             except RecordError:
                 failed += 1
         return failed

@@ -132,8 +132,7 @@ class Trainer:
         self.val_split = data.val.to(device)
         self.config = config
         self.device = device
-        self.seed = seed
-        self.shuffle = shuffle
+        self.shuffle = shuffle if shuffle is not None else torch.Generator().manual_seed(seed)
         self.total_steps = total_steps(data, config)
         self.optimizer = make_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -153,7 +152,6 @@ class Trainer:
         label: str | None = None,
     ) -> FitResult:
         config, model = self.config, self.model
-        generator = self.shuffle if self.shuffle is not None else torch.Generator().manual_seed(self.seed)
         per_epoch = steps_per_epoch(self.data, config.batch_size)
         result = FitResult(steps=0, seconds=0.0)
         started = time.perf_counter()
@@ -163,7 +161,7 @@ class Trainer:
         step = 0
         try:
             while step < self.total_steps:
-                for inputs, targets in self.train_split.batches(config.batch_size, generator):
+                for inputs, targets in self.train_split.batches(config.batch_size, self.shuffle):
                     loss, _ = loss_and_outputs(model, self.data.task, inputs, targets)
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()

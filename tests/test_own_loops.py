@@ -267,7 +267,12 @@ def test_states_whose_parts_fill_in_later_still_resume(tiny_mlp):
     dynamic = Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10,
                      regrowth=REGROWTHS.get("set")(delta_t=2))
     older = {k: v for k, v in dynamic.state_dict().items() if k != "regrowth.generator"}
-    dynamic.load_state_dict(older)
+    older["step"] = torch.tensor(3)
+    resumed = Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10,
+                     regrowth=REGROWTHS.get("set")(delta_t=2, seed=1))  # other first masks: the load must replace them
+    assert not all(torch.equal(a, b) for a, b in zip(resumed.masks.keep, dynamic.masks.keep))
+    resumed.load_state_dict(older)
+    assert resumed.step == 3 and [torch.equal(a, b) for a, b in zip(resumed.masks.keep, dynamic.masks.keep)] == [True] * 3
 
 
 def _train_ddp_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .layouts import ChannelLayout
+from .masks import tensor_bytes
 from .scorers import SCORERS, Scorer
 
 
@@ -73,7 +74,7 @@ class GroupScorer(Scorer):
             c.zero_()
 
     def state_bytes(self) -> int:  # the accumulators held, without copying them as state_dict() does
-        return sum(t.numel() * t.element_size() for t in (*self._sums, *self._counts))
+        return tensor_bytes([*self._sums, *self._counts])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"sum.{i}": s.clone() for i, s in enumerate(self._sums)}

@@ -77,6 +77,11 @@ def select_prunable(
     return selected
 
 
+def tensor_bytes(tensors) -> int:
+    """Memory the tensors hold (for ``engine_state_bytes``)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def as_bytes(mask: torch.Tensor) -> torch.Tensor:
     """A bool mask viewed as uint8 (no copy): converting that to float is ~10× faster on CPU than from bool."""
     return mask.view(torch.uint8)
@@ -145,7 +150,7 @@ class MaskSet:
         return sum(c for c, a in zip(self.pruned_counts, self.accounted) if a) / self.accounted_numel()
 
     def state_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() + m.numel() * m.element_size() for k, m in zip(self.keep, self._multipliers))
+        return tensor_bytes([*self.keep, *self._multipliers])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: keep.clone() for name, keep in zip(self.names, self.keep)}
@@ -256,7 +261,7 @@ class DenseShadowMasking:
             self.shadow[i].copy_(state[f"shadow.{name}"])
 
     def state_bytes(self) -> int:
-        return sum(s.numel() * s.element_size() for s in self.shadow)
+        return tensor_bytes(self.shadow)
 
 
 MASKINGS = {"inplace": InplaceMasking, "dense_shadow": DenseShadowMasking}

@@ -22,7 +22,7 @@ from .allocation import Allocation, LayerBudget, Uniform, check_reachable
 from .combinations import check_combination, name_of
 from .layouts import ChannelLayout, Layout, TensorLayout
 from .masks import (MASKINGS, DenseShadowMasking, MaskSet, as_bytes, mark_pruned_, pattern_lists, select_prunable,
-                    zero_optimizer_state_)
+                    tensor_bytes, zero_optimizer_state_)
 from .patterns import Pattern, Structured, Unstructured
 from .regrowth import NoRegrowth, Regrowth
 from .regularizers import Regularizer
@@ -336,9 +336,8 @@ class Pruner:
         self.masking.masks_changed()
 
     def _record(self, t: int, target: float, revived: int) -> MaskUpdate:
-        # a penalty's zeros count where the masks do not hold them (yet, or any more after the closing update)
-        sparsity = self.masks.sparsity() if self.regularizer is None else self.sparsity()
-        update = MaskUpdate(step=t, target=target, sparsity=sparsity, revived=revived)
+        # what the model holds: a penalty's zeros count where the masks do not hold them (yet, or after the close)
+        update = MaskUpdate(step=t, target=target, sparsity=self.current_sparsity(), revived=revived)
         self.updates.append(update)
         log.debug("mask update at step %d: target %.4f, sparsity %.4f, revived %d", t, target, update.sparsity, revived)
         if self.on_update:
@@ -454,7 +453,7 @@ class Pruner:
         accumulators or buffers."""
         held = [*(self._scratch or []), *self.layout.group_keep]
         return (self.masks.state_bytes() + self.masking.state_bytes() + self.scorer.state_bytes()
-                + sum(t.numel() * t.element_size() for t in held))
+                + tensor_bytes(held))
 
     def _pattern_id(self) -> str:
         """The pattern's kind and geometry (not its channel score reduction, which leaves masks valid)."""

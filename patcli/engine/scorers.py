@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .masks import tensor_bytes
 from .registry import Registry, check_seed
 
 SCORERS: Registry["Scorer"] = Registry("scorer")
@@ -42,7 +43,7 @@ class Scorer:
 
     def state_bytes(self) -> int:
         """Bytes of the tensors this scorer holds between mask updates (a scorer of one's own: its state's)."""
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+        return tensor_bytes(self.state_dict().values())
 
 
 @SCORERS.register("magnitude")
@@ -118,7 +119,7 @@ class Accumulating(Scorer):
         return {"count": torch.tensor(float(self._count)), **{f"sum.{i}": s.clone() for i, s in enumerate(self._sums)}}
 
     def state_bytes(self) -> int:  # the accumulators held, without copying them as state_dict() does
-        return sum(s.numel() * s.element_size() for s in self._sums)
+        return tensor_bytes(self._sums)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if "count" not in state:  # saved before its first step: nothing accumulated yet
