@@ -87,10 +87,10 @@ def plan(config: RunConfig) -> Plan:
         # and regularizers shape PAT's updates, not this one-shot check
         pruned = baseline.recorded(config, model) if hasattr(baseline, "recorded") else config
         fixed = dataclasses.replace(pruned, schedule=SCHEDULES.get("fixed")(), regrowth=REGROWTHS.get("none")(), regularizer=None)
-        build_pruner(fixed, model, 1, evaluate_fn=never_called)
+        build_pruner(fixed, model, 1, evaluate_fn=never_called).detach()  # a channel scorer's model hooks off
     elif config.pruning.enabled:
-        trial = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule))
-        pruner = build_pruner(trial, model, steps, evaluate_fn=never_called)  # pattern fits?
+        pruner = build_pruner(config, model, steps, evaluate_fn=never_called)  # pattern fits?
+        pruner.detach()  # only a check: the run builds its own, and a channel scorer's model hooks must go
         update_steps = len(pruner.schedule.update_steps())
     if config.trainer.init_from:
         load_weights(model, check_init_from(config), "trainer.init_from")
@@ -231,8 +231,8 @@ def build_pruner(
             include=config.pruning.include,
             exclude=config.pruning.exclude,
             max_layer_sparsity=config.pruning.max_layer_sparsity,
-            regrowth=dataclasses.replace(config.regrowth),
-            regularizer=dataclasses.replace(config.regularizer) if config.regularizer else None,
+            regrowth=config.regrowth,
+            regularizer=config.regularizer,
             evaluate=evaluate_fn,
             on_update=on_update,
         )  # it refuses a target the per-layer caps cannot reach

@@ -151,6 +151,7 @@ def test_alternating_schedule_lifts_and_enforces_masks_step_by_step_and_resets_m
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     schedule = SCHEDULES.get("alternating")(begin=5, compressed=4, decompressed=3, final=10)
     pruner = Pruner(model, sparsity=0.8, schedule=schedule, total_steps=40).attach(optimizer)
+    schedule = pruner.schedule  # the pruner binds its own copy to the run
     phases = {}
     generator = torch.Generator().manual_seed(0)
     for t in range(40):
@@ -185,6 +186,7 @@ def test_alternating_frees_every_decompressed_step_and_rechooses_masks_from_the_
     # registered before the pruner's hook, so it sees each step's weights before the pruner touches them
     optimizer.register_step_post_hook(lambda *_: before_update.update({pruner.step: [w.detach().clone() for w in pruner.masks.weights]}))
     pruner = Pruner(model, sparsity=0.5, schedule=schedule, total_steps=40).attach(optimizer)
+    schedule = pruner.schedule  # the pruner binds its own copy to the run
     generator = torch.Generator().manual_seed(0)
     for t in range(40):
         optimizer.zero_grad()

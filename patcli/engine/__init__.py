@@ -43,9 +43,12 @@ __all__ = [
 ]
 
 
-def _part(registry, value):
-    if value == "none" and "none" not in registry:  # as the CLI's regularizer=none: no such part
+def _part(registry, value, argument: str, optional: bool = False):
+    """A part from its name or as given; ``optional`` parts may be None (or "none", as the CLI's regularizer=none)."""
+    if optional and (value is None or (value == "none" and "none" not in registry)):
         return None
+    if value is None:  # not the Pruner's own default, which may differ from this function's
+        raise TypeError(f"{argument} must be a name ({', '.join(registry.names())}) or an object, got None")
     return registry.get(value)() if isinstance(value, str) else value
 
 
@@ -68,12 +71,12 @@ def prune_during_training(
         model,
         sparsity=sparsity,
         total_steps=total_steps,
-        scorer=_part(SCORERS, scorer),
-        schedule=_part(SCHEDULES, schedule),
-        allocation=_part(ALLOCATIONS, allocation),
-        pattern=_part(PATTERNS, pattern),
-        regrowth=_part(REGROWTHS, regrowth),
-        regularizer=_part(REGULARIZERS, regularizer),
+        scorer=_part(SCORERS, scorer, "scorer"),
+        schedule=_part(SCHEDULES, schedule, "schedule"),
+        allocation=_part(ALLOCATIONS, allocation, "allocation"),
+        pattern=_part(PATTERNS, pattern, "pattern"),
+        regrowth=_part(REGROWTHS, regrowth, "regrowth", optional=True),
+        regularizer=_part(REGULARIZERS, regularizer, "regularizer", optional=True),
         **options,
     )
     return pruner.attach(optimizer)

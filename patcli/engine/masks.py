@@ -174,6 +174,8 @@ class Masking(Protocol):
 
     def masks_changed(self) -> None: ...
 
+    def adopt_weights(self) -> None: ...
+
     def dense_weights(self) -> list[torch.Tensor]: ...
 
     def state_dict(self) -> dict[str, torch.Tensor]: ...
@@ -206,6 +208,9 @@ class InplaceMasking:
     def masks_changed(self) -> None:
         if self.enforced:
             self.masks.zero_pruned_()
+
+    def adopt_weights(self) -> None:
+        pass  # the weights are the only copy
 
     def dense_weights(self) -> list[torch.Tensor]:
         return self.masks.weights
@@ -249,6 +254,11 @@ class DenseShadowMasking:
             torch._foreach_copy_(self.masks.weights, self.shadow)
         if self.enforced:
             self.masks.zero_pruned_()
+
+    def adopt_weights(self) -> None:
+        """The weights as they are become the dense ones (they trained without the pruner: the shadow is stale)."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.shadow, self.masks.weights)
 
     def dense_weights(self) -> list[torch.Tensor]:
         return self.shadow

@@ -7,6 +7,7 @@ decision. The pruner hooks into ``optimizer.step()``, so a training loop needs n
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -79,11 +80,19 @@ def check_arguments(*, sparsity, total_steps, frequency, max_layer_sparsity, **p
             raise TypeError(f"{name} must be an integer >= 1 (optimizer steps), got {value!r}")
         if value < 1:
             raise ValueError(f"{name} must be an integer >= 1 (optimizer steps), got {value!r}")
+    if parts.get("schedule") is None:
+        raise TypeError("schedule must be a Schedule object, e.g. SCHEDULES.get(name)(), got None")
     for name, value in parts.items():
         kind, registry = PARTS[name]
         if value is not None and not isinstance(value, kind):
             raise TypeError(f"{name} must be a {kind.__name__} object, e.g. {registry}.get(name)(), got {value!r}; "
                             "prune_during_training also takes names")
+
+
+def own_copy(part):
+    """A fresh part of the same settings: a pruner binds its parts to its own run (steps, accumulators, model hooks),
+    so one object given to two pruners must not carry the first one's binding into the second."""
+    return dataclasses.replace(part) if dataclasses.is_dataclass(part) else part
 
 
 class Pruner:
@@ -117,6 +126,7 @@ class Pruner:
         check_arguments(sparsity=sparsity, total_steps=total_steps, frequency=frequency, max_layer_sparsity=max_layer_sparsity,
                         schedule=schedule, scorer=scorer, allocation=allocation, pattern=pattern, regrowth=regrowth,
                         regularizer=regularizer)
+        schedule, scorer, allocation, regrowth, regularizer = map(own_copy, (schedule, scorer, allocation, regrowth, regularizer))
         self.model = model
         self.pattern = pattern or Unstructured()
         if self.pattern.fixed_sparsity is not None and abs(sparsity - self.pattern.fixed_sparsity) > 1e-9:
@@ -160,6 +170,7 @@ class Pruner:
         self.optimizer: torch.optim.Optimizer | None = None
         self._group_index: dict[int, int] = {}
         self._handles: list = []
+        self._detached = False  # set by detach(): attach() then takes the weights as they are
         self.check_reachable()  # the final target under the caps: said now, not at an update late in training
         if self.regrowth.replaces_schedule:
             self.regrowth.bind(total_steps)
@@ -186,6 +197,10 @@ class Pruner:
             handle.remove()
         if getattr(self.scorer, "grouped", False):  # detach() took its model hooks away
             self.scorer.watch_model(self.model)
+        if self._detached:  # the weights may have trained unmasked since: take them as they are, masked again
+            self.masking.adopt_weights()
+            self.masking.masks_changed()
+            self._detached = False
         self.optimizer = optimizer
         # each weight's param group by position: optimizer.load_state_dict replaces the group dicts, not their order
         self._group_index = group_index
@@ -202,6 +217,7 @@ class Pruner:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._detached = True
         if getattr(self.scorer, "grouped", False):
             self.scorer.detach()
 
@@ -466,6 +482,11 @@ class Pruner:
         return (f"{type(s).__name__}(final_sparsity={s.final_sparsity}, frequency={s.frequency}, begin_step={s.begin_step}, "
                 f"end_step={s.end_step})")
 
+    def _schedule_settings(self) -> str:
+        """The schedule's own parameters (power, phases, ramp, ...), which decide its targets and update steps too."""
+        s = self.schedule
+        return f"{type(s).__name__}({', '.join(f'{f.name}={getattr(s, f.name)}' for f in dataclasses.fields(s))})"
+
     def _load_parts(self, state: dict[str, torch.Tensor]) -> None:
         """The pruner's own state, every part's, from ``state`` (the model's weights are left as they are)."""
 
@@ -486,6 +507,7 @@ class Pruner:
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {"step": torch.tensor(self.step), "pattern": torch.tensor(list(self._pattern_id().encode()), dtype=torch.uint8),
                  "schedule": torch.tensor(list(self._schedule_id().encode()), dtype=torch.uint8),
+                 "schedule_settings": torch.tensor(list(self._schedule_settings().encode()), dtype=torch.uint8),
                  "updates": torch.tensor([[u.step, u.target, u.sparsity, u.revived] for u in self.updates], dtype=torch.float64)
                  .reshape(-1, 4)}
         state.update({f"mask.{k}": v for k, v in self.masks.state_dict().items()})
@@ -506,11 +528,29 @@ class Pruner:
         groups = {k.removeprefix("groups."): v for k, v in state.items() if k.startswith("groups.")}
         # masks of another pattern would not hold this one's structure (2:4, blocks); under another schedule (run
         # length, target, interval) the saved step and masks would miss its updates or undo them
-        for key, mine in (("pattern", self._pattern_id()), ("schedule", self._schedule_id())):
-            saved = bytes(state[key].tolist()).decode() if key in state else mine  # older states lack "schedule"
+        for key, mine in (("pattern", self._pattern_id()), ("schedule", self._schedule_id()),
+                          ("schedule_settings", self._schedule_settings())):
+            saved = bytes(state[key].tolist()).decode() if key in state else mine  # older states lack the schedule's
             if saved != mine:
                 raise ValueError(f"the pruner state was saved with {key} {saved}, this pruner uses {mine}; allowed: the "
                                  "state of a pruner built the same way (sparsity, total_steps, frequency, schedule, pattern)")
+        masks = {k.removeprefix("mask."): v for k, v in state.items() if k.startswith("mask.")}
+        for name, keep in zip(self.masks.names, self.masks.keep):  # the same weights, each of its own shape
+            saved = masks.get(name)
+            if saved is not None and saved.shape != keep.shape:
+                raise ValueError(f"the pruner state does not fit this pruner: its mask of {name} is "
+                                 f"{tuple(saved.shape)}, the weight here {tuple(keep.shape)} (another model); allowed: "
+                                 "the state of a pruner built the same way")
+        missing = [name for name in self.masks.names if name not in masks]
+        if missing:
+            raise ValueError(f"the pruner state does not fit this pruner: it has no mask of {missing[0]} (another model "
+                             "or include/exclude); allowed: the state of a pruner built the same way")
+        unknown = sorted(set(masks) - set(self.masks.names)) + [f"groups.{k}" for k in sorted(
+            set(groups) - {str(i) for i in range(len(self.layout.group_keep))})]
+        if unknown:  # a pruner over more weights (another include/exclude): this one would drop their masks
+            raise ValueError(f"the pruner state does not fit this pruner: it masks {unknown[0]}, which this pruner "
+                             "does not prune (another model or include/exclude); allowed: the state of a pruner built "
+                             "the same way")
         for i, (name, current) in enumerate(zip(self.layout.layer_names, self.layout.group_keep)):
             saved = groups.get(str(i))
             if saved is None or saved.shape != current.shape:  # another pattern or model: the masks would not hold it
@@ -535,3 +575,4 @@ class Pruner:
                              "pruner built the same way") from error
         self.masking.enforced = self.schedule.masks_enforced(max(self.step - 1, 0))
         self.masking.masks_changed()
+        self._detached = False  # the state loaded is the whole truth: nothing to take from the weights at attach()

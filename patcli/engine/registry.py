@@ -106,13 +106,19 @@ def _is_a(value: Any, hint: Any) -> bool:
         return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if hint is str:
         return isinstance(value, str)
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple, np.ndarray))
+    if origin in (list, tuple):  # list[float], tuple[float, ...]: each element too
+        element = next((arg for arg in typing.get_args(hint) if arg is not Ellipsis), None)
+        return isinstance(value, (list, tuple, np.ndarray)) and (
+            element is None or all(_is_a(item, element) for item in value))
     return True
 
 
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_describe(option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, tuple):
+        element = next((arg for arg in typing.get_args(hint) if arg is not Ellipsis), None)
+        plural = {int: "ints", float: "numbers", str: "strings", bool: "booleans"}.get(element)
+        return f"a list of {plural}" if plural else "a list"
     return {int: "an int", float: "a number", str: "a string", bool: "true or false", type(None): "None"}.get(
         hint, getattr(typing.get_origin(hint), "__name__", str(hint)))
