@@ -246,6 +246,9 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: "
         if why:
             print_error(f"{option}: {why}")
             raise typer.Exit(code=2)
+    if plot and output and os.path.realpath(plot) == os.path.realpath(output):  # the image would replace the table
+        print_error(f"--plot: {plot} is also --output; allowed: two different files")
+        raise typer.Exit(code=2)
     if plot and plot.suffix.lower() not in PLOT_FORMATS:
         print_error(f"--plot: {plot.name!r} has no image extension; allowed: a file ending in {', '.join(PLOT_FORMATS)}")
         raise typer.Exit(code=2)

@@ -211,7 +211,12 @@ def load_pruned(path: str | Path, device: str | None = None) -> nn.Module:
     weights = path / (SMALL_MODEL if structured else COMPRESSED)
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"{weights} is missing from the export; run `patcli export` on its run again")
-    model = build_model(NamedConfig(name, model_config), meta)
+    try:
+        model = build_model(NamedConfig(name, model_config), meta)
+    except (KeyError, TypeError, AttributeError) as error:  # a ConfigError (a model refused) says what it is
+        raise ValueError(f"{path / DESCRIPTION} is damaged or not a patcli export: its model cannot be built "
+                         f"({error.__class__.__name__}: {error}); allowed: the files `patcli export` writes: run it "
+                         "again") from error
     try:
         if structured:
             resize_like(model, description["shapes"])

@@ -134,6 +134,31 @@ class RecordError(ValueError):
     """A result.json that cannot be read as a record."""
 
 
+# What compare reads of a cited dense run, and of a config, beyond the record's own typed fields
+REFERENCE_FIELDS = {"run_dir": str, "run_id": str, "metrics": dict[str, dict[str, float]], "train_steps": int | None}
+SCALAR_SETTINGS = (("trainer", "init_from"), ("dataset", "val_fold"))  # keys of compare's tables: one value each
+
+
+def check_nested(record: RunRecord) -> None:
+    """The parts of a record that are free-form dicts, checked where compare relies on their shape (a hand-edited or
+    damaged record is skipped with a warning, not a traceback)."""
+    from .config import coerce
+
+    reference = record.dense_reference
+    if reference is not None:
+        for key, hint in REFERENCE_FIELDS.items():
+            if key in reference:
+                coerce(reference[key], hint, f"dense_reference.{key}")
+        bad = [f"{split}.{name}" for split, values in (reference.get("metrics") or {}).items()
+               for name, value in values.items() if not math.isfinite(value)]
+        if bad:
+            raise ValueError(f"dense_reference.metrics.{bad[0]}: not a finite number")
+    for group, key in SCALAR_SETTINGS:
+        value = (record.config.get(group) or {}).get(key) if isinstance(record.config.get(group), dict) else None
+        if value is not None and not isinstance(value, (str, int, float)):
+            raise ValueError(f"config.{group}.{key}: expected a single value, got {value!r}")
+
+
 def read_record(path: Path) -> RunRecord:
     try:
         data = json.loads(Path(path).read_text())
@@ -143,6 +168,7 @@ def read_record(path: Path) -> RunRecord:
         raise RecordError(f"{path}: not a patcli run record (no method/schema_version)")
     try:
         record = RunRecord.from_dict(data)
+        check_nested(record)
     except (TypeError, ValueError) as error:  # a missing field, or one of the wrong type (ConfigError names it)
         raise RecordError(f"{path}: {error}") from error
     if record.schema_version > SCHEMA_VERSION:

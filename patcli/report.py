@@ -102,6 +102,11 @@ class GroupTable:
         return max(means) if self.higher_is_better else min(means)
 
 
+    def dense_is_best(self, column: float) -> bool:
+        """Where the reference dense row is marked: in a 0% column (other dense setups) that it leads."""
+        return column == 0.0 and self.dense is not None and self.dense.cells[0.0].mean == self.best(column)
+
+
 @dataclass
 class Comparison:
     groups: list[GroupTable]
@@ -174,14 +179,17 @@ def settings(record: RunRecord) -> dict[str, object]:
 PAT_ONLY = ("scorer.", "schedule.", "allocation.", "regrowth.", "regularizer.", "pruning.frequency", "pruning.masking")
 
 
-def identity(record: RunRecord) -> str:
+def identity_settings(record: RunRecord) -> dict[str, object]:
     """What makes two records the same recipe: their whole config except seed, fold, sparsity and locations, and
     except the PAT settings a dense run or a post-training baseline does not read."""
     unused = () if record.method == "pat" else PAT_ONLY
     if record.method == "dense":  # nothing is pruned: the cap is inert (a cached dense reference does not record it)
         unused += ("pruning.max_layer_sparsity",)
-    flat = {k: v for k, v in settings(record).items() if k not in NOT_IDENTITY and not k.startswith(unused)}
-    return json.dumps(flat, sort_keys=True, default=str)
+    return {k: v for k, v in settings(record).items() if k not in NOT_IDENTITY and not k.startswith(unused)}
+
+
+def identity(record: RunRecord) -> str:
+    return json.dumps(identity_settings(record), sort_keys=True, default=str)
 
 
 def training_key(record: RunRecord) -> str:
@@ -200,6 +208,7 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
     references: dict[str, RunRecord] = {}  # dense run (id, or dir for older records) → one record that cites it
     dense_rows_of: dict[str, Row] = {}  # id and dir of each dense run among the records → its row
     seen: dict[tuple, str] = {}  # (group, recipe, sparsity, seed, fold, starting weights) → the run counted for it
+    dense_samples: dict[tuple, str] = {}  # (group, training, seed, fold) of each dense run counted → where it is
     repeats: list[str] = []
     without_metric: list[str] = []
     for record in (r for r in records if r.status == "ok"):
@@ -221,13 +230,18 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
         if first != record.run_dir:  # a repeat is no new sample: pooling it would shrink the std
             repeats.append(f"{record.run_dir}: the same recipe, sparsity and seed{'' if fold is None else ' and fold'} "
                            f"as {first}, counted once")
+            if record.method == "dense":  # records citing the repeat find the row that counted its twin
+                twin = keyed[record.model_dataset_hash][(label, key)]
+                dense_rows_of.update({i: twin for i in (record.run_id, str(Path(record.run_dir).resolve())) if i})
             continue
         row = keyed.setdefault(record.model_dataset_hash, {}).setdefault(
             (label, key), Row(label, record.method, training=training_key(record)))
-        configs[(record.model_dataset_hash, label, key)] = settings(record)
+        configs[(record.model_dataset_hash, label, key)] = identity_settings(record)  # labels name what sets rows apart
         _add(row, column, value, record)
         if record.method == "dense":
             dense_rows_of.update({ident: row for ident in (record.run_id, str(Path(record.run_dir).resolve())) if ident})
+            if start[1] is None:  # a dense run continued from another (dense+init) is no plain seed
+                dense_samples[(record.model_dataset_hash, row.training, record.seed, fold)] = record.run_dir
         elif record.dense_reference:
             cited = record.dense_reference
             ident = cited.get("run_id") or str(Path(cited.get("run_dir", "")).resolve())
@@ -241,7 +255,7 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
         dense_rows = ([row for (label, _), row in rows.items() if label == "dense"]
                       or [row for row in rows.values() if any(row is c for c in cited)])
         if dense_rows:  # the dense configuration with the most runs is the reference; others stay rows
-            group.dense = max(dense_rows, key=lambda r: r.cells[0.0].n)
+            group.dense = reference_dense(dense_rows)
         group.rows = {}
         for row in (row for row in rows.values() if row is not group.dense):
             label, n = row.label, 1
@@ -257,6 +271,12 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
         if cited in dense_rows_of or value is None:
             continue
         training = training_key(record)
+        sample = (record.model_dataset_hash, training, record.seed, flatten(record.config).get("dataset.val_fold"))
+        if sample in dense_samples:  # a baseline records its dense run's seed: that seed is counted already
+            repeats.append(f"the dense run {cited} cited by {record.run_dir}: the same training and seed as "
+                           f"{dense_samples[sample]}, counted once")
+            continue
+        dense_samples[sample] = cited
         plain = group.dense is not None and group.dense.label.partition(" [")[0] == "dense"  # not dense+init
         if plain and group.dense.training == training:
             row = group.dense
@@ -267,7 +287,7 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
         group = groups[group_key]
         if group.dense is None:  # the training cited most is the reference, labelled when there are others
             _disambiguate({("dense", t): row for t, row in by_training.items()}, {("dense", t): json.loads(t) for t in by_training})
-            group.dense = max(by_training.values(), key=lambda r: r.cells[0.0].n)
+            group.dense = reference_dense(list(by_training.values()))
     for group_key, group in groups.items():
         dense_rows = [row for row in keyed.get(group_key, {}).values() if row.method == "dense" and 0.0 in row.cells]
         dense_rows += cited_only.get(group_key, {}).values()
@@ -280,17 +300,28 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
                       without_metric)
 
 
+def reference_dense(rows: list[Row]) -> Row:
+    """The dense row with the most runs; on a tie the fixed validation split's, then by label: never the order in
+    which the paths were given."""
+    def rank(row: Row) -> tuple:
+        cross_validated = bool(json.loads(row.training or "{}").get("cross_validation"))
+        return -row.cells[0.0].n, cross_validated, row.label
+
+    return min(rows, key=rank)
+
+
 def _dense_value_for(row: Row, group: GroupTable, dense_rows: list[Row], dense_rows_of: dict[str, Row]) -> float | None:
-    """The dense result a row's difference is taken against: the dense run its baselines started from, else the
-    dense run trained the same way (same trainer, model, data), else the group's dense row."""
+    """The dense result a row's difference is taken against: the dense runs its baselines started from (their own
+    results, not their row's, which may pool other seeds), else the dense run trained the same way (same trainer,
+    model, data), else the group's dense row."""
     if row.method == "dense":
         return group.dense_value
+    values = [v for v in row.cites.values() if v is not None]
+    if row.cites and len(values) == len(row.cites):
+        return statistics.fmean(values)
     cited = {id(dense_rows_of[c]): dense_rows_of[c] for c in row.cites if c in dense_rows_of}
     if len(cited) == 1:
         return next(iter(cited.values())).cells[0.0].mean
-    values = [v for c, v in row.cites.items() if c not in dense_rows_of and v is not None]
-    if row.cites and not cited and values:  # dense runs known only through what these records cite
-        return statistics.fmean(values)
     same = [d for d in dense_rows if d.training == row.training]
     if len(same) == 1:
         return same[0].cells[0.0].mean
@@ -378,7 +409,8 @@ def rich_tables(comparison: Comparison):
         if group.dense:
             dense_cell = group.dense.cells[0.0]
             table.add_row(escape(group.dense.label), group.dense.steps_text(), str(dense_cell.n),
-                          *[f"[dim]{cell_text(dense_cell, group)}[/]" for _ in columns])
+                          *[f"[bold green]{cell_text(dense_cell, group)}[/]" if group.dense_is_best(c) else
+                            f"[dim]{cell_text(dense_cell, group)}[/]" for c in columns])
         for row in rows:
             cells = []
             for column in columns:
@@ -467,7 +499,8 @@ def to_markdown(comparison: Comparison) -> str:
         if group.dense:
             dense = group.dense.cells[0.0]
             lines.append("| " + " | ".join([group.dense.label, group.dense.steps_text(), str(dense.n)]
-                                           + [cell_text(dense, group)] * len(columns)) + " |")
+                                           + [f"**{cell_text(dense, group)}**" if group.dense_is_best(c) else
+                                              cell_text(dense, group) for c in columns]) + " |")
         for row in group.ordered_rows():
             cells = []
             for column in columns:

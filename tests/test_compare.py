@@ -72,6 +72,15 @@ def test_a_run_reached_twice_or_copied_counts_once(cli, runs):
         ({"metrics": {"test": {"accuracy": "high"}}}, "metrics.test.accuracy: expected a number, got 'high'"),
         ({"target_sparsity": "abc"}, "target_sparsity: expected a number"),
         ({"metrics": {}}, "a finished run without its accuracy metric"),
+        # free-form parts compare reads: each was a traceback (AttributeError, TypeError in fmean, unhashable list)
+        ({"dense_reference": {"run_id": "zz", "metrics": "oops"}}, "dense_reference.metrics: expected a mapping"),
+        ({"dense_reference": {"metrics": {"test": 3}}}, "dense_reference.metrics.test: expected a mapping"),
+        ({"dense_reference": {"metrics": {"test": {"accuracy": "high"}}}}, "dense_reference.metrics.test.accuracy: expected a number"),
+        ({"dense_reference": {"metrics": {"test": {"accuracy": float("nan")}}}}, "dense_reference.metrics.test.accuracy: not a finite"),
+        ({"dense_reference": {"train_steps": "many"}}, "dense_reference.train_steps: expected"),
+        ({"dense_reference": [1]}, "dense_reference: expected dict or null, got [1]"),
+        ({"config": {"trainer": {"init_from": ["a"]}}}, "config.trainer.init_from: expected a single value, got ['a']"),
+        ({"config": {"dataset": {"val_fold": [1]}}}, "config.dataset.val_fold: expected a single value, got [1]"),
     ],
 )
 def test_a_hand_edited_record_of_the_wrong_shape_is_skipped_with_its_reason(runs, damage, why):
@@ -287,7 +296,7 @@ def test_the_same_seed_started_from_other_weights_is_another_sample(tmp_path):
     records, _ = report.load_records([tmp_path])
     comparison = report.compare(records)
     (group,) = comparison.groups
-    assert comparison.repeats == []
+    assert [line for line in comparison.repeats if "the same recipe" in line] == []  # (the two dense runs are one seed)
     assert group.rows["post:magnitude"].cells[0.9].n == 2 and group.rows["PAT agp+magnitude+global"].cells[0.9].n == 2
 
 
@@ -389,3 +398,84 @@ def test_a_cached_dense_reference_pools_with_a_dense_run_trained_by_hand(tmp_pat
     record(tmp_path, "cached", "dense", "dense", 0.0, 0.92, seed=1, config={"pruning": {"mode": "none"}})
     (group,) = report.compare(report.load_records([tmp_path])[0]).groups
     assert group.rows == {} and group.dense.label == "dense" and group.dense.cells[0.0].values == [0.90, 0.92]
+
+
+def cite(tmp_path, dense_id, accuracy):
+    return {"run_id": dense_id, "run_dir": str(tmp_path / dense_id), "metrics": {"test": {"accuracy": accuracy}}}
+
+
+def test_a_dense_run_counted_once_as_a_repeat_is_not_counted_again_through_the_baselines_citing_it(tmp_path):
+    """The repeat's baselines cited it: its value came back as a dense run known only by citation (n=3, not 2), and
+    which twin was dropped depended on the order of the paths."""
+    record(tmp_path, "dense-s0", "dense", "dense", 0.0, 0.872, seed=0, run_id="first")
+    record(tmp_path, "dense-s0-again", "dense", "dense", 0.0, 0.872, seed=0, run_id="again")
+    record(tmp_path, "dense-s1", "dense", "dense", 0.0, 0.861, seed=1, run_id="s1")
+    record(tmp_path, "mag-s0", "post:magnitude", "post:magnitude", 0.9, 0.40, seed=0, dense_reference=cite(tmp_path, "again", 0.872))
+    record(tmp_path, "mag-s1", "post:magnitude", "post:magnitude", 0.9, 0.50, seed=1, dense_reference=cite(tmp_path, "s1", 0.861))
+    records, _ = report.load_records([tmp_path])
+    for ordered in (records, records[::-1]):
+        comparison = report.compare(ordered)
+        (group,) = comparison.groups
+        assert group.dense.cells[0.0].values in ([0.872, 0.861], [0.861, 0.872])
+        assert group.rows["post:magnitude"].dense_value == pytest.approx((0.872 + 0.861) / 2)
+        assert len(comparison.repeats) == 1
+
+
+def test_a_dense_seed_known_by_hand_and_by_citation_is_counted_once(tmp_path):
+    """A dense run of seed 0 trained by hand, and baselines citing their own (cached) dense runs of seeds 0 and 1."""
+    record(tmp_path, "dense-by-hand", "dense", "dense", 0.0, 0.872, seed=0, run_id="hand")
+    for seed, accuracy in ((0, 0.872), (1, 0.861)):
+        record(tmp_path, f"mag-s{seed}", "post:magnitude", "post:magnitude", 0.9, 0.4, seed=seed,
+               dense_reference=cite(tmp_path, f"cached-{seed}", accuracy))
+    comparison = report.compare(report.load_records([tmp_path])[0])
+    (group,) = comparison.groups
+    assert sorted(group.dense.cells[0.0].values) == [0.861, 0.872]
+    assert any("cached-0" in line and "counted once" in line for line in comparison.repeats)
+
+
+def test_a_baselines_difference_is_to_the_dense_runs_it_started_from_not_to_other_seeds(tmp_path):
+    """The cited run's row pools seeds the baseline never started from: its mean moved the difference."""
+    for seed, accuracy in enumerate((0.872, 0.861, 0.80)):
+        record(tmp_path, f"dense-s{seed}", "dense", "dense", 0.0, accuracy, seed=seed, run_id=f"d{seed}")
+    record(tmp_path, "structured", "post:structured", "post:structured", 0.5, 0.866, dense_reference=cite(tmp_path, "d0", 0.872))
+    records, _ = report.load_records([tmp_path])
+    (group,) = report.compare(records).groups
+    assert group.dense_value == pytest.approx(0.844333, abs=1e-6)
+    row = group.rows["post:structured"]
+    assert row.dense_value == pytest.approx(0.872)
+    assert report.cell_text(row.cells[0.5], group, row.dense_value) == "86.6 (-0.6)"
+
+
+def test_the_reference_dense_is_chosen_and_marked_the_same_whatever_the_order_of_the_paths(tmp_path):
+    """Two dense setups of one run each: the reference was whichever came first; leading the 0% column, it was the
+    only one never marked, so no cell of that column was bold."""
+    record(tmp_path, "cv", "dense", "dense", 0.0, 0.886, config={"dataset": {"val_fold": 0}})
+    record(tmp_path, "fixed", "dense", "dense", 0.0, 0.856, config={"dataset": {}})
+    records, _ = report.load_records([tmp_path])
+    for ordered in (records, records[::-1]):
+        comparison = report.compare(ordered)
+        (group,) = comparison.groups
+        assert group.dense.label == "dense [cross_validation=False]"  # the fixed split's, on a tie of runs
+        markdown = report.to_markdown(comparison).splitlines()
+        assert "| dense [cross_validation=False] | 1,000 | 1 | 85.6 |" in markdown
+        assert "| dense [cross_validation=True] | 1,000 | 1 | **88.6 (+3.0)** |" in markdown
+    record(tmp_path, "fixed-better", "dense", "dense", 0.0, 0.95, seed=1, config={"dataset": {}})
+    markdown = report.to_markdown(report.compare(report.load_records([tmp_path])[0])).splitlines()
+    assert "| dense [cross_validation=False] | 1,000 | 2 | **90.3±6.6** |" in markdown  # leading: marked
+
+
+def test_dense_rows_are_labelled_only_by_settings_that_set_them_apart(tmp_path):
+    """A dense run trained by hand records the pruning keys a cached one does not; they never split a dense row, so
+    its label named them as "(unset)" beside the one setting that did."""
+    by_hand = {"pruning": {"mode": "none", "frequency": 50, "masking": "inplace", "max_layer_sparsity": 0.99},
+               "trainer": {"epochs": 3}}
+    record(tmp_path, "by-hand", "dense", "dense", 0.0, 0.90, config=by_hand)
+    record(tmp_path, "cached", "dense", "dense", 0.0, 0.92, seed=1, config={"pruning": {"mode": "none"}, "trainer": {"epochs": 2}})
+    (group,) = report.compare(report.load_records([tmp_path])[0]).groups
+    assert sorted([group.dense.label, *group.rows]) == ["dense [trainer.epochs=2]", "dense [trainer.epochs=3]"]
+
+
+def test_the_plot_may_not_replace_the_table_written_to_the_same_file(cli, runs):
+    code, out, err = cli("compare", str(runs), "--output", str(runs / "same.png"), "--plot", str(runs / "same.png"))
+    assert code == 2 and err.strip() == f"error: --plot: {runs / 'same.png'} is also --output; allowed: two different files"
+    assert not (runs / "same.png").exists()

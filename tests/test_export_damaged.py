@@ -126,6 +126,17 @@ def rewrite_description(change):
     return damage
 
 
+def rewrite_compressed_shapes(export, shapes):
+    """The compressed weights with other shapes in their metadata (before, a shape asking for 364 TiB was allocated)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = str(export / "compressed.safetensors")
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+    save_file(load_file(path), path, metadata={**metadata, "shapes": json.dumps(shapes)})
+
+
 def drop(key):
     return rewrite_description(lambda d: {k: v for k, v in d.items() if k != key})
 
@@ -140,8 +151,19 @@ def drop(key):
     ("unstructured", lambda e: (e / "model.json").write_text("{"), ValueError, "model.json is damaged or not a patcli export"),
     ("unstructured", lambda e: (e / "compressed.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "),
      ValueError, "compressed.safetensors does not load into the model model.json describes"),
+    ("unstructured", rewrite_description(lambda d: {**d, "meta": {}}), ValueError,
+     "model.json is damaged or not a patcli export: its model cannot be built (KeyError"),
+    ("neurons", rewrite_description(lambda d: {**d, "shapes": {"1.weight": [10**7, 10**7]}}), ValueError,
+     "shapes.1.weight: [10000000, 10000000] is no shrunk shape of its (32, 64) weight"),
+    ("neurons", rewrite_description(lambda d: {**d, "shapes": [1, 2]}), ValueError,
+     "shapes: expected a mapping of names to shapes, got [1, 2]"),
+    ("unstructured", lambda e: rewrite_compressed_shapes(e, {"1.weight": [10**7, 10**7]}), ValueError,
+     "shapes.1.weight: [10000000, 10000000] holds 100000000000000 values, its mask only"),
+    ("unstructured", lambda e: rewrite_compressed_shapes(e, [1, 2]), ValueError,
+     "shapes: expected a mapping of names to shapes, got [1, 2]"),
 ], ids=["shrunk-model-missing", "compressed-missing", "shapes-missing", "meta-missing", "not-a-dict", "broken-json",
-        "no-metadata"])
+        "no-metadata", "meta-empty", "shrunk-shape-huge", "shrunk-shapes-a-list", "compressed-shape-huge",
+        "compressed-shapes-a-list"])
 def test_load_pruned_of_a_damaged_export_names_the_file(tmp_path, exported, kind, damage, error, why):
     import patcli
 

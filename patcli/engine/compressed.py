@@ -36,11 +36,19 @@ def decompress(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> di
     if metadata.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} file (format {metadata.get('format')!r})")
     shapes = json.loads(metadata["shapes"])
+    if not isinstance(shapes, dict):
+        raise ValueError(f"shapes: expected a mapping of names to shapes, got {shapes!r}")
     state = {name: t for name, t in tensors.items() if "::" not in name}
     for name, shape in shapes.items():
+        packed, values = tensors[f"{name}::mask"], tensors[f"{name}::values"]
+        if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+            raise ValueError(f"shapes.{name}: {shape!r} is not a shape")
         count = int(np.prod(shape))
-        mask = torch.from_numpy(np.unpackbits(tensors[f"{name}::mask"].numpy(), count=count).astype(bool))
-        values = tensors[f"{name}::values"]
+        if count > 8 * packed.numel():  # checked before allocating: a damaged shape could ask for terabytes
+            raise ValueError(f"shapes.{name}: {shape} holds {count} values, its mask only {8 * packed.numel()} bits")
+        mask = torch.from_numpy(np.unpackbits(packed.numpy(), count=count).astype(bool))
+        if int(mask.sum()) != values.numel():
+            raise ValueError(f"{name}: its mask keeps {int(mask.sum())} values, the file holds {values.numel()}")
         dense = torch.zeros(count, dtype=values.dtype)
         dense[mask] = values
         state[name] = dense.reshape(shape)

@@ -82,9 +82,17 @@ def shapes_of(model: nn.Module) -> dict[str, list[int]]:
 def resize_like(model: nn.Module, shapes: dict[str, list[int]]) -> nn.Module:
     """Give a freshly built model the (smaller) shapes of a shrunk one, ready for ``load_state_dict``."""
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    if not isinstance(shapes, dict):
+        raise ValueError(f"shapes: expected a mapping of names to shapes, got {shapes!r}")
     for name, shape in shapes.items():
         current = tensors.get(name)
-        if current is not None and list(current.shape) != list(shape):
+        if current is None:
+            continue
+        if not (isinstance(shape, list) and len(shape) == current.dim()
+                and all(isinstance(n, int) and 0 <= n <= full for n, full in zip(shape, current.shape))):
+            # shrinking only removes channels: anything else is a damaged or foreign description
+            raise ValueError(f"shapes.{name}: {shape!r} is no shrunk shape of its {tuple(current.shape)} weight")
+        if list(current.shape) != shape:
             _replace(model, name, torch.zeros(shape, dtype=current.dtype, device=current.device))
     sync_attributes(model)
     return model
