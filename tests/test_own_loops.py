@@ -712,7 +712,7 @@ def test_one_part_object_given_to_two_pruners_binds_to_each_run_apart():
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         runs.append((model, optimizer, prune_during_training(model, optimizer, sparsity=sparsity, total_steps=steps,
                                                              schedule=schedule, scorer=scorer)))
-    for (model, optimizer, pruner), steps in zip(runs, (100, 20)):
+    for (model, optimizer, _), steps in zip(runs, (100, 20)):
         train_steps(model, optimizer, range(steps))
     assert (runs[0][2].schedule.end_step, runs[1][2].schedule.end_step) == (50, 10)
     assert runs[0][2].sparsity() == round(0.8 * (16 * 32 + 32 * 4)) / (16 * 32 + 32 * 4)
