@@ -24,7 +24,7 @@ from .dense import check_dense_run, dense_reference, load_run_config, resolve_de
 from .engine import ALLOCATIONS, PATTERNS, SCHEDULES, Pruner
 from .engine.patterns import CHANNEL_MODES
 from .engine.registry import ParamError, Registry
-from .engine.structure import StructureError, channel_groups
+from .engine.structure import NoChannels, StructureError, channel_groups
 from .engine.scorers import Gradient, Magnitude, Scorer
 from .models import build_model
 from .records import RunRecord, append_metrics, mask_update_row
@@ -189,6 +189,9 @@ class StructuredNorm:
         key = "pruning" if mode in CHANNEL_MODES else "baseline.kind"  # the option that chose the kind
         try:
             groups = channel_groups(model, kind)
+        except NoChannels as error:
+            raise ConfigError(key, f"the model ({type(model).__name__}) has no {kind} to remove; allowed here: "
+                                   f"{', '.join(f'{key}={k}' for k in error.others) or 'another kind'}") from error
         except StructureError as error:
             raise ConfigError(key, f"{error}; allowed here: another kind") from error
         if not groups:
@@ -226,6 +229,14 @@ class Iterative:
     def __post_init__(self) -> None:
         at_least("rounds", self.rounds, 1)
         check_budget(self.finetune_fraction, self.lr)
+
+    def check_steps(self, dense_steps: int) -> None:
+        """Every round fine-tunes for at least a step: more rounds than steps would prune with no fine-tuning."""
+        budget = max(1, round(self.finetune_fraction * dense_steps))
+        if self.rounds > budget:
+            raise ConfigError("baseline.rounds", f"{self.rounds} rounds share {budget} fine-tuning steps "
+                                                 f"(baseline.finetune_fraction={self.finetune_fraction} of {dense_steps}); "
+                                                 f"allowed: 1..{budget}, or a larger baseline.finetune_fraction")
 
     def run(self, ctx: BaselineContext) -> int:
         total = ctx.finetune_steps(self.finetune_fraction)
@@ -287,6 +298,8 @@ def run_baseline(config: RunConfig, run_dir: Path, progress: Progress | None = N
     baseline = parse_baseline(config)
     dense_dir = resolve_dense(config, progress)
     dense_record = check_dense_run(dense_dir, config)
+    if hasattr(baseline, "check_steps"):  # against the dense run found: plan() could only check the config's length
+        baseline.check_steps(dense_record.train_steps)
     dense = load_run_config(dense_dir)
     config = as_trained(config, dense, dense_dir)
     warn_of_unused_options(config)

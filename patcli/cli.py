@@ -242,6 +242,11 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: "
         if path and path.name in RUN_FILES:  # writing there would replace a run's own record, metrics or weights
             print_error(f"{option}: {path.name} is the name of a run's own file; allowed: another file name")
             raise typer.Exit(code=2)
+        run = path and next((folder for folder in Path(os.path.abspath(path)).parents
+                             if os.path.isfile(folder / RESULT_FILE)), None)
+        if run:  # its config snapshot, log or export would be replaced, and a later export or baseline fail
+            print_error(f"{option}: {path} is inside the run folder {run}; allowed: a file outside run folders")
+            raise typer.Exit(code=2)
         why = path and unwritable_reason(path, want_dir=False)
         if why:
             print_error(f"{option}: {why}")

@@ -132,6 +132,9 @@ DEVICES = ("auto", "cpu", "cuda")
 MASKINGS = ("inplace", "dense_shadow")
 
 
+MAX_THREADS = 1024  # a cap, not this machine's cores: a cluster's jobs are checked on the machine that submits them
+
+
 @dataclass
 class TrainerConfig:
     """How long and how to train; the same loop serves dense, PAT and fine-tuning runs."""
@@ -170,8 +173,8 @@ class TrainerConfig:
             raise ConfigError(f"{prefix}.warmup_steps", f"{self.warmup_steps} is out of range; allowed: >= 0")
         if self.eval_every < 1:
             raise ConfigError(f"{prefix}.eval_every", f"{self.eval_every} is out of range; allowed: >= 1 (epochs)")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"{prefix}.threads", f"{self.threads} is out of range; allowed: >= 1 or null")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:  # OpenMP fails to start 100,000
+            raise ConfigError(f"{prefix}.threads", f"{self.threads} is out of range; allowed: 1..{MAX_THREADS} or null")
         one_of(f"{prefix}.optimizer", self.optimizer, OPTIMIZERS)
         one_of(f"{prefix}.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         one_of(f"{prefix}.device", self.device, DEVICES)

@@ -116,8 +116,15 @@ def _unknown_key_error(key: str, overrides: list[str]) -> UsageError:
     choices = [o for o in overrides if re.fullmatch(r"[\w/]+=[\w,.-]+", o)]
     try:
         cfg = GlobalHydra.instance().hydra.compose_config(CONFIG_NAME, choices, run_mode=RunMode.RUN)
+        parts = key.split(".")  # the deepest group that exists: prunin.sparsity is unknown at prunin
+        depth = len(parts) - 1
+        while depth and not isinstance(OmegaConf.select(cfg, ".".join(parts[:depth])), DictConfig):
+            depth -= 1
+        parent, first_unknown = ".".join(parts[:depth]), ".".join(parts[: depth + 1])
+        if first_unknown != key and OmegaConf.select(cfg, first_unknown) is not None:  # trainer.lr.x: lr is a value
+            return UsageError(f"{key}: {first_unknown} takes a value, not keys; allowed: {first_unknown}=VALUE")
         node = OmegaConf.select(cfg, parent) if parent else cfg
-        allowed = [k for k in node.keys() if k != "hydra"] if isinstance(node, DictConfig) else []
+        allowed = [k for k in node.keys() if k != "hydra"]
     except Exception:
         allowed = list(TOP_LEVEL)
     hint = "; for a model of your own: model=custom model._target_=package.Class" if key == "model._target_" else ""
@@ -197,6 +204,8 @@ def check_run_dir(overrides: list[str], cfg: DictConfig, multirun: bool) -> None
     if why:
         raise UsageError(f"{key}: {why}")
     root = cfg.get("output_root")  # where shared dense runs go, whatever the run dir
+    if root is not None and not str(root).strip():  # runs, dense runs and sweeps would go to the filesystem's root
+        raise UsageError("output_root: empty; allowed: a directory path")
     why = root is not None and unwritable_reason(Path(str(root)) / "dense", want_dir=True)
     if why:
         raise UsageError(f"output_root: {why}")
@@ -416,16 +425,20 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
 def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunConfig], None] | None) -> None:
     """Validate every job the basic sweeper will launch, then train the dense runs they share."""
     from .console import RichProgress
-    from .plugins import check_direction, check_launcher, check_storage, check_trials
+    from .plugins import check_direction, check_launcher, check_optuna_settings, check_storage
     from .sweeps import check_sweep_functions, expand_jobs, prepare, search_space_edges
 
     try:
         check_launcher(cfg.hydra.launcher)
         check_sweep_functions(overrides, cfg)
-        check_trials(cfg.hydra.sweeper)
+        check_optuna_settings(cfg.hydra.sweeper)
     except ConfigError as error:
         raise UsageError(str(error)) from error
     jobs = expand_jobs(overrides, cfg)
+    if jobs == []:  # Hydra would launch nothing and leave an empty sweep folder
+        swept = [o for o in overrides if "glob(" in o] or [o for o in overrides if "," in o or "(" in o]
+        raise UsageError(f"{swept[0] if swept else 'sweep'}: the sweep makes no job; allowed: values that name at "
+                         "least one option (a glob() that matches one)")
     if jobs is None:  # another sweeper (Optuna) chooses its jobs as it goes: check what they share, then each checks itself
         config = validate(job_config(cfg), check)
         try:

@@ -64,16 +64,37 @@ def check_launcher(launcher: DictConfig) -> None:
                                                    f"(one per core) to -{cores} (-k: one per core but k-1)")
 
 
-def check_trials(sweeper: DictConfig) -> None:
-    """An Optuna study of no trial launches nothing: say which key, before the study is made."""
-    if sweeper.get("_target_") == OPTUNA_SWEEPER and int(sweeper.get("n_trials", 1)) < 1:
-        raise ConfigError("hydra.sweeper.n_trials", f"{sweeper.get('n_trials')} is out of range; allowed: >= 1")
+def check_optuna_settings(sweeper: DictConfig) -> None:
+    """The Optuna sweeper's own numbers, which it checks with an assert or a division only once the sweep folder is
+    made: say which key, before."""
+    if sweeper.get("_target_") != OPTUNA_SWEEPER:
+        return
+    for key, low in (("n_trials", 1), ("n_jobs", 1)):
+        value = sweeper.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"hydra.sweeper.{key}", f"{value!r} is out of range; allowed: an integer >= {low}")
+    rate = sweeper.get("max_failure_rate", 0.0)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+        raise ConfigError("hydra.sweeper.max_failure_rate", f"{rate!r} is out of range; allowed: 0.0 <= value <= 1.0")
+    seed = (sweeper.get("sampler") or {}).get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
+        raise ConfigError("hydra.sweeper.sampler.seed", f"{seed!r} is out of range; allowed: 0 <= seed < 2**32, or null")
 
 
 def check_storage(sweeper: DictConfig) -> None:
     """An Optuna study kept in a SQLite file the sweep cannot write fails inside the sweeper: say so before."""
     storage = str(sweeper.get("storage") or "")
-    if sweeper.get("_target_") != OPTUNA_SWEEPER or not storage.startswith("sqlite:///"):
+    if sweeper.get("_target_") != OPTUNA_SWEEPER or not storage:
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(storage)
+    except ArgumentError as error:  # a bare file name, or sqlite:/ with one slash
+        raise ConfigError("hydra.sweeper.storage", f"{storage!r} is not a database URL; allowed: e.g. "
+                                                   "sqlite:///study.db (a file beside the run), or null") from error
+    if not storage.startswith("sqlite:///"):
         return
     path = Path(storage.removeprefix("sqlite:///"))
     why = unwritable_reason(path, want_dir=False)

@@ -63,7 +63,11 @@ def plan(config: RunConfig) -> Plan:
     if config.trainer.warmup_steps >= steps and not config.needs_dense:  # a baseline fine-tunes without warm-up
         raise ConfigError("trainer.warmup_steps", f"{config.trainer.warmup_steps} is not below the run's {steps} steps, "
                                                   f"so the whole run would be warm-up; allowed: 0 to {steps - 1}")
-    model = build_model(config.model, data.meta)  # validates model keys; a throwaway the checks below share
+    try:
+        model = build_model(config.model, data.meta)  # validates model keys; a throwaway the checks below share
+    except (RuntimeError, MemoryError) as error:  # model.hidden=[100000000]: more memory than there is
+        raise ConfigError("model", f"cannot be built here ({error.__class__.__name__}: "
+                                   f"{(str(error).splitlines() or [''])[0][:200]}); allowed: smaller sizes") from error
     warnings = data.warnings + check_model_fits(model, data)
     try:  # every run, dense included: its sparsity report reads them
         pattern_lists(model, config.pruning.include, config.pruning.exclude)
@@ -81,6 +85,8 @@ def plan(config: RunConfig) -> Plan:
         baseline = parse_baseline(config)
         if hasattr(baseline, "check"):
             baseline.check(model, config.pruning.mode)
+        if hasattr(baseline, "check_steps"):
+            baseline.check_steps(steps)
         if not config.pruning.enabled:
             raise ConfigError("pruning", "post-training baselines prune: choose a pruning mode, not none")
         # the target fits the caps, with what the baseline prunes (structured: its channels and allocation)? Regrowth
@@ -200,6 +206,8 @@ def warn_of_unused_options(config: RunConfig) -> None:
                if (name := (config.source.get(group) or {}).get("name", default["name"])) != default["name"]]
     if config.regularizer is not None:
         ignored.append(f"regularizer={config.regularizer.name}")
+    if config.needs_dense and config.trainer.init_from:  # a baseline starts from its dense run's weights
+        ignored.append(f"trainer.init_from={config.trainer.init_from}")
     if ignored:
         what = "pruning=none trains dense" if config.method == "dense" else f"baseline={config.baseline.name} prunes its own way"
         log.warning("%s: %s do%s not apply", what, ", ".join(ignored), "es" if len(ignored) == 1 else "")

@@ -88,7 +88,7 @@ def test_structured_baseline_takes_its_channels_from_a_channel_pattern_and_rejec
     assert code == 2 and err.strip() == "error: baseline.kind: 'filters' contradicts pruning=neurons; allowed: auto or neurons"
     code, _, err = cli("prune-post", "model=cnn", "trainer.epochs=1", "baseline=structured", "pruning=neurons")
     assert code == 2 and err.strip() == ("error: pruning: the model (Sequential) has no neurons to remove; allowed here: "
-                                         "another kind")  # pruning= chose the kind, so pruning is the key to change
+                                         "pruning=filters")  # pruning= chose the kind, so pruning is the key to change
 
 
 def test_a_given_dense_run_lends_the_baseline_its_seed_and_trainer_and_unused_options_are_named(cli, tmp_path, caplog):
@@ -362,7 +362,7 @@ def test_the_gradient_baseline_leaves_batchnorm_statistics_as_the_dense_run_had_
     (["baseline=iterative", "baseline.lr=nan"], "baseline.lr: nan is out of range; allowed: a finite number > 0 or null"),
     (["baseline=pat_from_dense", "baseline.lr=inf"], "baseline.lr: inf is out of range"),
     # checked with the channels the structured baseline removes, not the run's unstructured pattern
-    (["baseline=structured", "baseline.kind=filters"], "baseline.kind: the model (Sequential) has no filters to remove; allowed here: another kind"),
+    (["baseline=structured", "baseline.kind=filters"], "baseline.kind: the model (Sequential) has no filters to remove; allowed here: baseline.kind=neurons"),
     (["baseline=structured", "model.hidden=[4]", "pruning.sparsity=0.98"], "pruning.sparsity: sparsity 0.98 needs"),
 ])
 def test_a_baseline_mistake_is_one_line_before_the_dense_run_is_trained(cli, tmp_path, overrides, message):
@@ -393,3 +393,12 @@ def test_a_regularizer_given_to_a_post_training_baseline_is_named_unused_and_doe
     record = result_of(run_dir_of(out))
     assert record["target_sparsity"] == 0.9 and record["achieved_sparsity"] == pytest.approx(0.9, abs=1e-4)
     assert "baseline=magnitude prunes its own way: regularizer=lasso does not apply" in out + err + caplog.text
+
+
+def test_more_iterative_rounds_than_fine_tuning_steps_is_a_one_line_error_before_the_dense_run(cli, tmp_path):
+    """50 rounds on a 10-step budget pruned 40 times with no fine-tuning in between, without a word."""
+    code, out, err = cli("prune-post", *TINY, "trainer.max_steps=40", "baseline=iterative", "baseline.rounds=50")
+    assert code == 2 and err.strip() == ("error: baseline.rounds: 50 rounds share 10 fine-tuning steps "
+                                         "(baseline.finetune_fraction=0.25 of 40); allowed: 1..10, or a larger "
+                                         "baseline.finetune_fraction")
+    assert not (tmp_path / "outputs").exists()

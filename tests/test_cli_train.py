@@ -106,7 +106,23 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
         ("trainer.momentum=-1", "trainer.momentum: -1.0 is out of range; allowed: 0 <= value < 1"),
         ("trainer.grad_clip=-1", "trainer.grad_clip: -1.0 is out of range; allowed: a finite number > 0, or null"),
         ("pruning=bogus", "pruning=bogus: unknown option; allowed: "),
-        ("schedule.power=-1", "schedule.power: -1.0 is out of range; allowed: > 0"),
+        ("schedule.power=-1", "schedule.power: -1.0 is out of range; allowed: 0 < value < inf"),
+        ("schedule.power=inf", "schedule.power: inf is out of range; allowed: 0 < value < inf"),  # was one-shot
+        # runs, dense runs and sweeps went to the filesystem's root
+        ("output_root=", "output_root: empty; allowed: a directory path"),
+        ("pruning=filters", "pruning: Sequential has no filters to prune; allowed: pruning=neurons"),
+        ("dataset=pysrc", "model: model=mlp classifies feature vectors; allowed for a language-modelling dataset: model=gpt"),
+        ("prunin.sparsity=0.5", "prunin.sparsity: unknown key; allowed: model, dataset, trainer, pruning"),  # listed none
+        ("trainer.lr.x=1", "trainer.lr.x: trainer.lr takes a value, not keys; allowed: trainer.lr=VALUE"),
+        # nm chooses uniform allocation itself: the error blamed allocation, which the user never set
+        ("regrowth=rigl schedule=constant pruning=nm", "regrowth: regrowth=rigl drops and regrows single weights; allowed "
+                                                       "with pruning=unstructured (got pruning=nm)"),
+        ("dataset.split_seed=-1", "dataset.split_seed: -1 is out of range; allowed: 0 <= value < 2**32"),  # a traceback
+        ("regrowth=set schedule=constant regrowth.delta_t=100000", "regrowth.delta_t: 100000 steps is past regrowth.end "
+                                                                    "(step 30), so nothing would ever be regrown"),
+        ("model.hidden=[100000000,100000000]", "model: cannot be built here (RuntimeError: "),
+        ("trainer.threads=100000", "trainer.threads: 100000 is out of range; allowed: 1..1024 or null"),
+        ("regularizer=lasso regularizer.lam=0", "regularizer.lam: 0.0 is out of range; allowed: a finite number > 0"),
         ("allocation=sensitivity allocation.trials=[0.5,1.5]", "allocation.trials: 1.5 is out of range"),
         ("allocation=erk allocation.power=-2", "allocation.power: -2.0 is out of range"),
         ("allocation=sensitivity allocation.batches=0", "allocation.batches: 0 is out of range; allowed: >= 1 or null"),

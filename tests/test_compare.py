@@ -479,3 +479,14 @@ def test_the_plot_may_not_replace_the_table_written_to_the_same_file(cli, runs):
     code, out, err = cli("compare", str(runs), "--output", str(runs / "same.png"), "--plot", str(runs / "same.png"))
     assert code == 2 and err.strip() == f"error: --plot: {runs / 'same.png'} is also --output; allowed: two different files"
     assert not (runs / "same.png").exists()
+
+
+def test_output_may_not_replace_a_runs_config_snapshot_log_or_export(cli, runs):
+    """Only result.json, metrics.jsonl and model.safetensors were protected: a table over .hydra/config.yaml made
+    the run unexportable."""
+    run = runs / "pat-95"
+    for target in (run / ".hydra" / "config.yaml", run / "run.log", run / "export" / "table.md"):
+        code, out, err = cli("compare", str(runs), "--output", str(target))
+        assert code == 2 and err.strip() == f"error: --output: {target} is inside the run folder {run}; allowed: a file " \
+                                            "outside run folders"
+        assert not target.exists()

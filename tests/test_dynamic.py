@@ -202,7 +202,7 @@ def test_a_lasso_close_is_exact_under_every_allocation_however_many_zeros_the_pe
         (["regrowth=set", "allocation=lamp"], "allocation: regrowth=set spreads the sparsity over layers by regrowth.init"),
         (["regularizer=lasso", "scorer=hessian"], "scorer: regularizer=lasso zeroes weights by its penalty and closes by "
                                                   "magnitude; allowed with scorer=magnitude (got scorer=hessian)"),
-        (["regularizer=lasso", "regularizer.lam=nan"], "regularizer.lam: nan is out of range; allowed: a finite number >= 0"),
+        (["regularizer=lasso", "regularizer.lam=nan"], "regularizer.lam: nan is out of range; allowed: a finite number > 0"),
         (["regularizer=lasso", "regularizer.lam=inf"], "regularizer.lam: inf is out of range"),
         (["regrowth=rigl", "regrowth.seed=-1"], "regrowth.seed: -1 is out of range; allowed: 0 <= seed < 2**63"),
         (["regrowth=rigl", "regrowth.seed=99999999999999999999"], "regrowth.seed: 99999999999999999999 is out of range"),

@@ -181,9 +181,21 @@ def test_sweeps_that_would_fail_inside_a_plugin_are_one_line_errors_before_they_
     (["hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", "pruning.sparsity=interval(0.9,0.5)"],
      "pruning.sparsity: interval(0.9, 0.5) has its ends reversed; allowed: interval(low, high) with low <= high"),
     (["hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=0"],
-     "hydra.sweeper.n_trials: 0 is out of range; allowed: >= 1"),
+     "hydra.sweeper.n_trials: 0 is out of range; allowed: an integer >= 1"),
     (["hydra/sweeper=optuna", "hydra.sweeper.n_trials=abc"],
      "hydra.sweeper.n_trials: Value 'abc' of type 'str' could not be converted to Integer"),
+    # inside the sweeper: a ZeroDivisionError, a bare AssertionError, numpy's seed error, SQLAlchemy's URL error
+    (["hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", "hydra.sweeper.n_jobs=0"],
+     "hydra.sweeper.n_jobs: 0 is out of range; allowed: an integer >= 1"),
+    (["hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", "hydra.sweeper.max_failure_rate=2"],
+     "hydra.sweeper.max_failure_rate: 2.0 is out of range; allowed: 0.0 <= value <= 1.0"),
+    (["hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", "hydra.sweeper.sampler.seed=-1"],
+     "hydra.sweeper.sampler.seed: -1 is out of range; allowed: 0 <= seed < 2**32, or null"),
+    (["hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", "pruning.sparsity=interval(0.5,0.9)",
+      "hydra.sweeper.storage=study.db"],
+     "hydra.sweeper.storage: 'study.db' is not a database URL; allowed: e.g. sqlite:///study.db"),
+    # Hydra launched no job and left a sweep folder, and the error said no records were found
+    (["scorer=glob(xyz*)"], "scorer=glob(xyz*): the sweep makes no job; allowed: values that name at least one option"),
 ])
 def test_sweep_functions_the_sweeper_would_fail_on_are_one_line_errors_naming_the_key(cli, tmp_path, sweep, expected):
     code, _, err = cli("sweep", *FAST, *sweep)

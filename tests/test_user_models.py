@@ -98,7 +98,7 @@ def test_the_regularizer_steps_each_weight_with_its_own_groups_learning_rate(tin
 
 def test_regrowth_and_regularizer_are_named_like_the_other_parts(tiny_mlp):
     optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.1)
-    pruner = prune_during_training(tiny_mlp, optimizer, sparsity=0.8, total_steps=100, schedule="constant", regrowth="rigl")
+    pruner = prune_during_training(tiny_mlp, optimizer, sparsity=0.8, total_steps=400, schedule="constant", regrowth="rigl")
     assert pruner.regrowth.name == "rigl" and pruner.masks.sparsity() == pytest.approx(0.8, abs=1e-3)
     with pytest.raises(ValueError, match="^unknown regularizer 'ridge'; allowed: group_lasso, lasso$"):  # ValueError as README says
         prune_during_training(nn.Linear(4, 4), torch.optim.SGD(nn.Linear(4, 4).parameters(), lr=0.1), sparsity=0.5,

@@ -39,6 +39,8 @@ class Digits:
         if self.val_fold is not None and self.val_size < MIN_FOLD_SIZE:  # more folds than images of the rarest digit
             raise ConfigError(f"{prefix}.val_size", f"{self.val_size} is too small for cross-validation folds that hold "
                                                     f"every digit; allowed with val_fold: {MIN_FOLD_SIZE}..600")
+        if not 0 <= self.split_seed < 2**32:  # scikit-learn's random_state range
+            raise ConfigError(f"{prefix}.split_seed", f"{self.split_seed} is out of range; allowed: 0 <= value < 2**32")
         folds = self.folds()
         if self.val_fold is not None and not 0 <= self.val_fold < folds:
             raise ConfigError(f"{prefix}.val_fold", f"{self.val_fold} is out of range; allowed: null or 0..{folds - 1}"

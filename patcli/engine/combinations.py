@@ -31,6 +31,9 @@ def check_combination(schedule: Schedule, mode: str, masking: str, regrowth: Reg
     schedule_name, regrowth_name = name_of(schedule), name_of(regrowth)
     scorer_name = "magnitude" if scorer is None else name_of(scorer)
     if regrowth.replaces_schedule:
+        if mode != "unstructured":  # first: pruning=nm sets the allocation itself (uniform), which is no user's choice
+            raise CombinationError("regrowth", f"regrowth={regrowth_name} drops and regrows single weights; allowed with "
+                                   f"pruning=unstructured (got pruning={mode})")
         if scorer_name != "magnitude":
             raise CombinationError("scorer", f"regrowth={regrowth_name} drops the smallest weights by magnitude; allowed "
                                    f"with scorer=magnitude (got scorer={scorer_name})")
@@ -41,9 +44,6 @@ def check_combination(schedule: Schedule, mode: str, masking: str, regrowth: Reg
         if schedule_name != "constant":
             raise CombinationError("regrowth", f"regrowth={regrowth_name} is sparse at the target from the first step and "
                                    f"decides its own updates; allowed with schedule=constant (got schedule={schedule_name})")
-        if mode != "unstructured":
-            raise CombinationError("regrowth", f"regrowth={regrowth_name} drops and regrows single weights; allowed with "
-                                   f"pruning=unstructured (got pruning={mode})")
         if masking != "inplace":
             raise CombinationError("pruning.masking", f"regrowth={regrowth_name} regrows weights at zero, which a dense "
                                    "copy would overwrite; allowed with pruning.masking=inplace")

@@ -16,7 +16,7 @@ import torch
 
 from .allocation import erk_sparsities
 from .registry import ParamError, Registry, check_seed
-from .schedules import to_step
+from .schedules import ScheduleError, to_step
 
 REGROWTHS: Registry["Regrowth"] = Registry("regrowth")
 
@@ -100,6 +100,9 @@ class DynamicSparse(Regrowth):
 
     def bind(self, total_steps: int) -> "DynamicSparse":
         self.end_step = max(to_step(self.end, total_steps, "regrowth.end"), 1)
+        if self.delta_t > self.end_step:  # not one drop and regrow: the run would be static sparse under this name
+            raise ScheduleError("regrowth.delta_t", f"{self.delta_t} steps is past regrowth.end (step {self.end_step}), "
+                                                    f"so nothing would ever be regrown; allowed: 1..{self.end_step}")
         return self
 
     def is_update_step(self, t: int) -> bool:

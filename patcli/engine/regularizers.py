@@ -33,8 +33,8 @@ class Regularizer:
     warmup_steps: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.lam < math.inf:  # NaN fails every comparison
-            raise ParamError("lam", f"{self.lam} is out of range; allowed: a finite number >= 0")
+        if not 0 < self.lam < math.inf:  # NaN fails every comparison; 0 is no penalty: nothing would be pruned
+            raise ParamError("lam", f"{self.lam} is out of range; allowed: a finite number > 0")
         if self.target is not None and not 0.0 <= self.target < 1.0:
             raise ParamError("target", f"{self.target} is out of range; allowed: 0 <= value < 1 or null")
 

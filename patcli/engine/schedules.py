@@ -8,6 +8,7 @@ as ints and fractions of the run's total steps when given as floats.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .registry import ParamError, Registry
@@ -162,8 +163,8 @@ class AGP(Schedule):
 
 
 def check_power(power: float) -> None:
-    if not power > 0:
-        raise ParamError("power", f"{power} is out of range; allowed: > 0")
+    if not 0 < power < math.inf:  # inf is one-shot in disguise (and no JSON number in the record)
+        raise ParamError("power", f"{power} is out of range; allowed: 0 < value < inf")
 
 
 @SCHEDULES.register("polynomial")

@@ -37,6 +37,15 @@ def _any_match(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+class NoChannels(StructureError):
+    """A chain without channels of the kind asked (filters of an MLP); ``others``: the kinds it has."""
+
+    def __init__(self, model: nn.Module, kind: str, others: list[str]) -> None:
+        self.others = others
+        allowed = ", ".join(f"pruning={k}" for k in others) or "pruning=unstructured, nm or block"
+        super().__init__(f"{type(model).__name__} has no {kind} to prune; allowed: {allowed}")
+
+
 def channel_groups(
     model: nn.Module, kind: str, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()
 ) -> list[ChannelGroup]:
@@ -49,6 +58,8 @@ def channel_groups(
                              "define channel_groups('heads') on the model")
     else:
         groups = sequential_groups(model, kind)
+        if not groups:  # filters of an MLP, neurons of a conv net whose only Linear is the classifier
+            raise NoChannels(model, kind, [k for k in ("neurons", "filters") if k != kind and sequential_groups(model, k)])
     include, exclude = as_list("include", include), as_list("exclude", exclude)
     # include/exclude name a layer by its own weights, those cut along the producing weight's axis (a neuron's or
     # filter's rows; a head's Q, K and V): an excluded layer keeps its channels, while its input columns still go

@@ -27,6 +27,9 @@ class CNN:
             raise ConfigError(f"{prefix}.channels", f"{self.channels} is not allowed; allowed: a non-empty list of widths >= 1")
 
     def build(self, meta: dict[str, Any]) -> nn.Module:
+        if "vocab_size" in meta:
+            raise ConfigError("model", "model=cnn classifies images; allowed for a language-modelling dataset: model=gpt "
+                                       "(or a model of your own)")
         image = meta.get("image_shape") or meta["input_shape"]
         if len(image) != 3:
             raise ConfigError("model", f"model=cnn needs image data (channels, height, width); the dataset gives {image}")

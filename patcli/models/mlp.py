@@ -32,6 +32,9 @@ class MLP:
             raise ConfigError(f"{prefix}.dropout", f"{self.dropout} is out of range; allowed: 0 <= value < 1")
 
     def build(self, meta: dict[str, Any]) -> nn.Module:
+        if "vocab_size" in meta:  # token ids are no feature vectors (the mirror of gpt's own check)
+            raise ConfigError("model", "model=mlp classifies feature vectors; allowed for a language-modelling dataset: "
+                                       "model=gpt (or a model of your own)")
         widths = [math.prod(meta["input_shape"]), *self.hidden]
         layers: list[nn.Module] = [nn.Flatten()]
         for width_in, width_out in zip(widths, widths[1:]):
