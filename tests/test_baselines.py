@@ -125,7 +125,7 @@ def _resolve_in_process(output_root: str, queue, both_ready) -> None:
 
     patcli.dense.train_dense = counted
     config = config_for(*TINY, "baseline=magnitude", output_root=Path(output_root))
-    both_ready.wait(timeout=120)  # both ask at once: training takes seconds, so without the lock both would train
+    both_ready.wait(timeout=600)  # both ask at once: training takes seconds, so without the lock both would train
     queue.put(str(resolve_dense(config)))
 
 
@@ -135,7 +135,7 @@ def test_parallel_jobs_train_the_shared_dense_run_once(tmp_path):
     workers = [context.Process(target=_resolve_in_process, args=(str(tmp_path), queue, both_ready)) for _ in range(2)]
     for worker in workers:
         worker.start()
-    found = {queue.get(timeout=240) for _ in workers}
+    found = {queue.get(timeout=900) for _ in workers}
     for worker in workers:
         worker.join(timeout=60)
     assert (tmp_path / "trainings.log").read_text() == "trained\n"  # one job trained it, the other waited and found it
