@@ -271,8 +271,9 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
         if cited in dense_rows_of or value is None:
             continue
         training = training_key(record)
+        # a baseline records its dense run's seed (a PAT run given dense= keeps its own): that seed is counted already
         sample = (record.model_dataset_hash, training, record.seed, flatten(record.config).get("dataset.val_fold"))
-        if sample in dense_samples:  # a baseline records its dense run's seed: that seed is counted already
+        if "baseline" in record.extra and sample in dense_samples:
             repeats.append(f"the dense run {cited} cited by {record.run_dir}: the same training and seed as "
                            f"{dense_samples[sample]}, counted once")
             continue

@@ -73,11 +73,11 @@ def plan(config: RunConfig) -> Plan:
         pattern_lists(model, config.pruning.include, config.pruning.exclude)
     except PatternError as error:
         raise ConfigError(f"pruning.{error.key}", error.message) from error
-    update_steps = 0
+    update_steps, dense_steps = 0, steps  # a baseline's dense run is trained as this config says, unless given
     if config.dense:  # a baseline's starting point, or a training run's reference: checked before anything runs
         from .dense import check_dense_run
 
-        check_dense_run(Path(config.dense), config)
+        dense_steps = check_dense_run(Path(config.dense), config).train_steps  # a baseline fine-tunes a share of them
         load_weights(model, Path(config.dense), "dense")  # readable, and of this model
     if config.needs_dense:
         from .baselines import parse_baseline
@@ -86,7 +86,7 @@ def plan(config: RunConfig) -> Plan:
         if hasattr(baseline, "check"):
             baseline.check(model, config.pruning.mode)
         if hasattr(baseline, "check_steps"):
-            baseline.check_steps(steps)
+            baseline.check_steps(dense_steps)
         if not config.pruning.enabled:
             raise ConfigError("pruning", "post-training baselines prune: choose a pruning mode, not none")
         # the target fits the caps, with what the baseline prunes (structured: its channels and allocation)? Regrowth

@@ -402,3 +402,12 @@ def test_more_iterative_rounds_than_fine_tuning_steps_is_a_one_line_error_before
                                          "(baseline.finetune_fraction=0.25 of 40); allowed: 1..10, or a larger "
                                          "baseline.finetune_fraction")
     assert not (tmp_path / "outputs").exists()
+
+
+def test_the_rounds_check_uses_the_steps_of_the_dense_run_given(cli, tmp_path):
+    """With dense=DIR the baseline fine-tunes a share of that run's steps, whatever trainer.max_steps says."""
+    code, out, err = cli("train", *TINY, "pruning=none", "trainer.max_steps=40", "hydra.run.dir=d40")
+    assert code == 0, err
+    code, out, err = cli("prune-post", *TINY, "baseline=iterative", "dense=d40", "trainer.max_steps=8", "hydra.run.dir=it")
+    assert code == 0, err
+    assert result_of(tmp_path / "it")["train_steps"] == 10  # 0.25 of the dense run's 40 steps, over 3 rounds

@@ -118,8 +118,10 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
         ("regrowth=rigl schedule=constant pruning=nm", "regrowth: regrowth=rigl drops and regrows single weights; allowed "
                                                        "with pruning=unstructured (got pruning=nm)"),
         ("dataset.split_seed=-1", "dataset.split_seed: -1 is out of range; allowed: 0 <= value < 2**32"),  # a traceback
-        ("regrowth=set schedule=constant regrowth.delta_t=100000", "regrowth.delta_t: 100000 steps is past regrowth.end "
-                                                                    "(step 30), so nothing would ever be regrown"),
+        ("regrowth=set schedule=constant regrowth.delta_t=100000", "regrowth.delta_t: 100000 steps reaches regrowth.end "
+                                                                    "(step 30) before any update that drops weights"),
+        # the one update at end drops a fraction of 0
+        ("regrowth=set schedule=constant regrowth.delta_t=30", "regrowth.delta_t: 30 steps reaches regrowth.end (step 30)"),
         ("model.hidden=[100000000,100000000]", "model: cannot be built here (RuntimeError: "),
         ("trainer.threads=100000", "trainer.threads: 100000 is out of range; allowed: 1..1024 or null"),
         ("regularizer=lasso regularizer.lam=0", "regularizer.lam: 0.0 is out of range; allowed: a finite number > 0"),

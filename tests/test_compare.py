@@ -426,7 +426,7 @@ def test_a_dense_seed_known_by_hand_and_by_citation_is_counted_once(tmp_path):
     record(tmp_path, "dense-by-hand", "dense", "dense", 0.0, 0.872, seed=0, run_id="hand")
     for seed, accuracy in ((0, 0.872), (1, 0.861)):
         record(tmp_path, f"mag-s{seed}", "post:magnitude", "post:magnitude", 0.9, 0.4, seed=seed,
-               dense_reference=cite(tmp_path, f"cached-{seed}", accuracy))
+               dense_reference=cite(tmp_path, f"cached-{seed}", accuracy), extra={"baseline": {"name": "magnitude"}})
     comparison = report.compare(report.load_records([tmp_path])[0])
     (group,) = comparison.groups
     assert sorted(group.dense.cells[0.0].values) == [0.861, 0.872]
@@ -490,3 +490,13 @@ def test_output_may_not_replace_a_runs_config_snapshot_log_or_export(cli, runs):
         assert code == 2 and err.strip() == f"error: --output: {target} is inside the run folder {run}; allowed: a file " \
                                             "outside run folders"
         assert not target.exists()
+
+
+def test_a_pat_run_given_a_dense_reference_keeps_its_own_seed_so_its_dense_run_is_no_repeat(tmp_path):
+    """Only a baseline records its dense run's seed; a PAT run given dense= keeps its own, so its cited run (seed 0)
+    was dropped as a repeat of a dense run of seed 1."""
+    record(tmp_path, "dense-s1", "dense", "dense", 0.0, 0.97, seed=1, run_id="d1")
+    record(tmp_path, "pat-s1", "pat", "agp+magnitude+global", 0.9, 0.9, seed=1, dense_reference=cite(tmp_path, "d0", 0.95))
+    comparison = report.compare(report.load_records([tmp_path])[0])
+    (group,) = comparison.groups
+    assert sorted(group.dense.cells[0.0].values) == [0.95, 0.97] and comparison.repeats == []

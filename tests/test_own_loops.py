@@ -789,3 +789,43 @@ def test_a_list_parameter_with_an_element_of_the_wrong_type_names_the_parameter(
 
     with pytest.raises(TypeError, match=r"^allocation 'sensitivity': trials must be a list of numbers, got \[0\.5, 'x'\]$"):
         ALLOCATIONS.get("sensitivity")(trials=[0.5, "x"])
+
+
+def test_a_part_of_ones_own_keeps_its_constructor_and_its_own_attributes():
+    """Made anew from its dataclass fields, a scorer with an __init__ of its own failed (a missing argument)."""
+    from patcli.engine import Scorer
+
+    class Powered(Scorer):
+        def __init__(self, power: float) -> None:
+            self.power = power
+
+        def scores(self, weights, out=None):
+            return [w.detach().abs() ** self.power for w in weights]
+
+    pruner = Pruner(small_model(), sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=4, scorer=Powered(2.0))
+    assert pruner.scorer.power == 2.0
+    pruner.update_masks(0)
+    assert pruner.sparsity() == 0.5
+    given = Powered(3.0)
+    assert Pruner(small_model(), sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=4, scorer=given).scorer is not given
+
+
+def test_detach_and_attach_with_no_step_between_keeps_what_reversal_knows_of_pruned_weights(tiny_mlp):
+    """Re-attaching made the weights as they were the dense copy: a pruned weight's dense value became 0, and
+    reversal could never bring it back."""
+    optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.05)
+    pruner = prune_during_training(tiny_mlp, optimizer, sparsity=0.5, total_steps=40, frequency=4, schedule="linear",
+                                   regrowth="reversal")
+    train_steps(tiny_mlp, optimizer, range(9))
+    dense = [s.clone() for s in pruner.masking.shadow]
+    assert sum(float(s[~k].abs().sum()) for s, k in zip(dense, pruner.masks.keep)) > 0
+    pruner.detach()
+    pruner.attach(optimizer)
+    assert all(torch.equal(s, d) for s, d in zip(pruner.masking.shadow, dense))
+    pruner.detach()  # a step while detached moves kept and pruned weights alike: the dense copy takes the move
+    before = [w.detach().clone() for w in pruner.masks.weights]
+    train_steps(tiny_mlp, optimizer, range(9, 10))
+    moved = [w.detach() - b for w, b in zip(pruner.masks.weights, before)]
+    pruner.attach(optimizer)
+    for shadow, was, move in zip(pruner.masking.shadow, dense, moved):
+        torch.testing.assert_close(shadow, was + move)

@@ -256,9 +256,14 @@ class DenseShadowMasking:
             self.masks.zero_pruned_()
 
     def adopt_weights(self) -> None:
-        """The weights as they are become the dense ones (they trained without the pruner: the shadow is stale)."""
+        """Fold in what the weights learned without the pruner: a kept weight is as trained; a pruned one, masked to 0
+        when the pruner let go, keeps its dense value plus what it moved since (straight through, as in a step)."""
         with torch.no_grad():
-            torch._foreach_copy_(self.shadow, self.masks.weights)
+            for shadow, weight, multiplier in zip(self.shadow, self.masks.weights, self.masks.multipliers):
+                if self.enforced:
+                    shadow.mul_(1 - multiplier).add_(weight)
+                else:  # decompressed: the weights were the dense ones
+                    shadow.copy_(weight)
 
     def dense_weights(self) -> list[torch.Tensor]:
         return self.shadow

@@ -7,6 +7,7 @@ decision. The pruner hooks into ``optimizer.step()``, so a training loop needs n
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import logging
@@ -90,9 +91,17 @@ def check_arguments(*, sparsity, total_steps, frequency, max_layer_sparsity, **p
 
 
 def own_copy(part):
-    """A fresh part of the same settings: a pruner binds its parts to its own run (steps, accumulators, model hooks),
-    so one object given to two pruners must not carry the first one's binding into the second."""
-    return dataclasses.replace(part) if dataclasses.is_dataclass(part) else part
+    """A part of the same settings for this pruner alone: it binds its parts to its own run (steps, accumulators,
+    model hooks, random streams), so one object given to two pruners must not carry one's binding into the other.
+
+    A registered part is made anew from its settings (a fresh random stream too); a part of one's own is copied
+    shallowly, as its constructor and what it refers to (a model, say) are its author's.
+    """
+    if part is None:
+        return None
+    if dataclasses.is_dataclass(part) and "name" in type(part).__dict__:  # registered: the registry named the class
+        return dataclasses.replace(part)
+    return copy.copy(part)
 
 
 class Pruner:

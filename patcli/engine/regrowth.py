@@ -100,9 +100,11 @@ class DynamicSparse(Regrowth):
 
     def bind(self, total_steps: int) -> "DynamicSparse":
         self.end_step = max(to_step(self.end, total_steps, "regrowth.end"), 1)
-        if self.delta_t > self.end_step:  # not one drop and regrow: the run would be static sparse under this name
-            raise ScheduleError("regrowth.delta_t", f"{self.delta_t} steps is past regrowth.end (step {self.end_step}), "
-                                                    f"so nothing would ever be regrown; allowed: 1..{self.end_step}")
+        if self.delta_t >= self.end_step:  # not one drop and regrow (at end the drop fraction is 0): static sparsity
+            raise ScheduleError("regrowth.delta_t", f"{self.delta_t} steps reaches regrowth.end (step {self.end_step}) "
+                                                    "before any update that drops weights, so nothing would ever be "
+                                                    f"regrown; allowed: a delta_t below {self.end_step}, or a later "
+                                                    "regrowth.end")
         return self
 
     def is_update_step(self, t: int) -> bool:
