@@ -130,6 +130,28 @@ def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
         handle.write(json.dumps(finite, sort_keys=True, allow_nan=False) + "\n")
 
 
+def logged_progress(run_dir: Path) -> tuple[int, float | None]:
+    """How far a run got as its metrics.jsonl says: the steps done at its last row, and the sparsity of its last mask
+    update (for the record of a run that did not finish, which would otherwise say 0 of both)."""
+    try:
+        lines = (Path(run_dir) / METRICS_FILE).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return 0, None
+    steps, sparsity = 0, None
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line the interruption cut short
+            continue
+        if not isinstance(row, dict):
+            continue
+        if isinstance(row.get("step"), int) and not isinstance(row.get("step"), bool):
+            steps = max(steps, row["step"])
+        if row.get("kind") == "mask_update" and isinstance(row.get("sparsity"), (int, float)):
+            sparsity = float(row["sparsity"])
+    return steps, sparsity
+
+
 class RecordError(ValueError):
     """A result.json that cannot be read as a record."""
 

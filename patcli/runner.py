@@ -33,8 +33,8 @@ from .engine.allocation import AllocationError
 from .engine.schedules import Schedule, ScheduleError
 from .hydra_app import pruning_defaults
 from .models import build_model
-from .records import (MODEL_FILE, RESULT_FILE, RecordError, RunRecord, append_metrics, mask_update_row, read_record,
-                      with_default_mode, write_record)
+from .records import (MODEL_FILE, RESULT_FILE, RecordError, RunRecord, append_metrics, logged_progress, mask_update_row,
+                      read_record, with_default_mode, write_record)
 from .training import Progress, Trainer, evaluate, loss_and_outputs, resolve_device, total_steps
 
 log = logging.getLogger(__name__)
@@ -458,6 +458,9 @@ def failed_record(source: dict, run_dir: Path, error: BaseException, status: str
         error=f"{error.__class__.__name__}: {error}",
         config=source,
     )
+    steps, sparsity = logged_progress(run_dir)  # how far it got, not 0
+    record.train_steps = record.total_train_steps = steps
+    record.achieved_sparsity = sparsity or 0.0
     write_record(run_dir, record)
     return record
 

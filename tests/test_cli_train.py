@@ -311,6 +311,19 @@ def test_ctrl_c_records_the_run_as_interrupted_and_exits_130(cli, tmp_path, monk
     assert result_of(tmp_path / "run")["status"] == "interrupted"
 
 
+def test_an_interrupted_runs_record_says_how_far_it_got_from_its_metrics(tmp_path):
+    """It said 0 steps and sparsity 0, although metrics.jsonl showed 50 steps done and a mask update to 0.6."""
+    from patcli.runner import failed_record
+
+    rows = [{"kind": "mask_update", "step": 25, "sparsity": 0.3, "target": 0.3}, {"kind": "eval", "step": 40, "val_accuracy": 0.5},
+            {"kind": "mask_update", "step": 50, "sparsity": 0.6, "target": 0.6}, {"kind": "eval", "step": 50}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"kind": "ev')  # cut short
+    record = failed_record({"pruning": {"sparsity": 0.9}}, tmp_path, KeyboardInterrupt(), status="interrupted")
+    assert (record.status, record.train_steps, record.total_train_steps) == ("interrupted", 50, 50)
+    assert record.achieved_sparsity == 0.6
+    assert result_of(tmp_path)["train_steps"] == 50
+
+
 def test_sigterm_records_the_run_as_interrupted_and_exits_143(cli, tmp_path, monkeypatch):
     """timeout, SLURM and torchrun's agent stop a job with SIGTERM: the run must still leave its record."""
     import os
