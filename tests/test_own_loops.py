@@ -829,3 +829,19 @@ def test_detach_and_attach_with_no_step_between_keeps_what_reversal_knows_of_pru
     pruner.attach(optimizer)
     for shadow, was, move in zip(pruner.masking.shadow, dense, moved):
         torch.testing.assert_close(shadow, was + move)
+
+
+def test_a_second_pruner_attached_to_the_same_weights_takes_over_from_the_first(tiny_mlp, caplog):
+    """A notebook cell run twice attached two pruners: both masked the weights, each by its own schedule."""
+    optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.05)
+    first = prune_during_training(tiny_mlp, optimizer, sparsity=0.9, total_steps=20, schedule="oneshot")
+    with caplog.at_level("WARNING", logger="patcli.engine.pruner"):
+        second = prune_during_training(tiny_mlp, optimizer, sparsity=0.5, total_steps=20, schedule="oneshot")
+    assert "0.weight is already pruned by another attached Pruner: that one is detached, this one takes over" in caplog.text
+    train_steps(tiny_mlp, optimizer, range(3))
+    assert (first.step, first.updates, second.step) == (0, [], 3)
+    zeros = sum(int((w == 0).sum()) for w in second.masks.weights)
+    assert zeros == round(0.5 * sum(w.numel() for w in second.masks.weights))  # not 0.9: the first masks nothing
+    second.detach()
+    third = prune_during_training(tiny_mlp, optimizer, sparsity=0.5, total_steps=20, schedule="oneshot")
+    assert third.optimizer is optimizer and caplog.text.count("takes over") == 1  # the detached one is no owner now

@@ -14,6 +14,7 @@ import logging
 import math
 import numbers
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,6 +34,9 @@ from .scorers import Magnitude, Scorer
 from .structure import channel_groups
 
 log = logging.getLogger(__name__)
+
+# the pruner attached to each weight (by id; the pruner holds the weight, so the id stays its while the entry lives)
+ATTACHED: "weakref.WeakValueDictionary[int, Pruner]" = weakref.WeakValueDictionary()
 
 
 @dataclass
@@ -210,7 +214,13 @@ class Pruner:
             self.masking.adopt_weights()
             self.masking.masks_changed()
             self._detached = False
+        for other in {id(p): p for w in self.masks.weights if (p := ATTACHED.get(id(w))) not in (None, self)}.values():
+            # a second pruner on the same weights (a notebook cell run twice) would mask them by two schedules
+            log.warning("%s is already pruned by another attached Pruner: that one is detached, this one takes over",
+                        next(n for n, w in zip(self.masks.names, self.masks.weights) if ATTACHED.get(id(w)) is other))
+            other.detach()
         self.optimizer = optimizer
+        ATTACHED.update({id(w): self for w in self.masks.weights})
         # each weight's param group by position: optimizer.load_state_dict replaces the group dicts, not their order
         self._group_index = group_index
         self._handles = [optimizer.register_step_post_hook(lambda *_: self.after_step())]
@@ -227,6 +237,9 @@ class Pruner:
             handle.remove()
         self._handles = []
         self._detached = True
+        for weight in self.masks.weights:
+            if ATTACHED.get(id(weight)) is self:
+                del ATTACHED[id(weight)]
         if getattr(self.scorer, "grouped", False):
             self.scorer.detach()
 
