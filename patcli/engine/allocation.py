@@ -221,8 +221,8 @@ def lamp_scores(scores: torch.Tensor) -> torch.Tensor:
 class ERK(Allocation):
     """Erdős–Rényi-kernel densities (Evci et al. 2020): density ∝ Σ dims / Π dims, scaled to meet the budget.
 
-    Small layers (few connections per unit) stay denser. Layers whose density would pass 1 - min_sparsity are
-    fixed there and the scale is solved again for the rest.
+    Small layers (few connections per unit) stay denser. A layer whose density would pass 1 is left dense, one that
+    would fall below 1 - max_layer_sparsity is held at the cap, and the scale is solved again for the rest.
     """
 
     power: float = 1.0
