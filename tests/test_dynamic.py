@@ -120,7 +120,9 @@ def test_soft_threshold_matches_its_closed_form():
     torch.testing.assert_close(weight, torch.tensor([-0.9, 0.0, 0.0, 0.0, 0.4, 1.9]))
 
 
-def test_group_lasso_step_matches_the_group_shrinkage_closed_form():
+def three_channel_layer() -> tuple[nn.Linear, ChannelLayout]:
+    """Rows [3, 4], [0.1, 0], [0, 1] with a zero bias, read by a next layer through a zero column: one group of three
+    channels, each of 2 + 1 + 1 weights."""
     layer = nn.Linear(2, 3)
     nxt = nn.Linear(3, 1, bias=False)
     with torch.no_grad():
@@ -129,7 +131,11 @@ def test_group_lasso_step_matches_the_group_shrinkage_closed_form():
         nxt.weight.zero_()
     params = {"a.weight": layer.weight, "a.bias": layer.bias, "b.weight": nxt.weight}
     group = ChannelGroup("a", 3, [Slice("a.weight", 0), Slice("a.bias", 0), Slice("b.weight", 1)], layer.weight.shape)
-    layout = ChannelLayout(params, [group])
+    return layer, ChannelLayout(params, [group])
+
+
+def test_group_lasso_step_matches_the_group_shrinkage_closed_form():
+    layer, layout = three_channel_layer()
     regularizer = REGULARIZERS.get("group_lasso")(lam=1.0, warmup=0).bind(10)
     regularizer.apply(layout, lr=lambda weight: 0.5, t=0)
     size = 2 + 1 + 1  # weight row, bias, next layer's input column

@@ -7,16 +7,9 @@ from torch import nn
 
 from patcli.engine.allocation import ALLOCATIONS, LayerBudget, erk_sparsities
 from patcli.engine.schedules import SCHEDULES
+from test_allocation import budget
 
 
-def budget(scores, target, cap=0.99, shapes=None, sizes=None):
-    return LayerBudget(
-        group_scores=scores,
-        group_sizes=sizes or [1] * len(scores),
-        shapes=shapes or [torch.Size([s.numel()]) for s in scores],
-        target=target,
-        max_layer_sparsity=cap,
-    )
 
 
 def scores_of(*sizes):
@@ -289,18 +282,12 @@ def test_group_lasso_takes_the_step_size_from_the_weight_that_produces_the_chann
     """Rows [3, 4], [0.1, 0], [0, 1] of a layer trained at lr 0.5 (the next layer, at lr 0.1, reads them through a
     zero column): groups of 2 + 1 + 1 = 4 weights, threshold 0.5 · 1 · √4 = 1, factors (1 - 1/5) = 0.8, 0 and
     (1 - 1/1) = 0. The next layer's lr would give threshold 0.2 and factors 0.96, 0, 0.8."""
-    from patcli.engine.layouts import ChannelGroup, ChannelLayout, Slice
     from patcli.engine.regularizers import REGULARIZERS
+    from test_dynamic import three_channel_layer
 
-    layer, nxt = nn.Linear(2, 3), nn.Linear(3, 1, bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(torch.tensor([[3.0, 4.0], [0.1, 0.0], [0.0, 1.0]]))
-        layer.bias.zero_()
-        nxt.weight.zero_()
-    params = {"a.weight": layer.weight, "a.bias": layer.bias, "b.weight": nxt.weight}
-    group = ChannelGroup("a", 3, [Slice("a.weight", 0), Slice("a.bias", 0), Slice("b.weight", 1)], layer.weight.shape)
+    layer, layout = three_channel_layer()
     regularizer = REGULARIZERS.get("group_lasso")(lam=1.0, warmup=0).bind(10)
-    regularizer.apply(ChannelLayout(params, [group]), lr=lambda weight: 0.5 if weight is layer.weight else 0.1, t=0)
+    regularizer.apply(layout, lr=lambda weight: 0.5 if weight is layer.weight else 0.1, t=0)
     torch.testing.assert_close(layer.weight.detach(), torch.tensor([[2.4, 3.2], [0.0, 0.0], [0.0, 0.0]]))
 
 
