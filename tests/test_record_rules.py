@@ -338,18 +338,24 @@ def hand_accuracy(model, split) -> float:
         return float((model(split.inputs).argmax(-1) == split.targets).float().mean())
 
 
-def test_finish_record_counts_sparsity_params_and_bytes_from_the_model(tmp_path):
-    """Zeros: 1,024 of 1.weight (0.5), 256 of 3.weight (0.25), 1 of 5.weight (1/320): 1,281 / 3,392 overall (not
-    the layers' mean, 0.25104); two biases zero too: 3,466 − 1,283 = 2,183 non-zero."""
-    from patcli.runner import base_record, finish_record
-
-    config = config_for(*TINY_MLP, output_root=tmp_path)
+def hand_zeroed_model_and_data():
+    """The tiny model with 1,024 zeros in 1.weight, 256 in 3.weight, 1 in 5.weight and 2 in 1.bias."""
     model, data = tiny_model_and_data()
     with torch.no_grad():
         model[1].weight.view(-1)[:1024] = 0
         model[3].weight.view(-1)[:256] = 0
         model[5].weight[0, 0] = 0
         model[1].bias[:2] = 0
+    return model, data
+
+
+def test_finish_record_counts_sparsity_params_and_bytes_from_the_model(tmp_path):
+    """Zeros: 1,024 of 1.weight (0.5), 256 of 3.weight (0.25), 1 of 5.weight (1/320): 1,281 / 3,392 overall (not
+    the layers' mean, 0.25104); two biases zero too: 3,466 − 1,283 = 2,183 non-zero."""
+    from patcli.runner import base_record, finish_record
+
+    config = config_for(*TINY_MLP, output_root=tmp_path)
+    model, data = hand_zeroed_model_and_data()
     record = finish_record(base_record(config, data), model, config, data, tmp_path, torch.device("cpu"))
     assert record.params_prunable == 3392 and record.params_total == 3466 and record.params_nonzero == 2183
     assert record.achieved_sparsity == pytest.approx(1281 / 3392, abs=1e-12)
@@ -443,12 +449,7 @@ def test_an_unstructured_export_counts_the_non_zero_parameters_and_the_files_byt
     from patcli.runner import base_record, save_tensors
 
     config = config_for(*TINY_MLP, output_root=tmp_path)
-    model, data = tiny_model_and_data()
-    with torch.no_grad():
-        model[1].weight.view(-1)[:1024] = 0
-        model[3].weight.view(-1)[:256] = 0
-        model[5].weight[0, 0] = 0
-        model[1].bias[:2] = 0
+    model, data = hand_zeroed_model_and_data()
     save_tensors(model.state_dict(), tmp_path / "model.safetensors")
     record = export_model(model, config, data, tmp_path, base_record(config, data), measure_latency=False)
     assert record.params_after == 2183
