@@ -124,6 +124,23 @@ def test_nm_keeps_at_most_n_of_every_m_inputs_element_by_element():
     assert pruner.sparsity() == 0.5
 
 
+
+def test_nm_on_convs_ends_at_2_of_every_4_input_channels_under_a_gradual_schedule():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1), nn.Flatten())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pruner = Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("agp")(end=0.6), pattern=PATTERNS.get("nm")(),
+                    total_steps=20, frequency=3).attach(optimizer)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4, 4, 4, generator=generator)).square().mean().backward()
+        optimizer.step()
+    for weight in pruner.masks.weights:  # [out, in, kh, kw]: every four input channels at one filter and position
+        groups = (weight != 0).movedim(1, -1).reshape(-1, 4).sum(1)
+        assert bool((groups == 2).all()), groups
+    assert pruner.sparsity() == 0.5
+
 def test_nm_rejects_other_sparsities_and_shapes():
     with pytest.raises(ValueError, match="fixes sparsity"):
         Pruner(tiny(), sparsity=0.9, schedule=SCHEDULES.get("agp")(), pattern=PATTERNS.get("nm")(), total_steps=10)
@@ -252,11 +269,11 @@ def test_sensitivity_prunes_where_loss_per_removed_weight_is_lowest():
 
 
 @pytest.mark.parametrize("pattern, message", [
-    (PATTERNS.get("nm")(n=2, m=4), "0.weight has 9 inputs per row, not a multiple of m=4; leave it dense with pruning.exclude=['0.weight']"),
+    (PATTERNS.get("nm")(n=2, m=4), "0.weight has 1 input channel, not a multiple of m=4; leave it dense with pruning.exclude=['0.weight']"),
     (PATTERNS.get("block")(rows=1, cols=4), "0.weight of shape (8, 1, 3, 3) does not divide into 1x4 blocks; leave it dense with pruning.exclude=['0.weight']"),
 ])
 def test_a_pattern_that_does_not_fit_a_layer_names_it_and_how_to_leave_it_dense(pattern, message):
-    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))  # 1·3·3 = 9 inputs per filter, 8·3·3 = 72
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))  # 1 input channel, then 8; 1·3·3 = 9 inputs per filter, 8·3·3 = 72
     with pytest.raises(ValueError) as error:
         Pruner(model, sparsity=0.5 if pattern.name == "nm" else 0.8, schedule=SCHEDULES.get("oneshot")(), total_steps=5,
                pattern=pattern)

@@ -107,6 +107,23 @@ def test_nm_keeps_the_two_largest_magnitudes_of_every_four():
         assert int(kept.sum()) == 2 and float(values[kept].min()) >= float(values[~kept].max())
 
 
+
+def test_nm_on_a_conv_groups_input_channels_at_each_kernel_position():
+    """A conv's 2:4 groups are four input channels at one (filter, kernel position), as sparse conv kernels take them
+    (TensorRT, Ascend AMCT): not four neighbours along the flattened in·kh·kw row, which cross channel boundaries."""
+    conv = nn.Conv2d(4, 1, kernel_size=(1, 2), bias=False)
+    # input channel c, kernel column j: |w| = 10·(c+1) + j
+    values = torch.tensor([[[[10.0, 11.0]], [[20.0, 21.0]], [[30.0, 31.0]], [[40.0, 41.0]]]])
+    with torch.no_grad():
+        conv.weight.copy_(values)
+    keep = prune_once(nn.Sequential(conv), 0.5, pattern=PATTERNS.get("nm")()).masks.keep[0]
+    # each column keeps channels 2 and 3. Grouping the flattened row (10, 11, 20, 21 | 30, 31, 40, 41) would keep
+    # channel 1 and channel 3 at both columns instead: the same count, other weights.
+    assert keep[0, :, 0, 0].tolist() == [False, False, True, True]
+    assert keep[0, :, 0, 1].tolist() == [False, False, True, True]
+    per_position = keep.movedim(1, -1).reshape(-1, 4).sum(1)
+    assert per_position.tolist() == [2, 2]
+
 # -- channels ---------------------------------------------------------------------------------------------------------
 
 def neuron_pair() -> nn.Sequential:

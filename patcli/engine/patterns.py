@@ -1,8 +1,8 @@
 """Sparsity patterns inside one weight: which elements form a group that is kept or pruned together.
 
 A pattern turns element scores into one score per group, picks which groups to prune given how many, and
-expands a keep flag per group back to an element mask. Weights are viewed as 2-D ``[out, in·k…]`` so "along
-the input dimension" means consecutive elements of a row, as 2:4 sparse kernels expect.
+expands a keep flag per group back to an element mask. Blocks view a weight as 2-D ``[out, in·k…]``; N:M groups
+run along the input channels (dimension 1) at each kernel position, as sparse GEMM and convolution kernels take them.
 """
 
 from __future__ import annotations
@@ -68,8 +68,11 @@ class Unstructured(Pattern):
 class NM(Pattern):
     """N:M semi-structured sparsity: at most N non-zeros in every M consecutive inputs (2:4 runs on sparse tensor cores).
 
-    The sparsity is fixed at 1 - N/M. Before the final target, only elements that N:M would drop anyway are
-    pruned (the lowest M - N of each group), lowest scores first, so gradual schedules end exactly at N:M.
+    A conv's groups are M consecutive input channels at one filter and kernel position (its weight read as
+    ``[out, kh, kw, in]``), the layout sparse convolution kernels require; grouping the flattened ``in·kh·kw`` row
+    instead would mix kernel positions and channels. The sparsity is fixed at 1 - N/M. Before the final target, only
+    elements that N:M would drop anyway are pruned (the lowest M - N of each group), lowest scores first, so gradual
+    schedules end exactly at N:M.
     """
 
     n: int = 2
@@ -86,17 +89,19 @@ class NM(Pattern):
         return 1.0 - self.n / self.m
 
     def check(self, name: str, shape: torch.Size) -> None:
-        if as_rows(shape)[1] % self.m:
-            raise PatternError(f"{name} has {as_rows(shape)[1]} inputs per row, not a multiple of m={self.m}; "
+        inputs = shape[1] if len(shape) > 1 else 1
+        if inputs % self.m:
+            kind = "input channel" if len(shape) > 2 else "input"
+            raise PatternError(f"{name} has {inputs} {kind}{'s' if inputs != 1 else ''}, not a multiple of m={self.m}; "
                                f"leave it dense with pruning.exclude=['{name}']")
 
     def select(self, group_scores: torch.Tensor, n_prune: int, shape: torch.Size, cut: torch.Tensor | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
-        blocks = group_scores.reshape(-1, self.m)
-        rank = blocks.argsort(dim=1).argsort(dim=1)
-        candidate = (rank < self.m - self.n).reshape(-1)
-        ranked = torch.where(candidate, group_scores, torch.full_like(group_scores, float("inf")))
-        n_prune = min(n_prune, int(candidate.sum()))
+        channels_last = group_scores.reshape(shape).movedim(1, -1)
+        rank = channels_last.reshape(-1, self.m).argsort(dim=1).argsort(dim=1)
+        droppable = (rank < self.m - self.n).reshape(channels_last.shape).movedim(-1, 1).reshape(-1)
+        ranked = torch.where(droppable, group_scores, torch.full_like(group_scores, float("inf")))
+        n_prune = min(n_prune, int(droppable.sum()))
         return super().select(ranked, n_prune, shape)
 
 
