@@ -75,6 +75,58 @@ def test_gradient_and_hessian_average_only_the_steps_since_the_last_mask_update(
     assert two_steps(scorer, update_between=True) == window
 
 
+@pytest.mark.parametrize("scorer, window", [("gradient", [2.0, 2.0, 2.0]), ("hessian", [2.0, 2.0, 2.0])])
+def test_an_update_with_no_step_since_the_last_ranks_by_the_closed_window_not_by_zeros(scorer, window):
+    """Step 1 only, then two updates in a row (``Pruner.finish`` right after a scheduled one): the second still sees
+    step 1 (|W1·G1| = [2, 2, 2]; ½·G1²·W1² = ½·[1·4, 4·1, 16·¼]), where zeroed sums would score every weight 0
+    and prune in index order."""
+    model = nn.Linear(3, 1, bias=False)
+    pruner = pruner_for(model, scorer)
+    set_step(model.weight, W1, G1)
+    pruner.observe()
+    pruner.update_masks(0, target=0.0)
+    assert element_scores(pruner) == window
+
+
+def test_gradient_scores_at_finish_right_after_an_update_prune_the_lowest_not_the_first_weights():
+    """frequency=1 stops 10 steps into a 20-step ramp: finish() must rank by the last step's |w·g|."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    pruner = Pruner(model, sparsity=0.8, schedule=SCHEDULES.get("agp")(end=20), scorer=SCORERS.get("gradient")(),
+                    total_steps=30, frequency=1).attach(optimizer)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(8, 16, generator=generator)),
+                                    torch.randint(0, 4, (8,), generator=generator)).backward()
+        last = [(w.detach() * w.grad).abs() for w in pruner.masks.weights]  # what the last step's observe saw
+        optimizer.step()
+    before = [k.clone() for k in pruner.masks.keep]
+    pruner.finish()
+    assert pruner.sparsity() == pytest.approx(0.8, abs=1e-3)
+    for scores, kept_before, keep in zip(last, before, pruner.masks.keep):  # each layer to 0.8 (uniform allocation)
+        newly = scores[kept_before & ~keep]
+        assert newly.numel() >= 34 and float(newly.max()) <= float(scores[keep].min())
+
+
+def test_taylor_channels_at_finish_right_after_an_update_rank_by_the_closed_window():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    pruner = Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("agp")(end=20), scorer=SCORERS.get("taylor")(),
+                    pattern=PATTERNS.get("neurons")(), total_steps=30, frequency=1).attach(optimizer)
+    for _ in range(6):
+        optimizer.zero_grad()
+        model(torch.randn(8, 8)).square().mean().backward()
+        optimizer.step()
+    (closed,) = pruner.scorer.group_scores()  # the window the update at the last step used
+    kept_before = pruner.layout.group_keep[0].clone()
+    pruner.finish()  # raised "saw no training batches" when the update had zeroed the window
+    keep = pruner.layout.group_keep[0]
+    assert int((~keep).sum()) == 8
+    assert float(closed[kept_before & ~keep].max()) <= float(closed[keep].min())
+
 def test_movement_keeps_summing_across_mask_updates():
     """The update between the steps forgets nothing: still −(step 1 + step 2), where step 2 alone is [3, 6, −1]."""
     assert two_steps("movement", update_between=True) == [1.0, 8.0, 1.0]

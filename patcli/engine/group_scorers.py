@@ -21,18 +21,24 @@ from .scorers import SCORERS, Scorer
 
 @dataclass
 class GroupScorer(Scorer):
-    """Accumulates one score per channel and layer between mask updates."""
+    """Accumulates one score per channel and layer between mask updates.
+
+    As with the weight scorers, a mask update closes each layer's window and its next observation opens a new one:
+    an update before any new observation ranks by the closed window.
+    """
 
     grouped = True
     heads_only = False  # True: reads the attention probabilities only head groups name
     _sums: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
     _counts: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
+    _closed: list[bool] = field(default_factory=list, init=False, repr=False)
     _handles: list = field(default_factory=list, init=False, repr=False)
 
     def attach(self, model: nn.Module, layout: ChannelLayout) -> None:
         device = layout.params[0].device
         self._sums = [torch.zeros(g.channels, device=device) for g in layout.groups]
         self._counts = [torch.zeros((), device=device) for _ in layout.groups]
+        self._closed = [False] * len(layout.groups)
         self.layout = layout
         self.watch_model(model)
 
@@ -51,7 +57,15 @@ class GroupScorer(Scorer):
             raise ValueError(f"scorer {self.name!r} needs each channel group to name its {what} module; the model gives {name!r}")
         return modules[name]
 
+    def _open_window(self, index: int) -> None:
+        """Zero a layer's sums closed by the last mask update, as its first observation since arrives."""
+        if self._closed[index]:
+            self._sums[index].zero_()
+            self._counts[index].zero_()
+            self._closed[index] = False
+
     def _accumulate(self, index: int, values: torch.Tensor) -> None:
+        self._open_window(index)
         self._sums[index] += values.detach().float()
         self._counts[index] += 1
 
@@ -69,9 +83,7 @@ class GroupScorer(Scorer):
         raise RuntimeError(f"scorer {self.name!r} scores channels: use it with pruning=neurons|filters|heads")
 
     def reset(self) -> None:
-        for s, c in zip(self._sums, self._counts):
-            s.zero_()
-            c.zero_()
+        self._closed = [True] * len(self._sums)
 
     def state_bytes(self) -> int:  # the accumulators held, without copying them as state_dict() does
         return tensor_bytes([*self._sums, *self._counts])
@@ -79,12 +91,16 @@ class GroupScorer(Scorer):
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"sum.{i}": s.clone() for i, s in enumerate(self._sums)}
         state.update({f"count.{i}": c.clone() for i, c in enumerate(self._counts)})
+        if self._sums:
+            state["closed"] = torch.tensor(self._closed)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for i in range(len(self._sums)):
             self._sums[i].copy_(state[f"sum.{i}"])
             self._counts[i].copy_(state[f"count.{i}"])
+        # states saved before windows closed lazily had zeroed sums: open windows read the same
+        self._closed = state["closed"].tolist() if "closed" in state else [False] * len(self._sums)
 
 
 @SCORERS.register("taylor")
@@ -140,6 +156,7 @@ class HeadImportance(GroupScorer):
                     per_example = (value * grad).movedim(dim, 1).reshape(value.shape[0], group.channels, -1).sum(-1)
                     score = per_example.abs().mean(0).float()
                     finite = torch.isfinite(score).all()
+                    self._open_window(index)
                     self._sums[index] += torch.where(finite, score, 0.0)
                     self._counts[index] += finite
 

@@ -86,12 +86,16 @@ class Random(Scorer):
 class Accumulating(Scorer):
     """Sums a per-step statistic of (w, g) since the last mask update.
 
-    The step count lives on the host: it is known without asking the device, so counting costs no kernel.
+    The step count lives on the host: it is known without asking the device, so counting costs no kernel. A mask
+    update closes the window, and the next observed step opens a new one: until then the scores stay the closed
+    window's, so an update with no step since the last (``Pruner.finish`` right after one) ranks by what was seen,
+    not by all-zero sums that would prune in index order.
     """
 
     needs_grad = True
     _sums: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
     _count: int = field(default=0, init=False, repr=False)
+    _closed: bool = field(default=False, init=False, repr=False)
 
     def accumulate(self, sums: list[torch.Tensor], weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """Add this step's statistic into ``sums`` in place."""
@@ -100,6 +104,9 @@ class Accumulating(Scorer):
     def observe(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         if not self._sums:
             self._sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+        elif self._closed:
+            torch._foreach_zero_(self._sums)
+            self._count, self._closed = 0, False
         self.accumulate(self._sums, weights, grads)
         self._count += 1
 
@@ -109,24 +116,24 @@ class Accumulating(Scorer):
         return [s / max(self._count, 1) for s in self._sums]
 
     def reset(self) -> None:
-        for s in self._sums:
-            s.zero_()
-        self._count = 0
+        self._closed = True
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if not self._sums:
             return {}
-        return {"count": torch.tensor(float(self._count)), **{f"sum.{i}": s.clone() for i, s in enumerate(self._sums)}}
+        return {"count": torch.tensor(float(self._count)), "closed": torch.tensor(self._closed),
+                **{f"sum.{i}": s.clone() for i, s in enumerate(self._sums)}}
 
     def state_bytes(self) -> int:  # the accumulators held, without copying them as state_dict() does
         return tensor_bytes(self._sums)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if "count" not in state:  # saved before its first step: nothing accumulated yet
-            self._sums, self._count = [], 0
+            self._sums, self._count, self._closed = [], 0, False
             return
         self._count = int(state["count"])
-        self._sums = [state[f"sum.{i}"].clone() for i in range(len(state) - 1)]
+        self._closed = bool(state.get("closed", False))  # states saved before windows closed lazily had zeroed sums
+        self._sums = [state[f"sum.{i}"].clone() for i in range(sum(key.startswith("sum.") for key in state))]
 
 
 @SCORERS.register("gradient")
@@ -161,7 +168,7 @@ class Movement(Accumulating):
         return [s.clone() for s in self._sums]
 
     def reset(self) -> None:
-        pass
+        pass  # the window never closes
 
 
 @SCORERS.register("hessian")
