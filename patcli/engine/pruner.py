@@ -331,9 +331,12 @@ class Pruner:
         group_scores = self.group_scores(monotone, scorer)
         budget = self._budget(group_scores, target)
         counts = self.allocation.prune_counts(budget)
+        cuts = [budget.cut] * len(counts)
+        if not monotone:
+            group_scores, cuts = self._zero_groups_first(group_scores, cuts)
         # the new flags go straight into the layout's (the old ones are not read again before _adopt)
-        self._adopt([self.layout.select(i, s, c, budget.cut, out=self.layout.group_keep[i])
-                     for i, (s, c) in enumerate(zip(group_scores, counts))])
+        self._adopt([self.layout.select(i, s, c, cut, out=self.layout.group_keep[i])
+                     for i, (s, c, cut) in enumerate(zip(group_scores, counts, cuts))])
         if getattr(self.schedule, "resets_optimizer_state", False) and self.optimizer is not None:
             zero_optimizer_state_(self.optimizer, self.masks.weights, [~k for k in self.masks.keep])
         self.scorer.reset()
@@ -341,6 +344,25 @@ class Pruner:
         if old_keep is not None:
             revived = int(sum(torch.count_nonzero(~old & new) for old, new, a in zip(old_keep, self.masks.keep, self.masks.accounted) if a))
         return self._record(t, target, revived)
+
+    def _zero_groups_first(self, group_scores: list[torch.Tensor], cuts: list) -> tuple[list[torch.Tensor], list]:
+        """Masks chosen afresh prune the groups that are already all zero first, within each layer's count.
+
+        Pruning them changes nothing the model computes, and a dead one (a ReLU unit whose weights in and out are
+        zero gets no gradient, so a decompressed phase cannot revive it) would otherwise stay zero unmasked while a
+        live group is pruned in its place, and the model would end sparser than its target. Only which groups go
+        changes, not how many, so every allocation's per-layer counts hold.
+        """
+        magnitudes = self.layout.group_scores([w.detach().abs() for w in self.masking.dense_weights()], reduce="l1")
+        ranked, cuts = [], list(cuts)
+        for layer, (scores, magnitude) in enumerate(zip(group_scores, magnitudes)):
+            zero = magnitude == 0
+            if bool(zero.any()):
+                ranked.append(scores.masked_fill(zero, float("-inf")))
+                cuts[layer] = None  # a global threshold no longer splits this layer's scores
+            else:
+                ranked.append(scores)
+        return ranked, cuts
 
     def mask_zeros(self, t: int) -> MaskUpdate:
         """Mask what a regularizer drove to zero (whole groups for channel layouts), so it stays zero."""
