@@ -318,6 +318,35 @@ def test_a_module_registered_twice_can_be_excluded_by_its_second_name():
     assert list(select_prunable(model, exclude=["2.weight"])) == ["3.weight"]
 
 
+
+@pytest.mark.parametrize("parametrize", ["weight_norm", "spectral_norm", "torch_prune"])
+def test_a_weight_a_parametrization_computes_stays_dense_with_a_warning_and_needs_no_exclude(parametrize, caplog):
+    """weight_norm, spectral_norm and torch.nn.utils.prune recompute ``module.weight`` at each forward: masking it
+    masks nothing that lasts. It was taken as prunable, then refused by attach() (not in the optimizer), and the
+    exclude that error suggested matched no parameter."""
+    from torch.nn.utils import parametrizations
+    from torch.nn.utils import prune as torch_prune
+
+    from patcli.engine import Pruner
+
+    torch.manual_seed(0)
+    first = nn.Linear(8, 16)
+    if parametrize == "torch_prune":
+        torch_prune.l1_unstructured(first, "weight", amount=0.25)
+    else:
+        first = getattr(parametrizations, parametrize)(first)
+    model = nn.Sequential(first, nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level("WARNING"):
+        pruner = Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=2).attach(optimizer)
+    assert pruner.masks.names == ["2.weight", "4.weight"]
+    assert "0.weight left dense: computed by a parametrization" in caplog.text
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(4, 8)).square().mean().backward()
+        optimizer.step()
+    assert pruner.sparsity() == 0.5
+
 # -- surgery ---------------------------------------------------------------------------------------------------------
 
 

@@ -60,13 +60,16 @@ def select_prunable(
 
     Biases, norms and embeddings are never candidates, nor an output layer whose weight is tied to an embedding
     (pruning it would prune the embedding), nor a frozen weight (``requires_grad=False``: nothing would recover
-    what pruning takes, and gradient scores are 0 there); a weight shared by two modules is listed once.
+    what pruning takes, and gradient scores are 0 there); a weight shared by two modules is listed once. A weight
+    that a parametrization computes at each forward (weight_norm, spectral_norm, ``torch.nn.utils.prune``) is no
+    parameter: masking it would mask a tensor about to be recomputed, so it stays dense (``computed_weights``).
     """
     include, exclude = as_list("include", include), as_list("exclude", exclude)
     tied = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
     candidates: dict[int, tuple[nn.Parameter, list[str]]] = {}  # each weight with every name it has
     for module_name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, PRUNABLE_MODULES) and id(module.weight) not in tied and module.weight.requires_grad:
+        if isinstance(module, PRUNABLE_MODULES) and id(module.weight) not in tied and module.weight.requires_grad \
+                and isinstance(module.weight, nn.Parameter):
             name = f"{module_name}.weight" if module_name else "weight"
             candidates.setdefault(id(module.weight), (module.weight, []))[1].append(name)
     selected: dict[str, nn.Parameter] = {}
@@ -75,6 +78,12 @@ def select_prunable(
                 not any(fnmatch.fnmatchcase(n, p) for n in names for p in exclude):
             selected[names[0]] = weight
     return selected
+
+
+def computed_weights(model: nn.Module) -> list[str]:
+    """Names of Linear/Conv weights a parametrization computes at each forward, which ``select_prunable`` skips."""
+    return [f"{name}.weight" if name else "weight" for name, module in model.named_modules()
+            if isinstance(module, PRUNABLE_MODULES) and not isinstance(module.weight, nn.Parameter)]
 
 
 def tensor_bytes(tensors) -> int:

@@ -24,8 +24,8 @@ from torch import nn
 from .allocation import Allocation, LayerBudget, Uniform, check_reachable
 from .combinations import check_combination, name_of
 from .layouts import ChannelLayout, Layout, TensorLayout
-from .masks import (MASKINGS, DenseShadowMasking, MaskSet, as_bytes, mark_pruned_, pattern_lists, select_prunable,
-                    tensor_bytes, zero_optimizer_state_)
+from .masks import (MASKINGS, DenseShadowMasking, MaskSet, as_bytes, computed_weights, mark_pruned_, pattern_lists,
+                    select_prunable, tensor_bytes, zero_optimizer_state_)
 from .patterns import Pattern, Structured, Unstructured
 from .regrowth import NoRegrowth, Regrowth
 from .regularizers import Regularizer
@@ -62,6 +62,10 @@ def unscaled(grads: list[torch.Tensor], grad_scale: torch.Tensor | None, found_i
 def make_layout(model: nn.Module, pattern: Pattern, include, exclude) -> Layout:
     """Tensor layout for element/N:M/block patterns, channel layout for neurons/filters/heads."""
     include, exclude = pattern_lists(model, include, exclude)
+    if computed := computed_weights(model):
+        log.warning("%s left dense: computed by a parametrization (weight_norm, spectral_norm, torch.nn.utils.prune) "
+                    "at each forward, not a parameter the pruner can mask; remove the parametrization to prune it",
+                    ", ".join(computed))
     if isinstance(pattern, Structured):
         params = dict(model.named_parameters())
         return ChannelLayout(params, channel_groups(model, pattern.kind, include, exclude), pattern.reduce)
