@@ -494,10 +494,31 @@ class Pruner:
             for weight, dense, keep in zip(self.masks.weights, self.masking.dense_weights(), self.layout.element_masks(decision)):
                 torch.mul(dense, keep, out=weight)
         try:
-            return float(self.evaluate())
+            return self._validation_loss()
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(self.masks.weights, saved)
+
+    def _validation_loss(self) -> float:
+        """``evaluate()`` with the model in eval mode, then each module's mode restored: a trial must not move
+        BatchNorm statistics, draw dropout, or feed the scorers' training hooks. A loss that is not one finite
+        number is refused: the allocation would rank layers by NaN."""
+        modes = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()
+        try:
+            value = self.evaluate()
+        finally:
+            for module, training in modes:
+                module.training = training
+        try:
+            loss = float(value)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"evaluate must return one number, the validation loss; it returned {type(value).__name__}"
+                            f" ({error})") from error
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"evaluate returned {loss} at step {self.step}: allocation=sensitivity needs a "
+                                     "finite validation loss (training diverged, or the loss is not computed right)")
+        return loss
 
     # -- reporting and state --------------------------------------------------------------------------------------
 
