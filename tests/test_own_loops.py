@@ -460,6 +460,11 @@ def small_model() -> nn.Sequential:
     (dict(total_steps=20, sparsity="0.5"), r"sparsity must be a number within 0 <= value < 1, got '0.5'"),
     (dict(total_steps=20, schedule="agp"), r"schedule must be a Schedule object, e.g. SCHEDULES.get\(name\)\(\), got 'agp'"),
     (dict(total_steps=20, exclude="2.weight"), r"exclude takes a list of name patterns, e.g. exclude=\['2.weight'\]"),
+    (dict(total_steps=20, exclude=None), r"exclude takes a list of name patterns, e.g. exclude=\['\*.weight'\]; got None"),
+    (dict(total_steps=20, include=["*", None]), r"include takes a list of name patterns \(strings\); got None in it"),
+    (dict(total_steps=20, model=object()), r"model must be a torch.nn.Module; got object"),
+    (dict(total_steps=20, model=nn.Sequential(nn.LazyLinear(4))), r"0.weight is not initialized yet \(a lazy module\): "
+                                                                  r"run one forward pass before building the pruner"),
     (dict(total_steps=20, exclude=["head.weight"]), r"exclude pattern 'head.weight' matches no parameter of the model; "
                                                     r"allowed: fnmatch patterns over 0.weight, 0.bias, 2.weight, 2.bias, "
                                                     r"4.weight, 4.bias"),
@@ -468,8 +473,15 @@ def test_a_pruner_built_in_python_names_a_bad_argument(arguments, message):
     """A float step count (epochs · batches / accumulation) used to put the schedule's end between two steps, so the
     target was never reached; a bare string exclude was read letter by letter."""
     arguments = {"sparsity": 0.9, "schedule": SCHEDULES.get("linear")(end=1.0), **arguments}
+    model = arguments.pop("model", None) or small_model()
     with pytest.raises((ValueError, TypeError), match=f"^{message}"):
-        Pruner(small_model(), **arguments)
+        Pruner(model, **arguments)
+
+
+def test_attach_names_what_is_not_an_optimizer():
+    pruner = Pruner(small_model(), sparsity=0.5, schedule=SCHEDULES.get("agp")(), total_steps=20)
+    with pytest.raises(TypeError, match=r"^attach\(\) takes a torch.optim.Optimizer; got dict$"):
+        pruner.attach({"lr": 0.1})
 
 
 def test_numpy_integer_step_counts_are_taken():

@@ -21,7 +21,13 @@ def as_list(key: str, patterns: Iterable[str]) -> list[str]:
     """A list of name patterns; a bare string would be read letter by letter."""
     if isinstance(patterns, str):
         raise TypeError(f"{key} takes a list of name patterns, e.g. {key}=[{patterns!r}]; got the string {patterns!r}")
-    return list(patterns)
+    try:
+        patterns = list(patterns)
+    except TypeError:
+        raise TypeError(f"{key} takes a list of name patterns, e.g. {key}=['*.weight']; got {patterns!r}") from None
+    if wrong := [p for p in patterns if not isinstance(p, str)]:
+        raise TypeError(f"{key} takes a list of name patterns (strings); got {wrong[0]!r} in it")
+    return patterns
 
 
 class PatternError(ValueError):

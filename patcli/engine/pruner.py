@@ -144,6 +144,10 @@ class Pruner:
                         schedule=schedule, scorer=scorer, allocation=allocation, pattern=pattern, regrowth=regrowth,
                         regularizer=regularizer)
         schedule, scorer, allocation, regrowth, regularizer = map(own_copy, (schedule, scorer, allocation, regrowth, regularizer))
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if lazy := next((name for name, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)), None):
+            raise ValueError(f"{lazy} is not initialized yet (a lazy module): run one forward pass before building the pruner")
         self.model = model
         self.pattern = pattern or Unstructured()
         if self.pattern.fixed_sparsity is not None and abs(sparsity - self.pattern.fixed_sparsity) > 1e-9:
@@ -200,6 +204,8 @@ class Pruner:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "Pruner":
         """Run the pruner around every ``optimizer.step()`` (of this optimizer only)."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"attach() takes a torch.optim.Optimizer; got {type(optimizer).__name__}")
         if isinstance(optimizer, torch.optim.LBFGS):  # its forward passes inside step(closure) would see unmasked weights
             raise ValueError("LBFGS evaluates the model several times inside one step(closure), before the pruner can mask "
                              "the weights; allowed: optimizers that update once per step() (SGD, Adam, AdamW, ...)")
