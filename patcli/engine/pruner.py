@@ -171,10 +171,10 @@ class Pruner:
         self.seconds = 0.0  # wall time spent in the pruner's hooks, for the per-step overhead
         self.layout = make_layout(model, self.pattern, include, exclude)
         if getattr(self.scorer, "grouped", False):
-            if not isinstance(self.layout, ChannelLayout):
-                raise ValueError(f"scorer {self.scorer.name!r} scores whole channels; allowed with pruning=neurons, filters or heads")
             if self.scorer.heads_only and name_of(self.pattern) != "heads":
                 raise ValueError(f"scorer {self.scorer.name!r} scores attention heads; allowed with pruning=heads")
+            if not isinstance(self.layout, ChannelLayout):
+                raise ValueError(f"scorer {self.scorer.name!r} scores whole channels; allowed with pruning=neurons, filters or heads")
             self.scorer.attach(model, self.layout)
         self.masks = MaskSet(dict(zip(self.layout.names, self.layout.params)), self.layout.accounted)
         if masking not in MASKINGS:
@@ -294,7 +294,7 @@ class Pruner:
                 return rate if taken is None else taken * rate
 
             self.regularizer.apply(self.layout, step_size, t)
-        if not self._scheduled_update(t) and entering:
+        if not self._scheduled_update(t, self._afresh(entering)) and entering:
             self.masking.masks_changed()
         self.step += 1
         self.seconds += time.perf_counter() - started
@@ -308,12 +308,22 @@ class Pruner:
         end = self.schedule.end_step
         if self.regrowth.replaces_schedule or self.step > end:
             return None
+        entering = not self.masking.enforced
         self.masking.enforced = True
-        updated = self._scheduled_update(end)
+        updated = self._scheduled_update(end, self._afresh(entering))
         self.step = end + 1
         return self.updates[-1] if updated else None
 
-    def _scheduled_update(self, t: int) -> bool:
+    def _afresh(self, entering: bool) -> bool | None:
+        """Whether an update now chooses masks afresh: None for the pruner's own rule, except that an alternating
+        schedule chooses them afresh only where a compressed phase starts. An update inside one (the final phase
+        right after a compressed phase) only adds to them, as AC/DC keeps a phase's masks: re-choosing there
+        swapped weights mid-phase (a random scorer re-drew its masks)."""
+        if getattr(self.schedule, "monotone", True) or not self.regrowth.monotone:
+            return None
+        return entering
+
+    def _scheduled_update(self, t: int, afresh: bool | None = None) -> bool:
         """The mask update due at step t, if any (each one enforces the masks it makes)."""
         due = self.regrowth.is_update_step(t) if self.regrowth.replaces_schedule else self.schedule.is_update_step(t)
         if not due:
@@ -322,7 +332,7 @@ class Pruner:
         if self.regrowth.replaces_schedule:
             self.regrow(t)
         elif self.regularizer is None:
-            self.update_masks(t)
+            self.update_masks(t, monotone=None if afresh is None else not afresh)
         elif t == self.schedule.end_step and self.regularizer.target is not None:
             # closing: exactly the target by magnitude, over all weights (the penalty may have zeroed too many)
             self.update_masks(t, self.regularizer.target, monotone=False, scorer=Magnitude())
