@@ -25,7 +25,7 @@ from torch import nn
 from . import __version__
 from .config import ConfigError, RunConfig
 from .data import DataBundle, load_dataset
-from .engine import REGROWTHS, SCHEDULES, MaskUpdate, Pruner, select_prunable
+from .engine import REGROWTHS, SCHEDULES, SCORERS, MaskUpdate, Pruner, select_prunable
 from .engine.patterns import Structured
 from .engine.masks import PatternError, pattern_lists
 from .engine.pruner import make_layout
@@ -90,9 +90,12 @@ def plan(config: RunConfig) -> Plan:
         if not config.pruning.enabled:
             raise ConfigError("pruning", "post-training baselines prune: choose a pruning mode, not none")
         # the target fits the caps, with what the baseline prunes (structured: its channels and allocation)? Regrowth
-        # and regularizers shape PAT's updates, not this one-shot check
+        # and regularizers shape PAT's updates, not this one-shot check, and a post-training baseline scores its own
+        # way (a scorer given to it is warned unused, not refused)
         pruned = baseline.recorded(config, model) if hasattr(baseline, "recorded") else config
-        fixed = dataclasses.replace(pruned, schedule=SCHEDULES.get("fixed")(), regrowth=REGROWTHS.get("none")(), regularizer=None)
+        scorer = pruned.scorer if config.method == "pat" else SCORERS.get("magnitude")()
+        fixed = dataclasses.replace(pruned, schedule=SCHEDULES.get("fixed")(), regrowth=REGROWTHS.get("none")(),
+                                    regularizer=None, scorer=scorer)
         build_pruner(fixed, model, 1, evaluate_fn=never_called).detach()  # a channel scorer's model hooks off
     elif config.pruning.enabled:
         pruner = build_pruner(config, model, steps, evaluate_fn=never_called)  # pattern fits?
@@ -372,14 +375,23 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
         record.extra["init_from"] = str(config.trainer.init_from)
     finish_record(record, trainer.model, config, data, run_dir, device)
     if pruner and config.regularizer is None and abs(record.achieved_sparsity - record.target_sparsity) > 0.005:
-        log.warning("pruning=%s reached %.4g of the prunable weights for pruning.sparsity=%g: the nearest that whole %s "
-                    "reach", config.pruning.mode, record.achieved_sparsity, record.target_sparsity,
-                    config.pruning.mode if isinstance(config.pattern, Structured) else "blocks")
+        log.warning("pruning=%s reached %.4g of the prunable weights for pruning.sparsity=%g: %s",
+                    config.pruning.mode, record.achieved_sparsity, record.target_sparsity, off_target_reason(config))
     if config.regularizer is not None:
         warn_if_penalty_overshot(config, record)
         if config.regularizer.target is None:  # the penalty chose the sparsity
             record.target_sparsity = round(record.achieved_sparsity, 2)
     return record
+
+
+def off_target_reason(config: RunConfig) -> str:
+    """Why a run's zeros can miss its target by more than rounding, for the warning that says it did."""
+    if isinstance(config.pattern, Structured):
+        return f"the nearest that whole {config.pruning.mode} reach"
+    if config.pruning.mode == "block":
+        return "the nearest that whole blocks reach"
+    # unstructured or N:M: masks hold the exact count, so the extra zeros are weights left at zero outside them
+    return "weights outside the masks are exactly zero too (units that no longer get a gradient)"
 
 
 def warn_if_penalty_overshot(config: RunConfig, record: RunRecord) -> None:

@@ -103,6 +103,10 @@ def test_a_given_dense_run_lends_the_baseline_its_seed_and_trainer_and_unused_op
     said = out + err + caplog.text
     assert "seed=0 (not 3), trainer.lr=0.01 (not 0.05): this run uses and records those" in said, said
     assert "baseline=magnitude prunes its own way: scorer=movement does not apply" in said
+    # a channel scorer, which unstructured PAT refuses, is as unused here: it was refused before the baseline ran
+    code, out, err = cli("prune-post", *TINY[:2], "baseline=gradient", f"dense={tmp_path}/dense", "scorer=taylor")
+    assert code == 0, err
+    assert "baseline=gradient prunes its own way: scorer=taylor does not apply" in out + err + caplog.text
 
 
 def test_iterative_beats_one_shot_magnitude_at_95_percent_on_digits(tmp_path):

@@ -152,6 +152,8 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
                                                                         "allowed with ramp=linear: 3.0 (the default)"),
         ("scorer=attention_entropy pruning=neurons", "pruning: scorer 'attention_entropy' scores attention heads; "
                                                      "allowed with pruning=heads"),
+        # it said "allowed with pruning=neurons, filters or heads", and neurons were then refused in turn
+        ("scorer=attention_entropy", "pruning: scorer 'attention_entropy' scores attention heads; allowed with pruning=heads"),
         ("pruning.exclude=[nope.weight]", "pruning.exclude: pattern 'nope.weight' matches no parameter of the model; "
                                           "allowed: fnmatch patterns over 1.weight, 1.bias, 3.weight, 3.bias, 5.weight, 5.bias"),
         ("pruning=none pruning.exclude=[nope.weight]", "pruning.exclude: pattern 'nope.weight' matches no parameter"),
