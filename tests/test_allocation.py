@@ -53,7 +53,16 @@ def test_uniform_allocation_prunes_each_layer_to_the_target():
 
 def test_unreachable_budget_is_an_error():
     with pytest.raises(AllocationError, match="max_layer_sparsity"):
-        ALLOCATIONS.get("global")().prune_counts(budget([torch.rand(10), torch.rand(10)], 0.95, cap=0.9))
+        ALLOCATIONS.get("global")().prune_counts(budget([torch.rand(10), torch.rand(10)], 0.85, cap=0.8))
+
+
+def test_a_target_no_cap_below_one_can_reach_says_so_instead_of_asking_for_a_higher_cap():
+    """One head per layer (groups of 64 weights): a cap must stay below 1, so no layer can lose its only group. The
+    error said "raise the cap", which cannot help."""
+    with pytest.raises(AllocationError, match=r"^sparsity 0.5 needs 64 pruned weights but every layer keeps at least one "
+                                              r"of its groups \(weights, blocks or channels: 1 in the smallest layer\), "
+                                              r"so at most 0 can go whatever the cap; lower the sparsity"):
+        ALLOCATIONS.get("uniform")().prune_counts(budget([torch.rand(1), torch.rand(1)], 0.5, sizes=[64, 64]))
 
 
 def test_lamp_scores_match_the_hand_computed_case():

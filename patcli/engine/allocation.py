@@ -86,6 +86,12 @@ class Allocation:
 def check_reachable(budget: LayerBudget) -> None:
     reachable = budget.pruned(budget.caps())
     if budget.budget_elements > reachable:
+        most = budget.pruned([g - 1 for g in budget.num_groups])  # a cap is below 1: each layer keeps a group
+        if budget.budget_elements > most:
+            raise AllocationError(
+                f"sparsity {budget.target} needs {budget.budget_elements} pruned weights but every layer keeps at least "
+                f"one of its groups (weights, blocks or channels: {min(budget.num_groups)} in the smallest layer), so "
+                f"at most {most} can go whatever the cap; lower the sparsity or prune in smaller groups")
         raise AllocationError(
             f"sparsity {budget.target} needs {budget.budget_elements} pruned weights but the per-layer cap "
             f"max_layer_sparsity={budget.max_layer_sparsity} allows at most {reachable}; raise the cap or lower the sparsity"
