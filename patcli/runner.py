@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -31,7 +32,7 @@ from .engine.masks import PatternError, pattern_lists
 from .engine.pruner import make_layout
 from .engine.allocation import AllocationError
 from .engine.schedules import Schedule, ScheduleError
-from .hydra_app import pruning_defaults
+from .hydra_app import conf_dir, pruning_defaults
 from .models import build_model
 from .records import (MODEL_FILE, RESULT_FILE, RecordError, RunRecord, append_metrics, logged_progress, mask_update_row,
                       read_record, with_default_mode, write_record)
@@ -216,6 +217,24 @@ def warn_of_unused_options(config: RunConfig) -> None:
         log.warning("%s: %s do%s not apply", what, ", ".join(ignored), "es" if len(ignored) == 1 else "")
 
 
+def warn_of_unused_settings(config: RunConfig) -> None:
+    """A PAT run's settings that its other choices override, named rather than dropped without a word."""
+    if config.method != "pat":
+        return
+    chosen = (config.source.get("allocation") or {}).get("name")
+    if config.pattern is not None and config.pattern.fixed_sparsity is not None and \
+            chosen not in (None, "uniform", pruning_defaults()["allocation"]["name"]):
+        log.warning("pruning=%s prunes every layer to %g: allocation=%s does not apply (uniform)",
+                    config.pattern.name, config.pattern.fixed_sparsity, chosen)
+    mode_defaults = OmegaConf.load(conf_dir() / "pruning" / f"{config.pruning.mode}.yaml")
+    if config.schedule.name == "alternating" and config.pruning.frequency != mode_defaults.get("frequency"):
+        log.warning("pruning.frequency=%d does not apply: schedule=alternating updates masks where its compressed "
+                    "phases start", config.pruning.frequency)
+    reduce = (config.source.get("pruning") or {}).get("reduce")
+    if getattr(config.scorer, "grouped", False) and reduce not in (None, mode_defaults.get("reduce")):
+        log.warning("pruning.reduce=%s does not apply: scorer=%s scores whole channels itself", reduce, config.scorer.name)
+
+
 def allocation_loss(config: RunConfig, trainer: Trainer) -> Callable[[], float]:
     """The validation loss a loss-measuring allocation calls, over as many batches as it asks for."""
     return functools.partial(trainer.validation_loss, getattr(config.allocation, "batches", None))
@@ -339,11 +358,7 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
         log.warning("regrowth=reversal with trainer.optimizer=%s: reversal is meant for SGD; under Adam pruned weights "
                     "random-walk and masks churn (see BENCHMARKS.md, dynamic)", config.trainer.optimizer)
     warn_of_unused_options(config)
-    chosen = (config.source.get("allocation") or {}).get("name")
-    default = pruning_defaults()["allocation"]["name"]
-    if config.pattern is not None and config.pattern.fixed_sparsity is not None and chosen not in (None, "uniform", default):
-        log.warning("pruning=%s prunes every layer to %g: allocation=%s does not apply (uniform)",
-                    config.pattern.name, config.pattern.fixed_sparsity, chosen)
+    warn_of_unused_settings(config)
     if config.method == "pat":
         pruner = build_pruner(
             config,
@@ -427,8 +442,6 @@ def execute(config: RunConfig, run_dir: Path, progress: Progress | None = None, 
     """Run whatever the config describes and write its record."""
     snapshot = run_dir / ".hydra" / "config.yaml"
     if not snapshot.exists():  # a run started outside Hydra still carries the config that rebuilds it
-        from omegaconf import OmegaConf
-
         snapshot.parent.mkdir(parents=True, exist_ok=True)
         snapshot.write_text(OmegaConf.to_yaml(config.source))
     with torch_threads(config.trainer.threads):

@@ -452,6 +452,21 @@ def test_a_fixed_pattern_warns_that_a_chosen_allocation_does_not_apply(cli, capl
     assert result_of(run_dir_of(out))["per_layer_sparsity"] == {"1.weight": 0.5, "3.weight": 0.5, "5.weight": 0.5}
 
 
+
+@pytest.mark.parametrize("overrides, warning", [
+    (["schedule=alternating", "pruning.frequency=10"],
+     "pruning.frequency=10 does not apply: schedule=alternating updates masks where its compressed phases start"),
+    (["pruning=neurons", "scorer=taylor", "pruning.reduce=l1"],
+     "pruning.reduce=l1 does not apply: scorer=taylor scores whole channels itself"),
+])
+def test_a_setting_the_other_choices_override_is_warned_unused(cli, caplog, overrides, warning):
+    code, out, err = cli("train", *TINY, "trainer.max_steps=20", *overrides)
+    assert code == 0, err
+    assert warning in out + err + caplog.text
+    code, out, err = cli("train", *TINY, "trainer.max_steps=20", *overrides[:-1])  # the default: no word
+    assert code == 0, err
+    assert "does not apply" not in out + err + caplog.text.replace(warning, "")
+
 def test_a_dense_run_warns_that_the_pruning_options_it_was_given_do_not_apply(cli, caplog):
     code, out, err = cli("train", *TINY, "trainer.max_steps=4", "pruning=none", "scorer=movement", "schedule=cubic",
                          "regrowth=reversal")
