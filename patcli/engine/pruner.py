@@ -294,7 +294,7 @@ class Pruner:
                 return rate if taken is None else taken * rate
 
             self.regularizer.apply(self.layout, step_size, t)
-        if not self._scheduled_update(t, self._afresh(entering)) and entering:
+        if not self._scheduled_update(t, entering) and entering:
             self.masking.masks_changed()
         self.step += 1
         self.seconds += time.perf_counter() - started
@@ -310,7 +310,7 @@ class Pruner:
             return None
         entering = not self.masking.enforced
         self.masking.enforced = True
-        updated = self._scheduled_update(end, self._afresh(entering))
+        updated = self._scheduled_update(end, entering)
         self.step = end + 1
         return self.updates[-1] if updated else None
 
@@ -323,8 +323,9 @@ class Pruner:
             return None
         return entering
 
-    def _scheduled_update(self, t: int, afresh: bool | None = None) -> bool:
-        """The mask update due at step t, if any (each one enforces the masks it makes)."""
+    def _scheduled_update(self, t: int, entering: bool = False) -> bool:
+        """The mask update due at step t, if any (each one enforces the masks it makes); ``entering``: a compressed
+        phase starts at t."""
         due = self.regrowth.is_update_step(t) if self.regrowth.replaces_schedule else self.schedule.is_update_step(t)
         if not due:
             return False
@@ -332,6 +333,7 @@ class Pruner:
         if self.regrowth.replaces_schedule:
             self.regrow(t)
         elif self.regularizer is None:
+            afresh = self._afresh(entering)
             self.update_masks(t, monotone=None if afresh is None else not afresh)
         elif t == self.schedule.end_step and self.regularizer.target is not None:
             # closing: exactly the target by magnitude, over all weights (the penalty may have zeroed too many)
