@@ -1,12 +1,14 @@
 """Every scorer × schedule × allocation reaches its target; N:M, block and alternating behave element by element."""
 
 import itertools
+from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
 
 from patcli.engine import ALLOCATIONS, PATTERNS, SCHEDULES, SCORERS, Pruner
+from patcli.engine.schedules import Schedule
 
 
 def tiny():
@@ -231,6 +233,37 @@ def test_alternating_keeps_a_compressed_phases_masks_into_the_final_phase_that_f
     assert [u.step for u in pruner.updates] == [4, 13, 19]
     assert all(torch.equal(a, b) for a, b in zip(phase_masks, pruner.masks.keep))
     assert pruner.sparsity() == pytest.approx(0.8, abs=2e-3)
+
+
+def revived_counts(masking="inplace", monotone=True, **parts):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    pruner = Pruner(model, sparsity=0.5, total_steps=10, frequency=2, masking=masking, monotone=monotone, **parts).attach(optimizer)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        optimizer.zero_grad()
+        model(torch.randn(8, 16, generator=generator)).square().mean().backward()
+        optimizer.step()
+    return [u.revived for u in pruner.updates]
+
+
+def test_non_monotone_masks_still_let_pruned_weights_return_outside_alternating_phases():
+    """The rules for alternating (a phase's masks kept; zero weights pruned first once masks were lifted) must not
+    reach other non-monotone pruners: with in-place masking a pruned weight is zero because it is masked, and a
+    schedule of one's own that never lifts masks still re-chooses them at every update."""
+    assert sum(revived_counts(monotone=False, schedule=SCHEDULES.get("agp")(begin=0, end=8),
+                              scorer=SCORERS.get("movement")())) > 0
+
+    @dataclass
+    class AlwaysReChosen(Schedule):
+        monotone = False
+
+        def curve(self, p: float) -> float:
+            return self.final_sparsity
+
+    assert sum(revived_counts(masking="dense_shadow", schedule=AlwaysReChosen(begin=0, end=8),
+                              scorer=SCORERS.get("random")())) > 0
 
 @pytest.mark.parametrize("decompressed", [1, 3])
 def test_alternating_frees_every_decompressed_step_and_rechooses_masks_from_the_trained_weights(decompressed):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 import inspect
 import logging
 import math
@@ -62,7 +63,8 @@ def unscaled(grads: list[torch.Tensor], grad_scale: torch.Tensor | None, found_i
 def make_layout(model: nn.Module, pattern: Pattern, include, exclude) -> Layout:
     """Tensor layout for element/N:M/block patterns, channel layout for neurons/filters/heads."""
     include, exclude = pattern_lists(model, include, exclude)
-    if computed := computed_weights(model):
+    if computed := [name for name in computed_weights(model) if any(fnmatch.fnmatchcase(name, p) for p in include)
+                    and not any(fnmatch.fnmatchcase(name, p) for p in exclude)]:
         log.warning("%s left dense: computed by a parametrization (weight_norm, spectral_norm, torch.nn.utils.prune) "
                     "at each forward, not a parameter the pruner can mask; remove the parametrization to prune it",
                     ", ".join(computed))
@@ -294,7 +296,7 @@ class Pruner:
                 return rate if taken is None else taken * rate
 
             self.regularizer.apply(self.layout, step_size, t)
-        if not self._scheduled_update(t, entering) and entering:
+        if not self._scheduled_update(t) and entering:
             self.masking.masks_changed()
         self.step += 1
         self.seconds += time.perf_counter() - started
@@ -308,24 +310,13 @@ class Pruner:
         end = self.schedule.end_step
         if self.regrowth.replaces_schedule or self.step > end:
             return None
-        entering = not self.masking.enforced
         self.masking.enforced = True
-        updated = self._scheduled_update(end, entering)
+        updated = self._scheduled_update(end)
         self.step = end + 1
         return self.updates[-1] if updated else None
 
-    def _afresh(self, entering: bool) -> bool | None:
-        """Whether an update now chooses masks afresh: None for the pruner's own rule, except that an alternating
-        schedule chooses them afresh only where a compressed phase starts. An update inside one (the final phase
-        right after a compressed phase) only adds to them, as AC/DC keeps a phase's masks: re-choosing there
-        swapped weights mid-phase (a random scorer re-drew its masks)."""
-        if getattr(self.schedule, "monotone", True) or not self.regrowth.monotone:
-            return None
-        return entering
-
-    def _scheduled_update(self, t: int, entering: bool = False) -> bool:
-        """The mask update due at step t, if any (each one enforces the masks it makes); ``entering``: a compressed
-        phase starts at t."""
+    def _scheduled_update(self, t: int) -> bool:
+        """The mask update due at step t, if any (each one enforces the masks it makes)."""
         due = self.regrowth.is_update_step(t) if self.regrowth.replaces_schedule else self.schedule.is_update_step(t)
         if not due:
             return False
@@ -333,8 +324,7 @@ class Pruner:
         if self.regrowth.replaces_schedule:
             self.regrow(t)
         elif self.regularizer is None:
-            afresh = self._afresh(entering)
-            self.update_masks(t, monotone=None if afresh is None else not afresh)
+            self.update_masks(t)
         elif t == self.schedule.end_step and self.regularizer.target is not None:
             # closing: exactly the target by magnitude, over all weights (the penalty may have zeroed too many)
             self.update_masks(t, self.regularizer.target, monotone=False, scorer=Magnitude())
@@ -348,13 +338,17 @@ class Pruner:
                      scorer: Scorer | None = None) -> MaskUpdate:
         """Re-choose masks for the schedule's target at step t (or an explicit ``target``, or ``scorer``)."""
         target = self.schedule.target(t) if target is None else target
-        monotone = self.monotone if monotone is None else monotone
+        trained_unmasked = self._trained_unmasked()
+        if monotone is None:
+            # an alternating schedule chooses masks afresh only where a compressed phase starts: an update inside
+            # one (the final phase right after a compressed phase) only adds to them, as AC/DC keeps a phase's masks
+            monotone = self.monotone or (self.schedule.lifts_masks and not trained_unmasked)
         old_keep = [k.clone() for k in self.masks.keep] if not monotone else None
         group_scores = self.group_scores(monotone, scorer)
-        budget = self._budget(group_scores, target)
+        budget = self._budget(group_scores, target, monotone)
         counts = self.allocation.prune_counts(budget)
         cuts = [budget.cut] * len(counts)
-        if not monotone:
+        if not monotone and trained_unmasked:
             group_scores, cuts = self._zero_groups_first(group_scores, cuts)
         # the new flags go straight into the layout's (the old ones are not read again before _adopt)
         self._adopt([self.layout.select(i, s, c, cut, out=self.layout.group_keep[i])
@@ -367,18 +361,28 @@ class Pruner:
             revived = int(sum(torch.count_nonzero(~old & new) for old, new, a in zip(old_keep, self.masks.keep, self.masks.accounted) if a))
         return self._record(t, target, revived)
 
+    def _trained_unmasked(self) -> bool:
+        """Whether the weights this update chooses among trained without masks: a dense copy (``dense_shadow``), or
+        the step before it ran with the masks lifted (a decompressed phase, the warm-up). Read from the schedule, not
+        kept as state, so a resumed run decides the same."""
+        return isinstance(self.masking, DenseShadowMasking) or not self.schedule.masks_enforced(self.step - 1)
+
     def _zero_groups_first(self, group_scores: list[torch.Tensor], cuts: list) -> tuple[list[torch.Tensor], list]:
         """Masks chosen afresh prune the groups that are already all zero first, within each layer's count.
 
         Pruning them changes nothing the model computes, and a dead one (a ReLU unit whose weights in and out are
         zero gets no gradient, so a decompressed phase cannot revive it) would otherwise stay zero unmasked while a
         live group is pruned in its place, and the model would end sparser than its target. Only which groups go
-        changes, not how many, so every allocation's per-layer counts hold.
+        changes, not how many, so every allocation's per-layer counts hold. Only for weights that trained unmasked:
+        under in-place masking a pruned weight is zero because it is masked, and must stay free to return.
         """
-        magnitudes = self.layout.group_scores([w.detach().abs() for w in self.masking.dense_weights()], reduce="l1")
+        weights = [w.detach() for w in self.masking.dense_weights()]
+        if self.layout.elementwise:  # one group per element
+            zeros = [(w == 0).reshape(-1) for w in weights]
+        else:
+            zeros = [m == 0 for m in self.layout.group_scores([w.abs() for w in weights], reduce="l1")]
         ranked, cuts = [], list(cuts)
-        for layer, (scores, magnitude) in enumerate(zip(group_scores, magnitudes)):
-            zero = magnitude == 0
+        for layer, (scores, zero) in enumerate(zip(group_scores, zeros)):
             if bool(zero.any()):
                 ranked.append(scores.masked_fill(zero, float("-inf")))
                 cuts[layer] = None  # a global threshold no longer splits this layer's scores
@@ -484,7 +488,7 @@ class Pruner:
         stand_in = torch.zeros(())
         check_reachable(self._budget([stand_in.expand(k.numel()) for k in self.layout.group_keep], target))
 
-    def _budget(self, group_scores: list[torch.Tensor], target: float) -> LayerBudget:
+    def _budget(self, group_scores: list[torch.Tensor], target: float, monotone: bool = True) -> LayerBudget:
         return LayerBudget(
             group_scores=group_scores,
             group_sizes=self.layout.group_sizes(),
@@ -493,16 +497,18 @@ class Pruner:
             max_layer_sparsity=self.max_layer_sparsity,
             total=self.masks.accounted_numel(),
             pruned_elements=self.layout.pruned_elements if isinstance(self.layout, ChannelLayout) else None,
-            loss_with_layer_pruned=(lambda i, s: self._loss_with_layer_pruned(i, s, group_scores)) if self.evaluate else None,
+            loss_with_layer_pruned=(lambda i, s: self._loss_with_layer_pruned(i, s, group_scores, monotone))
+            if self.evaluate else None,
         )
 
-    def _loss_with_layer_pruned(self, layer: int, sparsity: float, group_scores: list[torch.Tensor]) -> float:
+    def _loss_with_layer_pruned(self, layer: int, sparsity: float, group_scores: list[torch.Tensor],
+                                monotone: bool) -> float:
         """Validation loss with one layer alone pruned to ``sparsity`` of its groups (sensitivity analysis).
 
-        The trial starts from the weights this update chooses among: with monotone masks the current sparse model
+        The trial starts from the weights this update chooses among: for a monotone update the current sparse model
         (what is pruned stays pruned), otherwise every weight, dense (an alternating compressed phase, reversal).
         """
-        current = [k if self.monotone else torch.ones_like(k) for k in self.layout.group_keep]
+        current = [k if monotone else torch.ones_like(k) for k in self.layout.group_keep]
         groups = group_scores[layer].numel()  # the cap point measured as the allocation rounds it: never the whole layer
         count = min(round(sparsity * groups), math.floor(self.max_layer_sparsity * groups + 1e-9))
         decision = list(current)

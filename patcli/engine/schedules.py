@@ -94,6 +94,8 @@ class Schedule:
             return False
         return (t - self.begin_step) % self.frequency == 0 or t == self.end_step
 
+    lifts_masks = False  # True: masks_enforced is False in some phases (alternating)
+
     def masks_enforced(self, t: int) -> bool:
         """Whether pruned weights are held at zero at step t; only phase-based schedules lift masks."""
         return True
@@ -204,6 +206,7 @@ class Alternating(Schedule):
     ramp: str = "agp"
     power: float = AGP_POWER
     monotone = False
+    lifts_masks = True
     resets_optimizer_state = True
 
     def __post_init__(self) -> None:
