@@ -382,10 +382,17 @@ def test_a_weight_a_parametrization_computes_stays_dense_with_a_warning_and_need
         first = getattr(parametrizations, parametrize)(first)
     model = nn.Sequential(first, nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = {name: value.clone() for name, value in model.state_dict().items()}
     with caplog.at_level("WARNING"):
         pruner = Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=2).attach(optimizer)
     assert pruner.masks.names == ["2.weight", "4.weight"]
     assert "0.weight left dense: computed by a parametrization" in caplog.text
+    # building the pruner computed no weight: spectral_norm's power-iteration vector _u did not move
+    assert all(torch.equal(value, model.state_dict()[name]) for name, value in state.items())
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # excluding it by the name the warning gives is accepted, and silences it
+        Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=2, exclude=["0.weight"])
+    assert "left dense" not in caplog.text
     for _ in range(2):
         optimizer.zero_grad()
         model(torch.randn(4, 8)).square().mean().backward()

@@ -44,9 +44,10 @@ def pattern_lists(model: nn.Module, include: Iterable[str], exclude: Iterable[st
 
     A bare string would be read letter by letter, and a pattern that matches nothing (a typo) would silently leave
     the layer it meant pruned or dense: both are errors. Any parameter counts, not only those the chosen layout
-    prunes, so one exclude can serve every pruning mode of a sweep.
+    prunes, so one exclude can serve every pruning mode of a sweep; so does a weight a parametrization computes.
     """
     names = [name for name, _ in model.named_parameters(remove_duplicate=False)]  # a shared weight under each name
+    names += computed_weights(model)
     lists = []
     for key, patterns in (("include", include), ("exclude", exclude)):
         patterns = as_list(key, patterns)
@@ -71,13 +72,13 @@ def select_prunable(
     parameter: masking it would mask a tensor about to be recomputed, so it stays dense (``computed_weights``).
     """
     include, exclude = as_list("include", include), as_list("exclude", exclude)
-    tied = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+    tied = {id(own_weight(m)) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
     candidates: dict[int, tuple[nn.Parameter, list[str]]] = {}  # each weight with every name it has
     for module_name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, PRUNABLE_MODULES) and id(module.weight) not in tied and module.weight.requires_grad \
-                and isinstance(module.weight, nn.Parameter):
+        weight = own_weight(module) if isinstance(module, PRUNABLE_MODULES) else None
+        if weight is not None and id(weight) not in tied and weight.requires_grad:
             name = f"{module_name}.weight" if module_name else "weight"
-            candidates.setdefault(id(module.weight), (module.weight, []))[1].append(name)
+            candidates.setdefault(id(weight), (weight, []))[1].append(name)
     selected: dict[str, nn.Parameter] = {}
     for weight, names in candidates.values():  # a shared weight goes by its first name, and any name may exclude it
         if any(fnmatch.fnmatchcase(n, p) for n in names for p in include) and \
@@ -86,10 +87,16 @@ def select_prunable(
     return selected
 
 
+def own_weight(module: nn.Module) -> nn.Parameter | None:
+    """The module's ``weight`` parameter, or None when a parametrization computes it: read from the registered
+    parameters, as reading ``module.weight`` would run the parametrization (spectral_norm's power iteration)."""
+    return module._parameters.get("weight")
+
+
 def computed_weights(model: nn.Module) -> list[str]:
     """Names of Linear/Conv weights a parametrization computes at each forward, which ``select_prunable`` skips."""
     return [f"{name}.weight" if name else "weight" for name, module in model.named_modules()
-            if isinstance(module, PRUNABLE_MODULES) and not isinstance(module.weight, nn.Parameter)]
+            if isinstance(module, PRUNABLE_MODULES) and own_weight(module) is None]
 
 
 def tensor_bytes(tensors) -> int:
