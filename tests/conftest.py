@@ -44,3 +44,15 @@ def run_dir_of(stdout: str) -> Path:
 
 def result_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "result.json").read_text())
+
+
+def classify_steps(model: nn.Module, optimizer, steps: int, batch: int, before_step=lambda: None) -> None:
+    """``steps`` optimizer steps of 16-feature, 4-class cross-entropy on fixed-seed random batches;
+    ``before_step`` runs between backward and the step (to read the gradients the pruner observes)."""
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(batch, 16, generator=generator)),
+                                    torch.randint(0, 4, (batch,), generator=generator)).backward()
+        before_step()
+        optimizer.step()

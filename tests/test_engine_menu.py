@@ -9,6 +9,7 @@ from torch import nn
 
 from patcli.engine import ALLOCATIONS, PATTERNS, SCHEDULES, SCORERS, Pruner
 from patcli.engine.schedules import Schedule
+from conftest import classify_steps
 
 
 def tiny():
@@ -205,12 +206,7 @@ def test_alternating_neurons_end_at_their_target_in_the_model_not_only_in_the_ma
     pruner = Pruner(model, sparsity=0.5, pattern=PATTERNS.get("neurons")(), scorer=SCORERS.get(scorer)(),
                     schedule=SCHEDULES.get("alternating")(begin=5, compressed=10, decompressed=5, final=20),
                     total_steps=60, frequency=5).attach(optimizer)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(60):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(torch.randn(32, 16, generator=generator)),
-                                    torch.randint(0, 4, (32,), generator=generator)).backward()
-        optimizer.step()
+    classify_steps(model, optimizer, 60, batch=32)
     assert pruner.sparsity() == pytest.approx(pruner.masks.sparsity(), abs=1e-9)
     assert pruner.sparsity() == pytest.approx(0.5, abs=0.01)  # whole neurons: the nearest fraction they reach
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from patcli.engine import PATTERNS, SCHEDULES, SCORERS, Pruner
 from patcli.models.gpt import GPT
+from conftest import classify_steps
 
 W1, G1 = [2.0, -1.0, 0.5], [1.0, 2.0, -4.0]  # w·g = [2, -2, -2]
 W2, G2 = [1.0, -3.0, 0.5], [-3.0, 2.0, 2.0]  # w·g = [-3, -6, 1]
@@ -95,13 +96,12 @@ def test_gradient_scores_at_finish_right_after_an_update_prune_the_lowest_not_th
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     pruner = Pruner(model, sparsity=0.8, schedule=SCHEDULES.get("agp")(end=20), scorer=SCORERS.get("gradient")(),
                     total_steps=30, frequency=1).attach(optimizer)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(10):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(torch.randn(8, 16, generator=generator)),
-                                    torch.randint(0, 4, (8,), generator=generator)).backward()
-        last = [(w.detach() * w.grad).abs() for w in pruner.masks.weights]  # what the last step's observe saw
-        optimizer.step()
+    last = []
+
+    def record_scores():  # what each step's observe sees: the last one is the window finish() must rank by
+        last[:] = [(w.detach() * w.grad).abs() for w in pruner.masks.weights]
+
+    classify_steps(model, optimizer, 10, batch=8, before_step=record_scores)
     before = [k.clone() for k in pruner.masks.keep]
     pruner.finish()
     assert pruner.sparsity() == pytest.approx(0.8, abs=1e-3)
