@@ -336,6 +336,7 @@ def test_sensitivity_refuses_an_evaluate_that_returns_no_finite_number(returned,
     with pytest.raises(error, match=message.replace("(", r"\(")):
         sensitivity_pruner(model, lambda: returned).update_masks(0)
 
+
 # -- prunable weights ------------------------------------------------------------------------------------------------
 
 

@@ -201,3 +201,15 @@ def test_lamp_counts_per_layer_follow_the_squared_scores():
     pruner = prune_once(model, 3 / 8, allocation=ALLOCATIONS.get("lamp")())
     assert [int((~k).sum()) for k in pruner.masks.keep] == [2, 1]
     assert model[1].weight.tolist() == [[0.0], [2.5]]
+
+
+@pytest.mark.parametrize("mode, reason", [
+    ("unstructured", "weights outside the masks are exactly zero too (units that no longer get a gradient)"),
+    ("block", "the nearest that whole blocks reach"),
+    ("neurons", "the nearest that whole neurons reach"),
+])
+def test_a_run_off_its_target_is_told_the_reason_its_mode_has(mode, reason, tmp_path):
+    """An unstructured run's masks hold the exact count: it was told "whole blocks", which it has none of."""
+    from patcli.runner import off_target_reason
+
+    assert off_target_reason(baseline_config(f"pruning={mode}", output_root=tmp_path)) == reason

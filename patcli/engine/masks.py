@@ -30,6 +30,11 @@ def as_list(key: str, patterns: Iterable[str]) -> list[str]:
     return patterns
 
 
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """Whether ``name`` matches one of the fnmatch ``patterns`` (include/exclude lists)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
 class PatternError(ValueError):
     """An include/exclude pattern that matches nothing; ``key`` says which list."""
 
@@ -81,8 +86,7 @@ def select_prunable(
             candidates.setdefault(id(weight), (weight, []))[1].append(name)
     selected: dict[str, nn.Parameter] = {}
     for weight, names in candidates.values():  # a shared weight goes by its first name, and any name may exclude it
-        if any(fnmatch.fnmatchcase(n, p) for n in names for p in include) and \
-                not any(fnmatch.fnmatchcase(n, p) for n in names for p in exclude):
+        if any(matches_any(n, include) for n in names) and not any(matches_any(n, exclude) for n in names):
             selected[names[0]] = weight
     return selected
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 import inspect
 import logging
 import math
@@ -25,8 +24,8 @@ from torch import nn
 from .allocation import Allocation, LayerBudget, Uniform, check_reachable
 from .combinations import check_combination, name_of
 from .layouts import ChannelLayout, Layout, TensorLayout
-from .masks import (MASKINGS, DenseShadowMasking, MaskSet, as_bytes, computed_weights, mark_pruned_, pattern_lists,
-                    select_prunable, tensor_bytes, zero_optimizer_state_)
+from .masks import (MASKINGS, DenseShadowMasking, MaskSet, as_bytes, computed_weights, mark_pruned_, matches_any,
+                    pattern_lists, select_prunable, tensor_bytes, zero_optimizer_state_)
 from .patterns import Pattern, Structured, Unstructured
 from .regrowth import NoRegrowth, Regrowth
 from .regularizers import Regularizer
@@ -63,8 +62,7 @@ def unscaled(grads: list[torch.Tensor], grad_scale: torch.Tensor | None, found_i
 def make_layout(model: nn.Module, pattern: Pattern, include, exclude) -> Layout:
     """Tensor layout for element/N:M/block patterns, channel layout for neurons/filters/heads."""
     include, exclude = pattern_lists(model, include, exclude)
-    if computed := [name for name in computed_weights(model) if any(fnmatch.fnmatchcase(name, p) for p in include)
-                    and not any(fnmatch.fnmatchcase(name, p) for p in exclude)]:
+    if computed := [n for n in computed_weights(model) if matches_any(n, include) and not matches_any(n, exclude)]:
         log.warning("%s left dense: computed by a parametrization (weight_norm, spectral_norm, torch.nn.utils.prune) "
                     "at each forward, not a parameter the pruner can mask; remove the parametrization to prune it",
                     ", ".join(computed))

@@ -9,13 +9,12 @@ never pruned.
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Iterable
 
 from torch import nn
 
 from .layouts import ChannelGroup, Slice
-from .masks import as_list
+from .masks import as_list, matches_any
 
 PRODUCERS = {"neurons": (nn.Linear,), "filters": (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -31,10 +30,6 @@ class StructureError(ValueError):
 
 def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if not list(m.children())]
-
-
-def _any_match(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 class NoChannels(StructureError):
@@ -73,7 +68,7 @@ def channel_groups(
         producing = next((s for s in cut if shapes[s.param] == group.shape), cut[0] if cut else None)  # in any order
         return [s.param for s in cut if s.dim == producing.dim]
 
-    return [g for g in groups if any(_any_match(w, include) for w in own(g)) and not any(_any_match(w, exclude) for w in own(g))
+    return [g for g in groups if any(matches_any(w, include) for w in own(g)) and not any(matches_any(w, exclude) for w in own(g))
             and not any(s.param in frozen for s in g.slices)]
 
 
