@@ -84,8 +84,9 @@ class Allocation:
 
 
 def check_reachable(budget: LayerBudget) -> None:
-    reachable = budget.pruned(budget.caps())
-    if budget.budget_elements > reachable:
+    caps = budget.caps()
+    reachable = budget.pruned(caps)
+    if budget.budget_elements > reachable + rounding_slack(budget, caps, reachable):
         most = budget.pruned([g - 1 for g in budget.num_groups])  # a cap is below 1: each layer keeps a group
         if budget.budget_elements > most:
             raise AllocationError(
@@ -96,6 +97,20 @@ def check_reachable(budget: LayerBudget) -> None:
             f"sparsity {budget.target} needs {budget.budget_elements} pruned weights but the per-layer cap "
             f"max_layer_sparsity={budget.max_layer_sparsity} allows at most {reachable}; raise the cap or lower the sparsity"
         )
+
+
+def rounding_slack(budget: LayerBudget, caps: list[int], reachable: int) -> int:
+    """How far past the caps' total a channel target may lie and still be reached by rounding.
+
+    Channels overlap (a filter also takes the next layer's input channel), so whole-channel totals come in steps,
+    and every channel run lands on the step nearest its target: a target less than half a step past the caps'
+    total rounds to it, as it would without the caps. Elements and blocks are counted exactly: no slack.
+    """
+    if budget.additive:
+        return 0
+    steps = [budget.pruned([c + (j == i) for j, c in enumerate(caps)]) - reachable
+             for i, (c, g) in enumerate(zip(caps, budget.num_groups)) if c < g]
+    return min(steps) // 2 if steps else 0
 
 
 def counts_from_sparsities(budget: LayerBudget, sparsities: list[float]) -> list[int]:
