@@ -164,9 +164,9 @@ def test_a_pruner_state_of_another_pattern_model_or_schedule_is_refused_before_a
 
 
 def test_a_pruner_state_with_or_without_dense_weights_aside_is_refused_before_anything_is_loaded(tiny_mlp):
-    """A plain state loaded into a reversal pruner raised KeyError 'shadow.0.weight' after step and masks were
-    overwritten; the other way round, the dense weights were dropped without a word."""
-    from patcli.engine import REGROWTHS
+    """A plain state loaded into a dense_shadow pruner raised KeyError 'shadow.0.weight' after step and masks were
+    overwritten; the other way round, the dense weights were dropped without a word. (Reversal keeps them too, and a
+    state of another regrowth mode is refused for that first.)"""
 
     def built(**parts):
         return Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10, **parts)
@@ -174,7 +174,7 @@ def test_a_pruner_state_with_or_without_dense_weights_aside_is_refused_before_an
     plain = built()
     plain.update_masks(0)
     plain.step = 4
-    reversal, fresh = built(regrowth=REGROWTHS.get("reversal")()), built()
+    reversal, fresh = built(masking="dense_shadow"), built()
     with pytest.raises(ValueError, match=r"^the pruner state holds none of the dense weights that pruning\.masking="
                                          r"dense_shadow \(or reversal\) keeps aside, and this pruner needs them; allowed: "
                                          r"the state of a pruner built the same way$"):
@@ -857,3 +857,132 @@ def test_a_second_pruner_attached_to_the_same_weights_takes_over_from_the_first(
     second.detach()
     third = prune_during_training(tiny_mlp, optimizer, sparsity=0.5, total_steps=20, schedule="oneshot")
     assert third.optimizer is optimizer and caplog.text.count("takes over") == 1  # the detached one is no owner now
+
+
+def overflowing_step(model, scaler, optimizer, seed: int, overflow: bool) -> None:
+    x = torch.randint(0, 20, (4, 8), generator=torch.Generator().manual_seed(seed))
+    loss = nn.functional.cross_entropy(model(x).reshape(-1, 20), x.reshape(-1))
+    optimizer.zero_grad()
+    scaler.scale(loss * (1e36 if overflow else 1.0)).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def test_head_importance_ranks_by_the_last_window_when_every_batch_since_an_update_overflowed():
+    """With a fused optimizer a GradScaler's skipped step still counts, so a mask update can follow a window whose
+    only batch overflowed (every update with frequency=1): the window had been opened (zeroed) by the dropped batch,
+    and the update stopped training with "saw no training batches"."""
+    from patcli.models.gpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(20, 8, 1, 4, 32, 8, 2, 0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    pruner = prune_during_training(model, optimizer, sparsity=0.5, total_steps=6, scorer="head_importance",
+                                   schedule="agp", allocation="uniform", pattern="heads", frequency=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    overflowing_step(model, scaler, optimizer, 0, overflow=False)  # the update at step 0 closes this window
+    last_window = [s.clone() for s in pruner.scorer.group_scores()]
+    overflowing_step(model, scaler, optimizer, 1, overflow=True)  # the update at step 1 sees only this dropped batch
+    assert scaler.get_scale() == 2.0**9 and [u.step for u in pruner.updates] == [0, 1]
+    assert all(torch.equal(a, b) for a, b in zip(pruner.scorer.group_scores(), last_window))
+    for seed in range(2, 6):
+        overflowing_step(model, scaler, optimizer, seed, overflow=False)
+    assert pruner.sparsity() == 0.5
+
+
+def test_head_importance_whose_first_batches_all_overflowed_still_updates_but_one_never_trained_is_an_error():
+    """A GradScaler's first steps often overflow: an update then has no scores yet (its target is 0 under agp at
+    step 0) and must not stop training; a scorer that never saw a training batch (model left in eval mode) still is
+    an error."""
+    from patcli.models.gpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(20, 8, 1, 4, 32, 8, 2, 0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    pruner = prune_during_training(model, optimizer, sparsity=0.5, total_steps=6, scorer="head_importance",
+                                   schedule="agp", allocation="uniform", pattern="heads", frequency=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    overflowing_step(model, scaler, optimizer, 0, overflow=True)
+    assert [(u.step, u.sparsity) for u in pruner.updates] == [(0, 0.0)]
+    model.eval()
+    idle = prune_during_training(model, torch.optim.SGD(model.parameters(), lr=0.01), sparsity=0.5, total_steps=6,
+                                 scorer="head_importance", schedule="oneshot", allocation="uniform", pattern="heads")
+    with pytest.raises(RuntimeError, match="^scorer 'head_importance' saw no training batches before the mask update"):
+        idle.update_masks(0)
+
+
+def test_lamp_on_channels_never_brings_back_a_pruned_channel():
+    """The channel path of a threshold allocation searched counts without the floors (channels already pruned): after
+    an update that overshot its budget, LAMP returned fewer pruned filters than the masks held, and a monotone
+    schedule brought a dead filter back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    pruner = prune_during_training(model, optimizer, sparsity=0.5, total_steps=30, frequency=1, schedule="agp",
+                                   pattern="filters", allocation="lamp")
+    history = []
+    pruner.on_update = lambda update: history.append([int((~k).sum()) for k in pruner.layout.group_keep])
+    for step in range(30):
+        generator = torch.Generator().manual_seed(1000 + step)
+        x, y = torch.randn(8, 3, 6, 6, generator=generator), torch.randint(0, 5, (8,), generator=generator)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert all(b >= a for before, after in zip(history, history[1:]) for a, b in zip(before, after)), history
+    assert history[-1] == [3, 3]
+
+
+def test_sensitivity_curves_resume_exactly():
+    """The measured loss curves were saved as float32: a resumed run ranked layers by rounded slopes."""
+    from patcli.engine import ALLOCATIONS
+
+    allocation = ALLOCATIONS.get("sensitivity")(refresh=False)
+    allocation.curves = [[1 / 3, 1 / 3 + 1e-12, 0.7], [1 / 7, 0.2, 0.9]]
+    resumed = ALLOCATIONS.get("sensitivity")(refresh=False)
+    resumed.load_state_dict(allocation.state_dict())
+    assert resumed.curves == allocation.curves
+
+
+@pytest.mark.parametrize("other", ["rigl delta_t=25", "set", "none", "lasso", "lasso lam=1e-3"])
+def test_a_state_saved_with_another_regrowth_or_regularizer_is_refused(tiny_mlp, other):
+    """They decide when and how masks change, as a schedule does, but their settings were not checked on loading."""
+    from patcli.engine import REGROWTHS, REGULARIZERS
+
+    def pruner(regrowth=None, regularizer=None):
+        torch.manual_seed(0)
+        return Pruner(copy.deepcopy(tiny_mlp), sparsity=0.8, total_steps=400, schedule=SCHEDULES.get("constant")(),
+                      regrowth=regrowth, regularizer=regularizer)
+
+    saved = pruner(regrowth=REGROWTHS.get("rigl")(delta_t=100)).state_dict()
+    lasso = pruner(regularizer=REGULARIZERS.get("lasso")(lam=1e-4)).state_dict()
+    kind, *setting = other.split()
+    settings = {k: float(v) if "." in v or "e" in v else int(v) for k, v in (s.split("=") for s in setting)}
+    if kind in ("rigl", "set", "none"):
+        loading, source = pruner(regrowth=REGROWTHS.get(kind)(**settings)), saved
+    else:
+        loading = pruner(regularizer=REGULARIZERS.get(kind)(**settings))
+        source = saved if not settings else lasso
+    with pytest.raises(ValueError, match=r"^the pruner state was saved with (regrowth|regularizer) "):
+        loading.load_state_dict(source)
+
+
+def test_engine_state_bytes_is_the_same_for_the_same_state():
+    """The CPU score buffer was counted only once the first update made it: a resumed pruner reported less."""
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        return model, optimizer, prune_during_training(model, optimizer, sparsity=0.8, total_steps=10, frequency=5)
+
+    model, optimizer, pruner = build()
+    before = pruner.engine_state_bytes()
+    for step in range(8):
+        optimizer.zero_grad()
+        loss_of(model, step).backward()
+        optimizer.step()
+    resumed_model, resumed_optimizer, resumed = build()
+    resumed.load_state_dict(pruner.state_dict())
+    assert before == pruner.engine_state_bytes() == resumed.engine_state_bytes()
+    weights = 16 * 32 + 32 * 4
+    assert before == weights * (1 + 1 + 4 + 4)  # bool masks, the layout's flags (a group per weight), float masks, scores

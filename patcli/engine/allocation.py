@@ -174,11 +174,11 @@ def threshold_counts(budget: LayerBudget, scores: list[torch.Tensor]) -> list[in
     flat = torch.cat(scores)
     layer = torch.cat([torch.full((s.numel(),), i, device=flat.device) for i, s in enumerate(scores)])
     ranked_layers = layer[torch.argsort(flat, stable=True)]
-    caps = budget.caps()
+    caps, floors = budget.caps(), budget.floors()
 
-    def counts(fraction: float) -> list[int]:
+    def counts(fraction: float) -> list[int]:  # never below what is already pruned: masks only grow
         taken = torch.bincount(ranked_layers[: int(round(fraction * flat.numel()))], minlength=len(scores)).tolist()
-        return [min(t, c) for t, c in zip(taken, caps)]
+        return [min(max(t, f), c) for t, f, c in zip(taken, floors, caps)]
 
     return closest(budget, counts)
 
@@ -361,7 +361,8 @@ class Sensitivity(Allocation):
         return counts_from_sparsities(budget, [c / g for c, g in zip(best, budget.num_groups)])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"curves": torch.tensor(self.curves)} if self.curves else {}
+        # float64, as measured: rounded slopes could rank two layers the other way after a resume
+        return {"curves": torch.tensor(self.curves, dtype=torch.float64)} if self.curves else {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.curves = state["curves"].tolist() if "curves" in state else []  # none yet: measured at the next update

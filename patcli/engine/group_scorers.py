@@ -24,7 +24,8 @@ class GroupScorer(Scorer):
     """Accumulates one score per channel and layer between mask updates.
 
     As with the weight scorers, a mask update closes each layer's window and its next observation opens a new one:
-    an update before any new observation ranks by the closed window.
+    an update before any new observation ranks by the closed window, and so does one whose window holds only
+    batches that were dropped (head_importance drops a batch whose gradient overflowed under a GradScaler).
     """
 
     grouped = True
@@ -32,12 +33,15 @@ class GroupScorer(Scorer):
     _sums: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
     _counts: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
     _closed: list[bool] = field(default_factory=list, init=False, repr=False)
+    _last: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)  # the closed windows' scores
+    _seen: bool = field(default=False, init=False, repr=False)  # a training batch reached a hook
     _handles: list = field(default_factory=list, init=False, repr=False)
 
     def attach(self, model: nn.Module, layout: ChannelLayout) -> None:
         device = layout.params[0].device
         self._sums = [torch.zeros(g.channels, device=device) for g in layout.groups]
         self._counts = [torch.zeros((), device=device) for _ in layout.groups]
+        self._last = [torch.zeros(g.channels, device=device) for g in layout.groups]
         self._closed = [False] * len(layout.groups)
         self.layout = layout
         self.watch_model(model)
@@ -59,6 +63,7 @@ class GroupScorer(Scorer):
 
     def _open_window(self, index: int) -> None:
         """Zero a layer's sums closed by the last mask update, as its first observation since arrives."""
+        self._seen = True
         if self._closed[index]:
             self._sums[index].zero_()
             self._counts[index].zero_()
@@ -75,32 +80,40 @@ class GroupScorer(Scorer):
         self._handles = []
 
     def group_scores(self) -> list[torch.Tensor]:
-        if not self._sums or not any(bool(c) for c in self._counts):
+        if not self._seen:
             raise RuntimeError(f"scorer {self.name!r} saw no training batches before the mask update")
-        return [s / c.clamp(min=1) for s, c in zip(self._sums, self._counts)]
+        # a window of dropped batches only (count 0) ranks by the last one; before any, every channel ties at 0
+        return [torch.where(c > 0, s / c.clamp(min=1), last) for s, c, last in zip(self._sums, self._counts, self._last)]
 
     def scores(self, weights: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         raise RuntimeError(f"scorer {self.name!r} scores channels: use it with pruning=neurons|filters|heads")
 
     def reset(self) -> None:
+        if self._seen:
+            self._last = self.group_scores()
         self._closed = [True] * len(self._sums)
 
     def state_bytes(self) -> int:  # the accumulators held, without copying them as state_dict() does
-        return tensor_bytes([*self._sums, *self._counts])
+        return tensor_bytes([*self._sums, *self._counts, *self._last])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"sum.{i}": s.clone() for i, s in enumerate(self._sums)}
         state.update({f"count.{i}": c.clone() for i, c in enumerate(self._counts)})
+        state.update({f"last.{i}": last.clone() for i, last in enumerate(self._last)})
         if self._sums:
             state["closed"] = torch.tensor(self._closed)
+            state["seen"] = torch.tensor(self._seen)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for i in range(len(self._sums)):
             self._sums[i].copy_(state[f"sum.{i}"])
             self._counts[i].copy_(state[f"count.{i}"])
+            last = state.get(f"last.{i}")  # older states kept none: an update ranked only what its window counted
+            self._last[i].copy_(last) if last is not None else self._last[i].zero_()
         # states saved before windows closed lazily had zeroed sums: open windows read the same
         self._closed = state["closed"].tolist() if "closed" in state else [False] * len(self._sums)
+        self._seen = bool(state["seen"]) if "seen" in state else any(bool(c) for c in self._counts)
 
 
 @SCORERS.register("taylor")

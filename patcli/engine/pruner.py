@@ -186,6 +186,7 @@ class Pruner:
             "out" in inspect.signature(self.scorer.scores).parameters
             and not self.scorer.needs_grad
             and self.masks.weights[0].device.type == "cpu"
+            and not self.regrowth.replaces_schedule and regularizer is None  # their updates do not score with it
         )
         self.updates: list[MaskUpdate] = []
         self.optimizer: torch.optim.Optimizer | None = None
@@ -558,9 +559,11 @@ class Pruner:
     def engine_state_bytes(self) -> int:
         """Memory the engine holds besides the model: masks, the layout's group flags, shadow weights, score
         accumulators or buffers."""
-        held = [*(self._scratch or []), *self.layout.group_keep]
+        # the score buffers are made at the first update and held from then on: counted from the start, so the
+        # same state reports the same (a resumed pruner has not made them yet)
+        buffers = tensor_bytes(self.masks.weights) if self._scorer_takes_buffers else 0
         return (self.masks.state_bytes() + self.masking.state_bytes() + self.scorer.state_bytes()
-                + tensor_bytes(held))
+                + tensor_bytes(self.layout.group_keep) + buffers)
 
     def _pattern_id(self) -> str:
         """The pattern's kind and geometry (not its channel score reduction, which leaves masks valid)."""
@@ -573,10 +576,23 @@ class Pruner:
         return (f"{type(s).__name__}(final_sparsity={s.final_sparsity}, frequency={s.frequency}, begin_step={s.begin_step}, "
                 f"end_step={s.end_step})")
 
-    def _schedule_settings(self) -> str:
-        """The schedule's own parameters (power, phases, ramp, ...), which decide its targets and update steps too."""
-        s = self.schedule
-        return f"{type(s).__name__}({', '.join(f'{f.name}={getattr(s, f.name)}' for f in dataclasses.fields(s))})"
+    @staticmethod
+    def _settings_id(part) -> str:
+        """A part's kind and every setting (a schedule's power or phases, a regrowth's interval, a penalty's weight):
+        each decides when and how the masks change."""
+        if part is None:
+            return "None"
+        # a seed only starts a random stream, which the state carries on
+        settings = [f"{f.name}={getattr(part, f.name)}" for f in dataclasses.fields(part) if f.name != "seed"]
+        return f"{type(part).__name__}({', '.join(settings)})"
+
+    def _identity(self) -> dict[str, str]:
+        """What a saved state must have been built with: another pattern's masks would not hold this one's structure
+        (2:4, blocks); under another schedule, regrowth or regularizer (run length, target, interval, settings) the
+        saved step and masks would miss this run's updates or undo them."""
+        return {"pattern": self._pattern_id(), "schedule": self._schedule_id(),
+                "schedule_settings": self._settings_id(self.schedule), "regrowth": self._settings_id(self.regrowth),
+                "regularizer": self._settings_id(self.regularizer)}
 
     def _load_parts(self, state: dict[str, torch.Tensor]) -> None:
         """The pruner's own state, every part's, from ``state`` (the model's weights are left as they are)."""
@@ -588,19 +604,21 @@ class Pruner:
         if "updates" in state:  # the history of mask updates (a pruner state saved before it was kept has none)
             self.updates = [MaskUpdate(int(t), float(target), float(sparsity), int(revived))
                             for t, target, sparsity, revived in state["updates"].tolist()]
+        # into the pruner's own tensors, or onto its device: a state loaded with map_location="cpu" may resume a
+        # CUDA run
         self.masks.load_state_dict(part("mask."))
-        self.layout.group_keep = [state[f"groups.{i}"].clone() for i in range(len(self.layout.group_keep))]
+        for i, keep in enumerate(self.layout.group_keep):
+            keep.copy_(state[f"groups.{i}"])
         self.masking.load_state_dict(part("masking."))
-        self.scorer.load_state_dict(part("scorer."))
+        device = self.masks.weights[0].device
+        self.scorer.load_state_dict({k: v.to(device) for k, v in part("scorer.").items()})
         self.allocation.load_state_dict(part("allocation."))
         self.regrowth.load_state_dict(part("regrowth."))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {"step": torch.tensor(self.step), "pattern": torch.tensor(list(self._pattern_id().encode()), dtype=torch.uint8),
-                 "schedule": torch.tensor(list(self._schedule_id().encode()), dtype=torch.uint8),
-                 "schedule_settings": torch.tensor(list(self._schedule_settings().encode()), dtype=torch.uint8),
-                 "updates": torch.tensor([[u.step, u.target, u.sparsity, u.revived] for u in self.updates], dtype=torch.float64)
-                 .reshape(-1, 4)}
+        state = {key: torch.tensor(list(mine.encode()), dtype=torch.uint8) for key, mine in self._identity().items()}
+        history = [[u.step, u.target, u.sparsity, u.revived] for u in self.updates]
+        state |= {"step": torch.tensor(self.step), "updates": torch.tensor(history, dtype=torch.float64).reshape(-1, 4)}
         state.update({f"mask.{k}": v for k, v in self.masks.state_dict().items()})
         state.update({f"groups.{i}": k.clone() for i, k in enumerate(self.layout.group_keep)})
         state.update({f"masking.{k}": v for k, v in self.masking.state_dict().items()})
@@ -617,14 +635,12 @@ class Pruner:
         """
 
         groups = {k.removeprefix("groups."): v for k, v in state.items() if k.startswith("groups.")}
-        # masks of another pattern would not hold this one's structure (2:4, blocks); under another schedule (run
-        # length, target, interval) the saved step and masks would miss its updates or undo them
-        for key, mine in (("pattern", self._pattern_id()), ("schedule", self._schedule_id()),
-                          ("schedule_settings", self._schedule_settings())):
-            saved = bytes(state[key].tolist()).decode() if key in state else mine  # older states lack the schedule's
+        for key, mine in self._identity().items():
+            saved = bytes(state[key].tolist()).decode() if key in state else mine  # older states lack some of these
             if saved != mine:
                 raise ValueError(f"the pruner state was saved with {key} {saved}, this pruner uses {mine}; allowed: the "
-                                 "state of a pruner built the same way (sparsity, total_steps, frequency, schedule, pattern)")
+                                 "state of a pruner built the same way (sparsity, total_steps, frequency, schedule, pattern, "
+                                 "regrowth, regularizer)")
         masks = {k.removeprefix("mask."): v for k, v in state.items() if k.startswith("mask.")}
         for name, keep in zip(self.masks.names, self.masks.keep):  # the same weights, each of its own shape
             saved = masks.get(name)

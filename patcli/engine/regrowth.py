@@ -116,7 +116,7 @@ class DynamicSparse(Regrowth):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if "generator" in state:  # absent in checkpoints written before it was saved
-            self.generator.set_state(state["generator"])
+            self.generator.set_state(state["generator"].cpu())  # a CPU generator, whatever map_location said
 
     def initial_masks(self, weights: list[torch.Tensor], target: float, max_layer_sparsity: float) -> list[torch.Tensor]:
         """Random positions, s_l · n_l pruned per layer (s_l uniform or ERK), rounded so the total is exactly
