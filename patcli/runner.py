@@ -389,9 +389,13 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
         record.total_train_steps += source.total_train_steps
         record.extra["init_from"] = str(config.trainer.init_from)
     finish_record(record, trainer.model, config, data, run_dir, device)
-    if pruner and config.regularizer is None and abs(record.achieved_sparsity - record.target_sparsity) > 0.005:
-        log.warning("pruning=%s reached %.4g of the prunable weights for pruning.sparsity=%g: %s",
-                    config.pruning.mode, record.achieved_sparsity, record.target_sparsity, off_target_reason(config))
+    # a penalty's own overshoot is said below, with its fix; under its target the channels' rounding is said here
+    regularizer = config.regularizer
+    miss = record.achieved_sparsity - record.target_sparsity
+    if pruner and (abs(miss) > 0.005 if regularizer is None else regularizer.target is not None and miss < -0.005):
+        log.warning("pruning=%s reached %.4g of the prunable weights for %s=%g: %s", config.pruning.mode,
+                    record.achieved_sparsity, "pruning.sparsity" if regularizer is None else "regularizer.target",
+                    record.target_sparsity, off_target_reason(config))
     if config.regularizer is not None:
         warn_if_penalty_overshot(config, record)
         if config.regularizer.target is None:  # the penalty chose the sparsity

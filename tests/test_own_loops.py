@@ -904,6 +904,15 @@ def test_head_importance_whose_first_batches_all_overflowed_still_updates_but_on
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
     overflowing_step(model, scaler, optimizer, 0, overflow=True)
     assert [(u.step, u.sparsity) for u in pruner.updates] == [(0, 0.0)]
+    # an update that would prune with no scores at all (every channel tied at 0) is refused: it picked them in order
+    torch.manual_seed(0)
+    model = GPT(20, 8, 1, 4, 32, 8, 2, 0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    prune_during_training(model, optimizer, sparsity=0.5, total_steps=6, scorer="head_importance", schedule="oneshot",
+                          allocation="uniform", pattern="heads")
+    with pytest.raises(RuntimeError, match=r"^scorer 'head_importance' has no scores for the mask update at step 0: "
+                                           r"every batch it saw was dropped \(its gradient overflowed under a GradScaler\)"):
+        overflowing_step(model, scaler, optimizer, 0, overflow=True)
     model.eval()
     idle = prune_during_training(model, torch.optim.SGD(model.parameters(), lr=0.01), sparsity=0.5, total_steps=6,
                                  scorer="head_importance", schedule="oneshot", allocation="uniform", pattern="heads")
@@ -986,3 +995,44 @@ def test_engine_state_bytes_is_the_same_for_the_same_state():
     assert before == pruner.engine_state_bytes() == resumed.engine_state_bytes()
     weights = 16 * 32 + 32 * 4
     assert before == weights * (1 + 1 + 4 + 4)  # bool masks, the layout's flags (a group per weight), float masks, scores
+
+
+def test_channel_scorers_are_not_counted_a_score_buffer_they_never_make(tiny_mlp):
+    """They rank channels from their own sums, yet were counted a weight-sized buffer (80% too much through the CLI)."""
+    optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.05)
+    pruner = prune_during_training(tiny_mlp, optimizer, sparsity=0.5, total_steps=6, frequency=2, pattern="neurons",
+                                   scorer="activation")
+    for step in range(6):
+        optimizer.zero_grad()
+        loss_of(tiny_mlp, step).backward()
+        optimizer.step()
+    assert pruner._scratch is None
+    flags = sum(k.numel() for k in pruner.layout.group_keep)
+    assert pruner.engine_state_bytes() == pruner.masks.state_bytes() + flags + pruner.scorer.state_bytes()
+
+
+def test_a_part_of_ones_own_with_a_function_setting_resumes_in_another_process(tiny_mlp):
+    """The identity compared each setting's repr, and a function's holds its address, which differs per process."""
+    import dataclasses
+    from typing import Callable
+
+    from patcli.engine.regularizers import Lasso
+
+    @dataclasses.dataclass
+    class ScaledLasso(Lasso):
+        scale: Callable = print
+
+    def settings():  # a new function object each call, as a new process would make
+        def per_layer_lam(name):
+            return 1.0
+        return per_layer_lam
+
+    def pruner():
+        return Pruner(copy.deepcopy(tiny_mlp), sparsity=0.5, total_steps=10, schedule=SCHEDULES.get("constant")(),
+                      regularizer=ScaledLasso(scale=settings()))
+
+    saved = pruner()
+    saved.step = 3
+    resumed = pruner()
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.step == 3

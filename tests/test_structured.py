@@ -490,3 +490,16 @@ def test_a_layer_of_ones_own_is_named_by_the_weight_its_channels_are_cut_from_wh
         assert [g.name for g in channel_groups(model, "neurons", exclude=["w2"])] == ["hidden"], order
         assert channel_groups(model, "neurons", exclude=["w1"]) == [], order
         assert [g.name for g in channel_groups(model, "neurons", include=["w1"])] == ["hidden"], order
+
+
+def test_a_regularizer_target_whole_heads_cannot_meet_is_said_in_the_run_log(cli, tmp_path):
+    """Heads capped at 30% of each layer's 4 reach 25% at most; a 0.31 target rounds to that (within half a head)
+    and the run ended 6 points under it without a word, as only runs without a regularizer were checked."""
+    code, out, err = cli("train", "model=gpt", "model.d_model=32", "model.n_head=4", "dataset=pysrc", "dataset.max_chars=200000",
+                         "trainer.max_steps=5", "pruning=heads", "pruning.max_layer_sparsity=0.3", "regularizer=group_lasso",
+                         "regularizer.target=0.31", "hydra.run.dir=run")
+    assert code == 0, err
+    record = result_of(tmp_path / "run")
+    assert record["achieved_sparsity"] == pytest.approx(0.25) and record["target_sparsity"] == 0.31
+    assert ("pruning=heads reached 0.25 of the prunable weights for regularizer.target=0.31: the nearest that whole heads "
+            "reach") in (tmp_path / "run" / "run.log").read_text()

@@ -103,8 +103,8 @@ def rounding_slack(budget: LayerBudget, caps: list[int], reachable: int) -> int:
     """How far past the caps' total a channel target may lie and still be reached by rounding.
 
     Channels overlap (a filter also takes the next layer's input channel), so whole-channel totals come in steps,
-    and every channel run lands on the step nearest its target: a target less than half a step past the caps'
-    total rounds to it, as it would without the caps. Elements and blocks are counted exactly: no slack.
+    and a channel run lands on a total near its target, not on it: a target at most half a step past the caps'
+    total is reached as nearly as whole channels allow, at the caps. Elements and blocks are counted exactly: no slack.
     """
     if budget.additive:
         return 0

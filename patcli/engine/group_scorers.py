@@ -85,6 +85,10 @@ class GroupScorer(Scorer):
         # a window of dropped batches only (count 0) ranks by the last one; before any, every channel ties at 0
         return [torch.where(c > 0, s / c.clamp(min=1), last) for s, c, last in zip(self._sums, self._counts, self._last)]
 
+    def has_scores(self) -> bool:
+        """Whether any batch was counted (this window or the last): else every channel ties at 0 (one host sync)."""
+        return any(bool(c) for c in self._counts) or any(bool(last.any()) for last in self._last)
+
     def scores(self, weights: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         raise RuntimeError(f"scorer {self.name!r} scores channels: use it with pruning=neurons|filters|heads")
 

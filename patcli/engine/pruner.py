@@ -13,6 +13,7 @@ import inspect
 import logging
 import math
 import numbers
+import re
 import time
 import weakref
 from dataclasses import dataclass
@@ -186,6 +187,7 @@ class Pruner:
             "out" in inspect.signature(self.scorer.scores).parameters
             and not self.scorer.needs_grad
             and self.masks.weights[0].device.type == "cpu"
+            and not getattr(self.scorer, "grouped", False)  # channel scorers rank their own sums
             and not self.regrowth.replaces_schedule and regularizer is None  # their updates do not score with it
         )
         self.updates: list[MaskUpdate] = []
@@ -346,6 +348,11 @@ class Pruner:
         group_scores = self.group_scores(monotone, scorer)
         budget = self._budget(group_scores, target, monotone)
         counts = self.allocation.prune_counts(budget)
+        if (scorer is None and getattr(self.scorer, "grouped", False) and not self.scorer.has_scores()
+                and any(c > f for c, f in zip(counts, budget.floors()))):  # ties at 0 would go in index order
+            raise RuntimeError(f"scorer {self.scorer.name!r} has no scores for the mask update at step {t}: every batch "
+                               "it saw was dropped (its gradient overflowed under a GradScaler); allowed: begin pruning "
+                               "once the scaler has settled (a later schedule begin)")
         cuts = [budget.cut] * len(counts)
         if not monotone and trained_unmasked:
             group_scores, cuts = self._zero_groups_first(group_scores, cuts)
@@ -582,9 +589,10 @@ class Pruner:
         each decides when and how the masks change."""
         if part is None:
             return "None"
-        # a seed only starts a random stream, which the state carries on
+        # a seed only starts a random stream, which the state carries on; an object's address (a function given as
+        # a setting of one's own part) differs from process to process
         settings = [f"{f.name}={getattr(part, f.name)}" for f in dataclasses.fields(part) if f.name != "seed"]
-        return f"{type(part).__name__}({', '.join(settings)})"
+        return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(part).__name__}({', '.join(settings)})")
 
     def _identity(self) -> dict[str, str]:
         """What a saved state must have been built with: another pattern's masks would not hold this one's structure
@@ -611,7 +619,8 @@ class Pruner:
             keep.copy_(state[f"groups.{i}"])
         self.masking.load_state_dict(part("masking."))
         device = self.masks.weights[0].device
-        self.scorer.load_state_dict({k: v.to(device) for k, v in part("scorer.").items()})
+        # floating-point sums only: an integer or byte tensor may be a count or a CPU generator's state
+        self.scorer.load_state_dict({k: v.to(device) if v.is_floating_point() else v for k, v in part("scorer.").items()})
         self.allocation.load_state_dict(part("allocation."))
         self.regrowth.load_state_dict(part("regrowth."))
 
