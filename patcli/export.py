@@ -67,14 +67,16 @@ def export_model(model: nn.Module, config: RunConfig, data: DataBundle, run_dir:
         raise ConfigError("RUN_DIR", f"{final} is not a folder; allowed: a folder (or a link to one) for the export")
     if final != link and (final / RESULT_FILE).exists():  # its model.safetensors would be replaced by the shrunk one
         raise ConfigError("RUN_DIR", f"{link} links to {final}, which holds a run; allowed: a link to a folder of the export's own")
-    through_link = final != link
-    (final if through_link else final.parent).mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=final if through_link else final.parent, prefix=".export."))  # never shared
+    # through a link, or into a folder holding more than an export (a user's notes, a run copied there): only the
+    # export's own files are replaced, as swapping the folder whole would delete the rest
+    in_place = final != link or (final.is_dir() and any(p.name not in EXPORT_FILES for p in final.iterdir()))
+    (final if in_place else final.parent).mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=final if in_place else final.parent, prefix=".export."))  # never shared
     with_default_mode(partial)
     try:
         record.bytes_before = (run_dir / MODEL_FILE).stat().st_size if (run_dir / MODEL_FILE).exists() else None
         _write_export(model.cpu().eval(), config, data, partial, record, measure_latency)
-        (_move_files_in if through_link else _swap_in)(partial, final)
+        (_move_files_in if in_place else _swap_in)(partial, final)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return record

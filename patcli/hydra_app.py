@@ -200,7 +200,7 @@ def check_run_dir(overrides: list[str], cfg: DictConfig, multirun: bool) -> None
     if value is None or not str(value).strip():
         raise UsageError(f"{key}: empty; allowed: a directory path")
     directory = Path(value)
-    why = unwritable_reason(directory, want_dir=True) or holds_a_run(directory) or inside_a_sweep(directory)
+    why = unwritable_reason(directory, want_dir=True) or holds_a_run(directory) or inside_a_sweep_or_run(directory)
     if why:
         raise UsageError(f"{key}: {why}")
     root = cfg.get("output_root")  # where shared dense runs go, whatever the run dir
@@ -233,14 +233,16 @@ def claim_run_dir(overrides: list[str], cfg: DictConfig) -> list[str]:
     return [*(o for o in overrides if not o.lstrip("+").startswith("hydra.run.dir=")), f"hydra.run.dir={quoted(str(directory))}"]
 
 
-def inside_a_sweep(directory: Path) -> str | None:
+def inside_a_sweep_or_run(directory: Path) -> str | None:
     """Why ``directory`` must not hold a new run or sweep: it lies inside an earlier sweep's folder, whose table
-    (``compare`` of that folder, an Optuna study's best trial) would then count it as one of its jobs."""
+    (``compare`` of that folder, an Optuna study's best trial) would then count it as one of its jobs, or inside a
+    run's, where ``compare`` would read it as a repeat and ``patcli export`` replaces the export/ folder whole."""
     # where the folder really is: sweep/../x lies beside the sweep, a-link-into-it/../x inside it
-    sweep = next((p for p in Path(os.path.realpath(directory)).parents if os.path.isfile(p / "multirun.yaml")), None)
-    if sweep is None:
-        return None
-    return f"{directory} lies inside the sweep {sweep} (multirun.yaml); allowed: a directory outside it"
+    for parent in Path(os.path.realpath(directory)).parents:
+        for mark, kind in (("multirun.yaml", "sweep"), ("result.json", "run")):
+            if os.path.isfile(parent / mark):
+                return f"{directory} lies inside the {kind} {parent} ({mark}); allowed: a directory outside it"
+    return None
 
 
 def holds_a_run(directory: Path) -> str | None:

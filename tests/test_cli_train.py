@@ -203,6 +203,28 @@ def test_a_directory_that_holds_a_run_or_sweep_is_never_overwritten(cli, tmp_pat
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+def test_a_run_or_sweep_inside_a_runs_folder_is_refused(cli, tmp_path):
+    """A run written into another's export/ was deleted by the next `patcli export` of that run, and runs nested in a
+    run's folder were read by `compare` of that folder as its repeats."""
+    code, out, err = cli("train", *TINY, "hydra.run.dir=run")
+    assert code == 0, err
+    code, out, err = cli("export", "run", "--no-latency")
+    assert code == 0, err
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for command, override, key in ((["train"], "hydra.run.dir=run/export", "hydra.run.dir"),
+                                   (["train"], "hydra.run.dir=run/nested/deeper", "hydra.run.dir"),
+                                   (["sweep", "seed=0,1"], "hydra.sweep.dir=run/sub", "hydra.sweep.dir")):
+        code, _, err = cli(*command, *TINY, override)
+        nested = override.split("=", 1)[1]
+        assert code == 2 and err.strip() == (f"error: {key}: {nested} lies inside the run {tmp_path}/run (result.json); "
+                                             "allowed: a directory outside it"), err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    (tmp_path / "run" / "export" / "notes.txt").write_text("mine")  # a folder holding more than an export keeps it
+    code, _, err = cli("export", "run", "--no-latency")
+    assert code == 0 and (tmp_path / "run" / "export" / "notes.txt").read_text() == "mine", err
+    assert sorted(p.name for p in (tmp_path / "run" / "export").iterdir()) == ["compressed.safetensors", "model.json", "notes.txt"]
+
+
 def test_a_run_directory_another_run_takes_while_this_one_is_checked_is_refused(cli, tmp_path, monkeypatch):
     """Both runs passed the folder check; the second then merged its metrics into the first's and replaced its files."""
     from patcli import hydra_app
