@@ -100,7 +100,7 @@ class BaselineContext:
         return pruner
 
     def finetune_steps(self, fraction: float) -> int:
-        return max(1, round(fraction * self.dense_steps))
+        return finetune_budget(fraction, self.dense_steps)
 
     def trainer(self, steps: int, lr: float | None) -> Trainer:
         """The shared training loop, sized to ``steps`` fine-tuning steps at ``lr`` (default: the dense run's)."""
@@ -232,7 +232,7 @@ class Iterative:
 
     def check_steps(self, dense_steps: int) -> None:
         """Every round fine-tunes for at least a step: more rounds than steps would prune with no fine-tuning."""
-        budget = max(1, round(self.finetune_fraction * dense_steps))
+        budget = finetune_budget(self.finetune_fraction, dense_steps)
         if self.rounds > budget:
             raise ConfigError("baseline.rounds", f"{self.rounds} rounds share {budget} fine-tuning steps "
                                                  f"(baseline.finetune_fraction={self.finetune_fraction} of {dense_steps}); "
@@ -271,6 +271,11 @@ class PATFromDense:
         ctx.pruners.append(pruner)
         ctx.fit(trainer, pruner, ctx.config.recipe())
         return steps
+
+
+def finetune_budget(fraction: float, dense_steps: int) -> int:
+    """Fine-tuning steps a baseline gets: a share of the dense run's, at least one."""
+    return max(1, round(fraction * dense_steps))
 
 
 def at_least(name: str, value: int, low: int) -> None:

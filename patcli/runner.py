@@ -81,7 +81,7 @@ def plan(config: RunConfig) -> Plan:
         dense_steps = check_dense_run(Path(config.dense), config).train_steps  # a baseline fine-tunes a share of them
         load_weights(model, Path(config.dense), "dense")  # readable, and of this model
     if config.needs_dense:
-        from .baselines import parse_baseline
+        from .baselines import finetune_budget, parse_baseline
 
         baseline = parse_baseline(config)
         if hasattr(baseline, "check"):
@@ -98,6 +98,9 @@ def plan(config: RunConfig) -> Plan:
         fixed = dataclasses.replace(pruned, schedule=SCHEDULES.get("fixed")(), regrowth=REGROWTHS.get("none")(),
                                     regularizer=None, scorer=scorer)
         build_pruner(fixed, model, 1, evaluate_fn=never_called).detach()  # a channel scorer's model hooks off
+        if config.method == "pat":  # pat_from_dense: the config's own schedule, regrowth and penalty over its budget
+            budget = finetune_budget(baseline.finetune_fraction, dense_steps)
+            build_pruner(config, model, budget, evaluate_fn=never_called).detach()
     elif config.pruning.enabled:
         pruner = build_pruner(config, model, steps, evaluate_fn=never_called)  # pattern fits?
         pruner.detach()  # only a check: the run builds its own, and a channel scorer's model hooks must go

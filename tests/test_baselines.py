@@ -415,3 +415,17 @@ def test_the_rounds_check_uses_the_steps_of_the_dense_run_given(cli, tmp_path):
     code, out, err = cli("prune-post", *TINY, "baseline=iterative", "dense=d40", "trainer.max_steps=8", "hydra.run.dir=it")
     assert code == 0, err
     assert result_of(tmp_path / "it")["train_steps"] == 10  # 0.25 of the dense run's 40 steps, over 3 rounds
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["schedule.end=30"], "schedule.end: step 30 is after the run's last step 9 (it has 10 steps)"),
+    (["regrowth=rigl", "schedule=constant", "regrowth.delta_t=40"], "regrowth.delta_t: 40 steps"),
+])
+def test_pat_from_dense_settings_that_do_not_fit_its_fine_tuning_budget_are_refused_before_any_run(cli, tmp_path,
+                                                                                                  overrides, message):
+    """Its schedule runs over the fine-tuning budget (a quarter of the dense run's 40 steps), but was only checked over
+    the config's own run: the error came after the run folder and a failed record were written."""
+    code, out, err = cli("prune-post", *TINY, "trainer.max_steps=40", "baseline=pat_from_dense", *overrides,
+                         f"output_root={tmp_path}/out", "hydra.run.dir=p")
+    assert code == 2 and err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "p").exists()
