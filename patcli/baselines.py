@@ -29,7 +29,7 @@ from .engine.scorers import Gradient, Magnitude, Scorer
 from .models import build_model
 from .records import RunRecord, append_metrics, mask_update_row
 from .runner import (allocation_loss, base_record, build_pruner, finish_record, load_weights, record_engine,
-                     seed_everything, warn_of_unused_options)
+                     seed_everything, warn_of_unused_options, warn_of_unused_settings)
 from .training import Progress, Trainer, loss_and_outputs, resolve_device, steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -308,6 +308,7 @@ def run_baseline(config: RunConfig, run_dir: Path, progress: Progress | None = N
     dense = load_run_config(dense_dir)
     config = as_trained(config, dense, dense_dir)
     warn_of_unused_options(config)
+    warn_of_unused_settings(config)
     seed_everything(config.seed)
     data = load_dataset(dense.dataset)
     device = resolve_device(config.trainer.device)

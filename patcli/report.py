@@ -153,7 +153,9 @@ def load_records(paths: list[Path]) -> tuple[list[RunRecord], list[str]]:
 
 # Settings that never make two runs different methods: seeds are pooled, sparsity is the column, the rest is where
 # or on what hardware a run happened. Cross-validation folds pool too, see ``settings``.
-NOT_IDENTITY = {"seed", "pruning.sparsity", "dense", "output_root", "trainer.device", "trainer.threads", "trainer.init_from"}
+# How often a run is evaluated changes no weight either.
+NOT_IDENTITY = {"seed", "pruning.sparsity", "dense", "output_root", "trainer.device", "trainer.threads", "trainer.init_from",
+                "trainer.eval_every"}
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, object]:
@@ -181,8 +183,13 @@ PAT_ONLY = ("scorer.", "schedule.", "allocation.", "regrowth.", "regularizer.", 
 
 def identity_settings(record: RunRecord) -> dict[str, object]:
     """What makes two records the same recipe: their whole config except seed, fold, sparsity and locations, and
-    except the PAT settings a dense run or a post-training baseline does not read."""
-    unused = () if record.method == "pat" else PAT_ONLY
+    except the PAT settings a dense run or a post-training baseline does not read, or that the run's other choices
+    overrode (its record's ``inert``: allocation under 2:4, pruning.frequency under the alternating schedule)."""
+    if record.method != "pat":
+        unused = PAT_ONLY
+    else:
+        inert = record.extra.get("inert")
+        unused = tuple(k for k in inert if isinstance(k, str)) if isinstance(inert, list) else ()
     if record.method == "dense":  # nothing is pruned: the cap is inert (a cached dense reference does not record it)
         unused += ("pruning.max_layer_sparsity",)
     return {k: v for k, v in settings(record).items() if k not in NOT_IDENTITY and not k.startswith(unused)}

@@ -220,22 +220,35 @@ def warn_of_unused_options(config: RunConfig) -> None:
         log.warning("%s: %s do%s not apply", what, ", ".join(ignored), "es" if len(ignored) == 1 else "")
 
 
+def inert_settings(config: RunConfig) -> dict[str, str | None]:
+    """A PAT run's settings that its other choices override: each key (or group prefix) with the warning that names
+    it, or None where it was left at its default. The record keeps the keys, so `compare` pools runs that differ
+    only there."""
+    if config.method != "pat":
+        return {}
+    inert: dict[str, str | None] = {}
+    if config.pattern is not None and config.pattern.fixed_sparsity is not None:
+        chosen = (config.source.get("allocation") or {}).get("name")
+        inert["allocation."] = None if chosen in (None, "uniform", pruning_defaults()["allocation"]["name"]) else (
+            f"pruning={config.pattern.name} prunes every layer to {config.pattern.fixed_sparsity:g}: allocation={chosen} "
+            "does not apply (uniform)")
+    mode_defaults = OmegaConf.load(conf_dir() / "pruning" / f"{config.pruning.mode}.yaml")
+    if config.schedule.name == "alternating":
+        inert["pruning.frequency"] = None if config.pruning.frequency == mode_defaults.get("frequency") else (
+            f"pruning.frequency={config.pruning.frequency} does not apply: schedule=alternating updates masks where its "
+            "compressed phases start")
+    if getattr(config.scorer, "grouped", False):
+        reduce = (config.source.get("pruning") or {}).get("reduce")
+        inert["pruning.reduce"] = None if reduce in (None, mode_defaults.get("reduce")) else (
+            f"pruning.reduce={reduce} does not apply: scorer={config.scorer.name} scores whole channels itself")
+    return inert
+
+
 def warn_of_unused_settings(config: RunConfig) -> None:
     """A PAT run's settings that its other choices override, named rather than dropped without a word."""
-    if config.method != "pat":
-        return
-    chosen = (config.source.get("allocation") or {}).get("name")
-    if config.pattern is not None and config.pattern.fixed_sparsity is not None and \
-            chosen not in (None, "uniform", pruning_defaults()["allocation"]["name"]):
-        log.warning("pruning=%s prunes every layer to %g: allocation=%s does not apply (uniform)",
-                    config.pattern.name, config.pattern.fixed_sparsity, chosen)
-    mode_defaults = OmegaConf.load(conf_dir() / "pruning" / f"{config.pruning.mode}.yaml")
-    if config.schedule.name == "alternating" and config.pruning.frequency != mode_defaults.get("frequency"):
-        log.warning("pruning.frequency=%d does not apply: schedule=alternating updates masks where its compressed "
-                    "phases start", config.pruning.frequency)
-    reduce = (config.source.get("pruning") or {}).get("reduce")
-    if getattr(config.scorer, "grouped", False) and reduce not in (None, mode_defaults.get("reduce")):
-        log.warning("pruning.reduce=%s does not apply: scorer=%s scores whole channels itself", reduce, config.scorer.name)
+    for warning in inert_settings(config).values():
+        if warning:
+            log.warning("%s", warning)
 
 
 def allocation_loss(config: RunConfig, trainer: Trainer) -> Callable[[], float]:
@@ -316,7 +329,7 @@ def base_record(config: RunConfig, data: DataBundle) -> RunRecord:
         primary_metric=metric,
         higher_is_better=higher,
         config=config.source,
-        extra={"dense_key": config.dense_key()},
+        extra={"dense_key": config.dense_key(), **({"inert": sorted(inert)} if (inert := inert_settings(config)) else {})},
     )
 
 

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from conftest import TINY
 from patcli.records import RunRecord, write_record
 from patcli import report
 
@@ -500,3 +501,17 @@ def test_a_pat_run_given_a_dense_reference_keeps_its_own_seed_so_its_dense_run_i
     comparison = report.compare(report.load_records([tmp_path])[0])
     (group,) = comparison.groups
     assert sorted(group.dense.cells[0.0].values) == [0.95, 0.97] and comparison.repeats == []
+
+
+def test_settings_a_pat_run_did_not_apply_do_not_split_its_row(cli, tmp_path):
+    """2:4 prunes every layer alike whatever allocation says, the alternating schedule updates where its phases
+    start whatever pruning.frequency says, and evaluating more often changes no weight: runs that differ only there
+    trained alike (byte-identical models at the same seed), but were rows of their own, labelled by those settings."""
+    for name, seed, overrides in (("nm-global", 0, ["pruning=nm"]), ("nm-lamp", 1, ["pruning=nm", "allocation=lamp"]),
+                                  ("ac-50", 0, ["schedule=alternating"]), ("ac-5", 1, ["schedule=alternating", "pruning.frequency=5"]),
+                                  ("eval-1", 0, []), ("eval-5", 1, ["trainer.eval_every=5"])):
+        code, out, err = cli("train", *TINY, f"seed={seed}", *overrides, f"hydra.run.dir={name}")
+        assert code == 0, err
+    (group,) = report.compare(report.load_records([tmp_path])[0]).groups
+    assert sorted((label, cell.n) for label, row in group.rows.items() for cell in row.cells.values()) == [
+        ("PAT agp+magnitude+global", 2), ("PAT agp+magnitude+uniform+nm", 2), ("PAT alternating+magnitude+global", 2)]

@@ -591,19 +591,25 @@ def test_head_importance_still_scores_neurons_and_a_users_own_schedule_passes_th
 
 
 def test_a_baseline_run_with_regrowth_in_its_config_plans_as_before():
-    """Post-training baselines ignore regrowth (with a warning); its plan's one-shot trial must not refuse it."""
+    """Post-training baselines ignore regrowth (with a warning); its plan's one-shot trial must not refuse it.
+    pat_from_dense runs it, over its fine-tuning budget (5 of the 20 steps): it must fit there."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from patcli.config import parse_run_config
+    from patcli.config import ConfigError, parse_run_config
     from patcli.hydra_app import conf_dir
     from patcli.runner import plan
 
-    for baseline in ("magnitude", "pat_from_dense"):
+    def planned(*overrides):
         with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-            cfg = compose("config", [f"baseline={baseline}", "regrowth=rigl", "trainer.max_steps=20"])
-        config = parse_run_config(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True))
-        assert plan(config).total_steps == 20
+            cfg = compose("config", [*overrides, "regrowth=rigl", "trainer.max_steps=20"])
+        return plan(parse_run_config(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                                                            resolve=True)))
+
+    assert planned("baseline=magnitude").total_steps == 20
+    assert planned("baseline=pat_from_dense", "regrowth.delta_t=1").total_steps == 20
+    with pytest.raises(ConfigError, match=r"^regrowth.delta_t: 50 steps reaches regrowth.end \(step 4\)"):
+        planned("baseline=pat_from_dense")  # the default interval is longer than the whole budget
 
 
 def test_an_exclude_the_layout_cannot_use_is_no_error_one_exclude_serves_every_mode():
