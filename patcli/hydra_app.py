@@ -289,7 +289,10 @@ def task(cfg: DictConfig) -> float | None:
     if threads and not source["trainer"].get("threads"):  # parallel jobs must not fight over the cores
         source["trainer"]["threads"] = threads
     if hydra.mode == RunMode.MULTIRUN:
-        return jobs.run_job(source, Path(hydra.runtime.output_dir), hydra.mode)
+        from .sweeps import BASIC_SWEEPER
+
+        searching = hydra.sweeper.get("_target_") != BASIC_SWEEPER
+        return jobs.run_job(source, Path(hydra.runtime.output_dir), hydra.mode, searching)
     try:
         return jobs.run_job(source, Path(hydra.runtime.output_dir), hydra.mode)
     except Exception as error:  # raised again by launch: Hydra would first print a line of its own to stderr

@@ -20,8 +20,12 @@ from .runner import execute, failed_record, plan
 log = logging.getLogger(__name__)
 
 
-def run_job(source: dict[str, Any], run_dir: Path, mode: RunMode | None) -> float | None:
-    """Run one job; return its validation primary metric (what a sweeper optimises), None if it failed."""
+def run_job(source: dict[str, Any], run_dir: Path, mode: RunMode | None, searching: bool = False) -> float | None:
+    """Run one job; return its validation primary metric (what a sweeper optimises), None if it failed.
+
+    ``searching``: a sweeper that chooses its trials by their validation value (Optuna); a trial's line then shows
+    that value alone, and the best trial's test value is printed once, after the search.
+    """
     sweeping = mode == RunMode.MULTIRUN
     try:
         config = parse_run_config(source)
@@ -43,8 +47,9 @@ def run_job(source: dict[str, Any], run_dir: Path, mode: RunMode | None) -> floa
         return None
     if sweeping:  # a sweeper optimises the validation value: show it first
         val, test = (record.primary_value(split) for split in ("val", "test"))
+        shown = "" if searching else f", test {_number(test)}"
         console.print(f"[green]done[/] {record.recipe} s={record.target_sparsity:g} seed={record.seed}: "
-                      f"val {record.primary_metric} {_number(val)}, test {_number(test)} → {run_dir}", highlight=False)
+                      f"val {record.primary_metric} {_number(val)}{shown} → {run_dir}", highlight=False)
     else:
         console.print(summary_table(record))
     return record.primary_value("val")

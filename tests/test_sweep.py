@@ -133,6 +133,9 @@ def test_optuna_study_optimises_val_tells_failed_trials_and_prints_the_best(cli,
     best = line_with(out, "best trial:")
     assert f"val accuracy {study.best_value:.4f} with +model.explode=False" in best
     assert f"its test accuracy {ok['metrics']['test']['accuracy']:.4f}" in best
+    done = line_with(out, "done ")  # a trial's own line shows what the study sees: its test value only comes once
+    assert f"val accuracy {ok['metrics']['val']['accuracy']:.4f}" in done and ", test " not in done
+    assert out.count("test accuracy") == 1
 
 
 def test_optuna_study_with_no_finished_trial_says_so(cli, tmp_path):
