@@ -29,7 +29,7 @@ from .engine.scorers import Gradient, Magnitude, Scorer
 from .models import build_model
 from .records import RunRecord, append_metrics, mask_update_row
 from .runner import (allocation_loss, base_record, build_pruner, finish_record, load_weights, record_engine,
-                     seed_everything, warn_of_unused_options, warn_of_unused_settings)
+                     seed_everything, warn_if_off_target, warn_of_unused_options, warn_of_unused_settings)
 from .training import Progress, Trainer, loss_and_outputs, resolve_device, steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -327,7 +327,9 @@ def run_baseline(config: RunConfig, run_dir: Path, progress: Progress | None = N
     record.dense_reference = dense_reference(dense_dir, dense_record)
     record.extra.update({"baseline": {"name": config.baseline.name, **dataclasses.asdict(baseline)}})
     record_engine(record, context.pruners, context.fit_seconds)
-    return finish_record(record, model, config, data, run_dir, device)
+    finish_record(record, model, config, data, run_dir, device)
+    warn_if_off_target(config, record)
+    return record
 
 
 def as_pruned(config: RunConfig, model: nn.Module) -> RunConfig:

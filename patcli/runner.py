@@ -405,18 +405,24 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
         record.total_train_steps += source.total_train_steps
         record.extra["init_from"] = str(config.trainer.init_from)
     finish_record(record, trainer.model, config, data, run_dir, device)
-    # a penalty's own overshoot is said below, with its fix; under its target the channels' rounding is said here
-    regularizer = config.regularizer
-    miss = record.achieved_sparsity - record.target_sparsity
-    if pruner and (abs(miss) > 0.005 if regularizer is None else regularizer.target is not None and miss < -0.005):
-        log.warning("pruning=%s reached %.4g of the prunable weights for %s=%g: %s", config.pruning.mode,
-                    record.achieved_sparsity, "pruning.sparsity" if regularizer is None else "regularizer.target",
-                    record.target_sparsity, off_target_reason(config))
+    if pruner:
+        warn_if_off_target(config, record)
     if config.regularizer is not None:
         warn_if_penalty_overshot(config, record)
         if config.regularizer.target is None:  # the penalty chose the sparsity
             record.target_sparsity = round(record.achieved_sparsity, 2)
     return record
+
+
+def warn_if_off_target(config: RunConfig, record: RunRecord) -> None:
+    """Say when the zeros miss the target by more than half a percent, and why. A penalty's own overshoot is said
+    with its fix (``warn_if_penalty_overshot``); under its target the channels' rounding is said here."""
+    regularizer = config.regularizer if config.method == "pat" else None  # a post-training baseline ignores one
+    miss = record.achieved_sparsity - record.target_sparsity
+    if abs(miss) > 0.005 if regularizer is None else regularizer.target is not None and miss < -0.005:
+        log.warning("pruning=%s reached %.4g of the prunable weights for %s=%g: %s", config.pruning.mode,
+                    record.achieved_sparsity, "pruning.sparsity" if regularizer is None else "regularizer.target",
+                    record.target_sparsity, off_target_reason(config))
 
 
 def off_target_reason(config: RunConfig) -> str:

@@ -429,3 +429,13 @@ def test_pat_from_dense_settings_that_do_not_fit_its_fine_tuning_budget_are_refu
                          f"output_root={tmp_path}/out", "hydra.run.dir=p")
     assert code == 2 and err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "p").exists()
+
+
+def test_a_structured_baseline_off_its_target_says_so_in_the_run_log(cli, tmp_path):
+    """PAT runs said it; the structured baseline ended 0.9 points under its target without a word."""
+    code, out, err = cli("prune-post", "baseline=structured", "pruning=neurons", "pruning.sparsity=0.5", "model.hidden=[30,20]",
+                         "trainer.epochs=1", f"output_root={tmp_path}/out", "hydra.run.dir=s")
+    assert code == 0, err
+    assert result_of(tmp_path / "s")["achieved_sparsity"] == pytest.approx(0.4908, abs=1e-4)
+    assert ("pruning=neurons reached 0.4908 of the prunable weights for pruning.sparsity=0.5: the nearest that whole "
+            "neurons reach") in (tmp_path / "s" / "run.log").read_text()
