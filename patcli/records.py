@@ -130,14 +130,14 @@ def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
         handle.write(json.dumps(finite, sort_keys=True, allow_nan=False) + "\n")
 
 
-def logged_progress(run_dir: Path) -> tuple[int, float | None]:
-    """How far a run got as its metrics.jsonl says: the steps done at its last row, and the sparsity of its last mask
-    update (for the record of a run that did not finish, which would otherwise say 0 of both)."""
+def logged_progress(run_dir: Path) -> tuple[int, float | None, int]:
+    """How far a run got as its metrics.jsonl says: the steps done at its last row, the sparsity of its last mask
+    update and how many it made (for the record of a run that did not finish, which would otherwise say 0 of each)."""
     try:
         lines = (Path(run_dir) / METRICS_FILE).read_text().splitlines()
     except (OSError, UnicodeDecodeError):
-        return 0, None
-    steps, sparsity = 0, None
+        return 0, None, 0
+    steps, sparsity, updates = 0, None, 0
     for line in lines:
         try:
             row = json.loads(line)
@@ -149,7 +149,8 @@ def logged_progress(run_dir: Path) -> tuple[int, float | None]:
             steps = max(steps, row["step"])
         if row.get("kind") == "mask_update" and isinstance(row.get("sparsity"), (int, float)):
             sparsity = float(row["sparsity"])
-    return steps, sparsity
+            updates += 1
+    return steps, sparsity, updates
 
 
 class RecordError(ValueError):

@@ -476,9 +476,10 @@ CSV_FIELDS = ["model", "dataset", "config_hash", "method", "row", "target_sparsi
 
 def not_ok_rows(comparison: Comparison) -> list[dict]:
     """One csv row per run that did not finish ok: a csv has no second table, so they come with their status and
-    error, and no metric."""
+    error, how far they got (sparsity and steps) and no metric."""
     return [{"model": r.model, "dataset": r.dataset, "config_hash": r.model_dataset_hash, "method": r.method,
-             "row": row_label(r), "target_sparsity": r.target_sparsity, "status": r.status, "run_dir": r.run_dir,
+             "row": row_label(r), "target_sparsity": r.target_sparsity, "achieved_sparsity": r.achieved_sparsity,
+             "train_steps_min": r.train_steps, "train_steps_max": r.train_steps, "status": r.status, "run_dir": r.run_dir,
              "error": r.error or ""} for r in comparison.not_ok]
 
 

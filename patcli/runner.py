@@ -489,6 +489,8 @@ def failed_record(source: dict, run_dir: Path, error: BaseException, status: str
     method = f"post:{baseline}" if baseline != "none" else ("dense" if pruning.get("mode") == "none" else "pat")
     sparsity = pruning.get("sparsity")
     target = float(sparsity) if isinstance(sparsity, (int, float)) else 0.0
+    named = source.get("model") if isinstance(source.get("model"), dict) else {}
+    model = str(named.get("_target_") or named.get("name") or "?").rsplit(".", 1)[-1]  # one's own: its class, as when done
     try:
         from .config import parse_run_config
 
@@ -499,7 +501,7 @@ def failed_record(source: dict, run_dir: Path, error: BaseException, status: str
     record = RunRecord(
         method=method,
         recipe=recipe,
-        model=str((source.get("model") or {}).get("name", "?")),
+        model=model,
         dataset=str((source.get("dataset") or {}).get("name", "?")),
         model_dataset_hash=md_hash,
         seed=int(source.get("seed", 0) or 0),
@@ -509,9 +511,9 @@ def failed_record(source: dict, run_dir: Path, error: BaseException, status: str
         error=f"{error.__class__.__name__}: {error}",
         config=source,
     )
-    steps, sparsity = logged_progress(run_dir)  # how far it got, not 0
+    steps, sparsity, updates = logged_progress(run_dir)  # how far it got, not 0
     record.train_steps = record.total_train_steps = steps
-    record.achieved_sparsity = sparsity or 0.0
+    record.achieved_sparsity, record.mask_updates = sparsity or 0.0, updates
     write_record(run_dir, record)
     return record
 

@@ -344,8 +344,18 @@ def test_an_interrupted_runs_record_says_how_far_it_got_from_its_metrics(tmp_pat
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"kind": "ev')  # cut short
     record = failed_record({"pruning": {"sparsity": 0.9}}, tmp_path, KeyboardInterrupt(), status="interrupted")
     assert (record.status, record.train_steps, record.total_train_steps) == ("interrupted", 50, 50)
-    assert record.achieved_sparsity == 0.6
+    assert record.achieved_sparsity == 0.6 and record.mask_updates == 2  # it said 0 updates
     assert result_of(tmp_path)["train_steps"] == 50
+
+
+def test_a_failed_runs_record_names_its_model_as_a_finished_one_does(tmp_path):
+    """A model of one's own was recorded as "?" (its config has a _target_, not a name), so its failed rows in
+    compare's csv said "?"."""
+    from patcli.runner import failed_record
+
+    source = {"model": {"_target_": "user_models.TinyNet", "width": 8}, "pruning": {"sparsity": 0.9}}
+    record = failed_record(source, tmp_path, RuntimeError("boom"))
+    assert record.model == "TinyNet" and record.status == "failed"
 
 
 def test_sigterm_records_the_run_as_interrupted_and_exits_143(cli, tmp_path, monkeypatch):
