@@ -10,7 +10,6 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -133,7 +132,7 @@ def sweep(
         print_error("the sweep launched no jobs")
         raise typer.Exit(code=2)
     # a study chooses on validation, so its table shows validation; the best trial's test metric is reported once
-    show_comparison(result.record_paths, None, "val" if result.study else "test", Format.table, None, None)
+    show_comparison(result.record_paths, None, "val" if result.study else "test", "table", None, None)
     if result.stopped:  # the jobs never started have no record: the table holds what ran (a study saved no best trial)
         console.print(f"sweep dir: {result.directory}", highlight=False, soft_wrap=True)
         print_error(f"the sweep stopped: {result.stopped}; the jobs it held are recorded as failed, those not started "
@@ -189,11 +188,7 @@ def prune_post(
     console.print(f"run dir: {result.hydra_cfg.hydra.runtime.output_dir}", highlight=False, soft_wrap=True)
 
 
-class Format(str, Enum):
-    table = "table"
-    csv = "csv"
-    markdown = "markdown"
-    json = "json"
+FORMATS = ("table", "csv", "markdown", "json")  # checked here, for one error line (Typer's choice box spans many)
 
 
 @app.command()
@@ -201,7 +196,7 @@ def compare(
     paths: Annotated[Optional[list[Path]], typer.Argument(help="Run or sweep directories, or result.json files.")] = None,
     metric: Annotated[Optional[str], typer.Option(help="Metric to show (default: each run's primary metric).")] = None,
     split: Annotated[str, typer.Option(help="Split to show: test (default) or val.")] = "test",
-    format: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
+    format: Annotated[str, typer.Option("--format", help="Output format: table, csv, markdown or json.")] = "table",
     output: Annotated[Optional[Path], typer.Option(help="Write to this file instead of the terminal.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Also draw metric vs sparsity curves into this image (.png, .pdf or .svg).")] = None,
 ) -> None:
@@ -220,7 +215,7 @@ def compare(
 PLOT_FORMATS = (".png", ".pdf", ".svg")
 
 
-def show_comparison(paths: list[Path], metric: str | None, split: str, format: "Format", output: Path | None,
+def show_comparison(paths: list[Path], metric: str | None, split: str, format: str, output: Path | None,
                     plot: Path | None) -> str | None:
     """Print or write the comparison (and plot); returns why nothing was compared (no finished run), else None.
 
@@ -233,6 +228,9 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: "
 
     if split not in ("test", "val"):
         print_error(f"--split: {split!r} is not allowed; allowed: test, val")
+        raise typer.Exit(code=2)
+    if format not in FORMATS:
+        print_error(f"--format: {format!r} is not allowed; allowed: {', '.join(FORMATS)}")
         raise typer.Exit(code=2)
     missing = [str(p) for p in paths if not os.path.exists(p)]  # never raises, unlike pathlib
     if missing:
@@ -270,14 +268,14 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: "
     if not records:
         print_error(f"no run records (result.json) under {', '.join(map(str, paths))}")
         raise typer.Exit(code=2)
-    if format is Format.table:
+    if format == "table":
         # a file gets the table as text, and the terminal only "wrote FILE"
         target = Console(file=io.StringIO(), record=True, width=200) if output else console
         for table in report.rich_tables(comparison):
             target.print(table)
         text = target.export_text() if output else None
     else:
-        text = {"csv": report.to_csv, "json": report.to_json, "markdown": report.to_markdown}[format.value](comparison)
+        text = {"csv": report.to_csv, "json": report.to_json, "markdown": report.to_markdown}[format](comparison)
         if not output:
             console.print(text, end="", highlight=False, markup=False, soft_wrap=True)
     if output:

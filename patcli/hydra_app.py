@@ -257,7 +257,7 @@ def holds_a_run(directory: Path) -> str | None:
     held = next(((hit, kind) for pattern, kind in marks.items() for hit in directory.glob(pattern)), None)
     if held is None:
         return None
-    return f"{directory} already holds a {held[1]} ({held[0].relative_to(directory)}); allowed: a new or empty directory"
+    return f"{directory} already holds a {held[1]} ({held[0].relative_to(directory)}); allowed: a directory that holds no run or sweep"
 
 
 def check_device_here(config: RunConfig) -> None:

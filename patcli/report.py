@@ -531,6 +531,14 @@ def table_text(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
+MARKERS = "os^DvPX"  # 7 markers against matplotlib's 10 colours: the first 70 rows of a panel all look different
+
+
+def line_styles(count: int) -> list[dict[str, str]]:
+    """A colour and marker per row; colours alone repeat after 10 rows, and two rows would share a legend entry."""
+    return [{"color": f"C{i % 10}", "marker": MARKERS[i % len(MARKERS)]} for i in range(count)]
+
+
 def plot(comparison: Comparison, path: Path) -> None:
     """Metric vs target sparsity, one panel per group; dense as a dashed line."""
     import matplotlib
@@ -542,10 +550,11 @@ def plot(comparison: Comparison, path: Path) -> None:
     figure, axes = plt.subplots(1, max(len(groups), 1), figsize=(6.5 * max(len(groups), 1), 4.5), squeeze=False)
     for axis, group in zip(axes[0], groups):
         factor = scale(group.metric)
-        for row in group.ordered_rows():
+        rows = group.ordered_rows()
+        for row, style in zip(rows, line_styles(len(rows))):
             columns = sorted(row.cells)
             axis.errorbar([c * 100 for c in columns], [row.cells[c].mean * factor for c in columns],
-                          yerr=[row.cells[c].std * factor for c in columns], marker="o", capsize=3, label=row.label)
+                          yerr=[row.cells[c].std * factor for c in columns], capsize=3, label=row.label, **style)
         if group.dense_value is not None:
             axis.axhline(group.dense_value * factor, color="black", linestyle="--", label="dense")
         axis.set_xlabel("target sparsity (%)")

@@ -225,6 +225,8 @@ def test_compare_reports_missing_or_empty_paths(cli, tmp_path):
     assert code == 2 and "no run records" in err
     code, _, err = cli("compare", str(tmp_path), "--split", "train")
     assert code == 2 and "--split" in err
+    code, _, err = cli("compare", str(tmp_path), "--format", "xml")  # Typer's own check printed a box of many lines
+    assert code == 2 and err.strip() == "error: --format: 'xml' is not allowed; allowed: table, csv, markdown, json"
 
 
 def test_compare_names_the_metrics_the_records_hold_for_a_wrong_one(cli, runs):
@@ -516,3 +518,9 @@ def test_settings_a_pat_run_did_not_apply_do_not_split_its_row(cli, tmp_path):
     (group,) = report.compare(report.load_records([tmp_path])[0]).groups
     assert sorted((label, cell.n) for label, row in group.rows.items() for cell in row.cells.values()) == [
         ("PAT agp+magnitude+global", 2), ("PAT agp+magnitude+uniform+nm", 2), ("PAT alternating+magnitude+global", 2)]
+
+
+def test_every_row_of_a_plot_panel_has_its_own_colour_and_marker():
+    """Colours repeat after 10 rows and every row had the same marker: row 11 looked like row 1 in the legend."""
+    styles = report.line_styles(70)
+    assert len({(s["color"], s["marker"]) for s in styles}) == 70
