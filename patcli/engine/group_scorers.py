@@ -81,7 +81,8 @@ class GroupScorer(Scorer):
 
     def group_scores(self) -> list[torch.Tensor]:
         if not self._seen:
-            raise RuntimeError(f"scorer {self.name!r} saw no training batches before the mask update")
+            raise RuntimeError(f"scorer {self.name!r} saw no training batches before the mask update (it reads them "
+                               "in training mode: call model.train())")
         # a window of dropped batches only (count 0) ranks by the last one; before any, every channel ties at 0
         return [torch.where(c > 0, s / c.clamp(min=1), last) for s, c, last in zip(self._sums, self._counts, self._last)]
 

@@ -91,6 +91,18 @@ def select_prunable(
     return selected
 
 
+def left_dense(model: nn.Module, include: list[str], exclude: list[str]) -> tuple[list[str], list[str]]:
+    """What a user may expect pruned but never will be: ``include`` patterns that name no Linear/Conv weight (an
+    LSTM's, an attention's ``in_proj_weight``, a bias), and the included Linear/Conv weights that are frozen."""
+    weights = {f"{name}.weight" if name else "weight": own_weight(module)
+               for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, PRUNABLE_MODULES)}
+    weights = {name: w for name, w in weights.items() if w is not None}  # a parametrization's: warned apart
+    unmatched = [p for p in include if not any(fnmatch.fnmatchcase(name, p) for name in weights)]
+    frozen = [name for name, w in weights.items()
+              if not w.requires_grad and matches_any(name, include) and not matches_any(name, exclude)]
+    return unmatched, frozen
+
+
 def own_weight(module: nn.Module) -> nn.Parameter | None:
     """The module's ``weight`` parameter, or None when a parametrization computes it: read from the registered
     parameters, as reading ``module.weight`` would run the parametrization (spectral_norm's power iteration)."""
@@ -265,22 +277,38 @@ class DenseShadowMasking:
         self.masks = masks
         self.enforced = True
         self.shadow = [w.detach().clone() for w in masks.weights]
+        self._written = self._versions()
+
+    def _versions(self) -> list[int]:
+        """Each weight's in-place write count (the tensor's version counter)."""
+        return [w._version for w in self.masks.weights]
 
     def before_step(self) -> None:
         with torch.no_grad():
+            if self._versions() != self._written:  # written since the last step: a checkpoint loaded, a re-init
+                self.take_written()
             torch._foreach_copy_(self.masks.weights, self.shadow)
+
+    def take_written(self) -> None:
+        """Make what was written into the weights between steps the dense copy's, as in-place masking keeps it: a
+        kept weight as written, a pruned one where it was written non-zero (a dense checkpoint loaded)."""
+        with torch.no_grad():
+            for shadow, weight, keep in zip(self.shadow, self.masks.weights, self.masks.keep):
+                shadow.copy_(torch.where(keep | (weight != 0), weight, shadow) if self.enforced else weight)
 
     def after_step(self, zero: bool = True) -> None:
         with torch.no_grad():
             torch._foreach_copy_(self.shadow, self.masks.weights)
         if self.enforced and zero:
             self.masks.zero_pruned_()
+        self._written = self._versions()
 
     def masks_changed(self) -> None:
         with torch.no_grad():
             torch._foreach_copy_(self.masks.weights, self.shadow)
         if self.enforced:
             self.masks.zero_pruned_()
+        self._written = self._versions()
 
     def adopt_weights(self) -> None:
         """Fold in what the weights learned without the pruner: a kept weight is as trained; a pruned one, masked to 0

@@ -21,12 +21,13 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .allocation import Allocation, LayerBudget, Uniform, check_reachable
 from .combinations import check_combination, name_of
 from .layouts import ChannelLayout, Layout, TensorLayout
-from .masks import (MASKINGS, DenseShadowMasking, MaskSet, as_bytes, computed_weights, mark_pruned_, matches_any,
-                    pattern_lists, select_prunable, tensor_bytes, zero_optimizer_state_)
+from .masks import (MASKINGS, DenseShadowMasking, MaskSet, as_bytes, computed_weights, left_dense, mark_pruned_,
+                    matches_any, pattern_lists, select_prunable, tensor_bytes, zero_optimizer_state_)
 from .patterns import Pattern, Structured, Unstructured
 from .regrowth import NoRegrowth, Regrowth
 from .regularizers import Regularizer
@@ -38,6 +39,28 @@ log = logging.getLogger(__name__)
 
 # the pruner attached to each weight (by id; the pruner holds the weight, so the id stays its while the entry lives)
 ATTACHED: "weakref.WeakValueDictionary[int, Pruner]" = weakref.WeakValueDictionary()
+# every optimizer is looked at once, at its first step, for pruned weights it trains behind their pruner's back
+LOOKED_AT: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+_every_optimizer_hook = None
+
+
+def name_foreign_steps(optimizer: torch.optim.Optimizer, *_) -> None:
+    """Warn when an optimizer the pruner is not attached to steps pruned weights (a new optimizer for a second
+    phase, never attached; one built over model.parameters() by mistake): nothing zeroes them after its step, so
+    they grow back. One look per optimizer, then one set lookup per step."""
+    if optimizer in LOOKED_AT:
+        return
+    LOOKED_AT.add(optimizer)
+    stepped: dict[int, tuple[Pruner, set[int]]] = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            pruner = ATTACHED.get(id(param))
+            if pruner is not None and pruner.optimizer is not optimizer:
+                stepped.setdefault(id(pruner), (pruner, set()))[1].add(id(param))
+    for pruner, ids in stepped.values():
+        names = [name for name, w in zip(pruner.masks.names, pruner.masks.weights) if id(w) in ids]
+        log.warning("an optimizer that is not the one the pruner is attached to stepped %s: their pruned weights can "
+                    "grow back; allowed: pruner.attach(optimizer) to the optimizer that trains them", ", ".join(names))
 
 
 @dataclass
@@ -67,6 +90,13 @@ def make_layout(model: nn.Module, pattern: Pattern, include, exclude) -> Layout:
         log.warning("%s left dense: computed by a parametrization (weight_norm, spectral_norm, torch.nn.utils.prune) "
                     "at each forward, not a parameter the pruner can mask; remove the parametrization to prune it",
                     ", ".join(computed))
+    unmatched, frozen = left_dense(model, include, exclude)
+    for unused in unmatched:
+        log.warning("include pattern %r matches no prunable weight (only the weights of Linear and Conv layers that "
+                    "train are pruned)", unused)
+    if frozen:
+        log.warning("%s left dense: frozen (requires_grad=False) when the Pruner was built; the target is spread over "
+                    "the other weights (exclude %s to say so)", ", ".join(frozen), "it" if len(frozen) == 1 else "them")
     if isinstance(pattern, Structured):
         params = dict(model.named_parameters())
         return ChannelLayout(params, channel_groups(model, pattern.kind, include, exclude), pattern.reduce)
@@ -147,6 +177,8 @@ class Pruner:
         schedule, scorer, allocation, regrowth, regularizer = map(own_copy, (schedule, scorer, allocation, regrowth, regularizer))
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper: the module it compiles
+            model = model._orig_mod  # has the weights, their names without the wrapper's prefix, and the structure
         if lazy := next((name for name, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)), None):
             raise ValueError(f"{lazy} is not initialized yet (a lazy module): run one forward pass before building the pruner")
         self.model = model
@@ -177,6 +209,15 @@ class Pruner:
             if not isinstance(self.layout, ChannelLayout):
                 raise ValueError(f"scorer {self.scorer.name!r} scores whole channels; allowed with pruning=neurons, filters or heads")
             self.scorer.attach(model, self.layout)
+        try:
+            self._build(masking, total_steps, sparsity, max_layer_sparsity)
+        except BaseException:
+            if getattr(self.scorer, "grouped", False):  # a refused build leaves no hooks running at every forward
+                self.scorer.detach()
+            raise
+
+    def _build(self, masking: str, total_steps: int, sparsity: float, max_layer_sparsity: float) -> None:
+        """The rest of the build, once a channel scorer watches the model."""
         self.masks = MaskSet(dict(zip(self.layout.names, self.layout.params)), self.layout.accounted)
         if masking not in MASKINGS:
             raise ValueError(f"unknown masking {masking!r}; allowed: {', '.join(MASKINGS)}")
@@ -188,7 +229,7 @@ class Pruner:
             and not self.scorer.needs_grad
             and self.masks.weights[0].device.type == "cpu"
             and not getattr(self.scorer, "grouped", False)  # channel scorers rank their own sums
-            and not self.regrowth.replaces_schedule and regularizer is None  # their updates do not score with it
+            and not self.regrowth.replaces_schedule and self.regularizer is None  # their updates do not score with it
         )
         self.updates: list[MaskUpdate] = []
         self.optimizer: torch.optim.Optimizer | None = None
@@ -203,6 +244,19 @@ class Pruner:
             self.regularizer.check(self.layout)
             self.regularizer.bind(total_steps)
 
+    def check_model(self) -> None:
+        """The weights are still the model's, in the dtype and on the device the masks were made for: checked at
+        attach() and at each mask update, never per step."""
+        for name, weight in zip(self.masks.names, self.masks.weights):
+            try:
+                current = self.model.get_parameter(name)
+            except AttributeError:
+                current = None
+            if current is not weight:
+                raise ValueError(f"{name} is no longer the model's parameter (load_state_dict(assign=True), or a move "
+                                 "that made new ones); allowed: build the Pruner (and the optimizer) for the model as it is now")
+        self.masks.check_weights()
+
     # -- wiring ---------------------------------------------------------------------------------------------------
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "Pruner":
@@ -212,13 +266,13 @@ class Pruner:
         if isinstance(optimizer, torch.optim.LBFGS):  # its forward passes inside step(closure) would see unmasked weights
             raise ValueError("LBFGS evaluates the model several times inside one step(closure), before the pruner can mask "
                              "the weights; allowed: optimizers that update once per step() (SGD, Adam, AdamW, ...)")
+        self.check_model()
         group_index = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
         untrained = [name for name, weight, counted in zip(self.masks.names, self.masks.weights, self.masks.accounted)
                      if counted and id(weight) not in group_index]  # a frozen norm or bias only goes with its channel
         if untrained:  # pruned but never trained: gradient scores would be 0 there and nothing would recover
             raise ValueError(f"{untrained[0]} is prunable but not in the optimizer; allowed: give it to the optimizer, "
                              f"or leave it dense with exclude=[{untrained[0]!r}]")
-        self.masks.check_weights()
         for handle in self._handles:
             handle.remove()
         if getattr(self.scorer, "grouped", False):  # detach() took its model hooks away
@@ -234,6 +288,9 @@ class Pruner:
             other.detach()
         self.optimizer = optimizer
         ATTACHED.update({id(w): self for w in self.masks.weights})
+        global _every_optimizer_hook
+        if _every_optimizer_hook is None:
+            _every_optimizer_hook = register_optimizer_step_post_hook(name_foreign_steps)
         # each weight's param group by position: optimizer.load_state_dict replaces the group dicts, not their order
         self._group_index = group_index
         self._handles = [optimizer.register_step_post_hook(lambda *_: self.after_step())]
@@ -285,7 +342,11 @@ class Pruner:
         # masks first would throw away what the pruned ones learned while decompressed.
         entering = enforced and not self.masking.enforced
         self.masking.enforced = enforced
-        self.masking.after_step(zero=not entering)
+        try:
+            self.masking.after_step(zero=not entering)
+        except RuntimeError:  # a model moved to another device since: torch's message would not say which, or why
+            self.masks.check_weights()
+            raise
         if self.regularizer is not None and self.optimizer is not None and t <= self.schedule.end_step:
             groups, index = self.optimizer.param_groups, self._group_index
             # a GradScaler's fused step skipped for overflow takes no proximal step either (decided on the device)
@@ -321,7 +382,7 @@ class Pruner:
         due = self.regrowth.is_update_step(t) if self.regrowth.replaces_schedule else self.schedule.is_update_step(t)
         if not due:
             return False
-        self.masks.check_weights()  # at each update, not each step: soon after a model is cast, at no per-step cost
+        self.check_model()  # at each update, not each step: soon after a model is cast, at no per-step cost
         if self.regrowth.replaces_schedule:
             self.regrow(t)
         elif self.regularizer is None:
@@ -338,6 +399,7 @@ class Pruner:
     def update_masks(self, t: int, target: float | None = None, monotone: bool | None = None,
                      scorer: Scorer | None = None) -> MaskUpdate:
         """Re-choose masks for the schedule's target at step t (or an explicit ``target``, or ``scorer``)."""
+        self.check_model()
         target = self.schedule.target(t) if target is None else target
         trained_unmasked = self._trained_unmasked()
         if monotone is None:
