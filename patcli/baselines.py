@@ -8,6 +8,7 @@ with the baselines' fine-tune budget.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -28,7 +29,7 @@ from .engine.structure import NoChannels, StructureError, channel_groups
 from .engine.scorers import Gradient, Magnitude, Scorer
 from .models import build_model
 from .records import RunRecord, append_metrics, mask_update_row
-from .runner import (allocation_loss, base_record, build_pruner, finish_record, load_weights, record_engine,
+from .runner import (allocation_loss, base_record, build_pruner, engine_quiet, finish_record, load_weights, record_engine,
                      seed_everything, warn_if_off_target, warn_of_unused_options, warn_of_unused_settings)
 from .training import Progress, Trainer, loss_and_outputs, resolve_device, steps_per_epoch
 
@@ -83,6 +84,12 @@ class BaselineContext:
     def pruner(self, scorer: Scorer, pattern=None, allocation=None, sparsity: float | None = None) -> Pruner:
         """A pruner whose masks only change when the baseline says (``update_masks``); the run's pattern by default
         (``pruning=nm`` with a magnitude baseline is one-shot 2:4 magnitude pruning)."""
+        with engine_quiet() if self.pruners else contextlib.nullcontext():  # the model's warnings once, not per round
+            pruner = self._new_pruner(scorer, pattern, allocation, sparsity)
+        self.pruners.append(pruner)
+        return pruner
+
+    def _new_pruner(self, scorer: Scorer, pattern, allocation, sparsity: float | None) -> Pruner:
         pruner = Pruner(
             self.model,
             sparsity=self.target if sparsity is None else sparsity,
@@ -96,7 +103,6 @@ class BaselineContext:
             max_layer_sparsity=self.config.pruning.max_layer_sparsity,
             on_update=lambda update: self.log_update(update, pruner),
         )
-        self.pruners.append(pruner)
         return pruner
 
     def finetune_steps(self, fraction: float) -> int:

@@ -57,6 +57,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def engine_quiet():
+    """Pruners built only to check a config (or again, for a baseline's next round): their warnings about the model
+    (frozen or parametrized weights left dense) come once, from the run's own build."""
+    logger = logging.getLogger("patcli.engine.pruner")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def plan(config: RunConfig) -> Plan:
     """Check the parts of a config that need the data and the run length; raise ConfigError on a mistake."""
     data = load_dataset(config.dataset)
@@ -97,12 +110,14 @@ def plan(config: RunConfig) -> Plan:
         scorer = pruned.scorer if config.method == "pat" else SCORERS.get("magnitude")()
         fixed = dataclasses.replace(pruned, schedule=SCHEDULES.get("fixed")(), regrowth=REGROWTHS.get("none")(),
                                     regularizer=None, scorer=scorer)
-        build_pruner(fixed, model, 1, evaluate_fn=never_called).detach()  # a channel scorer's model hooks off
-        if config.method == "pat":  # pat_from_dense: the config's own schedule, regrowth and penalty over its budget
-            budget = finetune_budget(baseline.finetune_fraction, dense_steps)
-            build_pruner(config, model, budget, evaluate_fn=never_called).detach()
+        with engine_quiet():
+            build_pruner(fixed, model, 1, evaluate_fn=never_called).detach()  # a channel scorer's model hooks off
+            if config.method == "pat":  # pat_from_dense: the config's own schedule, regrowth and penalty over its budget
+                budget = finetune_budget(baseline.finetune_fraction, dense_steps)
+                build_pruner(config, model, budget, evaluate_fn=never_called).detach()
     elif config.pruning.enabled:
-        pruner = build_pruner(config, model, steps, evaluate_fn=never_called)  # pattern fits?
+        with engine_quiet():
+            pruner = build_pruner(config, model, steps, evaluate_fn=never_called)  # pattern fits?
         pruner.detach()  # only a check: the run builds its own, and a channel scorer's model hooks must go
         update_steps = len(pruner.schedule.update_steps())
     if config.trainer.init_from:

@@ -73,6 +73,8 @@ def test_a_frozen_layer_is_never_pruned(cli, tmp_path):
     assert record["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
     weights = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert int((weights["features.weight"] == 0).sum()) == 0
+    # said once in the run's log, though the config check builds a pruner of its own first
+    assert (tmp_path / "run" / "run.log").read_text().count("features.weight left dense: frozen") == 1
 
 
 def test_a_prunable_weight_the_optimizer_does_not_train_is_refused(tiny_mlp):
