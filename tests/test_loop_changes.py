@@ -140,3 +140,22 @@ def test_a_channel_scorer_that_saw_no_batch_says_the_model_may_be_in_eval_mode(t
     with pytest.raises(RuntimeError, match=r"^scorer 'activation' saw no training batches before the mask update "
                                            r"\(it reads them in training mode: call model.train\(\)\)$"):
         train_steps(tiny_mlp, optimizer, 1)
+
+
+@pytest.mark.parametrize("scorer", ["gradient", "hessian"])
+def test_a_layer_frozen_for_a_phase_is_ranked_by_what_it_last_learned_not_pruned_in_index_order(tiny_mlp, scorer):
+    """With no gradient a weight was scored 0 at each step: a layer frozen through a window of steps had all-zero
+    scores at the update and lost the first weights in index order."""
+    optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.05)
+    pruner = prune_during_training(tiny_mlp, optimizer, sparsity=0.5, total_steps=20, frequency=5, scorer=scorer,
+                                   allocation="uniform")
+    train_steps(tiny_mlp, optimizer, 6)  # through the update at step 5, which closes a window with gradients
+    last_window = pruner.scorer.mean(pruner.masks.weights)[1].clone()
+    tiny_mlp[2].requires_grad_(False)
+    train_steps(tiny_mlp, optimizer, 5, seed=1)  # steps 6-10, the update at step 10 included: no gradient for it
+    assert [u.step for u in pruner.updates][-1] == 10
+    assert bool((last_window > 0).any())
+    assert torch.equal(pruner.scorer.mean(pruner.masks.weights)[1], last_window)  # what it last learned, not zeros
+    tiny_mlp[2].requires_grad_(True)  # and once it trains again, its window starts afresh
+    train_steps(tiny_mlp, optimizer, 1, seed=2)
+    assert not torch.equal(pruner.scorer.mean(pruner.masks.weights)[1], last_window)

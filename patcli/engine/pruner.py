@@ -73,13 +73,16 @@ class MaskUpdate:
     revived: int = 0
 
 
-def unscaled(grads: list[torch.Tensor], grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> list[torch.Tensor]:
-    """Gradients divided by a GradScaler's scale, and zero on a step it skips for overflow (inf · 0 would be NaN)."""
+def unscaled(grads: list[torch.Tensor | None], grad_scale: torch.Tensor | None,
+             found_inf: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Gradients divided by a GradScaler's scale, and zero on a step it skips for overflow (inf · 0 would be NaN);
+    a missing one stays missing."""
     if grad_scale is not None:
-        grads = [g / grad_scale.to(g.dtype) for g in grads]
+        grads = [None if g is None else g / grad_scale.to(g.dtype) for g in grads]
     if found_inf is not None:
         skipped = found_inf.to(torch.bool)
-        grads = [torch.where(skipped, torch.zeros((), dtype=g.dtype, device=g.device), g) for g in grads]
+        grads = [None if g is None else torch.where(skipped, torch.zeros((), dtype=g.dtype, device=g.device), g)
+                 for g in grads]
     return grads
 
 
@@ -322,7 +325,8 @@ class Pruner:
         overflowing step then adds nothing, decided on the device (no host sync).
         """
         if self.scorer.needs_grad:
-            grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self.masks.weights]
+            missing = None if self.scorer.takes_missing_grads else torch.zeros_like  # a frozen layer, an unused one
+            grads = [w.grad if w.grad is not None or missing is None else missing(w) for w in self.masks.weights]
             if grad_scale is not None or found_inf is not None:
                 grads = unscaled(grads, grad_scale, found_inf)
             # the dense values (the shadow under reversal): a pruned weight scored at 0 could never return

@@ -22,6 +22,7 @@ class Scorer:
     """Base scorer: magnitude-free defaults for the accumulation hooks."""
 
     needs_grad = False
+    takes_missing_grads = False  # False: a weight without a gradient at a step is observed with a zero gradient
     signed = False  # scores may be negative, and their sign matters (a channel sums them rather than taking a norm)
 
     def observe(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
@@ -86,54 +87,63 @@ class Random(Scorer):
 class Accumulating(Scorer):
     """Sums a per-step statistic of (w, g) since the last mask update.
 
-    The step count lives on the host: it is known without asking the device, so counting costs no kernel. A mask
-    update closes the window, and the next observed step opens a new one: until then the scores stay the closed
-    window's, so an update with no step since the last (``Pruner.finish`` right after one) ranks by what was seen,
-    not by all-zero sums that would prune in index order.
+    Counts live on the host: they are known without asking the device, so counting costs no kernel. A mask update
+    closes each tensor's window, and the next step that gives it a gradient opens a new one: until then its scores
+    stay the closed window's, so an update with no step since the last (``Pruner.finish`` right after one), or one
+    over a layer frozen since, ranks by what was seen, not by all-zero sums that would prune in index order.
     """
 
     needs_grad = True
+    takes_missing_grads = True  # ``observe`` gets None for a weight without a gradient at this step
     _sums: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
-    _count: int = field(default=0, init=False, repr=False)
-    _closed: bool = field(default=False, init=False, repr=False)
+    _counts: list[int] = field(default_factory=list, init=False, repr=False)
+    _closed: list[bool] = field(default_factory=list, init=False, repr=False)
 
     def accumulate(self, sums: list[torch.Tensor], weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """Add this step's statistic into ``sums`` in place."""
         raise NotImplementedError
 
-    def observe(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    def observe(self, weights: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
         if not self._sums:
             self._sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
-        elif self._closed:
-            torch._foreach_zero_(self._sums)
-            self._count, self._closed = 0, False
-        self.accumulate(self._sums, weights, grads)
-        self._count += 1
+            self._counts, self._closed = [0] * len(weights), [False] * len(weights)
+        live = [i for i, g in enumerate(grads) if g is not None]
+        if opening := [i for i in live if self._closed[i]]:
+            torch._foreach_zero_([self._sums[i] for i in opening])
+            for i in opening:
+                self._counts[i], self._closed[i] = 0, False
+        if live:
+            self.accumulate([self._sums[i] for i in live], [weights[i] for i in live], [grads[i] for i in live])
+        for i in live:
+            self._counts[i] += 1
 
     def mean(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
         if not self._sums:
             raise RuntimeError(f"scorer {self.name!r} needs gradients, but none were observed before the mask update")
-        return [s / max(self._count, 1) for s in self._sums]
+        return [s / max(c, 1) for s, c in zip(self._sums, self._counts)]
 
     def reset(self) -> None:
-        self._closed = True
+        self._closed = [True] * len(self._sums)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if not self._sums:
             return {}
-        return {"count": torch.tensor(float(self._count)), "closed": torch.tensor(self._closed),
+        return {"counts": torch.tensor(self._counts, dtype=torch.float64), "closed": torch.tensor(self._closed),
                 **{f"sum.{i}": s.clone() for i, s in enumerate(self._sums)}}
 
     def state_bytes(self) -> int:  # the accumulators held, without copying them as state_dict() does
         return tensor_bytes(self._sums)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if "count" not in state:  # saved before its first step: nothing accumulated yet
-            self._sums, self._count, self._closed = [], 0, False
+        if "counts" not in state and "count" not in state:  # saved before its first step: nothing accumulated yet
+            self._sums, self._counts, self._closed = [], [], []
             return
-        self._count = int(state["count"])
-        self._closed = bool(state.get("closed", False))  # states saved before windows closed lazily had zeroed sums
         self._sums = [state[f"sum.{i}"].clone() for i in range(sum(key.startswith("sum.") for key in state))]
+        # older states kept one count and one window for every tensor (and before that, no closed windows)
+        counts = state["counts"].tolist() if "counts" in state else [state["count"].item()] * len(self._sums)
+        closed = state["closed"] if "closed" in state else torch.tensor(False)
+        self._counts = [int(c) for c in counts]
+        self._closed = closed.tolist() if closed.dim() else [bool(closed)] * len(self._sums)
 
 
 @SCORERS.register("gradient")
