@@ -476,11 +476,10 @@ CSV_FIELDS = ["model", "dataset", "config_hash", "method", "row", "target_sparsi
 
 def not_ok_rows(comparison: Comparison) -> list[dict]:
     """One csv row per run that did not finish ok: a csv has no second table, so they come with their status and
-    error, how far they got (sparsity and steps) and no metric."""
+    error, the sparsity they reached and no metric (nor steps: a baseline's record of them lacks its dense run's)."""
     return [{"model": r.model, "dataset": r.dataset, "config_hash": r.model_dataset_hash, "method": r.method,
              "row": row_label(r), "target_sparsity": r.target_sparsity, "achieved_sparsity": r.achieved_sparsity,
-             "train_steps_min": r.train_steps, "train_steps_max": r.train_steps, "status": r.status, "run_dir": r.run_dir,
-             "error": r.error or ""} for r in comparison.not_ok]
+             "status": r.status, "run_dir": r.run_dir, "error": r.error or ""} for r in comparison.not_ok]
 
 
 def to_csv(comparison: Comparison) -> str:

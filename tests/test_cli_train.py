@@ -219,6 +219,10 @@ def test_a_run_or_sweep_inside_a_runs_folder_is_refused(cli, tmp_path):
         assert code == 2 and err.strip() == (f"error: {key}: {nested} lies inside the run {tmp_path}/run (result.json); "
                                              "allowed: a directory outside it"), err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    (tmp_path / "project").mkdir()  # a result.json of another tool's is no run
+    (tmp_path / "project" / "result.json").write_text('{"accuracy": 0.9}')
+    code, _, err = cli("train", *TINY, "hydra.run.dir=project/run")
+    assert code == 0, err
     (tmp_path / "run" / "export" / "notes.txt").write_text("mine")  # a folder holding more than an export keeps it
     code, _, err = cli("export", "run", "--no-latency")
     assert code == 0 and (tmp_path / "run" / "export" / "notes.txt").read_text() == "mine", err

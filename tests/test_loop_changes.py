@@ -102,6 +102,12 @@ def test_a_compiled_model_is_pruned_as_the_module_it_wraps(tiny_mlp):
     plain = prune_during_training(tiny_mlp, torch.optim.SGD(tiny_mlp.parameters(), lr=0.1), sparsity=0.5,
                                   total_steps=10, schedule="oneshot", pattern="neurons", exclude=["4.weight"])
     plain.load_state_dict(pruner.state_dict())
+    # as older versions named them: patterns and states of the wrapper's names still serve
+    older = prune_during_training(compiled, torch.optim.SGD(tiny_mlp.parameters(), lr=0.1), sparsity=0.5, total_steps=10,
+                                  schedule="oneshot", pattern="neurons", exclude=["_orig_mod.4.weight"])
+    assert older.masks.names == pruner.masks.names
+    saved = {(f"mask._orig_mod.{k[5:]}" if k.startswith("mask.") else k): v for k, v in pruner.state_dict().items()}
+    plain.load_state_dict(saved)
 
 
 def test_a_build_that_fails_takes_its_scorers_model_hooks_away(tiny_mlp):
@@ -127,7 +133,7 @@ def test_weights_that_cannot_be_pruned_are_named_when_include_names_them_or_they
                               include=["rnn.weight_*", "body.weight", "head.weight"])
     messages = [r.getMessage() for r in caplog.records]
     assert ("include pattern 'rnn.weight_*' matches no prunable weight (only the weights of Linear and Conv layers "
-            "that train are pruned)") in messages
+            "that train, and are not tied to an embedding, are pruned)") in messages
     assert ("body.weight left dense: frozen (requires_grad=False) when the Pruner was built; the target is spread over "
             "the other weights (exclude it to say so)") in messages
 
@@ -159,3 +165,34 @@ def test_a_layer_frozen_for_a_phase_is_ranked_by_what_it_last_learned_not_pruned
     tiny_mlp[2].requires_grad_(True)  # and once it trains again, its window starts afresh
     train_steps(tiny_mlp, optimizer, 1, seed=2)
     assert not torch.equal(pruner.scorer.mean(pruner.masks.weights)[1], last_window)
+
+
+def test_a_layer_with_gradients_on_some_steps_averages_over_every_step_of_the_window():
+    """A branch used on 2 steps of 10 weighs its zeros in (the expected loss change over the window), as a layer with
+    a gradient at every step does; only a layer with no gradient at all since the update keeps the window before."""
+    from patcli.engine import SCORERS
+
+    scorer = SCORERS.get("gradient")()
+    weights = [torch.ones(3), torch.ones(3)]
+    grads = torch.tensor([1.0, 2.0, 3.0])
+    for step in range(10):
+        scorer.observe(weights, [grads, grads if step in (3, 7) else None])
+    used, rarely_used = scorer.mean(weights)
+    torch.testing.assert_close(used, grads)
+    torch.testing.assert_close(rarely_used, grads * 2 / 10)
+
+
+def test_an_output_layer_tied_to_an_embedding_is_no_frozen_layer_and_no_match_for_include(caplog):
+    """Tied to a frozen embedding it was named "left dense: frozen (exclude it)", though it is never prunable; an
+    include naming only it was not warned of."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"embed": nn.Embedding(10, 8), "body": nn.Linear(8, 8), "head": nn.Linear(8, 10, bias=False)})
+    model["head"].weight = model["embed"].weight
+    model["embed"].requires_grad_(False)
+    with caplog.at_level(logging.WARNING, logger="patcli.engine.pruner"):
+        prune_during_training(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, total_steps=10,
+                              include=["head.weight", "body.weight"])
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("frozen" in m for m in messages), messages
+    assert ("include pattern 'head.weight' matches no prunable weight (only the weights of Linear and Conv layers that "
+            "train, and are not tied to an embedding, are pruned)") in messages

@@ -7,6 +7,7 @@ because ``torch._foreach_mul_`` by bool masks was ~6× slower than by float mask
 from __future__ import annotations
 
 import fnmatch
+import operator
 from typing import Iterable, Protocol
 
 import torch
@@ -77,7 +78,7 @@ def select_prunable(
     parameter: masking it would mask a tensor about to be recomputed, so it stays dense (``computed_weights``).
     """
     include, exclude = as_list("include", include), as_list("exclude", exclude)
-    tied = {id(own_weight(m)) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+    tied = tied_weights(model)
     candidates: dict[int, tuple[nn.Parameter, list[str]]] = {}  # each weight with every name it has
     for module_name, module in model.named_modules(remove_duplicate=False):
         weight = own_weight(module) if isinstance(module, PRUNABLE_MODULES) else None
@@ -94,13 +95,20 @@ def select_prunable(
 def left_dense(model: nn.Module, include: list[str], exclude: list[str]) -> tuple[list[str], list[str]]:
     """What a user may expect pruned but never will be: ``include`` patterns that name no Linear/Conv weight (an
     LSTM's, an attention's ``in_proj_weight``, a bias), and the included Linear/Conv weights that are frozen."""
+    tied = tied_weights(model)  # never prunable, frozen or not
     weights = {f"{name}.weight" if name else "weight": own_weight(module)
                for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, PRUNABLE_MODULES)}
-    weights = {name: w for name, w in weights.items() if w is not None}  # a parametrization's: warned apart
+    weights = {name: w for name, w in weights.items() if w is not None and id(w) not in tied}  # a parametrization's: warned apart
     unmatched = [p for p in include if not any(fnmatch.fnmatchcase(name, p) for name in weights)]
     frozen = [name for name, w in weights.items()
               if not w.requires_grad and matches_any(name, include) and not matches_any(name, exclude)]
     return unmatched, frozen
+
+
+def tied_weights(model: nn.Module) -> set[int]:
+    """Ids of the embeddings' weights: an output layer tied to one shares it, and pruning it would prune the
+    embedding."""
+    return {id(own_weight(m)) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
 
 
 def own_weight(module: nn.Module) -> nn.Parameter | None:
@@ -264,6 +272,9 @@ class InplaceMasking:
         return 0
 
 
+VERSION = operator.attrgetter("_version")
+
+
 class DenseShadowMasking:
     """Keep dense weights aside; forward and backward see masked weights; the update lands on the dense ones.
 
@@ -281,7 +292,7 @@ class DenseShadowMasking:
 
     def _versions(self) -> list[int]:
         """Each weight's in-place write count (the tensor's version counter)."""
-        return [w._version for w in self.masks.weights]
+        return list(map(VERSION, self.masks.weights))
 
     def before_step(self) -> None:
         with torch.no_grad():

@@ -86,6 +86,16 @@ def unscaled(grads: list[torch.Tensor | None], grad_scale: torch.Tensor | None,
     return grads
 
 
+COMPILED_PREFIX = re.compile(r"^(mask\.|masking\.shadow\.)?_orig_mod\.")
+
+
+def unwrapped_names(names):
+    """Patterns (or state keys) written for a torch.compile'd model, as the module it compiles names them."""
+    if not isinstance(names, (list, tuple)):
+        return names  # a mistake the argument checks name
+    return [COMPILED_PREFIX.sub(r"\1", n) if isinstance(n, str) else n for n in names]
+
+
 def make_layout(model: nn.Module, pattern: Pattern, include, exclude) -> Layout:
     """Tensor layout for element/N:M/block patterns, channel layout for neurons/filters/heads."""
     include, exclude = pattern_lists(model, include, exclude)
@@ -96,7 +106,7 @@ def make_layout(model: nn.Module, pattern: Pattern, include, exclude) -> Layout:
     unmatched, frozen = left_dense(model, include, exclude)
     for unused in unmatched:
         log.warning("include pattern %r matches no prunable weight (only the weights of Linear and Conv layers that "
-                    "train are pruned)", unused)
+                    "train, and are not tied to an embedding, are pruned)", unused)
     if frozen:
         log.warning("%s left dense: frozen (requires_grad=False) when the Pruner was built; the target is spread over "
                     "the other weights (exclude %s to say so)", ", ".join(frozen), "it" if len(frozen) == 1 else "them")
@@ -182,6 +192,7 @@ class Pruner:
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper: the module it compiles
             model = model._orig_mod  # has the weights, their names without the wrapper's prefix, and the structure
+            include, exclude = unwrapped_names(include), unwrapped_names(exclude)
         if lazy := next((name for name, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)), None):
             raise ValueError(f"{lazy} is not initialized yet (a lazy module): run one forward pass before building the pruner")
         self.model = model
@@ -709,6 +720,7 @@ class Pruner:
         before that would lose the ones its first random masks drop.
         """
 
+        state = dict(zip(unwrapped_names(list(state)), state.values()))  # saved on a compiled model by older versions
         groups = {k.removeprefix("groups."): v for k, v in state.items() if k.startswith("groups.")}
         for key, mine in self._identity().items():
             saved = bytes(state[key].tolist()).decode() if key in state else mine  # older states lack some of these

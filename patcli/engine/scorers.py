@@ -85,19 +85,21 @@ class Random(Scorer):
 
 @dataclass
 class Accumulating(Scorer):
-    """Sums a per-step statistic of (w, g) since the last mask update.
+    """Sums a per-step statistic of (w, g) since the last mask update, and averages it over the steps since.
 
     Counts live on the host: they are known without asking the device, so counting costs no kernel. A mask update
-    closes each tensor's window, and the next step that gives it a gradient opens a new one: until then its scores
-    stay the closed window's, so an update with no step since the last (``Pruner.finish`` right after one), or one
-    over a layer frozen since, ranks by what was seen, not by all-zero sums that would prune in index order.
+    closes the window, and a tensor's next gradient opens its new one (the steps of the window it had no gradient
+    for count as zeros, as a layer used on some steps only should score): until then its scores stay the closed
+    window's, so an update with no step since the last (``Pruner.finish`` right after one), or over a layer frozen
+    since, ranks by what was seen, not by all-zero sums that would prune in index order.
     """
 
     needs_grad = True
     takes_missing_grads = True  # ``observe`` gets None for a weight without a gradient at this step
     _sums: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
-    _counts: list[int] = field(default_factory=list, init=False, repr=False)
-    _closed: list[bool] = field(default_factory=list, init=False, repr=False)
+    _window: int = field(default=0, init=False, repr=False)  # steps since the last mask update
+    _closed: list[bool] = field(default_factory=list, init=False, repr=False)  # no gradient since the last update
+    _closed_counts: list[int] = field(default_factory=list, init=False, repr=False)  # steps of a closed tensor's window
 
     def accumulate(self, sums: list[torch.Tensor], weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """Add this step's statistic into ``sums`` in place."""
@@ -106,44 +108,51 @@ class Accumulating(Scorer):
     def observe(self, weights: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
         if not self._sums:
             self._sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
-            self._counts, self._closed = [0] * len(weights), [False] * len(weights)
-        live = [i for i, g in enumerate(grads) if g is not None]
-        if opening := [i for i in live if self._closed[i]]:
+            self._closed, self._closed_counts = [False] * len(weights), [0] * len(weights)
+        if True in self._closed and (opening := [i for i, g in enumerate(grads) if g is not None and self._closed[i]]):
             torch._foreach_zero_([self._sums[i] for i in opening])
             for i in opening:
-                self._counts[i], self._closed[i] = 0, False
-        if live:
-            self.accumulate([self._sums[i] for i in live], [weights[i] for i in live], [grads[i] for i in live])
-        for i in live:
-            self._counts[i] += 1
+                self._closed[i] = False
+        if any(g is None for g in grads):  # a frozen or unused layer: only the others add to their sums
+            live = [i for i, g in enumerate(grads) if g is not None]
+            if live:
+                self.accumulate([self._sums[i] for i in live], [weights[i] for i in live], [grads[i] for i in live])
+        else:
+            self.accumulate(self._sums, weights, grads)
+        self._window += 1
 
     def mean(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
         if not self._sums:
             raise RuntimeError(f"scorer {self.name!r} needs gradients, but none were observed before the mask update")
-        return [s / max(c, 1) for s, c in zip(self._sums, self._counts)]
+        return [s / max(self._closed_counts[i] if self._closed[i] else self._window, 1) for i, s in enumerate(self._sums)]
 
     def reset(self) -> None:
+        self._closed_counts = [c if closed else self._window for c, closed in zip(self._closed_counts, self._closed)]
         self._closed = [True] * len(self._sums)
+        self._window = 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if not self._sums:
             return {}
-        return {"counts": torch.tensor(self._counts, dtype=torch.float64), "closed": torch.tensor(self._closed),
+        return {"count": torch.tensor(float(self._window)), "closed": torch.tensor(self._closed),
+                "closed_counts": torch.tensor(self._closed_counts, dtype=torch.float64),
                 **{f"sum.{i}": s.clone() for i, s in enumerate(self._sums)}}
 
     def state_bytes(self) -> int:  # the accumulators held, without copying them as state_dict() does
         return tensor_bytes(self._sums)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if "counts" not in state and "count" not in state:  # saved before its first step: nothing accumulated yet
-            self._sums, self._counts, self._closed = [], [], []
+        if "count" not in state:  # saved before its first step: nothing accumulated yet
+            self._sums, self._window, self._closed, self._closed_counts = [], 0, [], []
             return
         self._sums = [state[f"sum.{i}"].clone() for i in range(sum(key.startswith("sum.") for key in state))]
-        # older states kept one count and one window for every tensor (and before that, no closed windows)
-        counts = state["counts"].tolist() if "counts" in state else [state["count"].item()] * len(self._sums)
-        closed = state["closed"] if "closed" in state else torch.tensor(False)
-        self._counts = [int(c) for c in counts]
-        self._closed = closed.tolist() if closed.dim() else [bool(closed)] * len(self._sums)
+        count, closed = int(state["count"]), state.get("closed", torch.tensor(False))
+        if closed.dim():
+            self._window, self._closed = count, closed.tolist()
+            self._closed_counts = [int(c) for c in state["closed_counts"].tolist()]
+        else:  # older states kept one window for every tensor (and before that, none closed lazily)
+            self._window = 0 if bool(closed) else count
+            self._closed, self._closed_counts = [bool(closed)] * len(self._sums), [count] * len(self._sums)
 
 
 @SCORERS.register("gradient")
