@@ -874,18 +874,23 @@ def overflowing_step(model, scaler, optimizer, seed: int, overflow: bool) -> Non
     scaler.update()
 
 
-def test_head_importance_ranks_by_the_last_window_when_every_batch_since_an_update_overflowed():
-    """With a fused optimizer a GradScaler's skipped step still counts, so a mask update can follow a window whose
-    only batch overflowed (every update with frequency=1): the window had been opened (zeroed) by the dropped batch,
-    and the update stopped training with "saw no training batches"."""
+def scaled_gpt(schedule: str, frequency: int = 50):
+    """A tiny GPT pruned by head_importance under a GradScaler, with a fused optimizer (whose skipped steps count)."""
     from patcli.models.gpt import GPT
 
     torch.manual_seed(0)
     model = GPT(20, 8, 1, 4, 32, 8, 2, 0.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
     pruner = prune_during_training(model, optimizer, sparsity=0.5, total_steps=6, scorer="head_importance",
-                                   schedule="agp", allocation="uniform", pattern="heads", frequency=1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+                                   schedule=schedule, allocation="uniform", pattern="heads", frequency=frequency)
+    return model, optimizer, pruner, torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+
+
+def test_head_importance_ranks_by_the_last_window_when_every_batch_since_an_update_overflowed():
+    """With a fused optimizer a GradScaler's skipped step still counts, so a mask update can follow a window whose
+    only batch overflowed (every update with frequency=1): the window had been opened (zeroed) by the dropped batch,
+    and the update stopped training with "saw no training batches"."""
+    model, optimizer, pruner, scaler = scaled_gpt("agp", frequency=1)
     overflowing_step(model, scaler, optimizer, 0, overflow=False)  # the update at step 0 closes this window
     last_window = [s.clone() for s in pruner.scorer.group_scores()]
     overflowing_step(model, scaler, optimizer, 1, overflow=True)  # the update at step 1 sees only this dropped batch
@@ -900,22 +905,11 @@ def test_head_importance_whose_first_batches_all_overflowed_still_updates_but_on
     """A GradScaler's first steps often overflow: an update then has no scores yet (its target is 0 under agp at
     step 0) and must not stop training; a scorer that never saw a training batch (model left in eval mode) still is
     an error."""
-    from patcli.models.gpt import GPT
-
-    torch.manual_seed(0)
-    model = GPT(20, 8, 1, 4, 32, 8, 2, 0.0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
-    pruner = prune_during_training(model, optimizer, sparsity=0.5, total_steps=6, scorer="head_importance",
-                                   schedule="agp", allocation="uniform", pattern="heads", frequency=2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    model, optimizer, pruner, scaler = scaled_gpt("agp", frequency=2)
     overflowing_step(model, scaler, optimizer, 0, overflow=True)
     assert [(u.step, u.sparsity) for u in pruner.updates] == [(0, 0.0)]
     # an update that would prune with no scores at all (every channel tied at 0) is refused: it picked them in order
-    torch.manual_seed(0)
-    model = GPT(20, 8, 1, 4, 32, 8, 2, 0.0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
-    prune_during_training(model, optimizer, sparsity=0.5, total_steps=6, scorer="head_importance", schedule="oneshot",
-                          allocation="uniform", pattern="heads")
+    model, optimizer, _, scaler = scaled_gpt("oneshot")
     with pytest.raises(RuntimeError, match=r"^scorer 'head_importance' has no scores for the mask update at step 0: "
                                            r"every batch it saw was dropped \(its gradient overflowed under a GradScaler\)"):
         overflowing_step(model, scaler, optimizer, 0, overflow=True)
