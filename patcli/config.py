@@ -327,12 +327,17 @@ def config_hash(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def label_of(data: Mapping[str, Any]) -> str:
+    """How records name a model or dataset: its option name, or the class a ``_target_`` names ("?" for neither)."""
+    return str(data.get("_target_") or data.get("name") or "?").rsplit(".", 1)[-1]
+
+
 def _named(data: Mapping[str, Any] | None, prefix: str) -> NamedConfig:
     data = dict(data or {})
     if "_target_" in data:
         if not data["_target_"]:
             raise ConfigError(f"{prefix}._target_", f"missing; allowed: the dotted path of a class, e.g. {prefix}._target_=my_package.MyModel")
-        return NamedConfig(name=str(data["_target_"]).rsplit(".", 1)[-1], params=data)
+        return NamedConfig(name=label_of(data), params=data)
     name = data.pop("name", None)
     if not isinstance(name, str):
         raise ConfigError(f"{prefix}.name", "missing; choose one from its config group")

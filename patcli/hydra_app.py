@@ -237,13 +237,16 @@ def inside_a_sweep_or_run(directory: Path) -> str | None:
     """Why ``directory`` must not hold a new run or sweep: it lies inside an earlier sweep's folder, whose table
     (``compare`` of that folder, an Optuna study's best trial) would then count it as one of its jobs, or inside a
     run's, where ``compare`` would read it as a repeat and ``patcli export`` replaces the export/ folder whole."""
-    from .records import RecordError, read_record
+    from .records import RESULT_FILE, RecordError, read_record
 
     def is_run(folder: Path) -> bool:  # a patcli record, not any file of that name (a project's own result.json)
+        if not os.path.isfile(folder / RESULT_FILE):
+            return False
         try:
-            return os.path.isfile(folder / "result.json") and read_record(folder / "result.json") is not None
+            read_record(folder / RESULT_FILE)
         except RecordError:
             return False
+        return True
 
     # where the folder really is: sweep/../x lies beside the sweep, a-link-into-it/../x inside it
     for parent in Path(os.path.realpath(directory)).parents:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, label_of, parse_run_config
 from .data import DataBundle, load_dataset
 from .engine import REGROWTHS, SCHEDULES, SCORERS, MaskUpdate, Pruner, select_prunable
 from .engine.patterns import Structured
@@ -504,11 +504,8 @@ def failed_record(source: dict, run_dir: Path, error: BaseException, status: str
     method = f"post:{baseline}" if baseline != "none" else ("dense" if pruning.get("mode") == "none" else "pat")
     sparsity = pruning.get("sparsity")
     target = float(sparsity) if isinstance(sparsity, (int, float)) else 0.0
-    named = source.get("model") if isinstance(source.get("model"), dict) else {}
-    model = str(named.get("_target_") or named.get("name") or "?").rsplit(".", 1)[-1]  # one's own: its class, as when done
+    model = label_of(source["model"] if isinstance(source.get("model"), dict) else {})  # one's own: its class, as when done
     try:
-        from .config import parse_run_config
-
         config = parse_run_config(source)
         recipe, md_hash, method, target = config.recipe(), config.model_dataset_hash(), config.method, config.target_sparsity
     except Exception:  # the config itself may be what failed

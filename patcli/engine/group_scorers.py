@@ -115,7 +115,10 @@ class GroupScorer(Scorer):
             self._sums[i].copy_(state[f"sum.{i}"])
             self._counts[i].copy_(state[f"count.{i}"])
             last = state.get(f"last.{i}")  # older states kept none: an update ranked only what its window counted
-            self._last[i].copy_(last) if last is not None else self._last[i].zero_()
+            if last is None:
+                self._last[i].zero_()
+            else:
+                self._last[i].copy_(last)
         # states saved before windows closed lazily had zeroed sums: open windows read the same
         self._closed = state["closed"].tolist() if "closed" in state else [False] * len(self._sums)
         self._seen = bool(state["seen"]) if "seen" in state else any(bool(c) for c in self._counts)

@@ -80,10 +80,8 @@ def select_prunable(
     include, exclude = as_list("include", include), as_list("exclude", exclude)
     tied = tied_weights(model)
     candidates: dict[int, tuple[nn.Parameter, list[str]]] = {}  # each weight with every name it has
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        weight = own_weight(module) if isinstance(module, PRUNABLE_MODULES) else None
+    for name, weight in layer_weights(model):
         if weight is not None and id(weight) not in tied and weight.requires_grad:
-            name = f"{module_name}.weight" if module_name else "weight"
             candidates.setdefault(id(weight), (weight, []))[1].append(name)
     selected: dict[str, nn.Parameter] = {}
     for weight, names in candidates.values():  # a shared weight goes by its first name, and any name may exclude it
@@ -95,11 +93,9 @@ def select_prunable(
 def left_dense(model: nn.Module, include: list[str], exclude: list[str]) -> tuple[list[str], list[str]]:
     """What a user may expect pruned but never will be: ``include`` patterns that name no Linear/Conv weight (an
     LSTM's, an attention's ``in_proj_weight``, a bias), and the included Linear/Conv weights that are frozen."""
-    tied = tied_weights(model)  # never prunable, frozen or not
-    weights = {f"{name}.weight" if name else "weight": own_weight(module)
-               for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, PRUNABLE_MODULES)}
-    weights = {name: w for name, w in weights.items() if w is not None and id(w) not in tied}  # a parametrization's: warned apart
-    unmatched = [p for p in include if not any(fnmatch.fnmatchcase(name, p) for name in weights)]
+    tied = tied_weights(model)  # never prunable, frozen or not; a parametrization's weight is warned of apart
+    weights = {name: w for name, w in layer_weights(model) if w is not None and id(w) not in tied}
+    unmatched = [p for p in include if not any(matches_any(name, [p]) for name in weights)]
     frozen = [name for name, w in weights.items()
               if not w.requires_grad and matches_any(name, include) and not matches_any(name, exclude)]
     return unmatched, frozen
@@ -111,6 +107,13 @@ def tied_weights(model: nn.Module) -> set[int]:
     return {id(own_weight(m)) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
 
 
+def layer_weights(model: nn.Module) -> list[tuple[str, nn.Parameter | None]]:
+    """Each Linear/Conv layer's weight by its name (under every name of a layer used twice); None where a
+    parametrization computes it."""
+    return [(f"{name}.weight" if name else "weight", own_weight(module))
+            for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, PRUNABLE_MODULES)]
+
+
 def own_weight(module: nn.Module) -> nn.Parameter | None:
     """The module's ``weight`` parameter, or None when a parametrization computes it: read from the registered
     parameters, as reading ``module.weight`` would run the parametrization (spectral_norm's power iteration)."""
@@ -119,8 +122,7 @@ def own_weight(module: nn.Module) -> nn.Parameter | None:
 
 def computed_weights(model: nn.Module) -> list[str]:
     """Names of Linear/Conv weights a parametrization computes at each forward, which ``select_prunable`` skips."""
-    return [f"{name}.weight" if name else "weight" for name, module in model.named_modules()
-            if isinstance(module, PRUNABLE_MODULES) and own_weight(module) is None]
+    return [name for name, weight in layer_weights(model) if weight is None]
 
 
 def tensor_bytes(tensors) -> int:

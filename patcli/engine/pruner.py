@@ -397,7 +397,6 @@ class Pruner:
         due = self.regrowth.is_update_step(t) if self.regrowth.replaces_schedule else self.schedule.is_update_step(t)
         if not due:
             return False
-        self.check_model()  # at each update, not each step: soon after a model is cast, at no per-step cost
         if self.regrowth.replaces_schedule:
             self.regrow(t)
         elif self.regularizer is None:
@@ -414,7 +413,7 @@ class Pruner:
     def update_masks(self, t: int, target: float | None = None, monotone: bool | None = None,
                      scorer: Scorer | None = None) -> MaskUpdate:
         """Re-choose masks for the schedule's target at step t (or an explicit ``target``, or ``scorer``)."""
-        self.check_model()
+        self.check_model()  # at each update, not each step: soon after a model is cast, at no per-step cost
         target = self.schedule.target(t) if target is None else target
         trained_unmasked = self._trained_unmasked()
         if monotone is None:
@@ -475,6 +474,7 @@ class Pruner:
 
     def mask_zeros(self, t: int) -> MaskUpdate:
         """Mask what a regularizer drove to zero (whole groups for channel layouts), so it stays zero."""
+        self.check_model()
         magnitudes = [w.detach().abs() for w in self.masks.weights]
         grouped = self.layout.group_scores(magnitudes, reduce="l1")
         self._adopt([(g > 0) & k for g, k in zip(grouped, self.layout.group_keep)])
@@ -487,6 +487,7 @@ class Pruner:
         after the step), and a step it skipped for overflow regrows nothing (one host sync per regrowth update, never
         per step).
         """
+        self.check_model()
         found_inf = getattr(self.optimizer, "found_inf", None)
         if found_inf is not None and bool(found_inf):
             log.info("regrowth at step %d skipped: the GradScaler skipped this step for overflow", t)
