@@ -503,3 +503,62 @@ def test_resetting_optimizer_state_zeroes_every_per_weight_moment_and_leaves_oth
             assert bool((before[key][where] != 0).all())
         for key in other:
             assert torch.equal(state[key], before[key])
+
+
+# -- defaults ---------------------------------------------------------------------------------------------------------
+
+
+def engine_default(cls, key):
+    """The default a part (a dataclass) or Pruner's constructor gives ``key`` when it is not passed."""
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(cls):
+        field = {f.name: f for f in dataclasses.fields(cls)}.get(key)
+        if field is None:
+            return inspect.Parameter.empty
+        return field.default_factory() if field.default is dataclasses.MISSING else field.default
+    return inspect.signature(cls).parameters.get(key, inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY)).default
+
+
+def yaml_options():
+    """(file, engine class, key, value, its default) for every setting of the engine groups' YAML files that a class takes."""
+    from omegaconf import OmegaConf
+
+    from patcli.engine import Pruner
+    from patcli.engine.patterns import PATTERNS
+    from patcli.engine.regrowth import REGROWTHS
+    from patcli.engine.regularizers import REGULARIZERS
+    from patcli.engine.scorers import SCORERS
+    from patcli.hydra_app import conf_dir
+
+    groups = {"scorer": SCORERS, "schedule": SCHEDULES, "allocation": ALLOCATIONS, "pruning": PATTERNS,
+              "regrowth": REGROWTHS, "regularizer": REGULARIZERS}
+    for group, registry in groups.items():
+        for path in sorted((conf_dir() / group).glob("*.yaml")):
+            node = OmegaConf.to_container(OmegaConf.load(path))
+            node = node.get(group, node)  # regrowth files are @package _global_
+            name = node.get("mode" if group == "pruning" else "name")
+            if name is None or name not in registry.names():
+                continue  # none.yaml
+            classes = (registry.get(name), Pruner) if group == "pruning" else (registry.get(name),)
+            for key, value in node.items():
+                if key not in ("name", "mode", "sparsity"):  # sparsity: a required argument, no default
+                    for cls in classes:
+                        yield f"{group}/{path.name}", cls, key, value, engine_default(cls, key)
+
+
+def test_the_engine_takes_the_same_defaults_as_the_cli():
+    """A part built by name in Python (prune_during_training(regrowth="rigl")) behaves as the CLI's option does."""
+    import inspect
+
+    compared, differ = 0, []
+    for where, cls, key, value, default in yaml_options():
+        if default is inspect.Parameter.empty:
+            continue
+        compared += 1
+        default = list(default) if isinstance(default, tuple) else default
+        if default != value:
+            differ.append(f"{where} {key}: YAML {value!r}, {cls.__name__} {default!r}")
+    assert compared > 40  # every group's settings were read
+    assert differ == []

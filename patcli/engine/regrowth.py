@@ -79,7 +79,7 @@ def drop_fraction_at(t: int, end_step: int, initial: float) -> float:
 class DynamicSparse(Regrowth):
     """Sparse from the first step; every ``delta_t`` steps until ``end``, drop and regrow a fraction per layer."""
 
-    delta_t: int = 100
+    delta_t: int = 50
     end: int | float = 0.75
     drop_fraction: float = 0.3
     init: str = "erk"  # random (every layer at the target) | erk (Erdős–Rényi-kernel densities)

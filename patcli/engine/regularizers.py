@@ -27,7 +27,7 @@ REGULARIZERS: Registry["Regularizer"] = Registry("regularizer")
 class Regularizer:
     """Strength ``lam``, linear warm-up over ``warmup`` (steps or fraction), optional exact final ``target``."""
 
-    lam: float = 1e-4
+    lam: float = 0.05
     warmup: int | float = 0.1
     target: float | None = None
     warmup_steps: int = field(default=0, init=False)

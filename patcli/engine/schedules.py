@@ -201,8 +201,8 @@ class Alternating(Schedule):
     begin: int | float = 0.1
     end: int | float = field(default=0.0, init=False)  # where the final phase starts: set by ``final``
     compressed: int | float = 0.1
-    decompressed: int | float = 0.1
-    final: int | float = 0.2
+    decompressed: int | float = 0.05
+    final: int | float = 0.25
     ramp: str = "agp"
     power: float = AGP_POWER
     monotone = False
