@@ -101,6 +101,12 @@ def prepare(configs: list[RunConfig], progress_factory) -> list[Path]:
         if config.needs_dense and not config.dense and key not in done and key not in failed:
             try:
                 done[key] = resolve_dense(config, progress_factory("dense reference"))
+            except ConfigError as error:  # under a cluster launcher the jobs' device was not checked here
+                if error.key != "trainer.device":
+                    raise
+                raise ConfigError(error.key, f"{str(error).removeprefix(error.key + ': ')}; the dense runs post-training "
+                                  "baselines start from are trained on this machine before the jobs are submitted: train "
+                                  "one where CUDA is and give it with dense=DIR") from error
             except FloatingPointError as error:  # the training diverged; anything else stops the sweep as before
                 failed.add(key)
                 console.print(f"[red]dense reference failed[/] ({error.__class__.__name__}: {error}): the jobs that "

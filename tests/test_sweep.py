@@ -413,3 +413,15 @@ def test_a_launcher_worker_that_dies_leaves_its_jobs_recorded_failed_a_table_and
     record = result_of(tmp_path / "sw" / "0")
     assert record["status"] == "failed" and "the launcher's worker died" in record["error"]
     assert "runs that did not finish ok" in out
+
+
+def test_a_cluster_sweep_whose_dense_runs_need_a_device_this_machine_lacks_says_where_they_train(cli, tmp_path):
+    """A cluster launcher runs the jobs elsewhere, but the dense runs the baselines start from are trained here,
+    before the jobs are submitted: a login node without CUDA stops at once, saying so and how to go on."""
+    code, _, err = cli("sweep", *FAST, "baseline=magnitude", "seed=0,1", "hydra/launcher=submitit_local",
+                       "trainer.device=cuda")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: trainer.device: cuda was asked for but no CUDA device is available; allowed here: auto, "
+                          "cpu; the dense runs post-training baselines start from are trained on this machine before the "
+                          "jobs are submitted: train one where CUDA is and give it with dense=DIR"), err
+    assert [p for p in (tmp_path / "outputs" / "dense").iterdir() if p.is_dir()] == []  # no failed dense record either
