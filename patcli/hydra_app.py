@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.initialize import initialize_config_dir
@@ -148,7 +149,10 @@ def translate_hydra_error(error: Exception, overrides: list[str]) -> UsageError:
     ambiguous = re.search(r"Ambiguous value for argument '([^'=]+)=(.*)'$", (text.splitlines() or [""])[0])
     if ambiguous:  # a comma list given to train/prune-post (paths come back quoted by absolute_paths)
         key, value = ambiguous.group(1), ambiguous.group(2).replace("'", "")
-        one = f"one path (a name with a comma quoted: {key}='{value}')" if key.lstrip("+") in PATH_KEYS else f"one value, a list {key}=[a,b]"
+        if key.lstrip("+") in PATH_KEYS:
+            one = f"one path (a name with a comma quoted: {key}='{value}')"
+        else:  # a config group takes one option; a key may hold a list
+            one = "one option" if key.lstrip("+") in config_groups() else f"one value, a list {key}=[a,b]"
         return UsageError(f"{key}: {value} is several values; allowed: {one}, or several runs with patcli sweep {key}={value}")
     merging = re.match(r"Error merging override ([^=]+)=(.*)", text)
     why = str(error.__cause__).splitlines() if error.__cause__ is not None else []
@@ -320,8 +324,12 @@ def check_no_flags(overrides: list[str]) -> None:
                          "trainer.epochs=3 (the command's --help lists the keys)")
 
 
+SELECTOR = {"pruning": "mode"}  # the key that names a group's option in its YAML files ("name" elsewhere)
+
+
 def check_no_renamed_option(overrides: list[str]) -> None:
-    """``model.name=cnn`` would keep the MLP's keys under another name and fail on one of them: say what is meant."""
+    """``model.name=cnn`` would keep the MLP's keys under another name and fail on one of them, and
+    ``pruning.mode=block`` would run blocks with none of their settings: say what is meant."""
     groups = config_groups()
     for override in overrides:
         key, _, value = override.partition("=")
@@ -329,9 +337,30 @@ def check_no_renamed_option(overrides: list[str]) -> None:
             continue
         key = key.lstrip("+")
         group, _, field = key.partition(".")
-        if field == "name" and group in groups:
+        if group in groups and field == SELECTOR.get(group, "name"):
             raise UsageError(f"{key}: an option is chosen with {group}={value}, not renamed; allowed: {group}=OPTION "
                              f"({', '.join(groups[group])})")
+
+
+def check_one_option_per_group(overrides: list[str]) -> None:
+    """``scorer=[a,b]`` would merge both options' files into one (the last one's name wins, keys of the first
+    linger) and ``pruning=5`` fails inside Hydra: a group takes one option name per run (a sweep, several)."""
+    groups = config_groups()
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parsed = parser.parse_override(override)
+        except OverrideParseException:
+            continue  # compose says what it cannot parse
+        group = parsed.key_or_group
+        if group not in groups or parsed.package is not None or parsed.is_delete():
+            continue
+        value = parsed.value()
+        if parsed.is_sweep_override():  # a, b or glob(): the sweep makes one job per option, each checked
+            continue
+        if not isinstance(value, str) or not value:
+            raise UsageError(f"{group}={override.partition('=')[2]}: not an option name; allowed: one of "
+                             f"{', '.join(groups[group])} (several runs: patcli sweep {group}=a,b)")
 
 
 PATH_KEYS = ("dataset.path", "dense", "trainer.init_from")
@@ -385,6 +414,7 @@ def launch(
     check_no_flags(overrides)
     overrides = absolute_paths(overrides)
     check_no_renamed_option(overrides)
+    check_one_option_per_group(overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="patcli"):
         cfg = compose(overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
         if show_config:

@@ -129,6 +129,19 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
         ("allocation=erk allocation.power=-2", "allocation.power: -2.0 is out of range"),
         ("allocation=sensitivity allocation.batches=0", "allocation.batches: 0 is out of range; allowed: >= 1 or null"),
         ("model.name=cnn", "model.name: an option is chosen with model=cnn, not renamed; allowed: model=OPTION (cnn, custom, gpt, mlp)"),
+        # ran blocks with none of their settings (pruning's option key is mode)
+        ("pruning.mode=block", "pruning.mode: an option is chosen with pruning=block, not renamed; allowed: pruning=OPTION "
+                               "(block, filters, heads, neurons, nm, none, unstructured)"),
+        # a traceback from inside Hydra
+        ("pruning=5", "pruning=5: not an option name; allowed: one of block, filters, heads, neurons, nm, none, unstructured "
+                      "(several runs: patcli sweep pruning=a,b)"),
+        ("scorer=null", "scorer=null: not an option name; allowed: one of activation, attention_entropy, gradient, "),
+        # merged both files and ran the last option, or named a key of the first one
+        ("scorer=[magnitude,random]", "scorer=[magnitude,random]: not an option name; allowed: one of activation, "),
+        ("schedule=[agp,linear]", "schedule=[agp,linear]: not an option name; allowed: one of agp, alternating, "),
+        ("schedule=", "schedule=: not an option name; allowed: one of agp, "),  # Hydra's message, no options
+        ("schedule=agp,linear", "schedule: agp,linear is several values; allowed: one option, or several runs with "
+                                "patcli sweep schedule=agp,linear"),  # it suggested a list
         ("trainer.max_steps=20 trainer.warmup_steps=20", "trainer.warmup_steps: 20 is not below the run's 20 steps, so the "
                                                          "whole run would be warm-up; allowed: 0 to 19"),
         ("schedule=alternating schedule.end=0.5", "schedule.end: unknown key; allowed: schedule.name, schedule.begin"),

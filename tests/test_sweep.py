@@ -199,6 +199,8 @@ def test_sweeps_that_would_fail_inside_a_plugin_are_one_line_errors_before_they_
      "hydra.sweeper.storage: 'study.db' is not a database URL; allowed: e.g. sqlite:///study.db"),
     # Hydra launched no job and left a sweep folder, and the error said no records were found
     (["scorer=glob(xyz*)"], "scorer=glob(xyz*): the sweep makes no job; allowed: values that name at least one option"),
+    (["scorer=null"], "scorer=null: not an option name; allowed: one of activation, "),  # a traceback
+    (["scorer=[magnitude,random]"], "scorer=[magnitude,random]: not an option name"),  # one job merging both
 ])
 def test_sweep_functions_the_sweeper_would_fail_on_are_one_line_errors_naming_the_key(cli, tmp_path, sweep, expected):
     code, _, err = cli("sweep", *FAST, *sweep)
