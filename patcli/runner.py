@@ -252,11 +252,41 @@ def inert_settings(config: RunConfig) -> dict[str, str | None]:
         inert["pruning.frequency"] = None if config.pruning.frequency == mode_defaults.get("frequency") else (
             f"pruning.frequency={config.pruning.frequency} does not apply: schedule=alternating updates masks where its "
             "compressed phases start")
+    reduce = (config.source.get("pruning") or {}).get("reduce")
+    changed_reduce = reduce not in (None, mode_defaults.get("reduce"))
     if getattr(config.scorer, "grouped", False):
-        reduce = (config.source.get("pruning") or {}).get("reduce")
-        inert["pruning.reduce"] = None if reduce in (None, mode_defaults.get("reduce")) else (
+        inert["pruning.reduce"] = None if not changed_reduce else (
             f"pruning.reduce={reduce} does not apply: scorer={config.scorer.name} scores whole channels itself")
+    elif config.scorer.name == "movement" and "reduce" in mode_defaults:
+        inert["pruning.reduce"] = None if not changed_reduce else (
+            f"pruning.reduce={reduce} does not apply: scorer=movement sums its signed scores over each channel")
+    inert.update(inert_schedule_settings(config, mode_defaults))
     return inert
+
+
+def inert_schedule_settings(config: RunConfig, mode_defaults) -> dict[str, str | None]:
+    """Schedule settings a run's choices make moot: a schedule that prunes once, or holds its target from begin on
+    with masks that only grow, or a regrowth mode that decides the updates itself."""
+    name, regrowth = config.schedule.name, config.regrowth
+    reasons: dict[str, str] = {}
+    if regrowth.replaces_schedule:
+        reasons["pruning.frequency"] = reasons["schedule.end"] = (f"regrowth={regrowth.name} updates masks every "
+                                                                  "regrowth.delta_t steps until regrowth.end")
+    elif name == "oneshot":
+        reasons["pruning.frequency"] = "schedule=oneshot prunes once, at schedule.begin"
+    elif name == "constant" and regrowth.name == "none" and config.regularizer is None:
+        reasons["pruning.frequency"] = reasons["schedule.end"] = (
+            "schedule=constant prunes to the target at schedule.begin, and its later updates change nothing without "
+            "regrowth=reversal or a regularizer")
+    ramp = config.source["schedule"].get("ramp", name)
+    if regrowth.replaces_schedule or ramp in ("constant", "oneshot"):
+        holder = f"schedule.ramp={ramp}" if ramp != name else f"schedule={name}"
+        reasons["schedule.initial_sparsity"] = f"{holder} holds the final sparsity from schedule.begin on"
+    schedule_defaults = OmegaConf.to_container(OmegaConf.load(conf_dir() / "schedule" / f"{name}.yaml"))
+    given = {"pruning.frequency": config.pruning.frequency, **{f"schedule.{k}": v for k, v in config.source["schedule"].items()}}
+    defaults = {"pruning.frequency": mode_defaults.get("frequency"), **{f"schedule.{k}": v for k, v in schedule_defaults.items()}}
+    return {key: None if given.get(key) == defaults.get(key) else f"{key}={given.get(key)} does not apply: {reason}"
+            for key, reason in reasons.items()}
 
 
 def warn_of_unused_settings(config: RunConfig) -> None:

@@ -507,14 +507,41 @@ def test_a_fixed_pattern_warns_that_a_chosen_allocation_does_not_apply(cli, capl
      "pruning.frequency=10 does not apply: schedule=alternating updates masks where its compressed phases start"),
     (["pruning=neurons", "scorer=taylor", "pruning.reduce=l1"],
      "pruning.reduce=l1 does not apply: scorer=taylor scores whole channels itself"),
+    # these wrote byte-identical weights without a word, and compare kept them apart
+    (["pruning=neurons", "scorer=movement", "pruning.reduce=l1"],
+     "pruning.reduce=l1 does not apply: scorer=movement sums its signed scores over each channel"),
+    (["schedule=oneshot", "pruning.frequency=10"],
+     "pruning.frequency=10 does not apply: schedule=oneshot prunes once, at schedule.begin"),
+    (["schedule=constant", "pruning.frequency=10"],
+     "pruning.frequency=10 does not apply: schedule=constant prunes to the target at schedule.begin, and its later "
+     "updates change nothing without regrowth=reversal or a regularizer"),
+    (["schedule=constant", "schedule.end=0.5"],
+     "schedule.end=0.5 does not apply: schedule=constant prunes to the target at schedule.begin"),
+    (["schedule=constant", "schedule.initial_sparsity=0.5"],
+     "schedule.initial_sparsity=0.5 does not apply: schedule=constant holds the final sparsity from schedule.begin on"),
+    (["schedule=alternating", "schedule.ramp=constant", "schedule.initial_sparsity=0.5"],
+     "schedule.initial_sparsity=0.5 does not apply: schedule.ramp=constant holds the final sparsity from schedule.begin on"),
+    (["regrowth=rigl", "regrowth.delta_t=5", "pruning.frequency=10"],
+     "pruning.frequency=10 does not apply: regrowth=rigl updates masks every regrowth.delta_t steps until regrowth.end"),
 ])
 def test_a_setting_the_other_choices_override_is_warned_unused(cli, caplog, overrides, warning):
     code, out, err = cli("train", *TINY, "trainer.max_steps=20", *overrides)
     assert code == 0, err
     assert warning in out + err + caplog.text
+    assert warning.split("=")[0] in result_of(run_dir_of(out))["extra"]["inert"]  # compare pools across it
     code, out, err = cli("train", *TINY, "trainer.max_steps=20", *overrides[:-1])  # the default: no word
     assert code == 0, err
     assert "does not apply" not in out + err + caplog.text.replace(warning, "")
+
+
+@pytest.mark.parametrize("overrides", [
+    ["schedule=constant", "regrowth=reversal", "trainer.optimizer=sgd"],  # later updates re-choose the kept weights
+    ["schedule=constant", "regularizer=lasso"],  # updates mask what the penalty zeroed; it closes at schedule.end
+])
+def test_a_constant_schedule_whose_later_updates_act_warns_of_nothing(cli, caplog, overrides):
+    code, out, err = cli("train", *TINY, "trainer.max_steps=20", *overrides, "pruning.frequency=10", "schedule.end=0.5")
+    assert code == 0, err
+    assert "does not apply" not in out + err + caplog.text
 
 def test_a_dense_run_warns_that_the_pruning_options_it_was_given_do_not_apply(cli, caplog):
     code, out, err = cli("train", *TINY, "trainer.max_steps=4", "pruning=none", "scorer=movement", "schedule=cubic",
