@@ -88,13 +88,18 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-def parse(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
-    """Build dataclass ``cls`` from ``data``: unknown keys and wrong types raise ConfigError naming the key."""
+def parse(cls: type, data: Mapping[str, Any], prefix: str, beside: tuple[str, ...] = (), chosen: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``: unknown keys and wrong types raise ConfigError naming the key.
+
+    ``beside``: keys of the same group that another class takes (listed as allowed too); ``chosen``: the option, for
+    saying that it takes no settings."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{prefix}.{unknown[0]}", f"unknown key; allowed: {', '.join(f'{prefix}.{name}' for name in sorted(fields)) or '(none)'}")
+        allowed = [*beside, *sorted(fields)]
+        said = f"allowed: {', '.join(f'{prefix}.{name}' for name in allowed)}" if allowed else f"{chosen or prefix} takes no settings"
+        raise ConfigError(f"{prefix}.{unknown[0]}", f"unknown key; {said}")
     kwargs = {name: coerce(value, hints[name], f"{prefix}.{name}") for name, value in data.items()}
     try:
         obj = cls(**kwargs)
@@ -112,7 +117,7 @@ def parse_named(registry: Registry, data: Mapping[str, Any], prefix: str) -> Any
     name = data.pop("name", None)
     if name not in registry:
         raise ConfigError(f"{prefix}.name", f"unknown {registry.kind} {name!r}; allowed: {', '.join(registry.names())}")
-    return parse(registry.get(name), data, prefix)
+    return parse(registry.get(name), data, prefix, chosen=f"{prefix}={name}")
 
 
 def in_range(key: str, value: float, low: float, high: float, *, high_inclusive: bool = False) -> None:
@@ -363,7 +368,8 @@ def parse_run_config(source: Mapping[str, Any]) -> RunConfig:
     pattern_data = {k: v for k, v in pruning_data.items() if k not in common}
     pattern = None
     if pruning.enabled:
-        pattern = parse(PATTERNS.get(pruning.mode), pattern_data, "pruning")
+        pattern = parse(PATTERNS.get(pruning.mode), pattern_data, "pruning",
+                        beside=tuple(f.name for f in dataclasses.fields(PruningConfig) if f.init))
         fixed = pattern.fixed_sparsity
         if fixed is not None and pruning.sparsity is not None and abs(pruning.sparsity - fixed) > 1e-9:
             raise ConfigError(

@@ -344,7 +344,8 @@ def check_no_renamed_option(overrides: list[str]) -> None:
 
 def check_one_option_per_group(overrides: list[str]) -> None:
     """``scorer=[a,b]`` would merge both options' files into one (the last one's name wins, keys of the first
-    linger) and ``pruning=5`` fails inside Hydra: a group takes one option name per run (a sweep, several)."""
+    linger) and ``pruning=5`` fails inside Hydra: a group takes one option name per run (a sweep, several).
+    ``~scorer`` or ``~pruning.sparsity`` would run on a default the run's record does not hold: refused too."""
     groups = config_groups()
     parser = OverridesParser.create()
     for override in overrides:
@@ -353,6 +354,9 @@ def check_one_option_per_group(overrides: list[str]) -> None:
         except OverrideParseException:
             continue  # compose says what it cannot parse
         group = parsed.key_or_group
+        if parsed.is_delete() and not group.startswith("hydra"):  # the run would take a default its record lacks
+            what = f"{group}=OPTION ({', '.join(groups[group])})" if group in groups else f"{group}=VALUE"
+            raise UsageError(f"~{group}: a setting cannot be removed; allowed: {what}")
         if group not in groups or parsed.package is not None or parsed.is_delete():
             continue
         value = parsed.value()

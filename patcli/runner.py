@@ -260,6 +260,8 @@ def inert_settings(config: RunConfig) -> dict[str, str | None]:
     elif config.scorer.name == "movement" and "reduce" in mode_defaults:
         inert["pruning.reduce"] = None if not changed_reduce else (
             f"pruning.reduce={reduce} does not apply: scorer=movement sums its signed scores over each channel")
+    if config.regrowth.masking is not None:  # reversal keeps dense weights aside whatever pruning.masking says
+        inert["pruning.masking"] = None
     inert.update(inert_schedule_settings(config, mode_defaults))
     return inert
 

@@ -140,6 +140,15 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
         ("scorer=[magnitude,random]", "scorer=[magnitude,random]: not an option name; allowed: one of activation, "),
         ("schedule=[agp,linear]", "schedule=[agp,linear]: not an option name; allowed: one of agp, alternating, "),
         ("schedule=", "schedule=: not an option name; allowed: one of agp, "),  # Hydra's message, no options
+        # ran on a default its record lacked (scorer: null, for the magnitude it used)
+        # "allowed: (none)"
+        ("+scorer.foo=1", "scorer.foo: unknown key; scorer=magnitude takes no settings"),
+        ("+pruning.foo=1", "pruning.foo: unknown key; allowed: pruning.mode, pruning.sparsity, pruning.frequency, "),
+        # "step -1 must be >= 0", while 0 was refused in turn
+        ("schedule=alternating schedule.decompressed=-1", "schedule.decompressed: -1 is out of range; allowed: a step "
+                                                          "count >= 1 or a fraction of the run > 0"),
+        ("~pruning.sparsity", "~pruning.sparsity: a setting cannot be removed; allowed: pruning.sparsity=VALUE"),
+        ("~scorer", "~scorer: a setting cannot be removed; allowed: scorer=OPTION (activation, attention_entropy, "),
         ("schedule=agp,linear", "schedule: agp,linear is several values; allowed: one option, or several runs with "
                                 "patcli sweep schedule=agp,linear"),  # it suggested a list
         ("trainer.max_steps=20 trainer.warmup_steps=20", "trainer.warmup_steps: 20 is not below the run's 20 steps, so the "
@@ -542,6 +551,10 @@ def test_a_constant_schedule_whose_later_updates_act_warns_of_nothing(cli, caplo
     code, out, err = cli("train", *TINY, "trainer.max_steps=20", *overrides, "pruning.frequency=10", "schedule.end=0.5")
     assert code == 0, err
     assert "does not apply" not in out + err + caplog.text
+    inert = result_of(run_dir_of(out))["extra"].get("inert", [])
+    assert not {"pruning.frequency", "schedule.end"} & set(inert)
+    # reversal keeps dense weights aside whatever pruning.masking says: a run given either is the same recipe
+    assert ("pruning.masking" in inert) == ("regrowth=reversal" in overrides)
 
 def test_a_dense_run_warns_that_the_pruning_options_it_was_given_do_not_apply(cli, caplog):
     code, out, err = cli("train", *TINY, "trainer.max_steps=4", "pruning=none", "scorer=movement", "schedule=cubic",

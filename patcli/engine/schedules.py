@@ -214,8 +214,9 @@ class Alternating(Schedule):
         if self.ramp not in ("agp", "linear", "cubic", "constant", "exponential"):
             raise ParamError("ramp", f"{self.ramp!r} is not allowed; allowed: agp, linear, cubic, constant, exponential")
         for key in ("compressed", "decompressed", "final"):
-            if getattr(self, key) == 0:  # a phase of no steps: the schedule would not alternate, or not end compressed
-                raise ParamError(key, "0 is out of range; allowed: a step count >= 1 or a fraction of the run > 0")
+            if getattr(self, key) <= 0:  # a phase of no steps: the schedule would not alternate, or not end compressed
+                raise ParamError(key, f"{getattr(self, key)} is out of range; allowed: a step count >= 1 or a fraction "
+                                      "of the run > 0")
         if self.ramp != "agp" and self.power != AGP_POWER:  # the other ramps have fixed shapes: it would be ignored
             raise ParamError("power", f"{self.power} is used only by ramp=agp; allowed with ramp={self.ramp}: {AGP_POWER} (the default)")
 
