@@ -91,6 +91,22 @@ def test_a_second_optimizer_that_steps_pruned_weights_is_named(tiny_mlp, caplog)
     assert pruner.sparsity() < 0.5  # what the warning is about
 
 
+def test_pruned_weights_added_to_another_optimizer_after_its_first_step_are_named(tiny_mlp, caplog):
+    """The check looked at each optimizer once, at its first step: a param group added later went unseen."""
+    optimizer = torch.optim.SGD(tiny_mlp.parameters(), lr=0.1)
+    prune_during_training(tiny_mlp, optimizer, sparsity=0.5, total_steps=10, schedule="oneshot")
+    train_steps(tiny_mlp, optimizer, 1)
+    other = torch.optim.SGD([tiny_mlp[0].bias], lr=0.1)  # a phase that trains biases only: fine
+    with caplog.at_level(logging.WARNING, logger="patcli.engine.pruner"):
+        train_steps(tiny_mlp, other, 1)
+        assert "not the one the pruner is attached to" not in caplog.text
+        other.add_param_group({"params": [tiny_mlp[2].weight]})
+        train_steps(tiny_mlp, other, 2)
+    warnings = [r.getMessage() for r in caplog.records if "not the one the pruner is attached to" in r.getMessage()]
+    assert warnings == ["an optimizer that is not the one the pruner is attached to stepped 2.weight: their pruned "
+                        "weights can grow back; allowed: pruner.attach(optimizer) to the optimizer that trains them"]
+
+
 def test_a_compiled_model_is_pruned_as_the_module_it_wraps(tiny_mlp):
     """torch.compile wraps the model: channel modes asked for a channel_groups method the wrapper cannot have, and
     states saved on the compiled model did not load into a pruner of the plain one (names prefixed _orig_mod.)."""

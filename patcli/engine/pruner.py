@@ -39,20 +39,22 @@ log = logging.getLogger(__name__)
 
 # the pruner attached to each weight (by id; the pruner holds the weight, so the id stays its while the entry lives)
 ATTACHED: "weakref.WeakValueDictionary[int, Pruner]" = weakref.WeakValueDictionary()
-# every optimizer is looked at once, at its first step, for pruned weights it trains behind their pruner's back
-LOOKED_AT: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+# how many param groups of each optimizer were looked at (each group once, at the optimizer's first step after it
+# was added) for pruned weights it trains behind their pruner's back
+LOOKED_AT: "weakref.WeakKeyDictionary[torch.optim.Optimizer, int]" = weakref.WeakKeyDictionary()
 _every_optimizer_hook = None
 
 
 def name_foreign_steps(optimizer: torch.optim.Optimizer, *_) -> None:
     """Warn when an optimizer the pruner is not attached to steps pruned weights (a new optimizer for a second
     phase, never attached; one built over model.parameters() by mistake): nothing zeroes them after its step, so
-    they grow back. One look per optimizer, then one set lookup per step."""
-    if optimizer in LOOKED_AT:
+    they grow back. One look per param group, then one lookup per step."""
+    seen, groups = LOOKED_AT.get(optimizer, 0), optimizer.param_groups
+    if seen == len(groups):
         return
-    LOOKED_AT.add(optimizer)
+    LOOKED_AT[optimizer] = len(groups)
     stepped: dict[int, tuple[Pruner, set[int]]] = {}
-    for group in optimizer.param_groups:
+    for group in groups[seen:]:
         for param in group["params"]:
             pruner = ATTACHED.get(id(param))
             if pruner is not None and pruner.optimizer is not optimizer:
