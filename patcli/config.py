@@ -368,8 +368,8 @@ def parse_run_config(source: Mapping[str, Any]) -> RunConfig:
     pattern_data = {k: v for k, v in pruning_data.items() if k not in common}
     pattern = None
     if pruning.enabled:
-        pattern = parse(PATTERNS.get(pruning.mode), pattern_data, "pruning",
-                        beside=tuple(f.name for f in dataclasses.fields(PruningConfig) if f.init))
+        pattern = parse(PATTERNS.get(pruning.mode), pattern_data, "pruning",  # mode is chosen with pruning=OPTION
+                        beside=tuple(f.name for f in dataclasses.fields(PruningConfig) if f.init and f.name != "mode"))
         fixed = pattern.fixed_sparsity
         if fixed is not None and pruning.sparsity is not None and abs(pruning.sparsity - fixed) > 1e-9:
             raise ConfigError(
@@ -383,7 +383,7 @@ def parse_run_config(source: Mapping[str, Any]) -> RunConfig:
             raise ConfigError("pruning.sparsity", "missing; allowed: 0 <= value < 1")
     elif pattern_data:
         key = sorted(pattern_data)[0]
-        raise ConfigError(f"pruning.{key}", f"unknown key; allowed: {', '.join(sorted(common))}")
+        raise ConfigError(f"pruning.{key}", f"unknown key; allowed: {', '.join(f'pruning.{k}' for k in sorted(common - {'mode'}))}")
     baseline_data = dict(source.get("baseline") or {"name": "none"})
     baseline = BaselineConfig(name=str(baseline_data.pop("name", "none")), params=baseline_data)
     dense = source.get("dense")

@@ -105,7 +105,11 @@ def resolve_dense(config: RunConfig, progress=None) -> Path:
         run_dir = Path(config.dense)
         check_dense_run(run_dir, config)
         return run_dir
+    from .training import resolve_device
+
     key = config.dense_key()
+    if find_dense(config) is None:  # it will be trained here: a device this machine lacks is a config mistake
+        resolve_device(config.trainer.device)
     cache = Path(config.output_root) / "dense"
     cache.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache / f"{key}.lock")):
@@ -132,9 +136,7 @@ def _diverged(run_dir: Path) -> str | None:
 def train_dense(config: RunConfig, run_dir: Path, progress=None) -> Path:
     """Train the matching dense run with the same code as ``patcli train pruning=none``."""
     from .runner import execute
-    from .training import resolve_device
 
-    resolve_device(config.trainer.device)  # a device this machine lacks is a config mistake: no failed record for it
     if run_dir.is_symlink():  # a link put there by hand: train into a folder of our own, the link's target untouched
         run_dir.unlink()
     elif run_dir.exists():  # an attempt that never finished (interrupted, killed): its metrics would mix into this run's

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
 from hydra.initialize import initialize_config_dir
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -351,7 +351,7 @@ def check_one_option_per_group(overrides: list[str]) -> None:
     for override in overrides:
         try:
             parsed = parser.parse_override(override)
-        except OverrideParseException:
+        except HydraException:  # OverrideParseException among them
             continue  # compose says what it cannot parse
         group = parsed.key_or_group
         if parsed.is_delete() and not group.startswith("hydra"):  # the run would take a default its record lacks

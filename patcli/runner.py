@@ -272,23 +272,26 @@ def inert_schedule_settings(config: RunConfig, mode_defaults) -> dict[str, str |
     name, regrowth = config.schedule.name, config.regrowth
     reasons: dict[str, str] = {}
     if regrowth.replaces_schedule:
-        reasons["pruning.frequency"] = reasons["schedule.end"] = (f"regrowth={regrowth.name} updates masks every "
-                                                                  "regrowth.delta_t steps until regrowth.end")
+        reasons = dict.fromkeys(("pruning.frequency", "schedule.begin", "schedule.end", "schedule.initial_sparsity"),
+                                f"regrowth={regrowth.name} is sparse at the target from the first step and updates masks "
+                                "every regrowth.delta_t steps until regrowth.end")
     elif name == "oneshot":
         reasons["pruning.frequency"] = "schedule=oneshot prunes once, at schedule.begin"
-    elif name == "constant" and regrowth.name == "none" and config.regularizer is None:
+    elif (name == "constant" and regrowth.name == "none" and config.regularizer is None
+          and not isinstance(config.pattern, Structured)):  # whole channels may fall short of the target at first
         reasons["pruning.frequency"] = reasons["schedule.end"] = (
             "schedule=constant prunes to the target at schedule.begin, and its later updates change nothing without "
             "regrowth=reversal or a regularizer")
     ramp = config.source["schedule"].get("ramp", name)
-    if regrowth.replaces_schedule or ramp in ("constant", "oneshot"):
+    if not regrowth.replaces_schedule and ramp in ("constant", "oneshot"):
         holder = f"schedule.ramp={ramp}" if ramp != name else f"schedule={name}"
         reasons["schedule.initial_sparsity"] = f"{holder} holds the final sparsity from schedule.begin on"
     schedule_defaults = OmegaConf.to_container(OmegaConf.load(conf_dir() / "schedule" / f"{name}.yaml"))
     given = {"pruning.frequency": config.pruning.frequency, **{f"schedule.{k}": v for k, v in config.source["schedule"].items()}}
     defaults = {"pruning.frequency": mode_defaults.get("frequency"), **{f"schedule.{k}": v for k, v in schedule_defaults.items()}}
-    return {key: None if given.get(key) == defaults.get(key) else f"{key}={given.get(key)} does not apply: {reason}"
-            for key, reason in reasons.items()}
+    moved_begin = given.get("schedule.begin") != defaults.get("schedule.begin")  # an end before it is refused: set, not moot
+    return {key: None if given.get(key) == defaults.get(key) or (key == "schedule.end" and moved_begin) else
+            f"{key}={given.get(key)} does not apply: {reason}" for key, reason in reasons.items()}
 
 
 def warn_of_unused_settings(config: RunConfig) -> None:

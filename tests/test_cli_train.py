@@ -141,9 +141,12 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
         ("schedule=[agp,linear]", "schedule=[agp,linear]: not an option name; allowed: one of agp, alternating, "),
         ("schedule=", "schedule=: not an option name; allowed: one of agp, "),  # Hydra's message, no options
         # ran on a default its record lacked (scorer: null, for the magnitude it used)
+        # the group check's own parse let Hydra's error out as a traceback
+        ("trainer.lr=float(abc)", "cannot parse override: Error parsing override 'trainer.lr=float(abc)' ValueError "),
         # "allowed: (none)"
         ("+scorer.foo=1", "scorer.foo: unknown key; scorer=magnitude takes no settings"),
-        ("+pruning.foo=1", "pruning.foo: unknown key; allowed: pruning.mode, pruning.sparsity, pruning.frequency, "),
+        ("+pruning.foo=1", "pruning.foo: unknown key; allowed: pruning.sparsity, pruning.frequency, "),
+        ("pruning=none +pruning.foo=1", "pruning.foo: unknown key; allowed: pruning.exclude, pruning.frequency, "),
         # "step -1 must be >= 0", while 0 was refused in turn
         ("schedule=alternating schedule.decompressed=-1", "schedule.decompressed: -1 is out of range; allowed: a step "
                                                           "count >= 1 or a fraction of the run > 0"),
@@ -531,7 +534,9 @@ def test_a_fixed_pattern_warns_that_a_chosen_allocation_does_not_apply(cli, capl
     (["schedule=alternating", "schedule.ramp=constant", "schedule.initial_sparsity=0.5"],
      "schedule.initial_sparsity=0.5 does not apply: schedule.ramp=constant holds the final sparsity from schedule.begin on"),
     (["regrowth=rigl", "regrowth.delta_t=5", "pruning.frequency=10"],
-     "pruning.frequency=10 does not apply: regrowth=rigl updates masks every regrowth.delta_t steps until regrowth.end"),
+     "pruning.frequency=10 does not apply: regrowth=rigl is sparse at the target from the first step and updates masks "
+     "every regrowth.delta_t steps until regrowth.end"),
+    (["regrowth=set", "regrowth.delta_t=5", "schedule.begin=5"], "schedule.begin=5 does not apply: regrowth=set is sparse"),
 ])
 def test_a_setting_the_other_choices_override_is_warned_unused(cli, caplog, overrides, warning):
     code, out, err = cli("train", *TINY, "trainer.max_steps=20", *overrides)
@@ -543,16 +548,29 @@ def test_a_setting_the_other_choices_override_is_warned_unused(cli, caplog, over
     assert "does not apply" not in out + err + caplog.text.replace(warning, "")
 
 
+def test_a_schedule_end_that_a_later_begin_needs_is_pooled_but_not_called_moot(cli, caplog):
+    """schedule.begin=0.9 needs an end after it (the default 0.75 is refused): saying the end does not apply would
+    contradict that refusal. It is still the same recipe whatever end it names."""
+    code, out, err = cli("train", *TINY, "trainer.max_steps=20", "schedule=constant", "schedule.begin=0.9",
+                         "schedule.end=0.95")
+    assert code == 0, err
+    assert "does not apply" not in out + err + caplog.text
+    assert "schedule.end" in result_of(run_dir_of(out))["extra"]["inert"]
+
+
 @pytest.mark.parametrize("overrides", [
     ["schedule=constant", "regrowth=reversal", "trainer.optimizer=sgd"],  # later updates re-choose the kept weights
     ["schedule=constant", "regularizer=lasso"],  # updates mask what the penalty zeroed; it closes at schedule.end
+    # whole neurons fall short of 0.7 at the first update (0.699); a later one prunes one more
+    ["schedule=constant", "pruning=neurons", "pruning.sparsity=0.7"],
 ])
 def test_a_constant_schedule_whose_later_updates_act_warns_of_nothing(cli, caplog, overrides):
+    """Its pruning.frequency and schedule.end decide when the later updates come: not inert."""
     code, out, err = cli("train", *TINY, "trainer.max_steps=20", *overrides, "pruning.frequency=10", "schedule.end=0.5")
     assert code == 0, err
     assert "does not apply" not in out + err + caplog.text
     inert = result_of(run_dir_of(out))["extra"].get("inert", [])
-    assert not {"pruning.frequency", "schedule.end"} & set(inert)
+    assert not {"pruning.frequency", "schedule.end"} & set(inert), inert
     # reversal keeps dense weights aside whatever pruning.masking says: a run given either is the same recipe
     assert ("pruning.masking" in inert) == ("regrowth=reversal" in overrides)
 
