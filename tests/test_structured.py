@@ -106,6 +106,25 @@ def test_chains_with_norms_of_every_kind_shrink_to_the_masked_models_outputs(nor
     assert small[0].out_channels == 4
 
 
+def test_a_layer_whose_every_channel_is_zero_keeps_one_and_computes_what_the_masked_model_does():
+    """A penalty (group lasso at a high lam) can zero every filter of a layer: the shrunk copy had a Conv2d with 0
+    output channels and a BatchNorm2d(0), whose forward fails, and the run that exported it was recorded failed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 5))
+    pruner = pruned(model, "filters", 0.0)
+    with torch.no_grad():  # the first conv's every channel off, in each slice of its group (weights, bias, γ, β)
+        for part in next(g for g in pruner.layout.groups if g.slices[0].param == "0.weight").slices:
+            model.get_parameter(part.param).zero_()
+        model[4].running_mean.uniform_(-1, 1)
+    model.eval()
+    small = shrink(model, pruner.layout.groups, live_channels(model, pruner.layout.groups)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=0, atol=0)
+    assert (small[0].out_channels, small[1].num_features, small[3].in_channels, small[3].out_channels) == (1, 1, 1, 6)
+
+
 class ResidualSequential(nn.Sequential):
     def forward(self, x):
         return x + super().forward(x)

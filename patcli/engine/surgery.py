@@ -18,13 +18,19 @@ from .layouts import ChannelGroup, channel_rows
 
 
 def live_channels(model: nn.Module, groups: list[ChannelGroup]) -> list[torch.Tensor]:
-    """Per group, which channels still carry anything (some slice non-zero); all-zero channels can go."""
+    """Per group, which channels still carry anything (some slice non-zero); all-zero channels can go.
+
+    A group with none left (a penalty can zero a whole layer) keeps its first, all zero, channel: a layer of width 0
+    cannot run, and a zero channel computes exactly what the masked model's zeroed ones do.
+    """
     tensors = dict(model.named_parameters())
     keep = []
     for group in groups:
         alive = torch.zeros(group.channels, dtype=torch.bool, device=next(iter(tensors.values())).device)
         for part in group.slices:
             alive |= (channel_rows(tensors[part.param].detach(), group.channels, part) != 0).any(dim=1)
+        if not bool(alive.any()):
+            alive[0] = True
         keep.append(alive)
     return keep
 
