@@ -125,6 +125,27 @@ def test_a_layer_whose_every_channel_is_zero_keeps_one_and_computes_what_the_mas
     assert (small[0].out_channels, small[1].num_features, small[3].in_channels, small[3].out_channels) == (1, 1, 1, 6)
 
 
+def test_a_model_shrunk_while_a_channel_scorer_watches_it_carries_none_of_its_hooks():
+    """The copy carried the activation scorer's hooks: its narrower activations failed the scorer's reshape in
+    train mode (and a head scorer's would have been added into the live pruner's sums)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=4,
+                    pattern=PATTERNS.get("neurons")(), scorer=SCORERS.get("activation")()).attach(optimizer)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(5, 6)).sum().backward()
+        optimizer.step()
+    small = shrink(model, pruner.layout.groups, live_channels(model, pruner.layout.groups)).train()
+    sums = [s.clone() for s in pruner.scorer._sums]
+    small(torch.randn(5, 6)).sum().backward()  # failed: shape '[8, -1]' is invalid for input of size 20
+    assert small[2].in_features == 4
+    assert all(torch.equal(a, b) for a, b in zip(sums, pruner.scorer._sums))
+    model(torch.randn(5, 6))  # the pruner still watches the model itself
+    assert not all(torch.equal(a, b) for a, b in zip(sums, pruner.scorer._sums))
+
+
 class ResidualSequential(nn.Sequential):
     def forward(self, x):
         return x + super().forward(x)

@@ -18,6 +18,23 @@ from .layouts import ChannelLayout
 from .masks import tensor_bytes
 from .scorers import SCORERS, Scorer
 
+WATCHING = "_patcli_scorer_hook"  # marks a channel scorer's model hooks, so a copy of the model can shed them
+
+
+def watching(hook):
+    setattr(hook, WATCHING, True)
+    return hook
+
+
+def without_scorer_hooks(model: nn.Module) -> nn.Module:
+    """``model`` (a copy) rid of the channel scorers' hooks it carried over: they would score its activations into
+    the live pruner's sums, shaped for the channels the copy no longer has."""
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [key for key, hook in hooks.items() if getattr(hook, WATCHING, False)]:
+                del hooks[key]
+    return model
+
 
 @dataclass
 class GroupScorer(Scorer):
@@ -151,7 +168,7 @@ class MeanActivation(GroupScorer):
                 moved = inputs[0].detach().abs().movedim(dim, 0)
                 self._accumulate(index, moved.reshape(group.channels, -1).mean(1))
 
-        self._handles.append(module.register_forward_pre_hook(hook))
+        self._handles.append(module.register_forward_pre_hook(watching(hook)))
 
 
 @SCORERS.register("head_importance")
@@ -183,7 +200,7 @@ class HeadImportance(GroupScorer):
 
                 heads.register_hook(on_grad)
 
-        self._handles.append(module.register_forward_pre_hook(hook))
+        self._handles.append(module.register_forward_pre_hook(watching(hook)))
 
 
 @SCORERS.register("attention_entropy")
@@ -202,4 +219,4 @@ class AttentionEntropy(GroupScorer):
                 entropy = -(p * torch.log(p.clamp(min=1e-12))).sum(-1)  # (B, H, T)
                 self._accumulate(index, -entropy.mean(dim=(0, 2)))
 
-        self._handles.append(module.register_forward_hook(hook))
+        self._handles.append(module.register_forward_hook(watching(hook)))

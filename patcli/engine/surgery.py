@@ -14,6 +14,7 @@ import copy
 import torch
 from torch import nn
 
+from .group_scorers import without_scorer_hooks
 from .layouts import ChannelGroup, channel_rows
 
 
@@ -42,7 +43,7 @@ def _indices(keep: torch.Tensor, width: int) -> torch.Tensor:
 
 def shrink(model: nn.Module, groups: list[ChannelGroup], keep: list[torch.Tensor]) -> nn.Module:
     """A copy of ``model`` with the channels that ``keep`` drops cut out of every slice (and its buffers)."""
-    small = copy.deepcopy(model)
+    small = without_scorer_hooks(copy.deepcopy(model))
     cuts: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for group, kept in zip(groups, keep):
         for part in [*group.slices, *group.buffers]:
