@@ -146,6 +146,23 @@ def test_a_model_shrunk_while_a_channel_scorer_watches_it_carries_none_of_its_ho
     assert not all(torch.equal(a, b) for a, b in zip(sums, pruner.scorer._sums))
 
 
+def test_chains_with_any_elementwise_activation_dropout_or_a_final_log_softmax_shrink_to_the_masked_outputs():
+    """ELU, Softplus, Dropout2d, a trailing LogSoftmax (for NLLLoss) and the like act on each channel alone, yet the
+    chain reader refused them and asked for a channel_groups method."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ELU(), nn.Dropout2d(0.1), nn.Conv2d(8, 8, 3), nn.Softplus(),
+                          nn.AdaptiveMaxPool2d(2), nn.Flatten(), nn.Linear(32, 16), nn.Mish(), nn.Hardswish(),
+                          nn.AlphaDropout(0.1), nn.Linear(16, 12), nn.ReLU6(), nn.Linear(12, 4), nn.LogSoftmax(dim=1))
+    for mode in ("filters", "neurons"):
+        pruner = pruned(model, mode, 0.5)
+        model.eval()
+        small = shrink(model, pruner.layout.groups, live_channels(model, pruner.layout.groups)).eval()
+        x = torch.randn(2, 3, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+        assert param_count(small) < param_count(model)
+
+
 class ResidualSequential(nn.Sequential):
     def forward(self, x):
         return x + super().forward(x)

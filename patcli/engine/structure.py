@@ -19,9 +19,16 @@ from .masks import as_list, matches_any
 PRODUCERS = {"neurons": (nn.Linear,), "filters": (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
-TRANSPARENT = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.Dropout, nn.Flatten, nn.Identity,
-               nn.Unflatten, *POOLS)
+POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.LPPool1d, nn.LPPool2d,
+         nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+         nn.AdaptiveMaxPool3d)
+# each element alone (what a pruned channel computes is zeroed by its consumer's columns, whatever f(0) is)
+ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
+               nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid, nn.Tanhshrink,
+               nn.Softshrink, nn.Hardshrink, nn.Threshold)
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+TRANSPARENT = (*ELEMENTWISE, *DROPOUTS, nn.Flatten, nn.Identity, nn.Unflatten, *POOLS)
+FINAL = (nn.Softmax, nn.LogSoftmax)  # across the model's outputs: only after its last layer, which keeps them all
 
 
 class StructureError(ValueError):
@@ -82,7 +89,10 @@ def _unreadable(model: nn.Module) -> list[str]:
     connection), grouped convolutions, whose channels cannot be cut one at a time, and a layer or weight used at
     two places in the chain (the reader would see it once; cutting it for one place breaks the other)."""
     found = [type(m).__name__ for _, m in model.named_modules()
-             if not _plain_sequential(m) and (list(m.children()) or not isinstance(m, LAYERS + NORMS + TRANSPARENT))]
+             if not _plain_sequential(m) and (list(m.children()) or not isinstance(m, LAYERS + NORMS + TRANSPARENT + FINAL))]
+    leaves = _leaves(model)
+    last_layer = max((i for i, (_, m) in enumerate(leaves) if isinstance(m, LAYERS)), default=-1)
+    found += [f"{type(m).__name__} before the last layer" for _, m in leaves[:last_layer] if isinstance(m, FINAL)]
     found += [f"{type(m).__name__}(groups={m.groups})" for m in model.modules() if getattr(m, "groups", 1) != 1]
     shared = _used_twice(((n, m) for n, m in model.named_modules(remove_duplicate=False)
                           if any(True for _ in m.parameters(recurse=False))), "module")  # a shared ReLU is harmless
