@@ -154,8 +154,9 @@ def load_records(paths: list[Path]) -> tuple[list[RunRecord], list[str]]:
 # Settings that never make two runs different methods: seeds are pooled, sparsity is the column, the rest is where
 # or on what hardware a run happened. Cross-validation folds pool too, see ``settings``.
 # How often a run is evaluated changes no weight either.
-NOT_IDENTITY = {"seed", "pruning.sparsity", "dense", "output_root", "trainer.device", "trainer.threads", "trainer.init_from",
-                "trainer.eval_every"}
+NOT_IDENTITY = {"seed", "scorer.seed", "regrowth.seed", "pruning.sparsity", "dense", "output_root", "trainer.device",
+                "trainer.threads", "trainer.init_from", "trainer.eval_every"}
+SUB_SEEDS = ("scorer.seed", "regrowth.seed")  # the random masks' own seeds (the run's seed by default): samples too
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, object]:
@@ -233,7 +234,8 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
         # the same seed from other weights (another dense run, trainer.init_from) is another sample
         start = ((record.dense_reference or {}).get("run_id"), flat.get("trainer.init_from"))
         fold = flat.get("dataset.val_fold")
-        first = seen.setdefault((record.model_dataset_hash, label, key, column, record.seed, fold, start), record.run_dir)
+        seeds = (record.seed, *(flat.get(k) for k in SUB_SEEDS))
+        first = seen.setdefault((record.model_dataset_hash, label, key, column, seeds, fold, start), record.run_dir)
         if first != record.run_dir:  # a repeat is no new sample: pooling it would shrink the std
             repeats.append(f"{record.run_dir}: the same recipe, sparsity and seed{'' if fold is None else ' and fold'} "
                            f"as {first}, counted once")

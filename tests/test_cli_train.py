@@ -775,3 +775,25 @@ def test_learning_rate_schedules_equal_their_closed_forms():
         assert lr_factor(step, total, warmup, "linear") == pytest.approx(1 - progress)
         assert lr_factor(step, total, warmup, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * progress)))
     assert lr_factor(60, total, warmup, "cosine") == pytest.approx(0.5) and lr_factor(60, total, warmup, "linear") == 0.5
+
+
+@pytest.mark.parametrize("overrides", [["scorer=random"], ["regrowth=set", "regrowth.delta_t=5"]])
+def test_a_runs_seed_draws_its_random_masks_too_and_compare_pools_the_seeds(cli, tmp_path, overrides):
+    """scorer.seed and regrowth.seed were 0 whatever seed said: every seed drew the same random masks, so the spread
+    over seeds never sampled them (and giving each run its own scorer.seed split compare's rows)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from patcli import report
+
+    dirs = []
+    for seed in (0, 1):
+        code, out, err = cli("train", *TINY, "trainer.max_steps=20", "pruning.sparsity=0.5", *overrides, f"seed={seed}")
+        assert code == 0, err
+        dirs.append(run_dir_of(out))
+    first, second = (load_file(str(d / "model.safetensors")) for d in dirs)
+    assert not torch.equal(first["1.weight"] == 0, second["1.weight"] == 0)  # other masks, not only other values
+    records, _ = report.load_records(dirs)
+    (group,) = report.compare(records).groups
+    (row,) = group.rows.values()
+    assert [len(cell.values) for cell in row.cells.values()] == [2]

@@ -554,7 +554,7 @@ def test_the_engine_takes_the_same_defaults_as_the_cli():
 
     compared, differ = 0, []
     for where, cls, key, value, default in yaml_options():
-        if default is inspect.Parameter.empty:
+        if default is inspect.Parameter.empty or str(value).startswith("${"):  # ${seed}: the run's, given in Python
             continue
         compared += 1
         default = list(default) if isinstance(default, tuple) else default
