@@ -527,9 +527,20 @@ def execute(config: RunConfig, run_dir: Path, progress: Progress | None = None, 
             record = run_baseline(config, run_dir, progress)
         else:
             record = run_training(config, run_dir, progress, label)
+        record.extra["environment"] = environment(config)
     record.status = "ok"
     write_record(run_dir, record)
     return record
+
+
+def environment(config: RunConfig) -> dict[str, object]:
+    """What besides the config decides a run's exact numbers: the same settings give bit-identical weights only on
+    the same device kind with the same thread count and versions (a joblib job runs on one thread, for one)."""
+    import platform
+
+    return {"device": resolve_device(config.trainer.device).type, "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "machine": platform.machine()}
 
 
 def failed_record(source: dict, run_dir: Path, error: BaseException, status: str = "failed") -> RunRecord:

@@ -797,3 +797,18 @@ def test_a_runs_seed_draws_its_random_masks_too_and_compare_pools_the_seeds(cli,
     (group,) = report.compare(records).groups
     (row,) = group.rows.values()
     assert [len(cell.values) for cell in row.cells.values()] == [2]
+
+
+def test_a_record_says_the_device_threads_and_versions_its_numbers_depend_on(cli):
+    """The thread count changes the floating-point sums (a joblib job runs on one thread), and the record held
+    trainer.threads: null: a row could not be re-run exactly from its record."""
+    import platform
+
+    import numpy as np
+    import torch
+
+    code, out, err = cli("train", *TINY, "trainer.max_steps=4", "trainer.threads=1")
+    assert code == 0, err
+    assert result_of(run_dir_of(out))["extra"]["environment"] == {
+        "device": "cpu", "torch_threads": 1, "torch": torch.__version__, "numpy": np.__version__,
+        "python": platform.python_version(), "machine": platform.machine()}
