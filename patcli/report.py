@@ -208,6 +208,20 @@ def training_key(record: RunRecord) -> str:
     return json.dumps(flat, sort_keys=True, default=str)
 
 
+def copies_of_dense_runs(records: list[RunRecord]) -> dict[str, str]:
+    """Each dense run's id → the first id of the dense runs among ``records`` with the same recipe, seed, fold and
+    starting weights: the dense row counts such copies once, so what started from one copy repeats what started
+    from another."""
+    first: dict[tuple, str] = {}
+    same: dict[str, str] = {}
+    for record in (r for r in records if r.status == "ok" and r.method == "dense" and r.run_id):
+        flat = flatten(record.config)
+        sample = (record.model_dataset_hash, identity(record), record.seed, flat.get("dataset.val_fold"),
+                  flat.get("trainer.init_from"))
+        same[record.run_id] = first.setdefault(sample, record.run_id)
+    return same
+
+
 def compare(records: list[RunRecord], metric: str | None = None, split: str = "test") -> Comparison:
     """Group ok records by model+dataset, pool seeds per (recipe, sparsity), and keep the rest apart."""
     groups: dict[str, GroupTable] = {}
@@ -219,6 +233,7 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
     dense_samples: dict[tuple, str] = {}  # (group, training, seed, fold) of each dense run counted → where it is
     repeats: list[str] = []
     without_metric: list[str] = []
+    same_start = copies_of_dense_runs(records)
     for record in (r for r in records if r.status == "ok"):
         name = metric or record.primary_metric
         higher = record.higher_is_better if name == record.primary_metric else name == "accuracy"
@@ -232,7 +247,8 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
         column = 0.0 if record.method == "dense" else round(record.target_sparsity, 6)
         flat = flatten(record.config)
         # the same seed from other weights (another dense run, trainer.init_from) is another sample
-        start = ((record.dense_reference or {}).get("run_id"), flat.get("trainer.init_from"))
+        cited = (record.dense_reference or {}).get("run_id")
+        start = (same_start.get(cited, cited), flat.get("trainer.init_from"))
         fold = flat.get("dataset.val_fold")
         seeds = (record.seed, *(flat.get(k) for k in SUB_SEEDS))
         first = seen.setdefault((record.model_dataset_hash, label, key, column, seeds, fold, start), record.run_dir)

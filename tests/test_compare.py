@@ -304,6 +304,21 @@ def test_the_same_seed_started_from_other_weights_is_another_sample(tmp_path):
     assert group.rows["post:magnitude"].cells[0.9].n == 2 and group.rows["PAT agp+magnitude+global"].cells[0.9].n == 2
 
 
+def test_baselines_of_two_copies_of_one_dense_run_are_one_sample_as_the_copies_are(tmp_path):
+    """The same dense training and seed run twice (byte-identical): the dense row counted it once, yet the
+    baselines pruned from each copy counted as two samples, with a std of 0."""
+    for name in ("dA", "dB"):
+        record(tmp_path, name, "dense", "dense", 0.0, 0.97, run_id=name)
+    for name, dense in (("mag-a", "dA"), ("mag-b", "dB")):
+        record(tmp_path, name, "post:magnitude", "post:magnitude", 0.9, 0.5, run_id=name,
+               dense_reference={"run_id": dense, "run_dir": str(tmp_path / dense), "metrics": {"test": {"accuracy": 0.97}}})
+    records, _ = report.load_records([tmp_path])
+    comparison = report.compare(records)
+    (group,) = comparison.groups
+    assert group.dense.cells[0.0].n == 1 and group.rows["post:magnitude"].cells[0.9].n == 1
+    assert sorted(line.split(":")[0].rsplit("/", 1)[1] for line in comparison.repeats) == ["dB", "mag-b"]
+
+
 def test_a_cited_dense_run_pools_only_with_dense_runs_trained_the_same_way(tmp_path):
     short, long = {"trainer": {"epochs": 2}}, {"trainer": {"epochs": 3}}
     record(tmp_path, "d-s0", "dense", "dense", 0.0, 0.80, seed=0, config=short, run_id="d0")
