@@ -560,3 +560,34 @@ def test_a_regularizer_target_whole_heads_cannot_meet_is_said_in_the_run_log(cli
     assert record["achieved_sparsity"] == pytest.approx(0.25) and record["target_sparsity"] == 0.31
     assert ("pruning=heads reached 0.25 of the prunable weights for regularizer.target=0.31: the nearest that whole heads "
             "reach") in (tmp_path / "run" / "run.log").read_text()
+
+
+def test_a_pruner_in_ones_own_loop_gives_the_smaller_model_it_pruned():
+    """Users of the library had no documented way to the physically smaller model (only patcli export)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=3,
+                    pattern=PATTERNS.get("neurons")(), scorer=SCORERS.get("activation")()).attach(optimizer)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(5, 6)).sum().backward()
+        optimizer.step()
+    small = pruner.smaller_model()
+    keep = dict(zip(pruner.masks.names, pruner.masks.keep))
+    kept = [int(keep[name].any(dim=1).sum()) for name in ("0.weight", "2.weight")]
+    assert kept[0] < 16 and kept[1] < 12
+    assert (small[0].out_features, small[2].out_features, small[4].out_features) == (kept[0], kept[1], 3)
+    assert param_count(small) == 6 * kept[0] + kept[0] + kept[0] * kept[1] + kept[1] + kept[1] * 3 + 3
+    x = torch.randn(7, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+    assert small[0].weight.data_ptr() != model[0].weight.data_ptr()  # a copy: training the model goes on
+
+
+def test_an_elementwise_pattern_has_no_smaller_model_and_says_what_to_use():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    pruner = pruned(model, "unstructured", 0.5)
+    with pytest.raises(ValueError, match=r"^pattern 'unstructured' keeps every weight's shape; allowed: pattern="
+                                         r"'neurons', 'filters' or 'heads'"):
+        pruner.smaller_model()

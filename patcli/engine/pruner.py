@@ -643,6 +643,17 @@ class Pruner:
         zeros = sum(int(torch.count_nonzero(w == 0)) for w, a in zip(self.masks.weights, self.masks.accounted) if a)
         return zeros / self.masks.accounted_numel()
 
+    def smaller_model(self) -> nn.Module:
+        """A copy of the model with the channels it no longer uses cut out (pruned neurons, filters or heads, and any
+        other all-zero ones): fewer parameters, the same outputs. The model and the pruner go on as they were."""
+        if not isinstance(self.layout, ChannelLayout):
+            raise ValueError(f"pattern {name_of(self.pattern)!r} keeps every weight's shape; allowed: pattern='neurons', "
+                             "'filters' or 'heads' (a compressed file of sparse weights: patcli export)")
+        from .surgery import live_channels, shrink
+
+        groups = self.layout.groups
+        return shrink(self.model, groups, live_channels(self.model, groups))
+
     def engine_state_bytes(self) -> int:
         """Memory the engine holds besides the model: masks, the layout's group flags, shadow weights, score
         accumulators or buffers."""
