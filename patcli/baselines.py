@@ -308,6 +308,7 @@ def run_baseline(config: RunConfig, run_dir: Path, progress: Progress | None = N
     run_dir.mkdir(parents=True, exist_ok=True)
     baseline = parse_baseline(config)
     dense_dir = resolve_dense(config, progress)
+    log.info("starting from the dense run %s", dense_dir)
     dense_record = check_dense_run(dense_dir, config)
     if hasattr(baseline, "check_steps"):  # against the dense run found: plan() could only check the config's length
         baseline.check_steps(dense_record.train_steps)

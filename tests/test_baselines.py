@@ -439,3 +439,6 @@ def test_a_structured_baseline_off_its_target_says_so_in_the_run_log(cli, tmp_pa
     assert result_of(tmp_path / "s")["achieved_sparsity"] == pytest.approx(0.4908, abs=1e-4)
     assert ("pruning=neurons reached 0.4908 of the prunable weights for pruning.sparsity=0.5: the nearest that whole "
             "neurons reach") in (tmp_path / "s" / "run.log").read_text()
+    # which dense run it started from: a matching one found anywhere under output_root is taken (the newest)
+    (dense,) = [d for d in (tmp_path / "out" / "dense").iterdir() if d.is_dir()]
+    assert f"starting from the dense run {dense}" in (tmp_path / "s" / "run.log").read_text()
