@@ -562,3 +562,24 @@ def test_the_engine_takes_the_same_defaults_as_the_cli():
             differ.append(f"{where} {key}: YAML {value!r}, {cls.__name__} {default!r}")
     assert compared > 40  # every group's settings were read
     assert differ == []
+
+
+def test_random_scores_are_independent_of_the_runs_init_and_of_the_next_seeds_draws():
+    """scorer.seed defaults to the run's seed, and each draw used the generator of seed + its count: the first draw
+    replayed the stream that initialised the model (a 'random' control that pruned by signed initial weight), and
+    seed s + 1 drew what seed s drew next (79% of kept weights shared at 90% sparsity)."""
+    from patcli.engine.scorers import SCORERS
+
+    torch.manual_seed(3)
+    init = torch.rand(200, 100)  # what a model built after torch.manual_seed(3) draws first
+    (first,) = SCORERS.get("random")(seed=3).scores([init])
+    assert abs(torch.corrcoef(torch.stack([first.flatten(), init.flatten()]))[0, 1]) < 0.05
+
+    def kept(seed, draws):
+        scorer = SCORERS.get("random")(seed=seed)
+        for _ in range(draws):
+            (scores,) = scorer.scores([init])
+        return scores > scores.quantile(0.9)
+
+    shared = (kept(3, 2) & kept(4, 1)).sum() / kept(3, 2).sum()  # seed 4's first draw against seed 3's second
+    assert shared < 0.2  # independent draws share about 10%

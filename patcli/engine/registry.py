@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import functools
 import inspect
 import numbers
@@ -25,6 +26,13 @@ class ParamError(ValueError):
 
 
 SEED_LIMIT = 2**63  # seeds torch, numpy and Python all take
+
+
+def stream_seed(seed: int, *tags: object) -> int:
+    """A generator seed for one named random stream of a run: seed + k, or the seed itself, would replay the stream
+    that initialised the model (torch.manual_seed(seed)) or another seed's stream."""
+    digest = hashlib.sha256(":".join(map(str, (seed, *tags))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") % SEED_LIMIT
 
 
 def check_seed(seed: int) -> None:

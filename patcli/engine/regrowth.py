@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .allocation import erk_sparsities
-from .registry import ParamError, Registry, check_seed
+from .registry import ParamError, Registry, check_seed, stream_seed
 from .schedules import ScheduleError, to_step
 
 REGROWTHS: Registry["Regrowth"] = Registry("regrowth")
@@ -96,7 +96,7 @@ class DynamicSparse(Regrowth):
         if self.init not in ("random", "erk"):
             raise ParamError("init", f"{self.init!r} is not allowed; allowed: random, erk")
         check_seed(self.seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.generator = torch.Generator().manual_seed(stream_seed(self.seed, "regrowth", self.name))
 
     def bind(self, total_steps: int) -> "DynamicSparse":
         self.end_step = max(to_step(self.end, total_steps, "regrowth.end"), 1)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .masks import tensor_bytes
-from .registry import Registry, check_seed
+from .registry import Registry, check_seed, stream_seed
 
 SCORERS: Registry["Scorer"] = Registry("scorer")
 
@@ -67,10 +67,10 @@ class Random(Scorer):
     _draws: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        check_seed(self.seed)  # each update draws with seed + its count, within torch's seed range
+        check_seed(self.seed)
 
     def scores(self, weights: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        generator = torch.Generator().manual_seed(self.seed + self._draws)
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, "scorer.random", self._draws))
         self._draws += 1
         if out is not None:  # buffers are only handed out on CPU, where this generator draws
             return [torch.rand(w.shape, generator=generator, dtype=o.dtype, out=o) for w, o in zip(weights, out)]
