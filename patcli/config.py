@@ -299,16 +299,14 @@ class RunConfig:
     def model_dataset_hash(self) -> str:
         """Groups runs that are comparable: same model and dataset config. The folds of one dataset are one dataset
         (compare pools them like seeds), and leaving the fold out keeps the hash of runs made before folds existed.
-        A user's text file adds the hash of the text read: the same path after an edit is another dataset; pysrc adds
-        the Python version whose standard library it reads (other built-in datasets add nothing)."""
-        from .data import data_fingerprint, source_version  # here: the data package imports this module
+        A user's text file adds the hash of the text read: the same path after an edit is another dataset (built-in
+        datasets add nothing, so their hash is unchanged)."""
+        from .data import data_fingerprint  # here: the data package imports this module
 
         dataset = {k: v for k, v in (self.source.get("dataset") or {}).items() if k != "val_fold"}
         fingerprint = data_fingerprint(self.dataset)
         if fingerprint is not None:
             dataset["text_sha256"] = fingerprint
-        if (version := source_version(self.dataset)) is not None:
-            dataset["source_version"] = version
         return config_hash({"model": self.source.get("model"), "dataset": dataset})
 
     def val_fold(self) -> int | None:

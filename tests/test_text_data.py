@@ -43,19 +43,6 @@ def run_config(*overrides):
     return parse_run_config(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True))
 
 
-def test_pysrc_runs_on_another_python_are_another_dataset(monkeypatch):
-    """pysrc reads this machine's standard library: runs on another Python pooled in compare and shared dense runs."""
-    import platform
-
-    overrides = ["dataset=pysrc", "model=gpt", "baseline=magnitude", "pruning.sparsity=0.5"]
-    here = run_config(*overrides)
-    keys = here.model_dataset_hash(), here.dense_key()
-    monkeypatch.setattr(platform, "python_version", lambda: "3.99.0")
-    there = run_config(*overrides)
-    assert there.model_dataset_hash() != keys[0] and there.dense_key() != keys[1]
-    assert run_config("dataset=digits").model_dataset_hash() == "9571b9344bc8"  # other built-in data: unchanged
-
-
 def test_an_edited_text_file_changes_the_dense_key_and_an_unchanged_one_keeps_it(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text(LOOP * 100)

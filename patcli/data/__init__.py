@@ -6,7 +6,7 @@ about a run; test is evaluated once, at the end.
 
 from __future__ import annotations
 
-from .base import DATASETS, DataBundle, Split, data_fingerprint, load_dataset, source_version
+from .base import DATASETS, DataBundle, Split, data_fingerprint, load_dataset
 from . import digits, text  # noqa: F401  (registers)
 
-__all__ = ["DATASETS", "DataBundle", "Split", "data_fingerprint", "load_dataset", "source_version"]
+__all__ = ["DATASETS", "DataBundle", "Split", "data_fingerprint", "load_dataset"]

@@ -93,9 +93,3 @@ def data_fingerprint(config: NamedConfig) -> str | None:
     if config.fingerprint is None and getattr(cls, "from_a_file", False):
         load_dataset(config)
     return config.fingerprint
-
-
-def source_version(config: NamedConfig) -> str | None:
-    """What a built-in dataset read from this machine's installation (pysrc: the Python version), else None."""
-    cls = DATASETS.get(config.name) if config.name in DATASETS else None
-    return cls.source_version() if hasattr(cls, "source_version") else None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import platform
 import json
 import os
 import sys
@@ -179,11 +178,6 @@ class CharCorpus:
 @dataclass
 class PythonSources(CharCorpus):
     """The installed standard library's ``.py`` sources (tests excluded), deterministic order, first ``max_chars``."""
-
-    @staticmethod
-    def source_version() -> str:
-        """Another Python's standard library is another text: its runs are another dataset (and dense run)."""
-        return f"python {platform.python_version()}"
 
     def encoded(self) -> tuple[torch.Tensor, list[str], None, list[str]]:
         stdlib = sysconfig.get_paths()["stdlib"]  # and the exact Python: an update in place rewrites its sources
