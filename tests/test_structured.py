@@ -248,6 +248,11 @@ def test_an_activation_module_used_twice_is_no_obstacle():
      "0 → 3: the AvgPool1d between them pools along the channel axis, mixing neighbouring channels"),
     ("filters", lambda: nn.Sequential(nn.Conv1d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.MaxPool1d(2), nn.Linear(32, 3)),
      "0 → 4: the MaxPool1d between them pools along the channel axis"),
+    # a pool over more axes than the conv's positions takes the channels for one (masked and shrunk differed by 0.35)
+    ("filters", lambda: nn.Sequential(nn.Conv2d(1, 8, 3), nn.MaxPool3d((2, 1, 1)), nn.Flatten(), nn.Linear(4 * 36, 3)),
+     "0 → 3: the MaxPool3d between them pools over 3 axes of an output with 2 positional axes, so over the channels too"),
+    ("filters", lambda: nn.Sequential(nn.Conv1d(1, 8, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16, 3)),
+     "0 → 3: the AvgPool2d between them pools over 2 axes of an output with 1 positional axis, so over the channels too"),
     # a Flatten that keeps the channel axis leaves the Linear reading positions (it shrank, then failed to run)
     ("filters", lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(start_dim=2), nn.AdaptiveAvgPool1d(8),
                                       nn.Linear(8, 3), nn.Flatten(), nn.Linear(12, 2)),
@@ -256,7 +261,7 @@ def test_an_activation_module_used_twice_is_no_obstacle():
     ("filters", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(1, 2), nn.Linear(6, 3)),
      "0 → 3: a Linear right after a conv acts on its last (spatial) axis"),  # channels and rows merged, the Linear on columns
 ], ids=["linear-over-positions-then-flatten", "unflatten-between", "linear-on-a-conv-length", "pool-over-neurons",
-        "pool-after-flatten", "linear-after-a-flatten-that-keeps-channels", "linear-after-a-flatten-of-channels-and-rows"])
+        "pool-after-flatten", "pool-3d-after-conv2d", "pool-2d-after-conv1d", "linear-after-a-flatten-that-keeps-channels", "linear-after-a-flatten-of-channels-and-rows"])
 def test_a_consumer_that_does_not_read_the_channels_where_the_reader_assumes_is_refused(mode, model, why):
     """Each trained with masks on the wrong input columns, then failed to shrink (or shrank to other outputs)."""
     from patcli.engine.structure import StructureError

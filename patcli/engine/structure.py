@@ -161,6 +161,11 @@ def _channel_axis_problem(producer: nn.Module, consumer: nn.Module, between: lis
         if isinstance(module, POOLS) and (isinstance(producer, nn.Linear) or merged):  # per channel only over positions
             return (f"the {type(module).__name__} between them pools along the channel axis, mixing neighbouring channels; "
                     "allowed: pooling over a conv's spatial axes, or define channel_groups(kind) on the model")
+        pooled, positions = int(type(module).__name__[-2]) if isinstance(module, POOLS) else 0, rank - 2
+        if pooled > positions:  # torch reads the output as unbatched: the first pooled axis is the channels
+            return (f"the {type(module).__name__} between them pools over {pooled} axes of an output with {positions} "
+                    f"positional {'axis' if positions == 1 else 'axes'}, so over the channels too; allowed: a "
+                    f"{positions}d pool, or define channel_groups(kind) on the model")
         if isinstance(module, nn.Flatten) and not isinstance(producer, nn.Linear):
             start, end = module.start_dim % rank, module.end_dim % rank  # a negative dim counts from the last
             if start <= 1 <= end:
