@@ -247,10 +247,15 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
         column = 0.0 if record.method == "dense" else round(record.target_sparsity, 6)
         flat = flatten(record.config)
         # the same seed from other weights (another dense run, trainer.init_from) is another sample
-        cited = (record.dense_reference or {}).get("run_id")
-        start = (same_start.get(cited, cited), flat.get("trainer.init_from"))
         fold = flat.get("dataset.val_fold")
-        seeds = (record.seed, *(flat.get(k) for k in SUB_SEEDS))
+        cited = (record.dense_reference or {}).get("run_id")
+        if cited is not None and cited not in same_start and "baseline" in record.extra:
+            # a dense run known only by citation: a baseline records its seed, and trains as it did (see below, where
+            # the dense row counts such runs of one training and seed once)
+            same_start[cited] = json.dumps([training_key(record), record.seed, fold])
+        start = (same_start.get(cited, cited), flat.get("trainer.init_from"))
+        # a PAT run's random masks have seeds of their own; nothing else reads them
+        seeds = (record.seed, *(flat.get(k) for k in SUB_SEEDS)) if record.method == "pat" else (record.seed,)
         first = seen.setdefault((record.model_dataset_hash, label, key, column, seeds, fold, start), record.run_dir)
         if first != record.run_dir:  # a repeat is no new sample: pooling it would shrink the std
             repeats.append(f"{record.run_dir}: the same recipe, sparsity and seed{'' if fold is None else ' and fold'} "

@@ -319,6 +319,29 @@ def test_baselines_of_two_copies_of_one_dense_run_are_one_sample_as_the_copies_a
     assert sorted(line.split(":")[0].rsplit("/", 1)[1] for line in comparison.repeats) == ["dB", "mag-b"]
 
 
+def test_baselines_of_two_copies_of_a_dense_run_not_given_to_compare_are_one_sample(tmp_path):
+    """The dense row counts cited-only copies (same training and seed) once; their baselines counted twice."""
+    for name, dense in (("mag-a", "dA"), ("mag-b", "dB")):
+        record(tmp_path, name, "post:magnitude", "post:magnitude", 0.9, 0.5, run_id=name, extra={"baseline": {"name": "magnitude"}},
+               dense_reference={"run_id": dense, "run_dir": str(tmp_path / dense), "metrics": {"test": {"accuracy": 0.97}}})
+    records, _ = report.load_records([tmp_path])
+    (group,) = report.compare(records).groups
+    assert group.dense.cells[0.0].n == 1 and group.rows["post:magnitude"].cells[0.9].n == 1
+
+
+def test_a_seed_a_run_does_not_read_sets_no_samples_apart(tmp_path):
+    """scorer.seed is the run's seed by default: a baseline or dense run given scorer=random and one given
+    scorer=magnitude are the same run (both ignore the scorer), yet counted as two samples with a std of 0."""
+    for name, scorer in (("mag-r", {"name": "random", "seed": 0}), ("mag-m", {"name": "magnitude"})):
+        record(tmp_path, name, "post:magnitude", "post:magnitude", 0.9, 0.5, run_id=name, config={"scorer": scorer})
+    for name, scorer in (("pat-r0", {"name": "random", "seed": 0}), ("pat-r1", {"name": "random", "seed": 1})):
+        record(tmp_path, name, "pat", "agp+random+global", 0.9, 0.4, run_id=name, config={"scorer": scorer})
+    records, _ = report.load_records([tmp_path])
+    (group,) = report.compare(records).groups
+    assert group.rows["post:magnitude"].cells[0.9].n == 1
+    assert group.rows["PAT agp+random+global"].cells[0.9].n == 2  # PAT reads it: two draws of the random masks
+
+
 def test_a_cited_dense_run_pools_only_with_dense_runs_trained_the_same_way(tmp_path):
     short, long = {"trainer": {"epochs": 2}}, {"trainer": {"epochs": 3}}
     record(tmp_path, "d-s0", "dense", "dense", 0.0, 0.80, seed=0, config=short, run_id="d0")
