@@ -123,9 +123,13 @@ def record_unfinished(sweep_dir: Path, error: BaseException | None = None, statu
         job = snapshot.parent.parent
         if not (job / RESULT_FILE).exists():
             try:
-                source = OmegaConf.to_container(OmegaConf.load(snapshot), resolve=False)
+                loaded = OmegaConf.load(snapshot)
             except Exception:  # a snapshot cut short: nothing to record the job from
                 continue
+            try:  # Hydra saves interpolations (scorer.seed: ${seed}): the record holds what the job would have run
+                source = OmegaConf.to_container(loaded, resolve=True)
+            except Exception:  # one that cannot resolve outside the job (${hydra:...}): as written
+                source = OmegaConf.to_container(loaded, resolve=False)
             failed_record(source if isinstance(source, dict) else {}, job, error or KeyboardInterrupt(), status=status)
 
 

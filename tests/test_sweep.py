@@ -301,6 +301,22 @@ def test_a_stopped_sweep_records_the_jobs_a_worker_left_unfinished(tmp_path):
         assert record["status"] == "interrupted" and record["seed"] == 3 and record["target_sparsity"] == 0.9
 
 
+def test_an_unfinished_jobs_record_resolves_its_snapshot(tmp_path):
+    """Hydra saves a job's config with its interpolations (scorer.seed: ${seed}): read as text, the record lost
+    its recipe and group (the string failed the config check)."""
+    from patcli.sweeps import record_unfinished
+
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", ["scorer=random", "seed=3"])
+    (tmp_path / "0" / ".hydra").mkdir(parents=True)
+    (tmp_path / "0" / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))  # as Hydra writes it: unresolved
+    assert "${seed}" in (tmp_path / "0" / ".hydra" / "config.yaml").read_text()
+    record_unfinished(tmp_path)
+    record = json.loads((tmp_path / "0" / "result.json").read_text())
+    assert record["recipe"] == "agp+random+global" and record["config"]["scorer"]["seed"] == 3
+    assert record["model_dataset_hash"] == "9571b9344bc8"
+
+
 def test_a_sweep_stops_before_any_job_when_the_dense_cache_cannot_be_made(cli, tmp_path):
     (tmp_path / "afile").write_text("")
     code, _, err = cli("sweep", *FAST, "baseline=magnitude", "pruning.sparsity=0.5,0.8", "output_root=afile", "hydra.sweep.dir=sw")
