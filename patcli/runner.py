@@ -535,7 +535,7 @@ def execute(config: RunConfig, run_dir: Path, progress: Progress | None = None, 
 
 def environment(config: RunConfig) -> dict[str, object]:
     """What besides the config decides a run's exact numbers: the same settings give bit-identical weights only on
-    the same device kind with the same thread count and versions (a joblib job runs on one thread, for one)."""
+    the same device kind with the same thread count and versions (a joblib job runs on cores // n_jobs threads, for one)."""
     import platform
 
     return {"device": resolve_device(config.trainer.device).type, "torch_threads": torch.get_num_threads(),
