@@ -125,11 +125,9 @@ def test_a_layer_whose_every_channel_is_zero_keeps_one_and_computes_what_the_mas
     assert (small[0].out_channels, small[1].num_features, small[3].in_channels, small[3].out_channels) == (1, 1, 1, 6)
 
 
-def test_a_model_shrunk_while_a_channel_scorer_watches_it_carries_none_of_its_hooks():
-    """The copy carried the activation scorer's hooks: its narrower activations failed the scorer's reshape in
-    train mode (and a head scorer's would have been added into the live pruner's sums)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+def neurons_pruned_by_activation(model):
+    """Half the weights of ``model`` (inputs of 6) pruned in neurons, scored by activations over two training steps;
+    the pruner stays attached and watching."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     pruner = Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=4,
                     pattern=PATTERNS.get("neurons")(), scorer=SCORERS.get("activation")()).attach(optimizer)
@@ -137,6 +135,15 @@ def test_a_model_shrunk_while_a_channel_scorer_watches_it_carries_none_of_its_ho
         optimizer.zero_grad()
         model(torch.randn(5, 6)).sum().backward()
         optimizer.step()
+    return pruner
+
+
+def test_a_model_shrunk_while_a_channel_scorer_watches_it_carries_none_of_its_hooks():
+    """The copy carried the activation scorer's hooks: its narrower activations failed the scorer's reshape in
+    train mode (and a head scorer's would have been added into the live pruner's sums)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    pruner = neurons_pruned_by_activation(model)
     small = shrink(model, pruner.layout.groups, live_channels(model, pruner.layout.groups)).train()
     sums = [s.clone() for s in pruner.scorer._sums]
     small(torch.randn(5, 6)).sum().backward()  # failed: shape '[8, -1]' is invalid for input of size 20
@@ -571,13 +578,7 @@ def test_a_pruner_in_ones_own_loop_gives_the_smaller_model_it_pruned():
     """Users of the library had no documented way to the physically smaller model (only patcli export)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    pruner = Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=3,
-                    pattern=PATTERNS.get("neurons")(), scorer=SCORERS.get("activation")()).attach(optimizer)
-    for _ in range(2):
-        optimizer.zero_grad()
-        model(torch.randn(5, 6)).sum().backward()
-        optimizer.step()
+    pruner = neurons_pruned_by_activation(model)
     small = pruner.smaller_model()
     keep = dict(zip(pruner.masks.names, pruner.masks.keep))
     kept = [int(keep[name].any(dim=1).sum()) for name in ("0.weight", "2.weight")]
