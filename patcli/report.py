@@ -209,17 +209,18 @@ def training_key(record: RunRecord) -> str:
 
 
 def copies_of_dense_runs(records: list[RunRecord]) -> dict[str, str]:
-    """Each dense run's id → the first id of the dense runs among ``records`` with the same recipe, seed, fold and
-    starting weights: the dense row counts such copies once, so what started from one copy repeats what started
-    from another."""
-    first: dict[tuple, str] = {}
-    same: dict[str, str] = {}
-    for record in (r for r in records if r.status == "ok" and r.method == "dense" and r.run_id):
-        flat = flatten(record.config)
-        sample = (record.model_dataset_hash, identity(record), record.seed, flat.get("dataset.val_fold"),
-                  flat.get("trainer.init_from"))
-        same[record.run_id] = first.setdefault(sample, record.run_id)
-    return same
+    """Each dense run's id → one key for all copies of its training (model and data, training settings, seed, fold
+    and steps, so a run continued from another is apart): what started from one copy repeats what started from
+    another. Dense runs among ``records`` give their own; one known only by citation gets it from a baseline citing
+    it, which records the dense run's seed and trains as it did."""
+    def key(record: RunRecord, steps: int | None) -> str:
+        fold = flatten(record.config).get("dataset.val_fold")
+        return json.dumps([record.model_dataset_hash, training_key(record), record.seed, fold, steps])
+
+    ok = [r for r in records if r.status == "ok"]
+    cited = {r.dense_reference["run_id"]: key(r, r.dense_reference.get("train_steps")) for r in ok
+             if (r.dense_reference or {}).get("run_id") and "baseline" in r.extra}
+    return {**cited, **{r.run_id: key(r, r.total_train_steps) for r in ok if r.method == "dense" and r.run_id}}
 
 
 def compare(records: list[RunRecord], metric: str | None = None, split: str = "test") -> Comparison:
@@ -249,10 +250,6 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
         # the same seed from other weights (another dense run, trainer.init_from) is another sample
         fold = flat.get("dataset.val_fold")
         cited = (record.dense_reference or {}).get("run_id")
-        if cited is not None and cited not in same_start and "baseline" in record.extra:
-            # a dense run known only by citation: a baseline records its seed, and trains as it did (see below, where
-            # the dense row counts such runs of one training and seed once)
-            same_start[cited] = json.dumps([training_key(record), record.seed, fold])
         start = (same_start.get(cited, cited), flat.get("trainer.init_from"))
         # a PAT run's random masks have seeds of their own; nothing else reads them
         seeds = (record.seed, *(flat.get(k) for k in SUB_SEEDS)) if record.method == "pat" else (record.seed,)

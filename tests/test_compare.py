@@ -329,6 +329,38 @@ def test_baselines_of_two_copies_of_a_dense_run_not_given_to_compare_are_one_sam
     assert group.dense.cells[0.0].n == 1 and group.rows["post:magnitude"].cells[0.9].n == 1
 
 
+def cited_dense(dense, steps=40):
+    return {"run_id": dense, "run_dir": f"/elsewhere/{dense}", "metrics": {"test": {"accuracy": 0.97}}, "train_steps": steps}
+
+
+def test_copies_of_a_dense_run_are_one_start_whether_given_to_compare_or_cited_and_in_any_order(tmp_path):
+    """Baselines of a dense run given to compare and of its copy known only by citation counted twice; PAT runs
+    given the same dense= were repeats or two samples depending on whether a baseline citing it came first."""
+    baseline = {"baseline": {"name": "magnitude"}}
+    record(tmp_path, "d0", "dense", "dense", 0.0, 0.97, run_id="d0", steps=40)
+    record(tmp_path, "b0", "post:magnitude", "post:magnitude", 0.9, 0.5, run_id="b0", extra=baseline, dense_reference=cited_dense("d0"))
+    record(tmp_path, "b0b", "post:magnitude", "post:magnitude", 0.9, 0.5, run_id="b0b", extra=baseline, dense_reference=cited_dense("d0b"))
+    for name in ("p_a", "p_c"):
+        record(tmp_path, name, "pat", "agp+magnitude+global", 0.9, 0.8, run_id=name, dense_reference=cited_dense("e0"))
+    record(tmp_path, "p_b", "post:magnitude", "post:magnitude", 0.8, 0.6, run_id="p_b", extra=baseline, dense_reference=cited_dense("e0"))
+    records, _ = report.load_records([tmp_path])
+    for ordered in (records, records[::-1]):
+        (group,) = report.compare(ordered).groups
+        assert group.rows["post:magnitude"].cells[0.9].n == 1
+        assert group.rows["PAT agp+magnitude+global"].cells[0.9].n == 1
+
+
+def test_baselines_of_a_dense_run_and_of_one_continued_from_it_stay_two_samples(tmp_path):
+    """Same training settings and seed, but the continued one trained 80 steps in all: other starting weights."""
+    baseline = {"baseline": {"name": "magnitude"}}
+    for name, dense, steps in (("b0", "d0", 40), ("bi", "di", 80)):
+        record(tmp_path, name, "post:magnitude", "post:magnitude", 0.5, 0.88 if steps == 40 else 0.91, run_id=name,
+               extra=baseline, dense_reference=cited_dense(dense, steps))
+    records, _ = report.load_records([tmp_path])
+    (group,) = report.compare(records).groups
+    assert group.rows["post:magnitude"].cells[0.5].n == 2
+
+
 def test_a_seed_a_run_does_not_read_sets_no_samples_apart(tmp_path):
     """scorer.seed is the run's seed by default: a baseline or dense run given scorer=random and one given
     scorer=magnitude are the same run (both ignore the scorer), yet counted as two samples with a std of 0."""
