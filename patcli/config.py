@@ -32,7 +32,8 @@ class ConfigError(ValueError):
     """A user mistake in the configuration: ``key`` is the dotted config path."""
 
     def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {' '.join(message.split())}")  # one line, whatever a wrapped error held
+        self.message = " ".join(message.split())  # one line, whatever a wrapped error held
+        super().__init__(f"{key}: {self.message}")
         self.key = key
 
 

@@ -327,25 +327,15 @@ def check_no_flags(overrides: list[str]) -> None:
 SELECTOR = {"pruning": "mode"}  # the key that names a group's option in its YAML files ("name" elsewhere)
 
 
-def check_no_renamed_option(overrides: list[str]) -> None:
-    """``model.name=cnn`` would keep the MLP's keys under another name and fail on one of them, and
-    ``pruning.mode=block`` would run blocks with none of their settings: say what is meant."""
-    groups = config_groups()
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if key.startswith("+") and not key.startswith("++"):  # +model.name=... adds a key of one's own class
-            continue
-        key = key.lstrip("+")
-        group, _, field = key.partition(".")
-        if group in groups and field == SELECTOR.get(group, "name"):
-            raise UsageError(f"{key}: an option is chosen with {group}={value}, not renamed; allowed: {group}=OPTION "
-                             f"({', '.join(groups[group])})")
+def check_group_overrides(overrides: list[str]) -> None:
+    """What a group takes is one option name per run (a sweep: several), each refused in one line otherwise:
 
-
-def check_one_option_per_group(overrides: list[str]) -> None:
-    """``scorer=[a,b]`` would merge both options' files into one (the last one's name wins, keys of the first
-    linger) and ``pruning=5`` fails inside Hydra: a group takes one option name per run (a sweep, several).
-    ``~scorer`` or ``~pruning.sparsity`` would run on a default the run's record does not hold: refused too."""
+    - ``model.name=cnn`` would keep the MLP's keys under another name and fail on one of them, and
+      ``pruning.mode=block`` would run blocks with none of their settings (``+model.name`` adds a key of one's own);
+    - ``scorer=[a,b]`` would merge both options' files (the last one's name wins, keys of the first linger), and
+      ``pruning=5`` fails inside Hydra;
+    - ``~scorer`` or ``~pruning.sparsity`` would run on a default the run's record does not hold.
+    """
     groups = config_groups()
     parser = OverridesParser.create()
     for override in overrides:
@@ -353,18 +343,20 @@ def check_one_option_per_group(overrides: list[str]) -> None:
             parsed = parser.parse_override(override)
         except HydraException:  # OverrideParseException among them
             continue  # compose says what it cannot parse
-        group = parsed.key_or_group
-        if parsed.is_delete() and not group.startswith("hydra"):  # the run would take a default its record lacks
-            what = f"{group}=OPTION ({', '.join(groups[group])})" if group in groups else f"{group}=VALUE"
-            raise UsageError(f"~{group}: a setting cannot be removed; allowed: {what}")
-        if group not in groups or parsed.package is not None or parsed.is_delete():
-            continue
+        key, value_text = parsed.key_or_group, override.partition("=")[2]
+        group, _, field = key.partition(".")
+        if group in groups and field == SELECTOR.get(group, "name") and not parsed.is_add():
+            raise UsageError(f"{key}: an option is chosen with {group}={value_text}, not renamed; allowed: "
+                             f"{group}=OPTION ({', '.join(groups[group])})")
+        if parsed.is_delete() and not key.startswith("hydra"):
+            what = f"{key}=OPTION ({', '.join(groups[key])})" if key in groups else f"{key}=VALUE"
+            raise UsageError(f"~{key}: a setting cannot be removed; allowed: {what}")
+        if key not in groups or parsed.package is not None or parsed.is_delete() or parsed.is_sweep_override():
+            continue  # a, b or glob(): the sweep makes one job per option, each checked
         value = parsed.value()
-        if parsed.is_sweep_override():  # a, b or glob(): the sweep makes one job per option, each checked
-            continue
         if not isinstance(value, str) or not value:
-            raise UsageError(f"{group}={override.partition('=')[2]}: not an option name; allowed: one of "
-                             f"{', '.join(groups[group])} (several runs: patcli sweep {group}=a,b)")
+            raise UsageError(f"{key}={value_text}: not an option name; allowed: one of {', '.join(groups[key])} "
+                             f"(several runs: patcli sweep {key}=a,b)")
 
 
 PATH_KEYS = ("dataset.path", "dense", "trainer.init_from")
@@ -417,8 +409,7 @@ def launch(
     check_single_process()
     check_no_flags(overrides)
     overrides = absolute_paths(overrides)
-    check_no_renamed_option(overrides)
-    check_one_option_per_group(overrides)
+    check_group_overrides(overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="patcli"):
         cfg = compose(overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
         if show_config:

@@ -104,7 +104,7 @@ def prepare(configs: list[RunConfig], progress_factory) -> list[Path]:
             except ConfigError as error:  # under a cluster launcher the jobs' device was not checked here
                 if error.key != "trainer.device":
                     raise
-                raise ConfigError(error.key, f"{str(error).removeprefix(error.key + ': ')}; the dense runs the sweep's "
+                raise ConfigError(error.key, f"{error.message}; the dense runs the sweep's "
                                   "baselines start from are trained on this machine before the jobs are submitted: train "
                                   "one where CUDA is and give it with dense=DIR") from error
             except FloatingPointError as error:  # the training diverged; anything else stops the sweep as before

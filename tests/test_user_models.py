@@ -115,9 +115,9 @@ def test_a_key_called_name_and_a_nested_class_are_ones_own_to_use(cli, tmp_path,
 
 
 def test_only_a_single_plus_adds_a_name_key_of_ones_own():
-    from patcli.hydra_app import UsageError, check_no_renamed_option
+    from patcli.hydra_app import UsageError, check_group_overrides
 
-    check_no_renamed_option(["+model.name=mine"])
+    check_group_overrides(["+model.name=mine"])
     for override in ("model.name=cnn", "++model.name=cnn"):
         with pytest.raises(UsageError, match=r"^model.name: an option is chosen with model=cnn, not renamed"):
-            check_no_renamed_option([override])
+            check_group_overrides([override])
