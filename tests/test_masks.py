@@ -121,7 +121,7 @@ def test_engine_state_round_trips_through_state_dict(tiny_mlp):
     state = pruner.state_dict()
     assert all(v.dtype == torch.bool for k, v in state.items() if k.startswith("mask."))
     fresh = Pruner(tiny_mlp, sparsity=0.6, schedule=SCHEDULES.get("agp")(), total_steps=30,
-                   scorer=type(pruner.scorer)(), frequency=4)
+                   scorer=type(pruner.scorer)(), allocation=type(pruner.allocation)(), frequency=4)
     fresh.load_state_dict(state)
     assert fresh.step == 13
     assert all(torch.equal(a, b) for a, b in zip(fresh.masks.keep, pruner.masks.keep))

@@ -244,9 +244,11 @@ def test_a_pruner_state_a_part_cannot_take_leaves_the_pruner_as_it_was(tiny_mlp)
     saved.update_masks(0)
     saved.step = 4
     random = Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10, scorer=SCORERS.get("random")())
+    state = saved.state_dict()
+    del state["scorer"]  # as saved by a version that did not record the scorer: its parts' own keys are all there is
     with pytest.raises(ValueError, match=r"^the pruner state does not fit this pruner \(KeyError: 'draws'\), saved by a "
                                          r"pruner built another way \(model, scorer, allocation or regrowth\); allowed: the state of a pruner built the same way$"):
-        random.load_state_dict(saved.state_dict())
+        random.load_state_dict(state)
     assert random.step == 0 and random.updates == [] and all(bool(k.all()) for k in random.masks.keep)
     assert all(bool(k.all()) for k in random.layout.group_keep) and random.scorer.state_dict()["draws"] == 0
 
@@ -1036,3 +1038,41 @@ def test_a_part_of_ones_own_with_a_function_setting_resumes_in_another_process(t
     resumed = pruner()
     resumed.load_state_dict(saved.state_dict())
     assert resumed.step == 3
+
+
+@pytest.mark.parametrize(("saved_with", "loaded_with", "key"), [
+    ({"scorer": "hessian"}, {"scorer": "movement"}, "scorer Hessian()"),  # the same sums, read as another statistic
+    ({"scorer": "magnitude"}, {"scorer": "gradient"}, "scorer Magnitude()"),
+    ({"allocation": "global"}, {"allocation": "lamp"}, "allocation Global()"),
+    ({"max_layer_sparsity": 0.99}, {"max_layer_sparsity": 0.9}, "max_layer_sparsity 0.99"),
+])
+def test_a_state_saved_with_another_scorer_allocation_or_cap_is_refused(tiny_mlp, saved_with, loaded_with, key):
+    """gradient, hessian and movement keep their sums under the same keys: a hessian state resumed a movement run
+    with squared gradients as its movement, silently."""
+    def build(**parts):
+        model = copy.deepcopy(tiny_mlp)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, optimizer, prune_during_training(model, optimizer, sparsity=0.5, total_steps=20, frequency=4, **parts)
+
+    model, optimizer, saved = build(**saved_with)
+    for step in range(6):
+        optimizer.zero_grad()
+        loss_of(model, step).backward()
+        optimizer.step()
+    _, _, loading = build(**loaded_with)
+    with pytest.raises(ValueError, match=rf"^the pruner state was saved with {re.escape(key)}, this pruner uses .*; allowed: "
+                                         r"the state of a pruner built the same way \(.*scorer, allocation, max_layer_sparsity"):
+        loading.load_state_dict(saved.state_dict())
+    assert loading.step == 0 and loading.updates == []
+    _, _, same = build(**saved_with)
+    same.load_state_dict(saved.state_dict())  # a seed is no setting: the random stream's state goes with the pruner
+    assert same.step == 6 and len(same.updates) == len(saved.updates) == 2
+
+
+def test_a_random_scorer_state_resumes_under_another_seed_setting(tiny_mlp):
+    """The seed only starts the stream, whose position the state carries: it is left out of the identity."""
+    saved = Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10, scorer=SCORERS.get("random")(seed=1))
+    saved.update_masks(0)
+    resumed = Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10, scorer=SCORERS.get("random")(seed=2))
+    resumed.load_state_dict(saved.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(resumed.masks.keep, saved.masks.keep))

@@ -680,18 +680,24 @@ class Pruner:
         each decides when and how the masks change."""
         if part is None:
             return "None"
-        # a seed only starts a random stream, which the state carries on; an object's address (a function given as
-        # a setting of one's own part) differs from process to process
-        settings = [f"{f.name}={getattr(part, f.name)}" for f in dataclasses.fields(part) if f.name != "seed"]
+        if not dataclasses.is_dataclass(part):  # a part of one's own, not built on patcli's: its kind alone
+            return type(part).__name__
+        # a seed only starts a random stream, which the state carries on; fields hidden from repr are run state (a
+        # scorer's sums), not settings; an object's address (a function given as a setting of one's own part)
+        # differs from process to process
+        settings = [f"{f.name}={getattr(part, f.name)}" for f in dataclasses.fields(part) if f.name != "seed" and f.repr]
         return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(part).__name__}({', '.join(settings)})")
 
     def _identity(self) -> dict[str, str]:
         """What a saved state must have been built with: another pattern's masks would not hold this one's structure
         (2:4, blocks); under another schedule, regrowth or regularizer (run length, target, interval, settings) the
-        saved step and masks would miss this run's updates or undo them."""
+        saved step and masks would miss this run's updates or undo them; another scorer would read the saved sums as
+        its own statistic (gradient, hessian and movement keep theirs under the same keys), and another allocation or
+        cap would spread the later updates differently."""
         return {"pattern": self._pattern_id(), "schedule": self._schedule_id(),
                 "schedule_settings": self._settings_id(self.schedule), "regrowth": self._settings_id(self.regrowth),
-                "regularizer": self._settings_id(self.regularizer)}
+                "regularizer": self._settings_id(self.regularizer), "scorer": self._settings_id(self.scorer),
+                "allocation": self._settings_id(self.allocation), "max_layer_sparsity": str(self.max_layer_sparsity)}
 
     def _load_parts(self, state: dict[str, torch.Tensor]) -> None:
         """The pruner's own state, every part's, from ``state`` (the model's weights are left as they are)."""
@@ -741,7 +747,7 @@ class Pruner:
             if saved != mine:
                 raise ValueError(f"the pruner state was saved with {key} {saved}, this pruner uses {mine}; allowed: the "
                                  "state of a pruner built the same way (sparsity, total_steps, frequency, schedule, pattern, "
-                                 "regrowth, regularizer)")
+                                 "regrowth, regularizer, scorer, allocation, max_layer_sparsity)")
         masks = {k.removeprefix("mask."): v for k, v in state.items() if k.startswith("mask.")}
         for name, keep in zip(self.masks.names, self.masks.keep):  # the same weights, each of its own shape
             saved = masks.get(name)
