@@ -338,8 +338,8 @@ def test_sensitivity_prunes_where_loss_per_removed_weight_is_lowest():
 
 
 @pytest.mark.parametrize("pattern, message", [
-    (PATTERNS.get("nm")(n=2, m=4), "0.weight has 1 input channel, not a multiple of m=4; leave it dense with pruning.exclude=['0.weight']"),
-    (PATTERNS.get("block")(rows=1, cols=4), "0.weight of shape (8, 1, 3, 3) does not divide into 1x4 blocks; leave it dense with pruning.exclude=['0.weight']"),
+    (PATTERNS.get("nm")(n=2, m=4), "0.weight has 1 input channel, not a multiple of m=4; leave it dense with exclude=['0.weight'] (pruning.exclude on the command line)"),
+    (PATTERNS.get("block")(rows=1, cols=4), "0.weight of shape (8, 1, 3, 3) does not divide into 1x4 blocks; leave it dense with exclude=['0.weight'] (pruning.exclude on the command line)"),
 ])
 def test_a_pattern_that_does_not_fit_a_layer_names_it_and_how_to_leave_it_dense(pattern, message):
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))  # 1 input channel, then 8; 1·3·3 = 9 inputs per filter, 8·3·3 = 72

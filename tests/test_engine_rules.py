@@ -406,8 +406,8 @@ def test_no_prunable_weight_says_what_is_prunable_when_include_names_a_frozen_la
 
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     model[0].weight.requires_grad_(False)
-    with pytest.raises(ValueError, match=r"^no prunable weights: check pruning.include / pruning.exclude \(only Linear "
-                                         r"and Conv weights that train are prunable: not frozen ones"):
+    with pytest.raises(ValueError, match=r"^no prunable weights: check include and exclude \(pruning.include and pruning.exclude on "
+                                         r"the command line\); only Linear and Conv weights that train are prunable: not frozen ones"):
         Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=2, include=["0.weight"])
 
 # -- surgery ---------------------------------------------------------------------------------------------------------

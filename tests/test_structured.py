@@ -245,28 +245,28 @@ def test_an_activation_module_used_twice_is_no_obstacle():
 
 @pytest.mark.parametrize("mode, model, why", [
     ("neurons", lambda: nn.Sequential(nn.Unflatten(1, (8, 8)), nn.Linear(8, 6), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3)),
-     "1 → 4: the consumer takes 8× the Linear's outputs, flattened with its positions, not in blocks per neuron"),
+     "1 (Linear) → 4 (Linear): the consumer takes 8× the Linear's outputs, flattened with its positions, not in blocks per neuron"),
     ("neurons", lambda: nn.Sequential(nn.Linear(12, 16), nn.Unflatten(1, (16, 1)), nn.Conv1d(16, 4, 1), nn.Flatten(), nn.Linear(4, 3)),
-     "0 → 2: an Unflatten between them moves the channels"),
+     "0 (Linear) → 2 (Conv1d): an Unflatten between them moves the channels"),
     ("filters", lambda: nn.Sequential(nn.Conv1d(1, 8, 3), nn.ReLU(), nn.Linear(8, 3)),  # on length 10: 8 positions
-     "0 → 2: a Linear right after a conv acts on its last (spatial) axis, not on its channels; allowed: a Flatten"),
+     "0 (Conv1d) → 2 (Linear): a Linear right after a conv acts on its last (spatial) axis, not on its channels; allowed: a Flatten"),
     # pooling mixes neighbouring neurons (masked and shrunk outputs differed by 0.19)
     ("neurons", lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.AvgPool1d(3, stride=1, padding=1), nn.Linear(16, 3)),
-     "0 → 3: the AvgPool1d between them pools along the channel axis, mixing neighbouring channels"),
+     "0 (Linear) → 3 (Linear): the AvgPool1d between them pools along the channel axis, mixing neighbouring channels"),
     ("filters", lambda: nn.Sequential(nn.Conv1d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.MaxPool1d(2), nn.Linear(32, 3)),
-     "0 → 4: the MaxPool1d between them pools along the channel axis"),
+     "0 (Conv1d) → 4 (Linear): the MaxPool1d between them pools along the channel axis"),
     # a pool over more axes than the conv's positions takes the channels for one (masked and shrunk differed by 0.35)
     ("filters", lambda: nn.Sequential(nn.Conv2d(1, 8, 3), nn.MaxPool3d((2, 1, 1)), nn.Flatten(), nn.Linear(4 * 36, 3)),
-     "0 → 3: the MaxPool3d between them pools over 3 axes of an output with 2 positional axes, so over the channels too"),
+     "0 (Conv2d) → 3 (Linear): the MaxPool3d between them pools over 3 axes of an output with 2 positional axes, so over the channels too"),
     ("filters", lambda: nn.Sequential(nn.Conv1d(1, 8, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16, 3)),
-     "0 → 3: the AvgPool2d between them pools over 2 axes of an output with 1 positional axis, so over the channels too"),
+     "0 (Conv1d) → 3 (Linear): the AvgPool2d between them pools over 2 axes of an output with 1 positional axis, so over the channels too"),
     # a Flatten that keeps the channel axis leaves the Linear reading positions (it shrank, then failed to run)
     ("filters", lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(start_dim=2), nn.AdaptiveAvgPool1d(8),
                                       nn.Linear(8, 3), nn.Flatten(), nn.Linear(12, 2)),
-     "0 → 4: a Linear right after a conv acts on its last (spatial) axis, not on its channels; allowed: a Flatten of the "
+     "0 (Conv2d) → 4 (Linear): a Linear right after a conv acts on its last (spatial) axis, not on its channels; allowed: a Flatten of the "
      "channels and every position (start_dim=1)"),
     ("filters", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(1, 2), nn.Linear(6, 3)),
-     "0 → 3: a Linear right after a conv acts on its last (spatial) axis"),  # channels and rows merged, the Linear on columns
+     "0 (Conv2d) → 3 (Linear): a Linear right after a conv acts on its last (spatial) axis"),  # channels and rows merged, the Linear on columns
 ], ids=["linear-over-positions-then-flatten", "unflatten-between", "linear-on-a-conv-length", "pool-over-neurons",
         "pool-after-flatten", "pool-3d-after-conv2d", "pool-2d-after-conv1d", "linear-after-a-flatten-that-keeps-channels", "linear-after-a-flatten-of-channels-and-rows"])
 def test_a_consumer_that_does_not_read_the_channels_where_the_reader_assumes_is_refused(mode, model, why):
@@ -275,6 +275,16 @@ def test_a_consumer_that_does_not_read_the_channels_where_the_reader_assumes_is_
 
     with pytest.raises(StructureError, match=f"^{re.escape(why)}"):
         pruned(model(), mode, 0.5)
+
+
+def test_a_consumer_reading_a_number_of_inputs_that_is_no_multiple_of_the_channels_is_named_with_the_layer_kinds():
+    """The message named the layers by their index alone: '3 takes 8 inputs, not a multiple of 0's 16 channels'."""
+    from patcli.engine.structure import StructureError
+
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.MaxPool1d(2), nn.Linear(8, 3))  # pools pairs of neurons
+    with pytest.raises(StructureError, match=r"^3 \(Linear\) takes 8 inputs, not a multiple of the 16 channels of 0 "
+                                             r"\(Linear\); allowed: .*channel_groups\(kind\)"):
+        pruned(model, "neurons", 0.5)
 
 
 def test_filter_pruning_turns_off_batchnorm_gamma_and_beta():

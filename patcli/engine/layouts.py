@@ -139,7 +139,8 @@ class ChannelLayout(Layout):
 
     def __init__(self, params: dict[str, nn.Parameter], groups: list[ChannelGroup], reduce: str = "l2") -> None:
         if not groups:
-            raise ValueError("no channel groups to prune: check pruning.include / pruning.exclude and the model")
+            raise ValueError("no channel groups to prune: check include and exclude (pruning.include and pruning.exclude on the "
+                             "command line) and the model")
         self.groups = groups
         self.reduce = reduce
         self.names = list(dict.fromkeys(s.param for g in groups for s in g.slices))

@@ -155,8 +155,9 @@ class MaskSet:
 
     def __init__(self, weights: dict[str, nn.Parameter], accounted: list[bool] | None = None) -> None:
         if not weights:
-            raise ValueError("no prunable weights: check pruning.include / pruning.exclude (only Linear and Conv weights "
-                             "that train are prunable: not frozen ones, embeddings, or weights a parametrization computes)")
+            raise ValueError("no prunable weights: check include and exclude (pruning.include and pruning.exclude on the "
+                             "command line); only Linear and Conv weights that train are prunable: not frozen ones, "
+                             "embeddings, or weights a parametrization computes")
         self.names = list(weights)
         self.weights = list(weights.values())
         self.accounted = accounted or [True] * len(self.weights)

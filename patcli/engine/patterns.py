@@ -93,7 +93,7 @@ class NM(Pattern):
         if inputs % self.m:
             kind = "input channel" if len(shape) > 2 else "input"
             raise PatternError(f"{name} has {inputs} {kind}{'s' if inputs != 1 else ''}, not a multiple of m={self.m}; "
-                               f"leave it dense with pruning.exclude=['{name}']")
+                               f"leave it dense with exclude=['{name}'] (pruning.exclude on the command line)")
 
     def select(self, group_scores: torch.Tensor, n_prune: int, shape: torch.Size, cut: torch.Tensor | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,7 +122,7 @@ class Block(Pattern):
         out, inputs = as_rows(shape)
         if out % self.rows or inputs % self.cols:
             raise PatternError(f"{name} of shape {tuple(shape)} does not divide into {self.rows}x{self.cols} blocks; "
-                               f"leave it dense with pruning.exclude=['{name}']")
+                               f"leave it dense with exclude=['{name}'] (pruning.exclude on the command line)")
 
     def group_size(self, shape: torch.Size) -> int:
         return self.rows * self.cols

@@ -106,6 +106,11 @@ def _used_twice(named: Iterable[tuple[str, object]], what: str) -> list[str]:
     return [f"{what} {' = '.join(shared)} used twice" for shared in names.values() if len(shared) > 1]
 
 
+def _named(name: str, module: nn.Module) -> str:
+    """A layer as a message names it: a Sequential's names are bare indices, which say little alone."""
+    return f"{name} ({type(module).__name__})"
+
+
 def sequential_groups(model: nn.Module, kind: str) -> list[ChannelGroup]:
     leaves = _leaves(model)
     unknown = _unreadable(model)
@@ -138,11 +143,13 @@ def sequential_groups(model: nn.Module, kind: str) -> list[ChannelGroup]:
             continue  # the model's output layer
         consumer_name, consumer_module = consumer
         inputs = consumer_module.weight.shape[1]
-        if inputs % channels:
-            raise StructureError(f"{consumer_name} takes {inputs} inputs, not a multiple of {name}'s {channels} channels")
+        producer, reader = _named(name, module), _named(consumer_name, consumer_module)
+        if inputs % channels:  # something between them changes how many values a channel gives (a pool across them)
+            raise StructureError(f"{reader} takes {inputs} inputs, not a multiple of the {channels} channels of {producer}; "
+                                 "allowed: a chain that passes whole channels on, or define channel_groups(kind) on the model")
         problem = _channel_axis_problem(module, consumer_module, between, inputs // channels)
         if problem:
-            raise StructureError(f"{name} → {consumer_name}: {problem}")
+            raise StructureError(f"{producer} → {reader}: {problem}")
         slices.append(Slice(f"{consumer_name}.weight", 1, width=inputs // channels))
         groups.append(ChannelGroup(name=name, channels=channels, slices=slices, shape=module.weight.shape,
                                    activation=consumer_name, buffers=buffers,
