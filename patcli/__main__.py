@@ -1,5 +1,5 @@
 """``python -m patcli``: the same CLI as the ``patcli`` command."""
 
-from .cli import main
+from .entry import main
 
 main()

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from .console import console, errors, print_error
-from .records import METRICS_FILE, MODEL_FILE, RESULT_FILE, write_atomic
+from .records import METRICS_FILE, MODEL_FILE, RESULT_FILE, WriteError, write_atomic
 from .hydra_app import UsageError, config_groups, launch
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ def terminate_as_interrupt():
 def _run(args: list[str], **kwargs) -> object:
     """Call the library; a user mistake ends as one line on stderr and exit code 2, a diverged run with exit code 1."""
     from .config import ConfigError
+    from .jobs import unrecorded_note
 
     try:
         with terminate_as_interrupt():
@@ -78,11 +79,13 @@ def _run(args: list[str], **kwargs) -> object:
     except (UsageError, ConfigError) as error:
         print_error(str(error))
         raise typer.Exit(code=2) from None
-    except FloatingPointError as error:  # training diverged: the run's record says failed, with this line
-        print_error(str(error))
+    except (FloatingPointError, WriteError) as error:  # training diverged, or a full disk: the record says failed
+        print_error(f"{error}{unrecorded_note(error)}")
         raise typer.Exit(code=1) from None
     except KeyboardInterrupt as stop:
-        print_error("interrupted (a run already started is recorded in its result.json with status 'interrupted')")
+        why = getattr(stop, "unrecorded", None)
+        print_error(f"interrupted (its record could not be written: {why})" if why else
+                    "interrupted (a run already started is recorded in its result.json with status 'interrupted')")
         raise typer.Exit(code=143 if isinstance(stop, Terminated) else 130) from None
 
 

@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config import ConfigError, RunConfig, parse_run_config
 from .hydra_app import pruning_defaults
-from .records import RESULT_FILE, RecordError, RunRecord, find_record_files, read_record
+from .records import RESULT_FILE, RecordError, RunRecord, find_record_files, read_record, status_words
 
 log = logging.getLogger(__name__)
 CONFIG_SNAPSHOT = Path(".hydra") / "config.yaml"
@@ -47,7 +47,7 @@ def check_dense_run(run_dir: Path, config: RunConfig) -> RunRecord:
     except RecordError as error:
         raise ConfigError("dense", f"{run_dir} is not a finished patcli run ({error})") from error
     if record.method != "dense" or record.status != "ok":
-        raise ConfigError("dense", f"{run_dir} is a {record.status} {record.method!r} run; allowed: a finished run of "
+        raise ConfigError("dense", f"{run_dir} is {status_words(record.status)} {record.method!r} run; allowed: a finished run of "
                           "`patcli train pruning=none`")
     if not os.path.isfile(run_dir / CONFIG_SNAPSHOT):
         raise ConfigError("dense", f"{run_dir} has no {CONFIG_SNAPSHOT} to rebuild its model and data from")

@@ -26,7 +26,7 @@ from .engine.patterns import NM, Structured
 from .engine.structure import channel_groups
 from .engine.surgery import live_channels, param_count, resize_like, shapes_of, shrink
 from .models import build_model
-from .records import MODEL_FILE, RESULT_FILE, RecordError, RunRecord, read_record, with_default_mode, write_record
+from .records import MODEL_FILE, RESULT_FILE, RecordError, RunRecord, read_record, status_words, with_default_mode, write_record
 from .dense import CONFIG_SNAPSHOT, load_run_config
 from .runner import load_weights, save_tensors
 
@@ -162,7 +162,7 @@ def export_run(run_dir: Path, measure_latency: bool = True) -> RunRecord:
     except RecordError as error:
         raise ConfigError("RUN_DIR", str(error)) from error
     if record.status != "ok":
-        raise ConfigError("RUN_DIR", f"{run_dir} is a {record.status} run; allowed: a finished one")
+        raise ConfigError("RUN_DIR", f"{run_dir} is {status_words(record.status)} run; allowed: a finished one")
     config = load_run_config(run_dir, "RUN_DIR")
     now = config.model_dataset_hash()
     if record.model_dataset_hash and now != record.model_dataset_hash:  # an edited text file or config snapshot

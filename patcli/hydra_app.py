@@ -324,6 +324,13 @@ def check_no_flags(overrides: list[str]) -> None:
                          "trainer.epochs=3 (the command's --help lists the keys)")
 
 
+def check_no_mode(overrides: list[str]) -> None:
+    """``hydra.mode=MULTIRUN`` on train ended in an AssertionError inside Hydra: the command is what chooses."""
+    if any(o.lstrip("+~").split("=", 1)[0].strip() == "hydra.mode" for o in overrides):
+        raise UsageError("hydra.mode: the command sets it (train and prune-post run one job, sweep a multirun); "
+                         "allowed: leave it out")
+
+
 SELECTOR = {"pruning": "mode"}  # the key that names a group's option in its YAML files ("name" elsewhere)
 
 
@@ -408,6 +415,7 @@ def launch(
     """Compose + validate, then hand the run (or sweep) to Hydra. Returns Hydra's job return(s)."""
     check_single_process()
     check_no_flags(overrides)
+    check_no_mode(overrides)
     overrides = absolute_paths(overrides)
     check_group_overrides(overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="patcli"):

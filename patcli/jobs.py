@@ -7,6 +7,9 @@ failing job must not stop the others: its record says ``failed`` with the error,
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +37,17 @@ def run_job(source: dict[str, Any], run_dir: Path, mode: RunMode | None, searchi
         progress = None if sweeping else RichProgress(config.recipe())
         record = execute(config, run_dir, progress)
     except KeyboardInterrupt as error:
-        failed_record(source, run_dir, error, status="interrupted")
+        leave_record(source, run_dir, error, status="interrupted")
         raise
     except Exception as error:
-        failed_record(source, run_dir, error)
+        leave_record(source, run_dir, error)
         log.info("run failed", exc_info=True)  # the traceback goes to run.log; the terminal gets one line
         if not sweeping:
             if isinstance(error, AllocationError):  # a target the caps cannot meet is the user's to fix
                 raise ConfigError("pruning.sparsity", str(error)) from error
             raise
-        console.print(f"[red]job failed[/] {run_dir}: {error.__class__.__name__}: {error}", highlight=False)
+        console.print(f"[red]job failed[/] {run_dir}: {error.__class__.__name__}: {error}{unrecorded_note(error)}",
+                      highlight=False)
         return None
     if sweeping:  # a sweeper optimises the validation value: show it first
         val, test = (record.primary_value(split) for split in ("val", "test"))
@@ -53,6 +57,43 @@ def run_job(source: dict[str, Any], run_dir: Path, mode: RunMode | None, searchi
     else:
         console.print(summary_table(record))
     return record.primary_value("val")
+
+
+def leave_record(source: dict[str, Any], run_dir: Path, error: BaseException, status: str = "failed") -> None:
+    """The record of a run that did not finish. Ctrl-C and SIGTERM wait until it is written: a second one a few ms
+    after the first (a wrapper forwarding the signal the terminal also sent) broke into the write and left none.
+    A record that cannot be written (a full disk) is noted on ``error``, for the line the terminal gets."""
+    with signals_held(deliver=status != "interrupted"):  # an interrupted run stops anyway
+        try:
+            failed_record(source, run_dir, error, status=status)
+        except OSError as write_error:
+            error.unrecorded = str(write_error)
+
+
+def unrecorded_note(error: BaseException) -> str:
+    why = getattr(error, "unrecorded", None)
+    return f"; its record could not be written either ({why})" if why else ""
+
+
+@contextmanager
+def signals_held(deliver: bool = True):
+    """Hold SIGINT and SIGTERM until the block ends, then deliver the first one that came (``deliver``), or drop it.
+
+    Only the main thread may set handlers: elsewhere (a launcher's thread) the signals stay as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {number: signal.signal(number, lambda received, frame: arrived.append(received))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            if handler is not None:  # None: set outside Python, which cannot be put back
+                signal.signal(number, handler)
+        if arrived and deliver:
+            signal.raise_signal(arrived[0])
 
 
 def _number(value: float | None) -> str:

@@ -94,17 +94,29 @@ def with_default_mode(path: Path | str) -> None:
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_UMASK)
 
 
+class WriteError(OSError):
+    """A file of a run could not be written (a full disk, a quota, a folder made read-only): one line says which."""
+
+
+def cannot_write(path: Path, error: Exception) -> WriteError:
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return WriteError(f"cannot write {path}: {reason}")
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as handle:
+        with open(tmp, "w") as handle:
             handle.write(text)
         with_default_mode(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and not isinstance(error, WriteError):
+            raise cannot_write(path, error) from error
         raise
 
 
@@ -126,8 +138,11 @@ def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
     """One JSON line; a non-finite number (a diverged loss) is written as null, as JSON has no NaN that jq or a
     browser would read."""
     finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in row.items()}
-    with open(run_dir / METRICS_FILE, "a") as handle:
-        handle.write(json.dumps(finite, sort_keys=True, allow_nan=False) + "\n")
+    try:
+        with open(run_dir / METRICS_FILE, "a") as handle:
+            handle.write(json.dumps(finite, sort_keys=True, allow_nan=False) + "\n")
+    except OSError as error:  # a line cut short by a full disk is skipped by every reader
+        raise cannot_write(run_dir / METRICS_FILE, error) from error
 
 
 def logged_progress(run_dir: Path) -> tuple[int, float | None, int]:
@@ -151,6 +166,12 @@ def logged_progress(run_dir: Path) -> tuple[int, float | None, int]:
             sparsity = float(row["sparsity"])
             updates += 1
     return steps, sparsity, updates
+
+
+def status_words(status: str) -> str:
+    """A record's status as a message says it: "a finished", "an interrupted", "a failed"."""
+    word = "finished" if status == "ok" else status
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
 
 
 class RecordError(ValueError):
@@ -196,6 +217,9 @@ def read_record(path: Path) -> RunRecord:
         raise RecordError(f"{path}: {error}") from error
     if record.schema_version > SCHEMA_VERSION:
         raise RecordError(f"{path}: schema_version {record.schema_version} is newer than this patcli ({SCHEMA_VERSION})")
+    for key in ("target_sparsity", "achieved_sparsity"):  # table columns and JSON output (which has no NaN)
+        if not 0.0 <= getattr(record, key) <= 1.0:
+            raise RecordError(f"{path}: {key} {getattr(record, key)!r} is not a fraction in 0..1")
     bad = [f"{split}.{name}" for split, values in record.metrics.items() for name, value in values.items()
            if isinstance(value, float) and not math.isfinite(value)]
     if record.status == "ok" and bad:  # a hand-edited record: a diverged run is recorded failed

@@ -250,7 +250,9 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
         # the same seed from other weights (another dense run, trainer.init_from) is another sample
         fold = flat.get("dataset.val_fold")
         cited = (record.dense_reference or {}).get("run_id")
-        start = (same_start.get(cited, cited), flat.get("trainer.init_from"))
+        # a baseline starts from its dense run, whatever trainer.init_from says (prune-post warns it does not apply)
+        from_dense = record.method.startswith("post:") or flat.get("baseline.name") not in (None, "none")
+        start = (same_start.get(cited, cited), None if from_dense else flat.get("trainer.init_from"))
         # a PAT run's random masks have seeds of their own; nothing else reads them
         seeds = (record.seed, *(flat.get(k) for k in SUB_SEEDS)) if record.method == "pat" else (record.seed,)
         first = seen.setdefault((record.model_dataset_hash, label, key, column, seeds, fold, start), record.run_dir)

@@ -34,8 +34,8 @@ from .engine.allocation import AllocationError
 from .engine.schedules import Schedule, ScheduleError
 from .hydra_app import conf_dir, pruning_defaults
 from .models import build_model
-from .records import (MODEL_FILE, RESULT_FILE, RecordError, RunRecord, append_metrics, logged_progress, mask_update_row,
-                      read_record, with_default_mode, write_record)
+from .records import (MODEL_FILE, RESULT_FILE, RecordError, RunRecord, append_metrics, cannot_write, logged_progress,
+                      mask_update_row, read_record, status_words, with_default_mode, write_record)
 from .training import Progress, Trainer, evaluate, loss_and_outputs, resolve_device, total_steps
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def check_init_from(config: RunConfig) -> Path:
     except RecordError as error:
         raise ConfigError("trainer.init_from", f"{run_dir} is not a finished patcli run ({error})") from error
     if source.status != "ok":
-        raise ConfigError("trainer.init_from", f"{run_dir} is a {source.status} run; allowed: a run that finished ok")
+        raise ConfigError("trainer.init_from", f"{run_dir} is {status_words(source.status)} run; allowed: a run that finished ok")
     if source.model_dataset_hash != config.model_dataset_hash():
         raise ConfigError(
             "trainer.init_from",
@@ -193,6 +193,8 @@ def save_tensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str,
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(partial), metadata=metadata)
         with_default_mode(partial)
         os.replace(partial, path)
+    except (SafetensorError, OSError) as error:  # safetensors' own error for a full disk, among others
+        raise cannot_write(path, error) from error
     finally:
         partial.unlink(missing_ok=True)
     return path.stat().st_size

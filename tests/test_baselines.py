@@ -1,6 +1,7 @@
 """Post-training baselines reach their targets, share dense runs safely, and iterative beats one-shot."""
 
 import json
+import re
 import multiprocessing
 import shutil
 from pathlib import Path
@@ -442,3 +443,19 @@ def test_a_structured_baseline_off_its_target_says_so_in_the_run_log(cli, tmp_pa
     # which dense run it started from: a matching one found anywhere under output_root is taken (the newest)
     (dense,) = [d for d in (tmp_path / "out" / "dense").iterdir() if d.is_dir()]
     assert f"starting from the dense run {dense}" in (tmp_path / "s" / "run.log").read_text()
+
+
+@pytest.mark.parametrize(("method", "status", "said"), [("pat", "ok", "is a finished 'pat' run"),
+                                                       ("dense", "interrupted", "is an interrupted 'dense' run"),
+                                                       ("dense", "failed", "is a failed 'dense' run")])
+def test_a_dense_run_that_is_not_one_is_named_in_plain_words(tmp_path, method, status, said):
+    """It read "is a ok 'pat' run" and "is a interrupted 'dense' run"."""
+    from patcli.config import ConfigError
+    from patcli.dense import check_dense_run
+    from patcli.records import RunRecord, write_record
+
+    write_record(tmp_path / "given", RunRecord(method=method, recipe=method, model="mlp", dataset="digits",
+                                                      model_dataset_hash="h", seed=0, status=status,
+                                                      metrics={"test": {"accuracy": 0.9}}))
+    with pytest.raises(ConfigError, match=rf"^dense: {re.escape(str(tmp_path / 'given'))} {said}; allowed: a finished run "):
+        check_dense_run(tmp_path / "given", config_for(output_root=tmp_path))

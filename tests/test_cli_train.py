@@ -812,3 +812,117 @@ def test_a_record_says_the_device_threads_and_versions_its_numbers_depend_on(cli
     assert result_of(run_dir_of(out))["extra"]["environment"] == {
         "device": "cpu", "torch_threads": 1, "torch": torch.__version__, "numpy": np.__version__,
         "python": platform.python_version(), "machine": platform.machine()}
+
+
+def test_a_second_ctrl_c_while_the_record_is_written_waits_for_it(cli, tmp_path, monkeypatch):
+    """Two SIGINTs a few ms apart (a wrapper forwarding Ctrl-C the terminal also sent): the second one broke into the
+    record's write, so no result.json was left, while the CLI said the run was recorded."""
+    import signal
+
+    from patcli import jobs
+
+    def interrupted(config, run_dir, progress=None):
+        raise KeyboardInterrupt
+
+    real = jobs.failed_record
+
+    def second_signal_arrives(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "execute", interrupted)
+    monkeypatch.setattr(jobs, "failed_record", second_signal_arrives)
+    code, _, err = cli("train", *TINY, f"hydra.run.dir={tmp_path}/run")
+    assert code == 130 and err.strip() == "error: interrupted (a run already started is recorded in its result.json with status 'interrupted')"
+    assert result_of(tmp_path / "run")["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def no_space_on(*endings):
+    """An ``open`` for patcli.records that fails as a full disk does on files whose name ends so."""
+    import builtins
+    import errno
+
+    def opener(path, *args, **kwargs):
+        if str(path).endswith(endings):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    return opener
+
+
+def test_a_full_disk_mid_run_is_one_line_that_says_the_record_could_not_be_written_either(cli, tmp_path, monkeypatch):
+    """metrics.jsonl could not take a line, then the failed record could not be written: two chained tracebacks."""
+    from patcli import records
+
+    monkeypatch.setattr(records, "open", no_space_on("metrics.jsonl", ".tmp"), raising=False)
+    code, _, err = cli("train", *TINY, f"hydra.run.dir={tmp_path}/run")
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"error: cannot write {tmp_path}/run/metrics.jsonl: No space left on device; its record could "
+                          f"not be written either (cannot write {tmp_path}/run/result.json: No space left on device)"), err
+    assert not (tmp_path / "run" / "result.json").exists() and not list((tmp_path / "run").glob(".result.json.*"))
+
+
+def test_a_model_that_cannot_be_saved_is_one_line_and_the_run_is_recorded_failed(cli, tmp_path, monkeypatch):
+    """safetensors' own error for a full disk came out as a 120-line traceback."""
+    from safetensors import SafetensorError
+
+    from patcli import runner
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+
+    monkeypatch.setattr(runner, "save_file", full)
+    code, _, err = cli("train", *TINY, f"hydra.run.dir={tmp_path}/run")
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"error: cannot write {tmp_path}/run/model.safetensors: Error while serializing"), err
+    record = result_of(tmp_path / "run")
+    assert record["status"] == "failed" and "No space left on device" in record["error"]
+    assert not list((tmp_path / "run").glob(".model.safetensors*"))
+
+
+@pytest.mark.parametrize("command", ["train", "prune-post", "sweep"])
+def test_hydra_mode_is_the_commands_to_choose(cli, command, tmp_path):
+    """hydra.mode=MULTIRUN on train ended in an AssertionError traceback inside Hydra."""
+    code, _, err = cli(command, *TINY, "hydra.mode=MULTIRUN", f"hydra.run.dir={tmp_path}/run")
+    assert code == 2 and err.strip().startswith("error: hydra.mode: the command sets it (train and prune-post run one job, "
+                                                "sweep a multirun); allowed: leave it out"), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_while_the_cli_loads_exits_130_without_a_traceback(monkeypatch, capsys):
+    """Pressed within the first second (while Hydra and rich import) it printed a KeyboardInterrupt traceback."""
+    import builtins
+
+    from patcli import entry
+
+    real_import = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "cli" or name.endswith(".cli"):
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        entry.main()
+    assert stop.value.code == 130 and capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_once_interrupted_the_command_ignores_a_further_ctrl_c_while_the_process_exits(monkeypatch):
+    """A second SIGINT 10 ms after the first broke into the interpreter's exit (torch's finalizers) with a traceback."""
+    import signal
+
+    from patcli import cli, entry
+
+    def stopped():
+        raise SystemExit(130)
+
+    monkeypatch.setattr(cli, "main", stopped)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            entry.main()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

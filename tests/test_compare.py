@@ -290,6 +290,19 @@ def test_a_record_with_a_metric_that_is_not_finite_is_skipped_with_its_reason(ru
     assert any("pat-95/result.json: a finished run whose test.accuracy is not a finite number" in line for line in skipped)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 5.0, -0.1])
+@pytest.mark.parametrize("key", ["target_sparsity", "achieved_sparsity"])
+def test_a_record_whose_sparsity_is_no_fraction_is_skipped_with_its_reason(runs, key, value):
+    """A hand-edited NaN target was taken in, and compare --format json then wrote NaN, which is not JSON."""
+    path = runs / "pat-95" / "result.json"
+    data = json.loads(path.read_text())
+    data[key] = value
+    path.write_text(json.dumps(data))
+    records, skipped = report.load_records([runs])
+    assert any(f"pat-95/result.json: {key} {value!r} is not a fraction in 0..1" in line for line in skipped), skipped
+    assert all(r.run_dir != str(runs / "pat-95") for r in records)
+
+
 def test_the_same_seed_started_from_other_weights_is_another_sample(tmp_path):
     """Baselines of one seed pruned from two different dense runs, or PAT runs continued from two runs."""
     for name, dense in (("mag-a", "dA"), ("mag-b", "dB")):
@@ -594,3 +607,19 @@ def test_every_row_of_a_plot_panel_has_its_own_colour_and_marker():
     """Colours repeat after 10 rows and every row had the same marker: row 11 looked like row 1 in the legend."""
     styles = report.line_styles(70)
     assert len({(s["color"], s["marker"]) for s in styles}) == 70
+
+
+def test_a_baseline_given_an_init_from_it_ignores_is_a_repeat_of_the_same_baseline_without_it(tmp_path):
+    """prune-post warns that trainer.init_from does not apply (a baseline starts from its dense run), yet compare
+    took the unused path for another start: one run from one dense run and seed counted twice."""
+    dense = cite(tmp_path, "d0", 0.97)
+    record(tmp_path, "mag-a", "post:magnitude", "post:magnitude", 0.9, 0.711, dense_reference=dense,
+           config={"baseline": {"name": "magnitude"}})
+    record(tmp_path, "mag-b", "post:magnitude", "post:magnitude", 0.9, 0.711, dense_reference=dense,
+           config={"baseline": {"name": "magnitude"}, "trainer": {"init_from": str(tmp_path / "d0")}})
+    records, _ = report.load_records([tmp_path])
+    comparison = report.compare(records)
+    (group,) = comparison.groups
+    assert group.rows["post:magnitude"].cells[0.9].n == 1
+    assert [line.split(":")[0] for line in comparison.repeats] in ([str(tmp_path / "mag-b")], [str(tmp_path / "mag-a")])
+
