@@ -313,6 +313,23 @@ class RunConfig:
     def val_fold(self) -> int | None:
         return (self.source.get("dataset") or {}).get("val_fold")
 
+    def model_dataset_changes(self, other: Mapping[str, Any]) -> str:
+        """The model and dataset settings another run's config holds otherwise, "KEY: X there, Y here; ...": a
+        refusal that named only the model ("mlp on digits") left the user to find which of its settings."""
+        def settings(source: Mapping[str, Any]) -> dict[str, Any]:
+            return {f"{group}.{key}": value for group in ("model", "dataset")
+                    for key, value in ((source.get(group) or {}) if isinstance(source.get(group), Mapping) else {}).items()
+                    if key != "val_fold"}  # a fold is checked apart, with its own message
+
+        def shown(value: Any) -> str:
+            return value if isinstance(value, str) else json.dumps(value)
+
+        theirs, ours = settings(other), settings(self.source)
+        keys = [*ours, *(key for key in theirs if key not in ours)]
+        changes = [f"{key}: {shown(theirs.get(key))} there, {shown(ours.get(key))} here"
+                   for key in keys if theirs.get(key) != ours.get(key)]
+        return "; ".join(changes) or "the same settings, other data (the file it reads changed since)"
+
     def check_same_fold(self, key: str, run_dir: Path, other: Mapping[str, Any]) -> None:
         """A run trained on another cross-validation fold saw this run's validation images: refuse to build on it."""
         theirs, ours = (other.get("dataset") or {}).get("val_fold"), self.val_fold()

@@ -54,7 +54,8 @@ def check_dense_run(run_dir: Path, config: RunConfig) -> RunRecord:
     load_run_config(run_dir)  # readable, before anything runs
     if record.model_dataset_hash != config.model_dataset_hash():  # the baseline would prune another model than it records
         raise ConfigError("dense", f"{run_dir} was trained with another model/dataset config ({record.model} on "
-                                   f"{record.dataset}); allowed: a dense run with this run's model and dataset settings")
+                                   f"{record.dataset}; {config.model_dataset_changes(record.config)}); allowed: a dense "
+                                   "run with this run's model and dataset settings")
     config.check_same_fold("dense", run_dir, record.config)
     return record
 

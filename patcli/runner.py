@@ -165,7 +165,8 @@ def check_init_from(config: RunConfig) -> Path:
     if source.model_dataset_hash != config.model_dataset_hash():
         raise ConfigError(
             "trainer.init_from",
-            f"{run_dir} was trained with another model/dataset config ({source.model} on {source.dataset}); "
+            f"{run_dir} was trained with another model/dataset config ({source.model} on {source.dataset}; "
+            f"{config.model_dataset_changes(source.config)}); "
             "allowed: a run with the same model and dataset settings",
         )
     config.check_same_fold("trainer.init_from", run_dir, source.config)

@@ -200,6 +200,11 @@ def test_prune_post_cli_reuses_a_given_dense_run_and_rejects_a_wrong_one(cli, tm
     # a dense run of another model would be pruned while the record names this one
     code, out, err = cli("prune-post", *TINY, "model.hidden=[16]", "baseline=magnitude", f"dense={tmp_path}/dense")
     assert code == 2 and "dense: " in err and "another model/dataset config" in err and len(err.strip().splitlines()) == 1
+    # which setting differs, not only the model's name (the same here)
+    assert f"{tmp_path}/dense was trained with another model/dataset config (mlp on digits; model.hidden: [32, 32] there, " \
+           "[16] here)" in " ".join(err.split())
+    code, _, err = cli("train", *TINY, "model.hidden=[16]", "dataset.test_size=300", f"trainer.init_from={tmp_path}/dense")
+    assert code == 2 and "model.hidden: [32, 32] there, [16] here; dataset.test_size: 360 there, 300 here)" in " ".join(err.split())
     code, _, err = cli("prune-post", *TINY)
     assert code == 2 and "baseline: missing; allowed: " in err
     code, _, err = cli("train", *TINY, "baseline=magnitude")
@@ -459,3 +464,11 @@ def test_a_dense_run_that_is_not_one_is_named_in_plain_words(tmp_path, method, s
                                                       metrics={"test": {"accuracy": 0.9}}))
     with pytest.raises(ConfigError, match=rf"^dense: {re.escape(str(tmp_path / 'given'))} {said}; allowed: a finished run "):
         check_dense_run(tmp_path / "given", config_for(output_root=tmp_path))
+
+
+def test_a_model_dataset_mismatch_with_equal_settings_says_the_data_changed(tmp_path):
+    """A text file edited since: the hash differs while every setting is the same."""
+    config = config_for(output_root=tmp_path)
+    assert config.model_dataset_changes(config.source) == "the same settings, other data (the file it reads changed since)"
+    other = {**config.source, "dataset": {**config.source["dataset"], "val_fold": 3}}  # a fold is not a model/data change
+    assert config.model_dataset_changes(other) == "the same settings, other data (the file it reads changed since)"
