@@ -124,10 +124,18 @@ def _unknown_key_error(key: str, overrides: list[str]) -> UsageError:
         parent, first_unknown = ".".join(parts[:depth]), ".".join(parts[: depth + 1])
         if first_unknown != key and OmegaConf.select(cfg, first_unknown) is not None:  # trainer.lr.x: lr is a value
             return UsageError(f"{key}: {first_unknown} takes a value, not keys; allowed: {first_unknown}=VALUE")
+        holder = OmegaConf.select(cfg, key)
+        if isinstance(holder, DictConfig):  # a dict given whole to a node of keys: new keys cannot merge into it
+            keys = list(holder.keys())
+            how = f"{key}.KEY=VALUE ({', '.join(keys)})" if keys else f"+{key}.KEY=VALUE"
+            return UsageError(f"{key}: takes its keys one at a time; allowed: {how}")
         node = OmegaConf.select(cfg, parent) if parent else cfg
         allowed = [k for k in node.keys() if k != "hydra"]
     except Exception:
         allowed = list(TOP_LEVEL)
+    given = next((o.lstrip("+") for o in overrides if o.split("=", 1)[0].lstrip("+") == key), f"{key}=VALUE")
+    if parent and not allowed:  # a node of keys of one's own, empty so far (hydra.job.env_set)
+        return UsageError(f"{key}: unknown key; {parent} has none yet, a new one is added with a plus: +{given}")
     hint = "; for a model of your own: model=custom model._target_=package.Class" if key == "model._target_" else ""
     if parent == "model" and allowed == ["_target_"]:  # model=custom: its arguments are keys of one's own
         hint = f"; an argument of your model's class is added with a plus: +{key}=VALUE"

@@ -182,6 +182,10 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
         ("pruning.exclude=[nope.weight]", "pruning.exclude: pattern 'nope.weight' matches no parameter of the model; "
                                           "allowed: fnmatch patterns over 1.weight, 1.bias, 3.weight, 3.bias, 5.weight, 5.bias"),
         ("pruning=none pruning.exclude=[nope.weight]", "pruning.exclude: pattern 'nope.weight' matches no parameter"),
+        # "unknown key; allowed: ..., hydra.job.env_set, ..." and "unknown key; allowed: " (nothing)
+        ("hydra.job.env_set={FOO:1}", "hydra.job.env_set: takes its keys one at a time; allowed: +hydra.job.env_set.KEY=VALUE"),
+        ("hydra.job.env_set.FOO=1", "hydra.job.env_set.FOO: unknown key; hydra.job.env_set has none yet, a new one is added "
+                                    "with a plus: +hydra.job.env_set.FOO=1"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_no_run_directory(cli, tmp_path, override, expected):
