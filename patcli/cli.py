@@ -282,7 +282,11 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: s
         if not output:
             console.print(text, end="", highlight=False, markup=False, soft_wrap=True)
     if output:
-        write_atomic(output, text)
+        try:
+            write_atomic(output, text)
+        except WriteError as error:
+            print_error(str(error))
+            raise typer.Exit(code=1) from None
         console.print(f"wrote {output}", highlight=False, soft_wrap=True)
     if not comparison.has_values:
         why = f"nothing to compare: no run under {', '.join(map(str, paths))} finished ok with a {split} metric"
@@ -296,6 +300,9 @@ def show_comparison(paths: list[Path], metric: str | None, split: str, format: s
         except ImportError:
             print_error("--plot needs matplotlib: pip install -c constraints.txt -e '.[plot]' in the patcli checkout")
             raise typer.Exit(code=2) from None
+        except OSError as error:  # a full disk
+            print_error(f"--plot: cannot write {plot}: {error.strerror or error}")
+            raise typer.Exit(code=1) from None
         console.print(f"wrote {plot}", highlight=False, soft_wrap=True)
     return None
 
@@ -317,6 +324,9 @@ def export(
     except ConfigError as error:
         print_error(str(error))
         raise typer.Exit(code=2) from None
+    except WriteError as error:  # a full disk: the older export and the record stay as they were
+        print_error(str(error))
+        raise typer.Exit(code=1) from None
     console.print(f"params {record.params_total:,} → {record.params_after:,}; bytes {record.bytes_before:,} → "
                   f"{record.bytes_after:,} ({record.bytes_after / record.bytes_before:.3f}×)", highlight=False)
     for batch in (1, 64) if latency else ():  # --no-latency: the figures an earlier export measured are not shown as new

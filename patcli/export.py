@@ -26,7 +26,8 @@ from .engine.patterns import NM, Structured
 from .engine.structure import channel_groups
 from .engine.surgery import live_channels, param_count, resize_like, shapes_of, shrink
 from .models import build_model
-from .records import MODEL_FILE, RESULT_FILE, RecordError, RunRecord, read_record, status_words, with_default_mode, write_record
+from .records import (MODEL_FILE, RESULT_FILE, RecordError, RunRecord, WriteError, read_record, status_words, with_default_mode,
+                      write_record)
 from .dense import CONFIG_SNAPSHOT, load_run_config
 from .runner import load_weights, save_tensors
 
@@ -75,7 +76,10 @@ def export_model(model: nn.Module, config: RunConfig, data: DataBundle, run_dir:
     with_default_mode(partial)
     try:
         record.bytes_before = (run_dir / MODEL_FILE).stat().st_size if (run_dir / MODEL_FILE).exists() else None
-        _write_export(model.cpu().eval(), config, data, partial, record, measure_latency)
+        try:
+            _write_export(model.cpu().eval(), config, data, partial, record, measure_latency)
+        except WriteError as error:  # named by the folder the user asked for, not the temporary one deleted below
+            raise WriteError(final, error.reason) from error
         (_move_files_in if in_place else _swap_in)(partial, final)
     finally:
         shutil.rmtree(partial, ignore_errors=True)

@@ -97,10 +97,13 @@ def with_default_mode(path: Path | str) -> None:
 class WriteError(OSError):
     """A file of a run could not be written (a full disk, a quota, a folder made read-only): one line says which."""
 
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"cannot write {path}: {reason}")
+        self.path, self.reason = path, reason
+
 
 def cannot_write(path: Path, error: Exception) -> WriteError:
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-    return WriteError(f"cannot write {path}: {reason}")
+    return WriteError(path, error.strerror if isinstance(error, OSError) and error.strerror else str(error))
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -623,3 +623,26 @@ def test_a_baseline_given_an_init_from_it_ignores_is_a_repeat_of_the_same_baseli
     assert group.rows["post:magnitude"].cells[0.9].n == 1
     assert [line.split(":")[0] for line in comparison.repeats] in ([str(tmp_path / "mag-b")], [str(tmp_path / "mag-a")])
 
+
+
+def test_a_table_or_plot_file_that_cannot_be_written_is_one_line(cli, runs, monkeypatch):
+    """compare --output on a full disk ended in an OSError chained into a WriteError traceback."""
+    import errno
+
+    from patcli import records
+
+    def no_space(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(records, "open", no_space, raising=False)
+    code, out, err = cli("compare", str(runs), "--output", str(runs / "table.txt"))
+    assert code == 1 and "Traceback" not in err + out
+    assert err.strip().splitlines()[-1] == f"error: cannot write {runs}/table.txt: No space left on device"
+    monkeypatch.undo()
+
+    def no_space_for_images(comparison, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(report, "plot", no_space_for_images)
+    code, out, err = cli("compare", str(runs), "--plot", str(runs / "curves.png"))
+    assert code == 1 and err.strip().splitlines()[-1] == f"error: --plot: cannot write {runs}/curves.png: No space left on device"

@@ -1076,3 +1076,23 @@ def test_a_random_scorer_state_resumes_under_another_seed_setting(tiny_mlp):
     resumed = Pruner(tiny_mlp, sparsity=0.5, schedule=SCHEDULES.get("constant")(), total_steps=10, scorer=SCORERS.get("random")(seed=2))
     resumed.load_state_dict(saved.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(resumed.masks.keep, saved.masks.keep))
+
+
+def test_settings_written_differently_but_equal_resume(tiny_mlp):
+    """ERK(power=1) against a state saved with power=1.0, trials as a tuple against a list, and Sensitivity's
+    batches (read only by whoever builds evaluate, never by the engine) were refused as another allocation."""
+    from patcli.engine import ALLOCATIONS
+
+    def pruner(allocation):
+        return Pruner(copy.deepcopy(tiny_mlp), sparsity=0.5, total_steps=10, schedule=SCHEDULES.get("constant")(),
+                      allocation=allocation, evaluate=lambda: 1.0)
+
+    sensitivity = ALLOCATIONS.get("sensitivity")
+    for saved, loading in ((ALLOCATIONS.get("erk")(power=1.0), ALLOCATIONS.get("erk")(power=1)),
+                           (sensitivity(trials=[0.5, 0.9]), sensitivity(trials=(0.5, 0.9))),
+                           (sensitivity(batches=8), sensitivity(batches=None))):
+        state = pruner(saved).state_dict()
+        pruner(loading).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"^the pruner state was saved with allocation ERK\(power=1\.0\), this pruner uses "
+                                         r"ERK\(power=2\)"):
+        pruner(ALLOCATIONS.get("erk")(power=2)).load_state_dict(pruner(ALLOCATIONS.get("erk")()).state_dict())

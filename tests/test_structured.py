@@ -607,3 +607,22 @@ def test_an_elementwise_pattern_has_no_smaller_model_and_says_what_to_use():
     with pytest.raises(ValueError, match=r"^pattern 'unstructured' keeps every weight's shape; allowed: pattern="
                                          r"'neurons', 'filters' or 'heads'"):
         pruner.smaller_model()
+
+
+def test_an_export_that_cannot_be_written_is_one_line_naming_the_export_folder(cli, tmp_path, monkeypatch):
+    """A full disk ended `patcli export` in two chained tracebacks naming a temporary folder deleted right after."""
+    from safetensors import SafetensorError
+
+    from patcli import runner
+
+    code, _, _ = cli("train", "model.hidden=[16,16]", "trainer.epochs=1", f"hydra.run.dir={tmp_path}/u")
+    assert code == 0
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(runner, "save_file", full)
+    code, out, err = cli("export", str(tmp_path / "u"))
+    assert code == 1 and "Traceback" not in err + out, err
+    assert err.strip() == f"error: cannot write {tmp_path}/u/export: Error while serializing: IoError(Os {{ code: 28, kind: StorageFull }})"
+    assert not (tmp_path / "u" / "export").exists() and not list((tmp_path / "u").glob(".export*"))

@@ -315,7 +315,8 @@ class Sensitivity(Allocation):
 
     trials: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
     refresh: bool = True
-    batches: int | None = 8  # held-out batches per measurement, for whoever builds ``evaluate``; None = all
+    # held-out batches per measurement, for whoever builds ``evaluate`` (None = all): no part of how the engine prunes
+    batches: int | None = field(default=8, metadata={"identity": False})
     needs_loss = True
     curves: list[list[float]] = field(default_factory=list, init=False, repr=False)
 

@@ -683,10 +683,19 @@ class Pruner:
         if not dataclasses.is_dataclass(part):  # a part of one's own, not built on patcli's: its kind alone
             return type(part).__name__
         # a seed only starts a random stream, which the state carries on; fields hidden from repr are run state (a
-        # scorer's sums), not settings; an object's address (a function given as a setting of one's own part)
-        # differs from process to process
-        settings = [f"{f.name}={getattr(part, f.name)}" for f in dataclasses.fields(part) if f.name != "seed" and f.repr]
+        # scorer's sums), not settings, and one marked identity=False is read by the user's code, not the engine's
+        settings = [f"{f.name}={list(v) if isinstance(v := getattr(part, f.name), tuple) else v}"
+                    for f in dataclasses.fields(part) if f.name != "seed" and f.repr and f.metadata.get("identity", True)]
+        # an object's address (a function given as a setting of one's own part) differs from process to process
         return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(part).__name__}({', '.join(settings)})")
+
+    @staticmethod
+    def _same_settings(saved: str, mine: str) -> bool:
+        """1 and 1.0 are one setting (a state saved with either loads into a pruner built with the other)."""
+        def plain(text: str) -> str:
+            return re.sub(r"(?<![\w.])(\d+)\.0(?![\d\w])", r"\1", text)
+
+        return plain(saved) == plain(mine)
 
     def _identity(self) -> dict[str, str]:
         """What a saved state must have been built with: another pattern's masks would not hold this one's structure
@@ -744,7 +753,7 @@ class Pruner:
         groups = {k.removeprefix("groups."): v for k, v in state.items() if k.startswith("groups.")}
         for key, mine in self._identity().items():
             saved = bytes(state[key].tolist()).decode() if key in state else mine  # older states lack some of these
-            if saved != mine:
+            if not self._same_settings(saved, mine):
                 raise ValueError(f"the pruner state was saved with {key} {saved}, this pruner uses {mine}; allowed: the "
                                  "state of a pruner built the same way (sparsity, total_steps, frequency, schedule, pattern, "
                                  "regrowth, regularizer, scorer, allocation, max_layer_sparsity)")
