@@ -116,7 +116,8 @@ def _write_export(model: nn.Module, config: RunConfig, data: DataBundle, out: Pa
                   measure_latency: bool) -> None:
     """The export's files, into ``out``: the shrunk model of a structured run, else the compressed weights."""
     example = data.val.inputs[:64].cpu()
-    description = {"model": {"name": config.model.name, **config.model.params}, "meta": data.meta}
+    # the option's name apart from the model's arguments: a class of one's own may take a `name` of its own
+    description = {"model_name": config.model.name, "model": dict(config.model.params), "meta": data.meta}
     if isinstance(config.pattern, Structured):
         groups = channel_groups(model, config.pattern.kind, config.pruning.include, config.pruning.exclude)
         small = shrink(model, groups, live_channels(model, groups)).eval()
@@ -209,7 +210,9 @@ def load_pruned(path: str | Path, device: str | None = None) -> nn.Module:
     try:
         description = json.loads((path / DESCRIPTION).read_text())
         model_config = dict(description["model"])
-        name, meta = model_config.pop("name"), description["meta"]
+        # exports written before model_name existed kept the name among the arguments
+        name = description["model_name"] if "model_name" in description else model_config.pop("name")
+        meta = description["meta"]
         structured = "shapes" in description  # a shrunk model, else the compressed weights of the full-size one
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path / DESCRIPTION} is damaged or not a patcli export ({error.__class__.__name__}: {error}); "

@@ -121,3 +121,27 @@ def test_only_a_single_plus_adds_a_name_key_of_ones_own():
     for override in ("model.name=cnn", "++model.name=cnn"):
         with pytest.raises(UsageError, match=r"^model.name: an option is chosen with model=cnn, not renamed"):
             check_group_overrides([override])
+
+
+def test_an_export_of_a_model_whose_class_takes_name_loads_with_that_name(cli, tmp_path):
+    """The export wrote the model's label over the user's own `name`, and load_pruned dropped it: the class was
+    rebuilt with its default (a ReLU where training used a Tanh, outputs 0.23 apart, without a word)."""
+    code, _, err = cli("train", *OWN, "model._target_=user_models.Named", "+model.name=mine", "pruning.sparsity=0.5",
+                       "hydra.run.dir=run")
+    assert code == 0, err
+    code, _, err = cli("export", "run", "--no-latency")
+    assert code == 0, err
+    assert patcli.load_pruned(tmp_path / "run").label == "mine"
+
+
+def test_an_export_written_before_model_name_was_kept_apart_still_loads(cli, tmp_path):
+    code, _, err = cli("train", "model.hidden=[16]", "trainer.epochs=1", "pruning.sparsity=0.5", "hydra.run.dir=run")
+    assert code == 0, err
+    code, _, err = cli("export", "run", "--no-latency")
+    assert code == 0, err
+    description = tmp_path / "run" / "export" / "model.json"
+    saved = json.loads(description.read_text())
+    older = {"model": {"name": saved.pop("model_name"), **saved.pop("model")}, **saved}
+    description.write_text(json.dumps(older))
+    model = patcli.load_pruned(tmp_path / "run")
+    assert [m.out_features for m in model.modules() if isinstance(m, nn.Linear)] == [16, 10]
