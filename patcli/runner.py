@@ -120,9 +120,31 @@ def plan(config: RunConfig) -> Plan:
             pruner = build_pruner(config, model, steps, evaluate_fn=never_called)  # pattern fits?
         pruner.detach()  # only a check: the run builds its own, and a channel scorer's model hooks must go
         update_steps = len(pruner.schedule.update_steps())
+    check_shrinks(model, config, data)
     if config.trainer.init_from:
         load_weights(model, check_init_from(config), "trainer.init_from")
     return Plan(data=data, total_steps=steps, update_steps=update_steps, warnings=warnings)
+
+
+def check_shrinks(model: nn.Module, config: RunConfig, data: DataBundle) -> None:
+    """A model with channel groups of its own (``channel_groups``) whose forward cannot run with fewer channels (a
+    head count kept as an int) trained to the end, then failed at the export that ends a structured run: a copy with
+    one channel cut from each layer is run on two samples first. The chain reader's layers always can."""
+    if not isinstance(config.pattern, Structured) or not callable(getattr(model, "channel_groups", None)):
+        return
+    from .engine.structure import channel_groups
+    from .engine.surgery import shrink
+
+    groups = channel_groups(model, config.pattern.kind, config.pruning.include, config.pruning.exclude)
+    keep = [torch.arange(group.channels) < max(group.channels - 1, 1) for group in groups]
+    try:
+        with torch.no_grad():
+            shrink(model, groups, keep).eval()(data.train.inputs[:2])
+    except Exception as error:  # the user's forward, whatever it raises
+        raise ConfigError("model", f"{type(model).__name__}'s forward does not run with fewer {config.pattern.kind} (one cut "
+                                   f"from each of its {len(groups)} layers: {error.__class__.__name__}: "
+                                   f"{(str(error).splitlines() or [''])[0][:200]}); allowed: a forward that takes its sizes "
+                                   "from its weights, or pruning=unstructured") from error
 
 
 def check_model_fits(model: nn.Module, data: DataBundle) -> list[str]:

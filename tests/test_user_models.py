@@ -145,3 +145,16 @@ def test_an_export_written_before_model_name_was_kept_apart_still_loads(cli, tmp
     description.write_text(json.dumps(older))
     model = patcli.load_pruned(tmp_path / "run")
     assert [m.out_features for m in model.modules() if isinstance(m, nn.Linear)] == [16, 10]
+
+
+def test_a_model_whose_forward_cannot_run_with_fewer_channels_is_refused_before_training(cli, tmp_path):
+    """It trained to the end, then the export that ends a structured run failed: recorded failed, metrics dropped."""
+    code, _, err = cli("train", *OWN, "model._target_=user_models.FixedWidth", "pruning=neurons", "pruning.sparsity=0.5",
+                       "hydra.run.dir=run")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: model: FixedWidth's forward does not run with fewer neurons (one cut from each of its "
+                          "1 layers: RuntimeError: "), err
+    assert "allowed: a forward that takes its sizes from its weights, or pruning=unstructured" in err
+    assert not (tmp_path / "run").exists()
+    code, _, err = cli("train", *OWN, "model._target_=user_models.FixedWidth", "pruning.sparsity=0.5", "hydra.run.dir=run")
+    assert code == 0, err  # unstructured pruning never changes its shapes
