@@ -626,3 +626,21 @@ def test_an_export_that_cannot_be_written_is_one_line_naming_the_export_folder(c
     assert code == 1 and "Traceback" not in err + out, err
     assert err.strip() == f"error: cannot write {tmp_path}/u/export: Error while serializing: IoError(Os {{ code: 28, kind: StorageFull }})"
     assert not (tmp_path / "u" / "export").exists() and not list((tmp_path / "u").glob(".export*"))
+
+
+def test_latency_at_batch_64_is_timed_on_64_rows_when_validation_holds_fewer(cli, tmp_path, monkeypatch):
+    """A small text file's 25 validation windows were timed and reported as batch 64."""
+    from patcli import export
+
+    monkeypatch.setenv("PATCLI_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "corpus.txt").write_text("for i in range(10):\n    print(i * i)\n" * 300)  # 540 validation characters
+    code, _, err = cli("train", "model=gpt", "model.d_model=32", "model.n_head=4", "model.n_layer=1", "dataset=text",
+                       f"dataset.path={tmp_path / 'corpus.txt'}", "dataset.block_size=16", "pruning=heads",
+                       "trainer.max_steps=10", "pruning.frequency=5", f"hydra.run.dir={tmp_path}/run")
+    assert code == 0, err
+    timed = []
+    measure = export.latency_ms
+    monkeypatch.setattr(export, "latency_ms", lambda model, inputs, repeats: timed.append(len(inputs)) or measure(model, inputs, 1))
+    code, _, err = cli("export", str(tmp_path / "run"))
+    assert code == 0, err
+    assert sorted(set(timed)) == [1, 64] and "batch64_before" in result_of(tmp_path / "run")["latency_ms"]
