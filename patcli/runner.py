@@ -458,7 +458,8 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
             evaluate_fn=allocation_loss(config, trainer),
             on_update=lambda u: append_metrics(run_dir, mask_update_row(u)),
         ).attach(trainer.optimizer)
-        warn_if_one_jump(pruner.schedule, config.pruning.frequency)
+        if config.regularizer is None:  # a penalty zeroes what it chooses at each update: no ramp to jump along
+            warn_if_one_jump(pruner.schedule, config.pruning.frequency)
     fit = trainer.fit(
         progress=progress,
         on_eval=lambda row: append_metrics(run_dir, {"kind": "eval", **row}),

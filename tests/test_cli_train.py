@@ -624,6 +624,10 @@ def test_a_ramp_with_too_few_mask_updates_is_called_one_shot(cli, caplog):
     code, out, err = cli("train", *TINY, "schedule.begin=10", "schedule.end=10")
     assert code == 0, err
     assert "one jump at step 11" in out + err + caplog.text and "schedule.end equals schedule.begin" in out + err + caplog.text
+    caplog.clear()  # a penalty chooses what to zero at each update, with no ramp of targets to jump along
+    code, out, err = cli("train", *TINY, "pruning=neurons", "regularizer=group_lasso")
+    assert code == 0, err
+    assert "one jump" not in out + err + caplog.text
 
 
 def test_digits_folds_partition_the_non_test_images_and_never_move_the_test_split():
