@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config import ConfigError, RunConfig, parse_run_config
 from .hydra_app import pruning_defaults
-from .records import RESULT_FILE, RecordError, RunRecord, find_record_files, read_record, status_words
+from .records import MODEL_FILE, RESULT_FILE, RecordError, RunRecord, find_record_files, read_record, status_words
 
 log = logging.getLogger(__name__)
 CONFIG_SNAPSHOT = Path(".hydra") / "config.yaml"
@@ -96,8 +96,26 @@ def find_dense(config: RunConfig) -> Path | None:
             continue
         continued = (record.config.get("trainer") or {}).get("init_from")  # more steps than its key says
         if record.method == "dense" and record.status == "ok" and not continued and record.extra.get("dense_key") == key:
+            damage = _damage(path.parent)
+            if damage:  # every baseline would fail on it, sweep after sweep: one is trained in its place
+                log.warning("the dense run %s cannot be reused (%s): a new one is trained", path.parent, damage)
+                continue
             matches.append(path.parent)
     return max(matches, key=lambda p: (p / RESULT_FILE).stat().st_mtime) if matches else None
+
+
+def _damage(run_dir: Path) -> str | None:
+    """What a finished dense run lacks for a baseline to start from: its weights (readable) or its config snapshot."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(run_dir / CONFIG_SNAPSHOT):
+        return f"no {CONFIG_SNAPSHOT}"
+    try:
+        with safe_open(str(run_dir / MODEL_FILE), framework="pt"):  # reads the header only
+            pass
+    except (SafetensorError, OSError) as error:
+        return f"{MODEL_FILE} unreadable: {error}"
+    return None
 
 
 def resolve_dense(config: RunConfig, progress=None) -> Path:

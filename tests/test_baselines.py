@@ -166,6 +166,22 @@ def test_a_dense_reference_that_never_finished_is_trained_afresh_not_appended_to
     assert rows() == first and (dense / "result.json").is_file()
 
 
+@pytest.mark.parametrize("damage", ["model.safetensors", ".hydra/config.yaml", "empty model.safetensors"])
+def test_a_cached_dense_run_missing_its_weights_or_config_is_trained_again_not_reused(cli, tmp_path, damage):
+    """Every baseline of every later sweep failed on it ("does not load into this model"), never saying to delete it."""
+    code, _, err = cli("prune-post", *TINY, "baseline=magnitude", "hydra.run.dir=first")
+    assert code == 0, err
+    (dense,) = [p for p in (tmp_path / "outputs" / "dense").iterdir() if p.is_dir()]
+    if damage.startswith("empty"):
+        (dense / "model.safetensors").write_bytes(b"")
+    else:
+        (dense / damage).unlink()
+    code, _, err = cli("prune-post", *TINY, "baseline=magnitude", "hydra.run.dir=second")
+    assert code == 0, err
+    assert result_of(tmp_path / "second")["status"] == "ok" and (dense / "model.safetensors").stat().st_size > 0
+    assert f"{dense.name} cannot be reused" in (tmp_path / "second" / "run.log").read_text()
+
+
 def test_a_link_put_in_the_dense_cache_is_replaced_and_its_target_left_alone(cli, tmp_path):
     code, _, err = cli("prune-post", *TINY, "baseline=magnitude", "hydra.run.dir=first")
     assert code == 0, err
