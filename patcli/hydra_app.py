@@ -245,6 +245,22 @@ def claim_run_dir(overrides: list[str], cfg: DictConfig) -> list[str]:
     return [*(o for o in overrides if not o.lstrip("+").startswith("hydra.run.dir=")), f"hydra.run.dir={quoted(str(directory))}"]
 
 
+# Made in a sweep's folder, atomically, before its jobs start: one sweep per folder, and a folder known as a sweep's
+# before its sweeper writes anything (an Optuna study writes no multirun.yaml, and its results file only at the end)
+SWEEP_MARK = ".patcli-sweep"
+
+
+def claim_sweep_dir(overrides: list[str], directory: Path) -> None:
+    """Two sweeps started together into one hydra.sweep.dir both passed check_run_dir, then wrote their jobs over
+    each other's folders and each printed a table of the other's runs: making the mark is atomic, one wins."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        (directory / SWEEP_MARK).touch(exist_ok=False)
+    except FileExistsError:
+        raise UsageError(f"{run_dir_key(overrides, True)}: {directory} was taken by another sweep started at the same "
+                         "time; allowed: a directory no sweep uses") from None
+
+
 def inside_a_sweep_or_run(directory: Path) -> str | None:
     """Why ``directory`` must not hold a new run or sweep: it lies inside an earlier sweep's folder, whose table
     (``compare`` of that folder, an Optuna study's best trial) would then count it as one of its jobs, or inside a
@@ -262,8 +278,9 @@ def inside_a_sweep_or_run(directory: Path) -> str | None:
 
     # where the folder really is: sweep/../x lies beside the sweep, a-link-into-it/../x inside it
     for parent in Path(os.path.realpath(directory)).parents:
-        if os.path.isfile(parent / "multirun.yaml"):
-            return f"{directory} lies inside the sweep {parent} (multirun.yaml); allowed: a directory outside it"
+        mark = next((m for m in ("multirun.yaml", SWEEP_MARK) if os.path.isfile(parent / m)), None)
+        if mark:
+            return f"{directory} lies inside the sweep {parent} ({mark}); allowed: a directory outside it"
         if is_run(parent):
             return f"{directory} lies inside the run {parent} (result.json); allowed: a directory outside it"
     return None
@@ -276,8 +293,8 @@ def holds_a_run(directory: Path) -> str | None:
         return None
     # at any depth: a sweep folder given by hand may hold earlier sweeps under their date folders, whose records a
     # sweep's own table (and an Optuna study's) would then read as its own
-    marks = {"multirun.yaml": "sweep", "result.json": "run", ".hydra": "run", "*/**/multirun.yaml": "sweep",
-             "*/**/result.json": "run"}
+    marks = {"multirun.yaml": "sweep", SWEEP_MARK: "sweep", "result.json": "run", ".hydra": "run",
+             "*/**/multirun.yaml": "sweep", "*/**/result.json": "run"}
     held = next(((hit, kind) for pattern, kind in marks.items() for hit in directory.glob(pattern)), None)
     if held is None:
         return None
@@ -464,6 +481,7 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
     pinned = [f"hydra.sweep.dir={quoted(directory)}", f"++hydra.job.env_set.{START_DIR_ENV}={quoted(os.getcwd())}"]
     others = [o for o in overrides if not o.startswith("hydra.sweep.dir=")]
     study = cfg.hydra.sweeper.get("_target_") == OPTUNA_SWEEPER
+    claim_sweep_dir(overrides, Path(directory))
     try:  # Hydra's own CLI sets the mode; called directly, jobs would not know they are in a sweep
         returns = GlobalHydra.instance().hydra.multirun(CONFIG_NAME, task, [*others, *pinned, "hydra.mode=MULTIRUN"])
     except KeyboardInterrupt:  # a launcher's worker stopped with it leaves no record of its own

@@ -443,3 +443,29 @@ def test_a_cluster_sweep_whose_dense_runs_need_a_device_this_machine_lacks_says_
                           "cpu; the dense runs the sweep's baselines start from are trained on this machine before the "
                           "jobs are submitted: train one where CUDA is and give it with dense=DIR"), err
     assert not (tmp_path / "outputs").exists()  # no failed dense record, no cache folder
+
+
+def test_two_sweeps_started_together_into_one_folder_do_not_share_it(cli, tmp_path, monkeypatch):
+    """Both passed the check made before the folder existed, wrote their jobs 0 and 1 over each other's, and each
+    printed a table of the other's runs."""
+    from patcli import hydra_app
+
+    (tmp_path / "race").mkdir()
+    (tmp_path / "race" / hydra_app.SWEEP_MARK).touch()  # the other sweep claimed it a moment ago
+    monkeypatch.setattr(hydra_app, "holds_a_run", lambda directory: None)  # its check ran before that
+    code, _, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.dir=race")
+    assert code == 2 and err.strip() == (f"error: hydra.sweep.dir: {tmp_path}/race was taken by another sweep started at "
+                                         "the same time; allowed: a directory no sweep uses"), err
+    assert sorted(p.name for p in (tmp_path / "race").iterdir()) == [hydra_app.SWEEP_MARK]
+
+
+def test_a_sweep_folder_is_known_as_one_before_its_sweeper_writes_anything_of_its_own(cli, tmp_path):
+    """An Optuna study writes no multirun.yaml (its results file only at the end): runs and sweeps could be put
+    inside one, and its table then counted them."""
+    code, _, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.dir=s")
+    assert code == 0, err
+    (tmp_path / "s" / "multirun.yaml").unlink()  # as an Optuna study (or one stopped half way) leaves it
+    code, _, err = cli("train", *FAST, "hydra.run.dir=s/extra")
+    assert code == 2 and "lies inside the sweep" in err and "allowed: a directory outside it" in err, err
+    code, _, err = cli("sweep", *FAST, "seed=0,1", "hydra.sweep.dir=s")
+    assert code == 2 and "s already holds a sweep (" in err, err
