@@ -517,6 +517,7 @@ def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunCon
                          "least one option (a glob() that matches one)")
     if jobs is None:  # another sweeper (Optuna) chooses its jobs as it goes: check what they share, then each checks itself
         config = validate(job_config(cfg), check)
+        check_dense_cache_outside(cfg, [config])
         try:
             check_direction(cfg.hydra.sweeper, config)
             check_storage(cfg.hydra.sweeper)
@@ -547,7 +548,21 @@ def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunCon
                              f"{later!r}; allowed: a name that differs per job, e.g. ${{hydra.job.num}} (the default) or "
                              "one built from every swept key")
         folders[folder] = job
+    check_dense_cache_outside(cfg, configs)
     prepare(configs, RichProgress)
+
+
+def check_dense_cache_outside(cfg: DictConfig, configs: list[RunConfig]) -> None:
+    """The dense runs baselines start from are shared through output_root/dense: inside the sweep's own folder
+    (hydra.sweep.dir=output_root, or .), the ones later sweeps train there would join this sweep's table."""
+    needing = next((c for c in configs if c.needs_dense and not c.dense), None)
+    if needing is None:
+        return
+    cache, folder = (Path(str(p)).resolve() for p in (Path(needing.output_root) / "dense", cfg.hydra.sweep.dir))
+    if cache == folder or folder in cache.parents:
+        raise UsageError(f"output_root: the dense runs its baselines start from go to {cache}, inside the sweep's folder "
+                         f"{folder}, where later sweeps' dense runs would join this sweep's table; allowed: an "
+                         "output_root outside hydra.sweep.dir, or dense=DIR")
 
 
 def job_subdir(composed: DictConfig, number: int) -> str | None:

@@ -469,3 +469,15 @@ def test_a_sweep_folder_is_known_as_one_before_its_sweeper_writes_anything_of_it
     assert code == 2 and "lies inside the sweep" in err and "allowed: a directory outside it" in err, err
     code, _, err = cli("sweep", *FAST, "seed=0,1", "hydra.sweep.dir=s")
     assert code == 2 and "s already holds a sweep (" in err, err
+
+
+@pytest.mark.parametrize("sweep_dir", ["o", "."])
+def test_a_sweep_whose_folder_would_hold_the_shared_dense_runs_is_refused(cli, tmp_path, sweep_dir):
+    """With output_root inside the sweep's folder, the dense runs later sweeps train joined this sweep's table."""
+    code, _, err = cli("sweep", *FAST, "baseline=magnitude", "pruning.sparsity=0.5,0.9", "output_root=o",
+                       f"hydra.sweep.dir={sweep_dir}")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: output_root: the dense runs its baselines start from go to {tmp_path}/o/dense, inside "
+                          f"the sweep's folder {tmp_path.joinpath(sweep_dir).resolve()}, where later sweeps' dense runs "
+                          "would join this sweep's table; allowed: an output_root outside hydra.sweep.dir, or dense=DIR"), err
+    assert not (tmp_path / "o").exists()
