@@ -88,6 +88,7 @@ def plan(config: RunConfig) -> Plan:
     except PatternError as error:
         raise ConfigError(f"pruning.{error.key}", error.message) from error
     update_steps, dense_steps = 0, steps  # a baseline's dense run is trained as this config says, unless given
+    pruned = config  # the run as it prunes: a structured baseline cuts channels whatever pruning.mode says
     if config.dense:  # a baseline's starting point, or a training run's reference: checked before anything runs
         from .dense import check_dense_run
 
@@ -120,7 +121,7 @@ def plan(config: RunConfig) -> Plan:
             pruner = build_pruner(config, model, steps, evaluate_fn=never_called)  # pattern fits?
         pruner.detach()  # only a check: the run builds its own, and a channel scorer's model hooks must go
         update_steps = len(pruner.schedule.update_steps())
-    check_shrinks(model, config, data)
+    check_shrinks(model, pruned, data)
     if config.trainer.init_from:
         load_weights(model, check_init_from(config), "trainer.init_from")
     return Plan(data=data, total_steps=steps, update_steps=update_steps, warnings=warnings)
@@ -141,10 +142,11 @@ def check_shrinks(model: nn.Module, config: RunConfig, data: DataBundle) -> None
         with torch.no_grad():
             shrink(model, groups, keep).eval()(data.train.inputs[:2])
     except Exception as error:  # the user's forward, whatever it raises
+        other = "an unstructured baseline (magnitude, gradient)" if config.needs_dense else "pruning=unstructured"
         raise ConfigError("model", f"{type(model).__name__}'s forward does not run with fewer {config.pattern.kind} (one cut "
                                    f"from each of its {len(groups)} layers: {error.__class__.__name__}: "
                                    f"{(str(error).splitlines() or [''])[0][:200]}); allowed: a forward that takes its sizes "
-                                   "from its weights, or pruning=unstructured") from error
+                                   f"from its weights, or {other}") from error
 
 
 def check_model_fits(model: nn.Module, data: DataBundle) -> list[str]:
@@ -458,8 +460,8 @@ def run_training(config: RunConfig, run_dir: Path, progress: Progress | None = N
             evaluate_fn=allocation_loss(config, trainer),
             on_update=lambda u: append_metrics(run_dir, mask_update_row(u)),
         ).attach(trainer.optimizer)
-        if config.regularizer is None:  # a penalty zeroes what it chooses at each update: no ramp to jump along
-            warn_if_one_jump(pruner.schedule, config.pruning.frequency)
+        if config.regularizer is None or config.regularizer.target is not None:  # a penalty without a target zeroes
+            warn_if_one_jump(pruner.schedule, config.pruning.frequency)  # what it chooses: no ramp to jump along
     fit = trainer.fit(
         progress=progress,
         on_eval=lambda row: append_metrics(run_dir, {"kind": "eval", **row}),

@@ -628,6 +628,10 @@ def test_a_ramp_with_too_few_mask_updates_is_called_one_shot(cli, caplog):
     code, out, err = cli("train", *TINY, "pruning=neurons", "regularizer=group_lasso")
     assert code == 0, err
     assert "one jump" not in out + err + caplog.text
+    # ... unless it closes with a cut to its own target, made at once when the schedule ends where it begins
+    code, out, err = cli("train", *TINY, "regularizer=lasso", "regularizer.target=0.7", "schedule.begin=10", "schedule.end=10")
+    assert code == 0, err
+    assert "schedule=agp reaches 0.7 sparsity in one jump at step 11" in out + err + caplog.text
 
 
 def test_digits_folds_partition_the_non_test_images_and_never_move_the_test_split():

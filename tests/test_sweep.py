@@ -481,3 +481,26 @@ def test_a_sweep_whose_folder_would_hold_the_shared_dense_runs_is_refused(cli, t
                           f"the sweep's folder {tmp_path.joinpath(sweep_dir).resolve()}, where later sweeps' dense runs "
                           "would join this sweep's table; allowed: an output_root outside hydra.sweep.dir, or dense=DIR"), err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_sweep_that_fails_before_any_job_leaves_its_folder_free_for_a_retry(cli, tmp_path, monkeypatch):
+    """An Optuna storage that cannot be opened failed the sweep before any trial, and the folder it had marked refused
+    the retry as "already holds a sweep"."""
+    from hydra._internal.hydra import Hydra
+
+    def fails_to_start(self, *args, **kwargs):
+        raise ImportError("Failed to import DB access module for the storage")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Hydra, "multirun", fails_to_start)
+        with pytest.raises(ImportError):
+            cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.dir=s")
+    assert not (tmp_path / "s").exists()
+    (tmp_path / "given").mkdir()  # a folder the user made stays, empty
+    with monkeypatch.context() as patched:
+        patched.setattr(Hydra, "multirun", fails_to_start)
+        with pytest.raises(ImportError):
+            cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.dir=given")
+    assert list((tmp_path / "given").iterdir()) == []
+    code, _, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.dir=s")
+    assert code == 0, err

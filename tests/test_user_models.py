@@ -158,3 +158,9 @@ def test_a_model_whose_forward_cannot_run_with_fewer_channels_is_refused_before_
     assert not (tmp_path / "run").exists()
     code, _, err = cli("train", *OWN, "model._target_=user_models.FixedWidth", "pruning.sparsity=0.5", "hydra.run.dir=run")
     assert code == 0, err  # unstructured pruning never changes its shapes
+    # the structured baseline cuts neurons whatever pruning says: checked as the run it records
+    code, _, err = cli("prune-post", *OWN, "model._target_=user_models.FixedWidth", "baseline=structured",
+                       "hydra.run.dir=post")
+    assert code == 2 and err.startswith("error: model: FixedWidth's forward does not run with fewer neurons"), err
+    assert "allowed: a forward that takes its sizes from its weights, or an unstructured baseline" in err
+    assert not (tmp_path / "post").exists() and not (tmp_path / "outputs").exists()
