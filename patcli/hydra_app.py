@@ -12,9 +12,10 @@ import functools
 import os
 import re
 import secrets
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -250,10 +251,13 @@ def claim_run_dir(overrides: list[str], cfg: DictConfig) -> list[str]:
 SWEEP_MARK = ".patcli-sweep"
 
 
-def claim_sweep_dir(overrides: list[str], directory: Path) -> bool:
+@contextmanager
+def claimed_sweep_dir(overrides: list[str], directory: Path) -> Iterator[None]:
     """Two sweeps started together into one hydra.sweep.dir both passed check_run_dir, then wrote their jobs over
     each other's folders and each printed a table of the other's runs: making the mark is atomic, one wins.
-    Returns whether the folder was made here."""
+
+    A sweep that stops before its sweeper wrote anything (an Optuna storage that cannot be opened) leaves the folder
+    as it found it, so that a retry into it is not refused as an earlier sweep's."""
     made = not os.path.isdir(directory)
     directory.mkdir(parents=True, exist_ok=True)
     try:
@@ -261,16 +265,14 @@ def claim_sweep_dir(overrides: list[str], directory: Path) -> bool:
     except FileExistsError:
         raise UsageError(f"{run_dir_key(overrides, True)}: {directory} was taken by another sweep started at the same "
                          "time; allowed: a directory no sweep uses") from None
-    return made
-
-
-def release_unused_sweep_dir(directory: Path, made: bool) -> None:
-    """A sweep that stopped before its sweeper wrote anything (an Optuna storage that cannot be opened) leaves its
-    folder as it found it, so that a retry into it is not refused as an earlier sweep's."""
-    if os.listdir(directory) == [SWEEP_MARK]:
-        (directory / SWEEP_MARK).unlink()
-        if made:
-            directory.rmdir()
+    try:
+        yield
+    except BaseException:
+        if os.listdir(directory) == [SWEEP_MARK]:
+            (directory / SWEEP_MARK).unlink()
+            if made:
+                directory.rmdir()
+        raise
 
 
 def inside_a_sweep_or_run(directory: Path) -> str | None:
@@ -487,40 +489,27 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
     sweeper returns its jobs (Optuna's returns nothing) and the summary still has to find them.
     """
     from .plugins import OPTUNA_SWEEPER
-    from .sweeps import SweepResult, job_dirs
+    from .sweeps import SweepResult, job_dirs, record_unfinished
 
     directory = str(Path(cfg.hydra.sweep.dir).absolute())  # a joblib worker's own cwd may differ; check_run_dir resolved it
     pinned = [f"hydra.sweep.dir={quoted(directory)}", f"++hydra.job.env_set.{START_DIR_ENV}={quoted(os.getcwd())}"]
     others = [o for o in overrides if not o.startswith("hydra.sweep.dir=")]
     study = cfg.hydra.sweeper.get("_target_") == OPTUNA_SWEEPER
-    made = claim_sweep_dir(overrides, Path(directory))
-    try:
-        returns = _multirun(directory, [*others, *pinned, "hydra.mode=MULTIRUN"], study)
-    except BaseException:
-        release_unused_sweep_dir(Path(directory), made)
-        raise
-    if isinstance(returns, SweepResult):  # stopped by a worker that died
-        return returns
-    return SweepResult(Path(directory), job_dirs(returns), study=study)
-
-
-def _multirun(directory: str, overrides: list[str], study: bool) -> Any:
-    """Hydra's sweeper and launcher over the jobs: what they return, or the SweepResult of a sweep a worker stopped."""
-    from .sweeps import SweepResult, record_unfinished
-
-    try:  # Hydra's own CLI sets the mode; called directly, jobs would not know they are in a sweep
-        return GlobalHydra.instance().hydra.multirun(CONFIG_NAME, task, overrides)
-    except KeyboardInterrupt:  # a launcher's worker stopped with it leaves no record of its own
-        record_unfinished(Path(directory))
-        raise
-    except concurrent.futures.BrokenExecutor as error:  # a worker died (killed, out of memory): the jobs it held
-        why = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
-        record_unfinished(Path(directory), RuntimeError(f"the launcher's worker died ({why})"), status="failed")
-        return SweepResult(Path(directory), [], study=study, stopped=why)
-    except ValueError as error:
-        if not (study and "No trials are completed yet" in str(error)):
+    with claimed_sweep_dir(overrides, Path(directory)):
+        try:  # Hydra's own CLI sets the mode; called directly, jobs would not know they are in a sweep
+            returns = GlobalHydra.instance().hydra.multirun(CONFIG_NAME, task, [*others, *pinned, "hydra.mode=MULTIRUN"])
+        except KeyboardInterrupt:  # a launcher's worker stopped with it leaves no record of its own
+            record_unfinished(Path(directory))
             raise
-        return None  # every trial failed, so the study has no best trial; the records say why
+        except concurrent.futures.BrokenExecutor as error:  # a worker died (killed, out of memory): the jobs it held
+            why = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+            record_unfinished(Path(directory), RuntimeError(f"the launcher's worker died ({why})"), status="failed")
+            return SweepResult(Path(directory), [], study=study, stopped=why)
+        except ValueError as error:
+            if not (study and "No trials are completed yet" in str(error)):
+                raise
+            returns = None  # every trial failed, so the study has no best trial; the records say why
+    return SweepResult(Path(directory), job_dirs(returns), study=study)
 
 
 def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunConfig], None] | None) -> None:
