@@ -460,7 +460,7 @@ def launch(
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="patcli"):
         cfg = compose(overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
         if show_config:
-            return OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+            return shown_config(overrides, cfg, multirun, check)
         preset = next((o for o in overrides if o.lstrip("+").startswith("experiment=")), None)
         if preset and not multirun:  # its settings are a sweep's: a single run would quietly ignore them
             raise UsageError(f"experiment: {preset} is a sweep preset; allowed: patcli sweep +{preset.lstrip('+')}")
@@ -515,8 +515,44 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
 def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunConfig], None] | None) -> None:
     """Validate every job the basic sweeper will launch, then train the dense runs they share."""
     from .console import RichProgress
-    from .plugins import check_direction, check_launcher, check_optuna_settings, check_storage
-    from .sweeps import check_sweep_functions, expand_jobs, prepare, search_space_edges
+    from .plugins import check_direction, check_storage
+    from .sweeps import prepare, search_space_edges
+
+    jobs = sweep_jobs(overrides, cfg)
+    if jobs is None:  # another sweeper (Optuna) chooses its jobs as it goes: check what they share, then each checks itself
+        config = validate(job_config(cfg), check)
+        check_dense_cache_outside(cfg, [config])
+        try:
+            check_direction(cfg.hydra.sweeper, config)
+            check_storage(cfg.hydra.sweeper)
+        except ConfigError as error:
+            raise UsageError(str(error)) from error
+        for job in search_space_edges(overrides, cfg):
+            checked_job(job, check, f"searched: {job[-1]}")
+        return
+    configs = []
+    here = "submitit" not in str(cfg.hydra.launcher.get("_target_", ""))  # a cluster launcher runs jobs elsewhere
+    folders: dict[str, list[str]] = {}  # each job's subdir → the job
+    for number, job in enumerate(jobs):
+        composed, config = checked_job(job, check, f"sweep job: {' '.join(job)}", on_this_machine=here)
+        configs.append(config)
+        folder = job_subdir(composed, number) if here else None  # a cluster's node may resolve it otherwise
+        if folder is not None and folder in folders:  # the later job would overwrite the earlier one's run
+            subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
+            earlier, later = (" ".join(o for o in a if o not in b) for a, b in ((folders[folder], job), (job, folders[folder])))
+            raise UsageError(f"hydra.sweep.subdir: {subdir!r} is the same folder ({folder}) for the jobs {earlier!r} and "
+                             f"{later!r}; allowed: a name that differs per job, e.g. ${{hydra.job.num}} (the default) or "
+                             "one built from every swept key")
+        folders[folder] = job
+    check_dense_cache_outside(cfg, configs)
+    prepare(configs, RichProgress)
+
+
+def sweep_jobs(overrides: list[str], cfg: DictConfig) -> list[list[str]] | None:
+    """The override list of every job the basic sweeper will launch (None for a sweeper that picks its own), once
+    the launcher, the sweep's functions and the sweeper's settings are checked."""
+    from .plugins import check_launcher, check_optuna_settings
+    from .sweeps import check_sweep_functions, expand_jobs
 
     try:
         check_launcher(cfg.hydra.launcher)
@@ -529,41 +565,45 @@ def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunCon
         swept = [o for o in overrides if "glob(" in o] or [o for o in overrides if "," in o or "(" in o]
         raise UsageError(f"{swept[0] if swept else 'sweep'}: the sweep makes no job; allowed: values that name at "
                          "least one option (a glob() that matches one)")
-    if jobs is None:  # another sweeper (Optuna) chooses its jobs as it goes: check what they share, then each checks itself
-        config = validate(job_config(cfg), check)
-        check_dense_cache_outside(cfg, [config])
-        try:
-            check_direction(cfg.hydra.sweeper, config)
-            check_storage(cfg.hydra.sweeper)
-        except ConfigError as error:
-            raise UsageError(str(error)) from error
-        for job in search_space_edges(overrides, cfg):
-            try:
-                validate(job_config(compose(job, RunMode.RUN)), check)
-            except UsageError as error:
-                raise UsageError(f"{error} (searched: {job[-1]})") from error
-        return
-    configs = []
-    here = "submitit" not in str(cfg.hydra.launcher.get("_target_", ""))  # a cluster launcher runs jobs elsewhere
-    folders: dict[str, list[str]] = {}  # each job's subdir → the job
-    for number, job in enumerate(jobs):
-        composed = compose(job, RunMode.RUN)
-        try:
-            configs.append(validate(job_config(composed), check))
-            if here:
-                check_device_here(configs[-1])
-        except UsageError as error:
-            raise UsageError(f"{error} (sweep job: {' '.join(job)})") from error
-        folder = job_subdir(composed, number) if here else None  # a cluster's node may resolve it otherwise
-        if folder is not None and folder in folders:  # the later job would overwrite the earlier one's run
-            subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
-            earlier, later = (" ".join(o for o in a if o not in b) for a, b in ((folders[folder], job), (job, folders[folder])))
-            raise UsageError(f"hydra.sweep.subdir: {subdir!r} is the same folder ({folder}) for the jobs {earlier!r} and "
-                             f"{later!r}; allowed: a name that differs per job, e.g. ${{hydra.job.num}} (the default) or "
-                             "one built from every swept key")
-        folders[folder] = job
-    check_dense_cache_outside(cfg, configs)
-    prepare(configs, RichProgress)
+    return jobs
+
+
+def checked_job(job: list[str], check: Callable[[RunConfig], None] | None, note: str,
+                on_this_machine: bool = False) -> tuple[DictConfig, RunConfig]:
+    """Compose and validate one job of a sweep; a mistake names the job it is in."""
+    composed = compose(job, RunMode.RUN)
+    try:
+        config = validate(job_config(composed), check)
+        if on_this_machine:
+            check_device_here(config)
+    except UsageError as error:
+        raise UsageError(f"{error} ({note})") from error
+    return composed, config
+
+
+def shown_config(overrides: list[str], cfg: DictConfig, multirun: bool, check: Callable[[RunConfig], None] | None) -> str:
+    """``--cfg``: the config a run would use, checked as the run would check it, with nothing run and no folder made.
+
+    A basic sweep shows its first job's config and lists what each job sets, every job checked; a study (Optuna)
+    shows what its trials share, the edges of its search space checked.
+    """
+    from .sweeps import search_space_edges
+
+    jobs = sweep_jobs(overrides, cfg) if multirun else None
+    if jobs is None:
+        validate(job_config(cfg), check)
+        for job in search_space_edges(overrides, cfg) if multirun else []:
+            checked_job(job, check, f"searched: {job[-1]}")
+        return as_yaml(cfg)
+    first = [checked_job(job, check, f"sweep job: {' '.join(job)}")[0] for job in jobs][0]
+    listing = [" ".join(o for o in job if not all(o in other for other in jobs)) or " ".join(job) or "(no overrides)"
+               for job in jobs]
+    return "\n".join([f"{as_yaml(first)}# the config of job 0 of {len(jobs)}, each checked; what each job sets:",
+                      *(f"#   {number}: {line}" for number, line in enumerate(listing))])
+
+
+def as_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
 
 
 def check_dense_cache_outside(cfg: DictConfig, configs: list[RunConfig]) -> None:

@@ -87,6 +87,30 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
     assert "agp" in out and "cubic" in out and "unstructured" in out
 
 
+
+@pytest.mark.parametrize("args, expected", [
+    (("train", "pruning.sparsity=abc"), "error: pruning.sparsity: expected float or null, got 'abc'"),
+    (("train", "baseline=magnitude"), "error: baseline: 'magnitude' is a post-training baseline"),
+    (("sweep", "pruning.sparsity=0.5,1.5"), "error: pruning.sparsity: 1.5 is out of range; allowed: 0.0 <= value < 1.0 "
+                                            "(sweep job: pruning.sparsity=1.5)"),
+    (("sweep", "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", "schedule.end=interval(0.3,1.5)"),
+     "error: schedule.end: 1.5 is out of range"),
+    (("sweep", "scorer=glob(nothing*)"), "error: scorer=glob(nothing*): the sweep makes no job"),
+])
+def test_cfg_checks_what_it_prints_as_the_run_would_and_makes_no_folder(cli, tmp_path, args, expected):
+    code, out, err = cli(args[0], "--cfg", *args[1:])
+    assert code == 2 and err.startswith(expected) and len(err.strip().splitlines()) == 1, err
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_sweep_cfg_shows_its_first_job_and_lists_what_every_job_sets(cli, tmp_path):
+    code, out, _ = cli("sweep", "--cfg", "pruning.sparsity=0.5,0.8", "scorer=magnitude,movement", "seed=3")
+    assert code == 0 and list(tmp_path.iterdir()) == []
+    config, listing = out.split("# the config of job 0 of 4, each checked; what each job sets:\n")
+    assert "sparsity: 0.5" in config and "name: magnitude" in config and "seed: 3" in config
+    assert listing.splitlines() == ["#   0: pruning.sparsity=0.5 scorer=magnitude", "#   1: pruning.sparsity=0.5 scorer=movement",
+                                    "#   2: pruning.sparsity=0.8 scorer=magnitude", "#   3: pruning.sparsity=0.8 scorer=movement"]
+
 @pytest.mark.parametrize(
     "override, expected",
     [
