@@ -34,6 +34,13 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     return training.make_optimizer(model, TrainerConfig(optimizer=name, lr=lr, weight_decay=weight_decay, momentum=0.9))
 
 
+def agp_through(total_steps: int) -> dict:
+    """A pruner's AGP schedule (to 90% when built with sparsity 0.9) whose ramp ends right after the last measured
+    step, so that every timed block holds the same number of mask updates (a ramp ending earlier leaves the last
+    blocks without any, which flatters PAT)."""
+    return {"schedule": SCHEDULES.get("agp")(begin=0, end=total_steps), "total_steps": total_steps + 1}
+
+
 def training_variant(kind: str, dims: list[int], batch: int, optimizer: str, steps_per_block: int, total_steps: int,
                      frequency: int = DEFAULT_FREQUENCY):
     """A closure that trains ``steps_per_block`` steps and returns seconds per step, and the pruner (PAT only).
@@ -47,8 +54,8 @@ def training_variant(kind: str, dims: list[int], batch: int, optimizer: str, ste
     opt = make_optimizer(optimizer, model)
     pruner = None
     if kind == "pat":
-        pruner = Pruner(model, sparsity=0.9, schedule=SCHEDULES.get("agp")(begin=0, end=0.9), total_steps=total_steps,
-                        allocation=ALLOCATIONS.get("global")(), frequency=frequency).attach(opt)
+        pruner = Pruner(model, sparsity=0.9, **agp_through(total_steps), allocation=ALLOCATIONS.get("global")(),
+                        frequency=frequency).attach(opt)
     elif kind == "pass_only":
         fixed = Pruner(model, sparsity=0.9, schedule=SCHEDULES.get("oneshot")(), total_steps=1,
                        allocation=ALLOCATIONS.get("global")())

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from patcli.engine import ALLOCATIONS, SCHEDULES, Pruner
+from patcli.engine import ALLOCATIONS, Pruner
 
 from .common import interleaved, percent, ratio_stats, run_config, table
-from .engine_speed import mask_update
+from .engine_speed import agp_through, mask_update
 
 
 def semi_structured_table() -> str:
@@ -67,8 +67,8 @@ def gpu_overhead(blocks: int = 20, steps_per_block: int = 50) -> str:
             x = torch.randn(batch, dims[0], device="cuda")
             y = torch.randint(0, dims[-1], (batch,), device="cuda")
             if kind == "pat":
-                Pruner(model, sparsity=0.9, schedule=SCHEDULES.get("agp")(begin=0, end=0.9),
-                       total_steps=(blocks + 2) * steps_per_block, allocation=ALLOCATIONS.get("global")(), frequency=50).attach(opt)
+                Pruner(model, sparsity=0.9, **agp_through((blocks + 2) * steps_per_block), allocation=ALLOCATIONS.get("global")(),
+                       frequency=50).attach(opt)
             elif kind == "torch_prune":
                 from torch.nn.utils import prune
 

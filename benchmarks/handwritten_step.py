@@ -13,10 +13,10 @@ import statistics
 
 import torch
 
-from patcli.engine import ALLOCATIONS, SCHEDULES, Pruner
+from patcli.engine import ALLOCATIONS, Pruner
 
 from .common import interleaved, percent, ratio_stats, table
-from .engine_speed import DEFAULT_FREQUENCY, make_optimizer, mlp, timed_training
+from .engine_speed import DEFAULT_FREQUENCY, agp_through, make_optimizer, mlp, timed_training
 
 KERNELS = r"""
 #include <torch/extension.h>
@@ -169,8 +169,8 @@ def loop_variant(kernels, kind: str, dims: list[int], batch: int, optimizer: str
     reference = make_optimizer(optimizer, model)
     opt = reference if kind == "torch" else hand_written_like(kernels, reference, model.parameters())
     if kind.startswith("pat"):
-        pruner = Pruner(model, sparsity=0.9, schedule=SCHEDULES.get("agp")(begin=0, end=0.9), total_steps=total_steps,
-                        allocation=ALLOCATIONS.get("global")(), frequency=DEFAULT_FREQUENCY).attach(opt)
+        pruner = Pruner(model, sparsity=0.9, **agp_through(total_steps), allocation=ALLOCATIONS.get("global")(),
+                        frequency=DEFAULT_FREQUENCY).attach(opt)
         if kind == "pat_fused":
             opt.masks = {id(w): m for w, m in zip(pruner.masks.weights, pruner.masks.multipliers)}
             pruner.masking.after_step = lambda zero=True: None  # the kernel keeps pruned weights at zero

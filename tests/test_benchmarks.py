@@ -17,6 +17,7 @@ from benchmarks import engine_speed, quality_gap, structured
 from benchmarks.common import run_config
 from benchmarks.quality import CAP
 from patcli import training
+from patcli.engine import Pruner
 from patcli.runner import MODEL_FILE
 
 
@@ -36,6 +37,17 @@ def rows(text: str) -> list[list[str]]:
 def test_mask_update_section_counts_exactly():
     header, row = rows(engine_speed.mask_update(sizes=(200_000,), repeats=1))
     assert header[-1] == "exact count" and row[-1] == "yes"
+
+
+@pytest.mark.parametrize("frequency, per_block", [(engine_speed.DEFAULT_FREQUENCY, 2), (2 * engine_speed.DEFAULT_FREQUENCY, 1)])
+def test_every_timed_overhead_block_holds_the_same_number_of_mask_updates(frequency, per_block):
+    steps_per_block, blocks = 2 * engine_speed.DEFAULT_FREQUENCY, 30 + 3  # as the overhead section times them
+    total = blocks * steps_per_block
+    pruner = Pruner(torch.nn.Linear(8, 8), sparsity=0.9, **engine_speed.agp_through(total), frequency=frequency)
+    updates = pruner.schedule.update_steps()
+    assert [sum(start <= t < start + steps_per_block for t in updates) for start in range(0, total, steps_per_block)] \
+        == [per_block] * blocks
+    assert 0.899 < pruner.schedule.target(updates[-2]) < 0.9  # the last update timed ramps nearly to the target
 
 
 def test_adamw_zeros_section_covers_each_implementation():
