@@ -147,9 +147,10 @@ def quality(workers: int = 2) -> str:
                          *[mean_std(chosen[("recipe" + protocol, s)]) for s in SPARSITIES]]]
 
     def verdict(sparsity: float, target: float) -> str:
-        means = [statistics.fmean(chosen[(name, sparsity)]) for name in ("recipe", "recipe refit")]
-        met = "met" if max(means) >= target else "not met"
-        return f"{met}: {means[0] * 100:.1f}%, refit {means[1] * 100:.1f}%"
+        """Each protocol judged on its own: calling the target met by the better of the two would choose on test."""
+        means = {label: statistics.fmean(chosen[(name, sparsity)]) for name, label in (("recipe", "trained on train"),
+                                                                                       ("recipe refit", "refit"))}
+        return "; ".join(f"{label} {mean * 100:.1f}%: {'met' if mean >= target else 'not met'}" for label, mean in means.items())
     return (
         "MLP 64-256-256-10 on digits (train 1,257 / val 180 / test 360), AdamW. Each option of the engine varied alone "
         "around the reference recipe (AGP + magnitude + global, lr 1e-3 constant, mask update every 50 steps), with "
