@@ -99,7 +99,7 @@ def _not_a_baseline(config) -> None:
 @app.command(context_settings=OVERRIDES, epilog=groups_epilog())
 def train(
     ctx: typer.Context,
-    cfg: Annotated[bool, typer.Option("--cfg", help="Print the composed config and exit.")] = False,
+    cfg: Annotated[bool, typer.Option("--cfg", help="Check the composed config, print it and exit.")] = False,
 ) -> None:
     """Train with pruning-aware training (PAT); [bold]pruning=none[/] trains the dense reference.
 
@@ -115,7 +115,7 @@ def train(
 @app.command(context_settings=OVERRIDES, epilog=groups_epilog())
 def sweep(
     ctx: typer.Context,
-    cfg: Annotated[bool, typer.Option("--cfg", help="Print the composed config and exit.")] = False,
+    cfg: Annotated[bool, typer.Option("--cfg", help="Check every job's config; print the first job's, with what each job sets, and exit.")] = False,
 ) -> None:
     """A Hydra multirun: comma-separated values run every combination, then the comparison table prints.
 
@@ -177,7 +177,7 @@ def _a_baseline(config) -> None:
 @app.command("prune-post", context_settings=OVERRIDES, epilog=groups_epilog())
 def prune_post(
     ctx: typer.Context,
-    cfg: Annotated[bool, typer.Option("--cfg", help="Print the composed config and exit.")] = False,
+    cfg: Annotated[bool, typer.Option("--cfg", help="Check the composed config, print it and exit.")] = False,
 ) -> None:
     """Post-training baseline: prune a trained dense run (and maybe fine-tune it), recorded like a PAT run.
 
