@@ -538,6 +538,27 @@ def test_dynamic_sparse_training_starts_at_exactly_the_target_count(init):
     assert sum(int((w == 0).sum()) for w in pruner.masks.weights) == round(0.8 * (256 + 512 + 64))  # 666: ERK rounded to 665
 
 
+def test_a_run_length_and_targets_from_numpy_work_as_python_numbers_and_resume():
+    import numpy as np
+
+    def built():
+        torch.manual_seed(0)
+        model = nn.Linear(16, 16)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, optimizer, prune_during_training(model, optimizer, sparsity=np.float32(0.5), total_steps=np.int64(20),
+                                                       frequency=np.int64(2), schedule="alternating")
+
+    model, optimizer, pruner = built()
+    for _ in range(20):
+        model(torch.randn(4, 16)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert pruner.sparsity() == 0.5 and pruner.schedule.end_step == 15
+    _, _, again = built()
+    again.load_state_dict(pruner.state_dict())  # the same settings, whether numpy's or Python's
+    assert again.step == 20
+
+
 def test_alternating_refuses_phases_of_no_steps():
     with pytest.raises(ValueError, match="^compressed: 0 is out of range"):
         SCHEDULES.get("alternating")(compressed=0)

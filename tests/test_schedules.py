@@ -84,3 +84,30 @@ def test_a_decompressed_phase_reports_the_zeros_the_model_holds_not_the_lifted_m
         seen.append(pruner.current_sparsity())
     assert seen[:2] == [pytest.approx(0.8, abs=1e-3)] * 2  # compressed: the update's figure, no count
     assert seen[3] == pruner.sparsity() < 0.1  # decompressed: the weights trained again
+
+
+@pytest.mark.parametrize("name, params", [
+    ("agp", {"begin": 10, "end": 0.75}), ("oneshot", {"begin": 40}), ("constant", {"begin": 0, "end": 300}),
+    ("exponential", {"begin": 5, "end": 500, "initial_sparsity": 0.1}),
+    ("alternating", {"begin": 100, "compressed": 60, "decompressed": 0.05, "final": 250}),
+])
+def test_numpy_numbers_bind_as_python_ones(name, params):
+    """A step count from numpy (epochs * np.ceil(n / batch)) binds like an int."""
+    import numpy as np
+
+    python = bound(name, total=1000, **params)
+    numpy = SCHEDULES.get(name)(**{k: np.int64(v) if isinstance(v, int) else np.float32(v) for k, v in params.items()})
+    numpy.bind(np.int64(1000), np.float64(0.9), np.int64(100))
+    assert numpy.update_steps() == python.update_steps()
+    assert [numpy.target(t) for t in range(1000)] == pytest.approx([python.target(t) for t in range(1000)])
+
+
+def test_alternating_phase_lengths_in_steps_are_lengths_not_steps_of_the_run():
+    whole = bound("alternating", total=20, frequency=1, begin=2, compressed=20, decompressed=2, final=5)
+    as_fraction = bound("alternating", total=20, frequency=1, begin=2, compressed=1.0, decompressed=2, final=5)
+    assert whole.compressed_steps == as_fraction.compressed_steps == 20  # one compressed phase to the final one
+    assert [whole.phase(t) for t in range(20)] == ["dense"] * 2 + ["compressed"] * 18
+    with pytest.raises(ScheduleError, match=r"^schedule.compressed: 21 steps is out of range; allowed: 1 to the run's 20 steps"):
+        bound("alternating", total=20, frequency=1, begin=2, compressed=21, decompressed=2, final=5)
+    with pytest.raises(ScheduleError, match=r"^schedule.final: the final phase \(20 steps\) starts at step 0, not after the warm-up"):
+        bound("alternating", total=20, frequency=1, begin=2, compressed=4, decompressed=2, final=20)

@@ -9,6 +9,7 @@ as ints and fractions of the run's total steps when given as floats.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 from .registry import ParamError, Registry
@@ -24,10 +25,18 @@ class ScheduleError(ValueError):
         self.key = key
 
 
+def as_int_or_float(value: object, key: str, expected: str) -> int | float:
+    """A Python int or float from any integer or real number (numpy's too: ``epochs * np.ceil(n / batch)``)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise ScheduleError(key, f"expected {expected}, got {value!r}")
+
+
 def to_step(value: int | float, total_steps: int, key: str) -> int:
     """An int is a step; a float in [0, 1] is a fraction of the run, clamped to its last step."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ScheduleError(key, f"expected a step (int) or a fraction of the run (float), got {value!r}")
+    value = as_int_or_float(value, key, "a step (int) or a fraction of the run (float)")
     if isinstance(value, float):
         if not 0.0 <= value <= 1.0:
             raise ScheduleError(key, f"fraction {value} must be within 0.0 <= value <= 1.0")
@@ -36,6 +45,20 @@ def to_step(value: int | float, total_steps: int, key: str) -> int:
         raise ScheduleError(key, f"step {value} must be >= 0")
     if value > total_steps - 1:
         raise ScheduleError(key, f"step {value} is after the run's last step {total_steps - 1} (it has {total_steps} steps)")
+    return value
+
+
+def to_length(value: int | float, total_steps: int, key: str) -> int:
+    """A phase's length: an int is a number of steps, at most the run's; a float in (0, 1] a fraction of the run (at
+    least one step)."""
+    value = as_int_or_float(value, key, "a number of steps (int) or a fraction of the run (float)")
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise ScheduleError(key, f"fraction {value} must be within 0.0 < value <= 1.0")
+        return min(max(int(round(value * total_steps)), 1), total_steps)
+    if not 1 <= value <= total_steps:
+        raise ScheduleError(key, f"{value} steps is out of range; allowed: 1 to the run's {total_steps} steps, or a "
+                                 "fraction of the run")
     return value
 
 
@@ -221,7 +244,7 @@ class Alternating(Schedule):
             raise ParamError("power", f"{self.power} is used only by ramp=agp; allowed with ramp={self.ramp}: {AGP_POWER} (the default)")
 
     def bind(self, total_steps: int, final_sparsity: float, frequency: int) -> "Schedule":
-        final_steps = max(to_step(self.final, total_steps, "schedule.final"), 1)
+        final_steps = to_length(self.final, total_steps, "schedule.final")
         self.end = total_steps - final_steps  # masks reach the final target where the final phase starts
         warm_up = to_step(self.begin, total_steps, "schedule.begin")
         if self.end <= warm_up:
@@ -231,8 +254,8 @@ class Alternating(Schedule):
                 f"(schedule.begin = step {warm_up})",
             )
         super().bind(total_steps, final_sparsity, frequency)
-        self.compressed_steps = max(to_step(self.compressed, total_steps, "schedule.compressed"), 1)
-        self.decompressed_steps = max(to_step(self.decompressed, total_steps, "schedule.decompressed"), 1)
+        self.compressed_steps = to_length(self.compressed, total_steps, "schedule.compressed")
+        self.decompressed_steps = to_length(self.decompressed, total_steps, "schedule.decompressed")
         params = {"power": self.power} if self.ramp == "agp" else {}
         self._ramp = SCHEDULES.get(self.ramp)(begin=self.begin_step, end=self.end_step, initial_sparsity=self.initial_sparsity, **params)
         self._ramp.bind(total_steps, final_sparsity, frequency)
