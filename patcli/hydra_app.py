@@ -515,20 +515,11 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
 def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunConfig], None] | None) -> None:
     """Validate every job the basic sweeper will launch, then train the dense runs they share."""
     from .console import RichProgress
-    from .plugins import check_direction, check_storage
-    from .sweeps import prepare, search_space_edges
+    from .sweeps import prepare
 
     jobs = sweep_jobs(overrides, cfg)
     if jobs is None:  # another sweeper (Optuna) chooses its jobs as it goes: check what they share, then each checks itself
-        config = validate(job_config(cfg), check)
-        check_dense_cache_outside(cfg, [config])
-        try:
-            check_direction(cfg.hydra.sweeper, config)
-            check_storage(cfg.hydra.sweeper)
-        except ConfigError as error:
-            raise UsageError(str(error)) from error
-        for job in search_space_edges(overrides, cfg):
-            checked_job(job, check, f"searched: {job[-1]}")
+        check_dense_cache_outside(cfg, [checked_study(overrides, cfg, check)])
         return
     configs = []
     here = "submitit" not in str(cfg.hydra.launcher.get("_target_", ""))  # a cluster launcher runs jobs elsewhere
@@ -581,19 +572,35 @@ def checked_job(job: list[str], check: Callable[[RunConfig], None] | None, note:
     return composed, config
 
 
+def checked_study(overrides: list[str], cfg: DictConfig, check: Callable[[RunConfig], None] | None) -> RunConfig:
+    """What every trial of a study (a sweeper that picks its jobs as it goes) shares, checked, with the edges of its
+    search space; each trial checks itself when it starts."""
+    from .plugins import check_direction, check_storage
+    from .sweeps import search_space_edges
+
+    config = validate(job_config(cfg), check)
+    try:
+        check_direction(cfg.hydra.sweeper, config)
+        check_storage(cfg.hydra.sweeper)
+    except ConfigError as error:
+        raise UsageError(str(error)) from error
+    for job in search_space_edges(overrides, cfg):
+        checked_job(job, check, f"searched: {job[-1]}")
+    return config
+
+
 def shown_config(overrides: list[str], cfg: DictConfig, multirun: bool, check: Callable[[RunConfig], None] | None) -> str:
     """``--cfg``: the config a run would use, checked as the run would check it, with nothing run and no folder made.
 
     A basic sweep shows its first job's config and lists what each job sets, every job checked; a study (Optuna)
     shows what its trials share, the edges of its search space checked.
     """
-    from .sweeps import search_space_edges
-
-    jobs = sweep_jobs(overrides, cfg) if multirun else None
-    if jobs is None:
+    if not multirun:
         validate(job_config(cfg), check)
-        for job in search_space_edges(overrides, cfg) if multirun else []:
-            checked_job(job, check, f"searched: {job[-1]}")
+        return as_yaml(cfg)
+    jobs = sweep_jobs(overrides, cfg)
+    if jobs is None:
+        checked_study(overrides, cfg, check)
         return as_yaml(cfg)
     first = [checked_job(job, check, f"sweep job: {' '.join(job)}")[0] for job in jobs][0]
     listing = [" ".join(o for o in job if not all(o in other for other in jobs)) or " ".join(job) or "(no overrides)"

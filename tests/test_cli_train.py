@@ -96,6 +96,7 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
     (("sweep", "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", "schedule.end=interval(0.3,1.5)"),
      "error: schedule.end: 1.5 is out of range"),
     (("sweep", "scorer=glob(nothing*)"), "error: scorer=glob(nothing*): the sweep makes no job"),
+    (("sweep", "hydra/sweeper=optuna", "schedule.end=interval(0.3,0.9)"), "error: hydra.sweeper.direction: minimize does not fit"),
 ])
 def test_cfg_checks_what_it_prints_as_the_run_would_and_makes_no_folder(cli, tmp_path, args, expected):
     code, out, err = cli(args[0], "--cfg", *args[1:])
