@@ -163,6 +163,8 @@ def show_best_trial(best: BestTrial | None) -> None:
     line = f"best trial: val {metric} {best.value:.4f} with {params}"
     if record:
         line += f"; its test {metric} {record.primary_value('test'):.4f} → {best.run_dir}"
+    elif best.run_dir is None:  # a study resumed from storage: its best may be a trial an earlier session ran
+        line += "; a trial of an earlier session of this study (its run is in that session's sweep folder)"
     console.print(line, highlight=False, soft_wrap=True)
 
 

@@ -488,13 +488,21 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
     The directory is resolved here (its ``${now:}`` and ``${uid:}``) and passed on as an override, because not every
     sweeper returns its jobs (Optuna's returns nothing) and the summary still has to find them.
     """
-    from .plugins import OPTUNA_SWEEPER
+    from .console import console
+    from .plugins import OPTUNA_SWEEPER, resumed_study_seed
     from .sweeps import SweepResult, job_dirs, record_unfinished
 
     directory = str(Path(cfg.hydra.sweep.dir).absolute())  # a joblib worker's own cwd may differ; check_run_dir resolved it
     pinned = [f"hydra.sweep.dir={quoted(directory)}", f"++hydra.job.env_set.{START_DIR_ENV}={quoted(os.getcwd())}"]
     others = [o for o in overrides if not o.startswith("hydra.sweep.dir=")]
     study = cfg.hydra.sweeper.get("_target_") == OPTUNA_SWEEPER
+    if study and (resumed := resumed_study_seed(cfg.hydra.sweeper)):
+        trials, seed = resumed
+        others = [o for o in others if not o.lstrip("+~").startswith("hydra.sweeper.sampler.seed=")]
+        pinned.append(f"hydra.sweeper.sampler.seed={seed}")
+        console.print(f"resuming study {cfg.hydra.sweeper.study_name!r} after its {trials} trials: its sampler draws with "
+                      f"seed {seed} (hydra.sweeper.sampler.seed + {trials}), so that it does not repeat them",
+                      highlight=False, soft_wrap=True, markup=False)
     with claimed_sweep_dir(overrides, Path(directory)):
         try:  # Hydra's own CLI sets the mode; called directly, jobs would not know they are in a sweep
             returns = GlobalHydra.instance().hydra.multirun(CONFIG_NAME, task, [*others, *pinned, "hydra.mode=MULTIRUN"])

@@ -104,6 +104,22 @@ def check_storage(sweeper: DictConfig) -> None:
         raise ConfigError("hydra.sweeper.storage", why)
 
 
+def resumed_study_seed(sweeper: DictConfig) -> tuple[int, int] | None:
+    """(trials already in the study, the sampler seed to go on with) when a seeded study kept in storage is resumed;
+    None when nothing is resumed. Seeded as before, the sampler would draw the earlier trials again (its first ones
+    are random draws from the seed) and spend the new budget repeating them: the seed moves on by the trials there."""
+    storage, sampler = str(sweeper.get("storage") or ""), sweeper.get("sampler") or {}
+    name, seed = sweeper.get("study_name"), sampler.get("seed")
+    if sweeper.get("_target_") != OPTUNA_SWEEPER or not storage or name is None or seed is None:
+        return None  # without a name, Optuna starts a new study each time
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        return None  # a new study (and no database file made here)
+    import optuna
+
+    trials = next((s.n_trials for s in optuna.get_all_study_summaries(storage=storage) if s.study_name == name), 0)
+    return (trials, int(seed) + trials) if trials else None
+
+
 def check_direction(sweeper: DictConfig, config: RunConfig) -> None:
     """An Optuna study optimises the job's validation primary metric: its direction must be that metric's."""
     if sweeper.get("_target_") != OPTUNA_SWEEPER:

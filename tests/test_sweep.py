@@ -138,6 +138,29 @@ def test_optuna_study_optimises_val_tells_failed_trials_and_prints_the_best(cli,
     assert out.count("test accuracy") == 1
 
 
+def test_a_seeded_study_resumed_from_storage_searches_on_instead_of_repeating_its_trials(cli, tmp_path):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    study_args = [*FAST, "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=2",
+                  "hydra.sweeper.n_jobs=1", "hydra.sweeper.sampler.seed=3", f"hydra.sweeper.storage={storage}",
+                  "hydra.sweeper.study_name=s", "pruning.sparsity=interval(0.3,0.9)"]
+    code, first, err = cli("sweep", *study_args, f"hydra.sweep.dir={tmp_path}/one")
+    assert code == 0 and "resuming" not in first, err
+    code, second, err = cli("sweep", *study_args, f"hydra.sweep.dir={tmp_path}/two")
+    assert code == 0, err
+    assert "resuming study 's' after its 2 trials: its sampler draws with seed 5 (hydra.sweeper.sampler.seed + 2)" in second
+    drawn = [t.params["pruning.sparsity"] for t in optuna.load_study(study_name="s", storage=storage).trials]
+    assert len(drawn) == 4 and len(set(drawn)) == 4  # seeded as before, the second session drew the first one's again
+
+
+def test_a_best_trial_from_an_earlier_session_of_the_study_says_where_it_ran(capsys):
+    from patcli.cli import show_best_trial
+    from patcli.sweeps import BestTrial
+
+    show_best_trial(BestTrial({"schedule.end": 0.5}, 0.9, None))
+    assert capsys.readouterr().out.strip() == ("best trial: val metric 0.9000 with schedule.end=0.5; a trial of an "
+                                               "earlier session of this study (its run is in that session's sweep folder)")
+
+
 def test_optuna_study_with_no_finished_trial_says_so(cli, tmp_path):
     code, out, err = cli("sweep", *EXPLODING, "+model.explode=true", "hydra/sweeper=optuna",
                          "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=1", "schedule.end=interval(0.5,0.9)")
