@@ -27,6 +27,8 @@ class Cell:
     values: list[float] = field(default_factory=list)
     achieved: list[float] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+    cites: dict[str, float | None] = field(default_factory=dict)  # dense runs its runs started from → their metric
+    dense_value: float | None = None  # what its difference to dense is taken against
 
     @property
     def mean(self) -> float:
@@ -49,7 +51,6 @@ class Row:
     steps: set[int] = field(default_factory=set)
     training: str = ""  # the training settings it shares with the dense run it compares with (see ``training_key``)
     cites: dict[str, float | None] = field(default_factory=dict)  # dense runs its records started from → their metric
-    dense_value: float | None = None  # what its difference to dense is taken against
 
     def steps_text(self) -> str:
         if not self.steps:
@@ -77,7 +78,8 @@ class GroupTable:
 
     @property
     def columns(self) -> list[float]:
-        return sorted({s for row in self.rows.values() for s in row.cells})
+        """The target sparsities of the rows; a table of dense runs alone has the dense column."""
+        return sorted({s for row in self.rows.values() for s in row.cells}) or ([0.0] if self.dense else [])
 
     @property
     def dense_value(self) -> float | None:
@@ -275,7 +277,7 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
             cited = record.dense_reference
             ident = cited.get("run_id") or str(Path(cited.get("run_dir", "")).resolve())
             references.setdefault(ident, record)
-            row.cites[ident] = (cited.get("metrics") or {}).get(split, {}).get(name)
+            row.cites[ident] = row.cells[column].cites[ident] = (cited.get("metrics") or {}).get(split, {}).get(name)
     for group_key, rows in keyed.items():
         group = groups[group_key]
         _disambiguate(rows, {k[1:]: v for k, v in configs.items() if k[0] == group_key})
@@ -322,9 +324,10 @@ def compare(records: list[RunRecord], metric: str | None = None, split: str = "t
         dense_rows = [row for row in keyed.get(group_key, {}).values() if row.method == "dense" and 0.0 in row.cells]
         dense_rows += cited_only.get(group_key, {}).values()
         for row in group.rows.values():
-            row.dense_value = _dense_value_for(row, group, dense_rows, dense_rows_of)
+            for cell in row.cells.values():
+                cell.dense_value = _dense_value_for(cell, row, group, dense_rows, dense_rows_of, same_start)
         if group.dense is not None:
-            group.dense.dense_value = group.dense_value
+            group.dense.cells[0.0].dense_value = group.dense_value
     not_ok = [r for r in records if r.status != "ok"]
     return Comparison(sorted(groups.values(), key=lambda g: (g.model, g.dataset, g.config_hash)), not_ok, repeats,
                       without_metric)
@@ -340,15 +343,17 @@ def reference_dense(rows: list[Row]) -> Row:
     return min(rows, key=rank)
 
 
-def _dense_value_for(row: Row, group: GroupTable, dense_rows: list[Row], dense_rows_of: dict[str, Row]) -> float | None:
-    """The dense result a row's difference is taken against: the dense runs its baselines started from (their own
-    results, not their row's, which may pool other seeds), else the dense run trained the same way (same trainer,
+def _dense_value_for(cell: Cell, row: Row, group: GroupTable, dense_rows: list[Row], dense_rows_of: dict[str, Row],
+                     copies: dict[str, str]) -> float | None:
+    """The dense result a cell's difference is taken against: the dense runs its baselines started from (their own
+    results, not their row's, which may pool other seeds; copies of one dense run count once, as in the dense row),
+    else the dense run its row's baselines started from, else the dense run trained the same way (same trainer,
     model, data), else the group's dense row."""
     if row.method == "dense":
         return group.dense_value
-    values = [v for v in row.cites.values() if v is not None]
-    if row.cites and len(values) == len(row.cites):
-        return statistics.fmean(values)
+    values = {copies.get(c, c): v for c, v in cell.cites.items()}
+    if values and None not in values.values():
+        return statistics.fmean(values.values())
     cited = {id(dense_rows_of[c]): dense_rows_of[c] for c in row.cites if c in dense_rows_of}
     if len(cited) == 1:
         return next(iter(cited.values())).cells[0.0].mean
@@ -448,7 +453,7 @@ def rich_tables(comparison: Comparison):
                 if cell is None:
                     cells.append("-")
                     continue
-                text = cell_text(cell, group, row.dense_value)
+                text = cell_text(cell, group, cell.dense_value)
                 cells.append(f"[bold green]{text}[/]" if cell.mean == group.best(column) else text)
             table.add_row(escape(row.label), row.steps_text(), runs_text([row]), *cells)
         direction = "higher" if group.higher_is_better else "lower"
@@ -461,7 +466,7 @@ def rich_tables(comparison: Comparison):
         for column in ("status", "method", "target", "run dir", "error"):
             table.add_column(column)
         for record in comparison.not_ok:
-            table.add_row(record.status, escape(record.recipe), f"{record.target_sparsity:g}", escape(record.run_dir),
+            table.add_row(record.status, escape(row_label(record)), f"{record.target_sparsity:g}", escape(record.run_dir),
                           escape((record.error or "")[:120]))
         tables.append(table)
     return tables
@@ -476,7 +481,7 @@ def long_rows(comparison: Comparison) -> list[dict]:
         ]
         for row, column in entries:
             cell = row.cells[column]
-            dense = row.dense_value
+            dense = cell.dense_value
             rows.append({
                 "model": group.model, "dataset": group.dataset, "config_hash": group.config_hash,
                 "method": row.method, "row": row.label, "target_sparsity": column,
@@ -535,13 +540,13 @@ def to_markdown(comparison: Comparison) -> str:
             cells = []
             for column in columns:
                 cell = row.cells.get(column)
-                text = "-" if cell is None else cell_text(cell, group, row.dense_value)
+                text = "-" if cell is None else cell_text(cell, group, cell.dense_value)
                 cells.append(f"**{text}**" if cell is not None and cell.mean == group.best(column) else text)
             lines.append("| " + " | ".join([row.label, row.steps_text(), runs_text([row])] + cells) + " |")
         parts.append("\n".join(lines))
     if comparison.not_ok:
         lines = ["**Runs that did not finish ok**", "", "| status | method | target | run dir | error |", "|---|---|---|---|---|"]
-        lines += [f"| {r.status} | {r.recipe} | {r.target_sparsity:g} | {r.run_dir} | {table_text(r.error or '')[:120]} |"
+        lines += [f"| {r.status} | {row_label(r)} | {r.target_sparsity:g} | {r.run_dir} | {table_text(r.error or '')[:120]} |"
                   for r in comparison.not_ok]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"

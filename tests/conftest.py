@@ -56,3 +56,10 @@ def classify_steps(model: nn.Module, optimizer, steps: int, batch: int, before_s
                                     torch.randint(0, 4, (batch,), generator=generator)).backward()
         before_step()
         optimizer.step()
+
+
+def row_dense_value(row) -> float | None:
+    """The dense value every cell of a comparison row takes its difference against (one for the whole row here)."""
+    values = {cell.dense_value for cell in row.cells.values()}
+    assert len(values) == 1, values
+    return values.pop()

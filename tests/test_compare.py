@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, row_dense_value
 from patcli.records import RunRecord, write_record
 from patcli import report
 
@@ -45,7 +45,7 @@ def test_rows_cells_pooling_and_best(runs):
     assert [row.label for row in group.ordered_rows()] == ["PAT agp+magnitude+global", "post:magnitude", "post:iterative"]
     pat = group.rows["PAT agp+magnitude+global"].cells[0.9]
     assert pat.n == 2 and pat.mean == pytest.approx(0.974) and pat.std == pytest.approx(0.0028284, abs=1e-6)
-    assert report.cell_text(pat, group, group.rows["PAT agp+magnitude+global"].dense_value) == "97.4±0.3 (+0.4)"
+    assert report.cell_text(pat, group, row_dense_value(group.rows["PAT agp+magnitude+global"])) == "97.4±0.3 (+0.4)"
     assert group.best(0.9) == pytest.approx(0.974) and group.best(0.95) == pytest.approx(0.975)  # iterative wins at 95%
     assert group.rows["post:iterative"].steps_text() == "1,250"
     assert [r.status for r in comparison.not_ok] == ["failed"]
@@ -204,7 +204,7 @@ def test_a_folder_of_failed_runs_lists_them_says_so_and_exits_1(cli, only_failed
     code, out, err = cli("compare", str(only_failed), "--format", "markdown")
     assert code == 1 and err.strip() == why
     assert out.splitlines()[4:] == [f"| failed | post:gradient | 0.9 | {only_failed / 'broken'} | RuntimeError: boom in \\| x |",
-                                    f"| interrupted | agp+magnitude+global | 0.95 | {only_failed / 'stopped'} | KeyboardInterrupt |"]
+                                    f"| interrupted | PAT agp+magnitude+global | 0.95 | {only_failed / 'stopped'} | KeyboardInterrupt |"]
 
 
 def test_a_folder_of_failed_runs_has_nothing_to_plot(cli, only_failed):
@@ -266,8 +266,8 @@ def test_each_row_is_compared_with_the_dense_run_trained_like_it_or_that_it_star
     (group,) = report.compare(records).groups
     assert group.dense.label == "dense [trainer.epochs=5]" and group.dense_value == pytest.approx(0.72)
     rows = {row.label: row for row in group.ordered_rows()}
-    assert rows["PAT agp+magnitude+global"].dense_value == pytest.approx(0.88)  # trained like the 10-epoch dense run
-    assert report.cell_text(rows["post:magnitude"].cells[0.8], group, rows["post:magnitude"].dense_value) == "47.0 (-41.0)"
+    assert row_dense_value(rows["PAT agp+magnitude+global"]) == pytest.approx(0.88)  # trained like the 10-epoch dense run
+    assert report.cell_text(rows["post:magnitude"].cells[0.8], group, row_dense_value(rows["post:magnitude"])) == "47.0 (-41.0)"
     assert {r["row"]: r["delta_vs_dense"] for r in report.long_rows(report.compare(records))}["post:magnitude"] == pytest.approx(-0.41)
 
 
@@ -397,8 +397,8 @@ def test_a_cited_dense_run_pools_only_with_dense_runs_trained_the_same_way(tmp_p
            dense_reference={"run_id": "d3", "run_dir": str(tmp_path / "d3"), "metrics": {"test": {"accuracy": 0.99}}})
     (group,) = report.compare(report.load_records([tmp_path])[0]).groups
     assert group.dense.cells[0.0].values == [0.80, 0.90]  # not the cited 0.99 of another training
-    assert group.rows["PAT agp+magnitude+global"].dense_value == pytest.approx(0.85)
-    assert group.rows["post:magnitude"].dense_value == pytest.approx(0.99)  # against the run it started from
+    assert row_dense_value(group.rows["PAT agp+magnitude+global"]) == pytest.approx(0.85)
+    assert row_dense_value(group.rows["post:magnitude"]) == pytest.approx(0.99)  # against the run it started from
 
 
 def test_the_reference_dense_competes_for_best_in_the_dense_column(tmp_path):
@@ -473,9 +473,9 @@ def test_dense_runs_known_only_by_citation_stay_apart_per_training_and_serve_row
                dense_reference=cite(f"d3-{seed}", accuracy))
     (group,) = report.compare(report.load_records([tmp_path])[0]).groups
     assert group.dense.label == "dense [trainer.epochs=3]" and group.dense.cells[0.0].values == [0.88, 0.89, 0.90]
-    assert group.rows["PAT agp+magnitude+global"].dense_value == pytest.approx(0.84)  # trained at epochs=2
-    assert group.rows["post:magnitude [trainer.epochs=2]"].dense_value == pytest.approx(0.84)
-    assert group.rows["post:magnitude [trainer.epochs=3]"].dense_value == pytest.approx(0.89)
+    assert row_dense_value(group.rows["PAT agp+magnitude+global"]) == pytest.approx(0.84)  # trained at epochs=2
+    assert row_dense_value(group.rows["post:magnitude [trainer.epochs=2]"]) == pytest.approx(0.84)
+    assert row_dense_value(group.rows["post:magnitude [trainer.epochs=3]"]) == pytest.approx(0.89)
 
 
 def test_a_cached_dense_reference_pools_with_a_dense_run_trained_by_hand(tmp_path):
@@ -504,8 +504,38 @@ def test_a_dense_run_counted_once_as_a_repeat_is_not_counted_again_through_the_b
         comparison = report.compare(ordered)
         (group,) = comparison.groups
         assert group.dense.cells[0.0].values in ([0.872, 0.861], [0.861, 0.872])
-        assert group.rows["post:magnitude"].dense_value == pytest.approx((0.872 + 0.861) / 2)
+        assert row_dense_value(group.rows["post:magnitude"]) == pytest.approx((0.872 + 0.861) / 2)
         assert len(comparison.repeats) == 1
+
+
+def test_each_cell_differs_from_the_dense_runs_its_own_runs_started_from(tmp_path):
+    """A row pooled the dense runs of all its cells: a cell of seed 1 alone was compared with seeds 0 and 1, and a
+    copy of seed 0's dense run cited by one cell counted seed 0 twice for the others."""
+    for seed, accuracy in enumerate((0.872, 0.861, 0.850)):
+        record(tmp_path, f"dense-s{seed}", "dense", "dense", 0.0, accuracy, seed=seed, run_id=f"d{seed}")
+        record(tmp_path, f"mag50-s{seed}", "post:magnitude", "post:magnitude", 0.5, 0.85, seed=seed,
+               dense_reference=cite(tmp_path, f"d{seed}", accuracy))
+    record(tmp_path, "dense-s0-again", "dense", "dense", 0.0, 0.872, seed=0, run_id="again")  # trained again by hand
+    record(tmp_path, "mag70-s0", "post:magnitude", "post:magnitude", 0.7, 0.84, seed=0, dense_reference=cite(tmp_path, "again", 0.872))
+    record(tmp_path, "mag90-s1", "post:magnitude", "post:magnitude", 0.9, 0.44, seed=1, dense_reference=cite(tmp_path, "d1", 0.861))
+    comparison = report.compare(report.load_records([tmp_path])[0])
+    (group,) = comparison.groups
+    cells = group.rows["post:magnitude"].cells
+    assert group.dense.cells[0.0].values == [0.872, 0.861, 0.850]
+    assert cells[0.5].dense_value == pytest.approx((0.872 + 0.861 + 0.850) / 3)
+    assert cells[0.7].dense_value == pytest.approx(0.872) and cells[0.9].dense_value == pytest.approx(0.861)
+    deltas = {r["target_sparsity"]: r["delta_vs_dense"] for r in report.long_rows(comparison) if r["method"] == "post:magnitude"}
+    assert deltas == pytest.approx({0.5: 0.85 - 0.861, 0.7: 0.84 - 0.872, 0.9: 0.44 - 0.861})
+    assert "| **44.0 (-42.1)** |" in report.to_markdown(comparison)  # -42.4 against every dense run the row cites
+
+
+def test_a_table_of_dense_runs_alone_shows_their_value(tmp_path):
+    for seed, accuracy in enumerate((0.87, 0.88)):
+        record(tmp_path, f"dense-s{seed}", "dense", "dense", 0.0, accuracy, seed=seed)
+    comparison = report.compare(report.load_records([tmp_path])[0])
+    assert comparison.groups[0].columns == [0.0]
+    assert "| method | steps | runs | 0% |" in report.to_markdown(comparison)
+    assert "| dense | 1,000 | 2 | **87.5±0.7** |" in report.to_markdown(comparison)
 
 
 def test_a_dense_seed_known_by_hand_and_by_citation_is_counted_once(tmp_path):
@@ -529,8 +559,8 @@ def test_a_baselines_difference_is_to_the_dense_runs_it_started_from_not_to_othe
     (group,) = report.compare(records).groups
     assert group.dense_value == pytest.approx(0.844333, abs=1e-6)
     row = group.rows["post:structured"]
-    assert row.dense_value == pytest.approx(0.872)
-    assert report.cell_text(row.cells[0.5], group, row.dense_value) == "86.6 (-0.6)"
+    assert row_dense_value(row) == pytest.approx(0.872)
+    assert report.cell_text(row.cells[0.5], group, row_dense_value(row)) == "86.6 (-0.6)"
 
 
 def test_the_reference_dense_is_chosen_and_marked_the_same_whatever_the_order_of_the_paths(tmp_path):
