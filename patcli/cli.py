@@ -142,7 +142,7 @@ def sweep(
                     "are missing")
         raise typer.Exit(code=1)
     if result.study:
-        show_best_trial(best_trial(result.directory))
+        show_best_trial(best_trial(result.directory), result.record_paths)
     console.print(f"sweep dir: {result.directory}", highlight=False, soft_wrap=True)
     failed = result.failed_jobs()
     if failed and not result.study:  # a study's failed trials are part of its search; its best trial is the result
@@ -150,8 +150,9 @@ def sweep(
         raise typer.Exit(code=1)
 
 
-def show_best_trial(best: BestTrial | None) -> None:
-    """The Optuna study's best trial (chosen on validation), and that run's test metric, reported once."""
+def show_best_trial(best: BestTrial | None, record_paths: list[Path] = ()) -> None:
+    """The Optuna study's best trial (chosen on validation), and that run's test metric, reported once; a best trial
+    of an earlier session takes the metric's name from this session's trials."""
     from .records import RESULT_FILE, read_record
 
     if best is None:
@@ -159,13 +160,27 @@ def show_best_trial(best: BestTrial | None) -> None:
         raise typer.Exit(code=1)
     params = " ".join(f"{key}={value}" for key, value in best.params.items())
     record = read_record(best.run_dir / RESULT_FILE) if best.run_dir else None
-    metric = record.primary_metric if record else "metric"
+    metric = record.primary_metric if record else metric_named(record_paths)
     line = f"best trial: val {metric} {best.value:.4f} with {params}"
     if record:
         line += f"; its test {metric} {record.primary_value('test'):.4f} → {best.run_dir}"
     elif best.run_dir is None:  # a study resumed from storage: its best may be a trial an earlier session ran
         line += "; a trial of an earlier session of this study (its run is in that session's sweep folder)"
+    if best.from_records:
+        line += " (found in the trials' records: the sweeper stopped before saving the study's best trial)"
     console.print(line, highlight=False, soft_wrap=True)
+
+
+def metric_named(record_paths: list[Path]) -> str:
+    """The primary metric the first readable record names ("metric" where none can be read)."""
+    from .records import read_record
+
+    for path in record_paths:
+        try:
+            return read_record(path).primary_metric
+        except ValueError:  # a damaged record (RecordError, ConfigError): the next one may name it
+            continue
+    return "metric"
 
 
 def _a_baseline(config) -> None:

@@ -517,6 +517,10 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
             if not (study and "No trials are completed yet" in str(error)):
                 raise
             returns = None  # every trial failed, so the study has no best trial; the records say why
+        except RuntimeError as error:  # the grid sampler stops the study when its last trial is told as failed,
+            if not (study and "Study.stop" in str(error)):  # outside where Optuna allows it: every trial has run,
+                raise  # the sweeper saved no best trial, and the summary finds it in the records
+            returns = None
     return SweepResult(Path(directory), job_dirs(returns), study=study)
 
 

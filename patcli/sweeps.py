@@ -175,13 +175,15 @@ class BestTrial:
     params: dict[str, Any]
     value: float
     run_dir: Path | None
+    from_records: bool = False  # the sweeper saved no best trial: this is the best of the trials' records
 
 
 def best_trial(sweep_dir: Path) -> BestTrial | None:
-    """Read the best trial the Optuna sweeper saved (``optimization_results.yaml``); None for other sweepers."""
+    """Read the best trial the Optuna sweeper saved (``optimization_results.yaml``), or find it in the trials' records
+    where it saved none; None when no trial finished."""
     results = sweep_dir / OPTUNA_RESULTS
     if not results.is_file():
-        return None
+        return best_recorded_trial(sweep_dir)
     saved = OmegaConf.to_container(OmegaConf.load(results))
     if "best_params" not in saved:  # a multi-objective study has a Pareto front, not one best trial
         return None
@@ -190,3 +192,27 @@ def best_trial(sweep_dir: Path) -> BestTrial | None:
     run_dir = next((job for job in sorted(sweep_dir.glob(f"**/{OVERRIDES_FILE}"))  # any hydra.sweep.subdir depth
                     if wanted <= set(OmegaConf.load(job))), None)
     return BestTrial(params, float(saved["best_value"]), run_dir.parent.parent if run_dir else None)
+
+
+def best_recorded_trial(sweep_dir: Path) -> BestTrial | None:
+    """The best trial by the validation metric in the trials' own records, where the sweeper saved none: with the
+    grid sampler, a last trial that fails stops the sweeper before it writes its results. Its parameters are the
+    overrides that set it apart from the other trials."""
+    from .records import read_record
+
+    trials, finished = [], []
+    for overrides in sorted(sweep_dir.glob(f"**/{OVERRIDES_FILE}")):
+        trials.append(set(OmegaConf.load(overrides)))
+        try:
+            record = read_record(overrides.parent.parent / RESULT_FILE)
+        except ValueError:  # no record, or a damaged one: not a finished trial
+            continue
+        if record.status == "ok" and record.primary_value("val") is not None:
+            finished.append((record, overrides.parent.parent, trials[-1]))
+    if not finished:
+        return None
+    choose = max if finished[0][0].higher_is_better else min
+    record, run_dir, overrides = choose(finished, key=lambda trial: trial[0].primary_value("val"))
+    shared = set.intersection(*trials)
+    params = dict(o.split("=", 1) for o in sorted(overrides - shared))
+    return BestTrial(params, record.primary_value("val"), run_dir, from_records=True)

@@ -4,6 +4,7 @@ apart, the summary table, and one-line errors for missing plugins and a wrong st
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import joblib
 import optuna
@@ -117,7 +118,14 @@ def test_a_failing_job_does_not_stop_the_others(cli, tmp_path, launcher):
     assert "runs that did not finish ok" in out and "RuntimeError: exploded on purpose" in line_with(out, "failed")
 
 
-def test_optuna_study_optimises_val_tells_failed_trials_and_prints_the_best(cli, tmp_path):
+@pytest.mark.parametrize("failing", ["first", "last"])
+def test_optuna_study_optimises_val_tells_failed_trials_and_prints_the_best(cli, tmp_path, monkeypatch, failing):
+    """The grid sampler draws its points at random; told of a failed last trial, it stops the study where Optuna
+    refuses it and the sweeper saved no best trial (a traceback, half the time): both orders, drawn on purpose."""
+    import optuna.samplers._grid as grid
+
+    order = SimpleNamespace(choice=lambda ids: (max if failing == "first" else min)(ids))  # grid 0: explode=False
+    monkeypatch.setattr(grid, "random", order)
     storage = f"sqlite:///{tmp_path}/study.db"  # a database storage: optuna 2 needs SQLAlchemy 1.x for it
     code, out, err = cli("sweep", *EXPLODING, "hydra/sweeper=optuna", "hydra/sweeper/sampler=grid",
                          "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=2", "+model.explode=choice(false,true)",
@@ -133,6 +141,7 @@ def test_optuna_study_optimises_val_tells_failed_trials_and_prints_the_best(cli,
     best = line_with(out, "best trial:")
     assert f"val accuracy {study.best_value:.4f} with +model.explode=False" in best
     assert f"its test accuracy {ok['metrics']['test']['accuracy']:.4f}" in best
+    assert ("found in the trials' records" in best) == (failing == "last")
     done = line_with(out, "done ")  # a trial's own line shows what the study sees: its test value only comes once
     assert f"val accuracy {ok['metrics']['val']['accuracy']:.4f}" in done and ", test " not in done
     assert out.count("test accuracy") == 1
@@ -152,13 +161,18 @@ def test_a_seeded_study_resumed_from_storage_searches_on_instead_of_repeating_it
     assert len(drawn) == 4 and len(set(drawn)) == 4  # seeded as before, the second session drew the first one's again
 
 
-def test_a_best_trial_from_an_earlier_session_of_the_study_says_where_it_ran(capsys):
+def test_a_best_trial_from_an_earlier_session_of_the_study_says_where_it_ran(capsys, tmp_path):
     from patcli.cli import show_best_trial
+    from patcli.records import RunRecord, write_record
     from patcli.sweeps import BestTrial
 
-    show_best_trial(BestTrial({"schedule.end": 0.5}, 0.9, None))
-    assert capsys.readouterr().out.strip() == ("best trial: val metric 0.9000 with schedule.end=0.5; a trial of an "
-                                               "earlier session of this study (its run is in that session's sweep folder)")
+    write_record(tmp_path / "0", RunRecord(method="pat", recipe="agp", model="gpt", dataset="pysrc", model_dataset_hash="h",
+                                           seed=0, primary_metric="loss", higher_is_better=False, metrics={"val": {"loss": 2.0}}))
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "result.json").write_text("{")  # a damaged one is passed over
+    show_best_trial(BestTrial({"schedule.end": 0.5}, 1.9, None), [tmp_path / "1" / "result.json", tmp_path / "0" / "result.json"])
+    assert capsys.readouterr().out.strip() == ("best trial: val loss 1.9000 with schedule.end=0.5; a trial of an earlier "
+                                               "session of this study (its run is in that session's sweep folder)")
 
 
 def test_optuna_study_with_no_finished_trial_says_so(cli, tmp_path):
