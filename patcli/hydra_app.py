@@ -459,16 +459,25 @@ def launch(
     check_group_overrides(overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="patcli"):
         cfg = compose(overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
-        if show_config:
-            return shown_config(overrides, cfg, multirun, check)
         preset = next((o for o in overrides if o.lstrip("+").startswith("experiment=")), None)
         if preset and not multirun:  # its settings are a sweep's: a single run would quietly ignore them
             raise UsageError(f"experiment: {preset} is a sweep preset; allowed: patcli sweep +{preset.lstrip('+')}")
         check_run_dir(overrides, cfg, multirun)
+        # --cfg checks as the run would, but for the device: its config may be meant for another machine
         if multirun:
-            prepare_sweep(overrides, cfg, check)
+            jobs, composed, configs = checked_sweep(overrides, cfg, check, on_this_machine=not show_config)
+            if show_config:
+                return shown_sweep(cfg, jobs, composed)
+            if jobs is not None:
+                from .console import RichProgress
+                from .sweeps import prepare
+
+                prepare(configs, RichProgress)  # the dense runs the jobs share, trained once, first
         else:
-            check_device_here(validate(job_config(cfg), check))
+            config = validate(job_config(cfg), check)
+            if show_config:
+                return as_yaml(cfg)
+            check_device_here(config)
             overrides = claim_run_dir(overrides, cfg)
         try:
             if multirun:
@@ -489,7 +498,7 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
     sweeper returns its jobs (Optuna's returns nothing) and the summary still has to find them.
     """
     from .console import console
-    from .plugins import OPTUNA_SWEEPER, resumed_study_seed
+    from .plugins import OPTUNA_SWEEPER, resumed_study_seed, save_stored_best
     from .sweeps import SweepResult, job_dirs, record_unfinished
 
     directory = str(Path(cfg.hydra.sweep.dir).absolute())  # a joblib worker's own cwd may differ; check_run_dir resolved it
@@ -500,7 +509,7 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
         trials, seed = resumed
         others = [o for o in others if not o.lstrip("+~").startswith("hydra.sweeper.sampler.seed=")]
         pinned.append(f"hydra.sweeper.sampler.seed={seed}")
-        console.print(f"resuming study {cfg.hydra.sweeper.study_name!r} after its {trials} trials: its sampler draws with "
+        console.print(f"resuming study {cfg.hydra.sweeper.study_name!r} after its {trials} trial{'s' * (trials != 1)}: its sampler draws with "
                       f"seed {seed} (hydra.sweeper.sampler.seed + {trials}), so that it does not repeat them",
                       highlight=False, soft_wrap=True, markup=False)
     with claimed_sweep_dir(overrides, Path(directory)):
@@ -519,27 +528,29 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
             returns = None  # every trial failed, so the study has no best trial; the records say why
         except RuntimeError as error:  # the grid sampler stops the study when its last trial is told as failed,
             if not (study and "Study.stop" in str(error)):  # outside where Optuna allows it: every trial has run,
-                raise  # the sweeper saved no best trial, and the summary finds it in the records
+                raise  # the sweeper saved no best trial: the storage or, for a study in memory, the records tell it
+            save_stored_best(cfg.hydra.sweeper, Path(directory))
             returns = None
     return SweepResult(Path(directory), job_dirs(returns), study=study)
 
 
-def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunConfig], None] | None) -> None:
-    """Validate every job the basic sweeper will launch, then train the dense runs they share."""
-    from .console import RichProgress
-    from .sweeps import prepare
-
+def checked_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunConfig], None] | None,
+                  on_this_machine: bool = True) -> tuple[list[list[str]] | None, list[DictConfig], list[RunConfig]]:
+    """Every job the basic sweeper will launch, composed and validated, in folders of their own, with the dense runs
+    they share outside the sweep's folder: (jobs, composed configs, run configs). A sweeper that picks its jobs as it
+    goes (Optuna) has its shared config and the edges of its search space checked: (None, [], [])."""
     jobs = sweep_jobs(overrides, cfg)
-    if jobs is None:  # another sweeper (Optuna) chooses its jobs as it goes: check what they share, then each checks itself
+    if jobs is None:  # each trial checks itself when it starts
         check_dense_cache_outside(cfg, [checked_study(overrides, cfg, check)])
-        return
-    configs = []
-    here = "submitit" not in str(cfg.hydra.launcher.get("_target_", ""))  # a cluster launcher runs jobs elsewhere
+        return None, [], []
+    composed, configs = [], []
+    local = "submitit" not in str(cfg.hydra.launcher.get("_target_", ""))  # a cluster launcher runs jobs elsewhere
     folders: dict[str, list[str]] = {}  # each job's subdir → the job
     for number, job in enumerate(jobs):
-        composed, config = checked_job(job, check, f"sweep job: {' '.join(job)}", on_this_machine=here)
+        job_cfg, config = checked_job(job, check, f"sweep job: {' '.join(job)}", on_this_machine=local and on_this_machine)
+        composed.append(job_cfg)
         configs.append(config)
-        folder = job_subdir(composed, number) if here else None  # a cluster's node may resolve it otherwise
+        folder = job_subdir(job_cfg, number) if local else None  # a cluster's node may resolve it otherwise
         if folder is not None and folder in folders:  # the later job would overwrite the earlier one's run
             subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
             earlier, later = (" ".join(o for o in a if o not in b) for a, b in ((folders[folder], job), (job, folders[folder])))
@@ -548,7 +559,7 @@ def prepare_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunCon
                              "one built from every swept key")
         folders[folder] = job
     check_dense_cache_outside(cfg, configs)
-    prepare(configs, RichProgress)
+    return jobs, composed, configs
 
 
 def sweep_jobs(overrides: list[str], cfg: DictConfig) -> list[list[str]] | None:
@@ -601,23 +612,13 @@ def checked_study(overrides: list[str], cfg: DictConfig, check: Callable[[RunCon
     return config
 
 
-def shown_config(overrides: list[str], cfg: DictConfig, multirun: bool, check: Callable[[RunConfig], None] | None) -> str:
-    """``--cfg``: the config a run would use, checked as the run would check it, with nothing run and no folder made.
-
-    A basic sweep shows its first job's config and lists what each job sets, every job checked; a study (Optuna)
-    shows what its trials share, the edges of its search space checked.
-    """
-    if not multirun:
-        validate(job_config(cfg), check)
-        return as_yaml(cfg)
-    jobs = sweep_jobs(overrides, cfg)
+def shown_sweep(cfg: DictConfig, jobs: list[list[str]] | None, composed: list[DictConfig]) -> str:
+    """A sweep's ``--cfg``: its first job's config and what each job sets; a study's, what its trials share."""
     if jobs is None:
-        checked_study(overrides, cfg, check)
         return as_yaml(cfg)
-    first = [checked_job(job, check, f"sweep job: {' '.join(job)}")[0] for job in jobs][0]
     listing = [" ".join(o for o in job if not all(o in other for other in jobs)) or " ".join(job) or "(no overrides)"
                for job in jobs]
-    return "\n".join([f"{as_yaml(first)}# the config of job 0 of {len(jobs)}, each checked; what each job sets:",
+    return "\n".join([f"{as_yaml(composed[0])}# the config of job 0 of {len(jobs)}, each checked; what each job sets:",
                       *(f"#   {number}: {line}" for number, line in enumerate(listing))])
 
 

@@ -97,11 +97,24 @@ def test_cfg_prints_the_composed_config_and_help_lists_groups(cli):
      "error: schedule.end: 1.5 is out of range"),
     (("sweep", "scorer=glob(nothing*)"), "error: scorer=glob(nothing*): the sweep makes no job"),
     (("sweep", "hydra/sweeper=optuna", "schedule.end=interval(0.3,0.9)"), "error: hydra.sweeper.direction: minimize does not fit"),
+    (("train", "+experiment=pat_vs_post"), "error: experiment: +experiment=pat_vs_post is a sweep preset"),
+    (("sweep", "hydra.sweep.subdir=x", "pruning.sparsity=0.5,0.6"), "error: hydra.sweep.subdir: 'x' is the same folder"),
+    (("sweep", "hydra.sweep.dir=outputs", "baseline=magnitude", "pruning.sparsity=0.5,0.6"),
+     "error: output_root: the dense runs its baselines start from go to"),
+    (("train", "output_root=/proc/patcli"), "error: output_root: /proc/patcli"),
 ])
 def test_cfg_checks_what_it_prints_as_the_run_would_and_makes_no_folder(cli, tmp_path, args, expected):
     code, out, err = cli(args[0], "--cfg", *args[1:])
     assert code == 2 and err.startswith(expected) and len(err.strip().splitlines()) == 1, err
     assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_cfg_leaves_the_device_to_the_machine_that_runs_it(cli, tmp_path):
+    """A config for a cluster's GPU, prepared on a laptop: --cfg shows it; running it here is refused."""
+    code, out, _ = cli("train", "--cfg", "trainer.device=cuda")
+    assert code == 0 and "device: cuda" in out
+    code, _, err = cli("train", "trainer.device=cuda", "trainer.max_steps=2")
+    assert code == 2 and err.startswith("error: trainer.device:")
 
 
 def test_sweep_cfg_shows_its_first_job_and_lists_what_every_job_sets(cli, tmp_path):
