@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, RunConfig
 from .paths import unwritable_reason
@@ -117,7 +117,25 @@ def resumed_study_seed(sweeper: DictConfig) -> tuple[int, int] | None:
     import optuna
 
     trials = next((s.n_trials for s in optuna.get_all_study_summaries(storage=storage) if s.study_name == name), 0)
-    return (trials, int(seed) + trials) if trials else None
+    return (trials, (int(seed) + trials) % 2**32) if trials else None  # Optuna's seeds are 32-bit
+
+
+def save_stored_best(sweeper: DictConfig, sweep_dir: Path) -> None:
+    """Write the best trial of a study kept in storage (over every session) where the sweeper saved none, as it
+    would have: a grid study whose last trial fails stops before saving it. An in-memory study is this sweep alone,
+    whose records tell its best."""
+    from .sweeps import OPTUNA_RESULTS
+
+    storage, name = str(sweeper.get("storage") or ""), sweeper.get("study_name")
+    if not storage or name is None:
+        return
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=storage)
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+        return
+    best = study.best_trial
+    OmegaConf.save({"name": "optuna", "best_params": best.params, "best_value": best.value}, sweep_dir / OPTUNA_RESULTS)
 
 
 def check_direction(sweeper: DictConfig, config: RunConfig) -> None:

@@ -520,8 +520,8 @@ def to_csv(comparison: Comparison) -> str:
 
 
 def to_json(comparison: Comparison) -> str:
-    not_ok = [{"status": r.status, "recipe": r.recipe, "target_sparsity": r.target_sparsity, "run_dir": r.run_dir,
-               "error": r.error} for r in comparison.not_ok]
+    not_ok = [{"status": r.status, "row": row_label(r), "recipe": r.recipe, "target_sparsity": r.target_sparsity,
+               "run_dir": r.run_dir, "error": r.error} for r in comparison.not_ok]
     return json.dumps({"rows": long_rows(comparison), "not_ok": not_ok}, indent=2) + "\n"
 
 

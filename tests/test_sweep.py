@@ -118,6 +118,46 @@ def test_a_failing_job_does_not_stop_the_others(cli, tmp_path, launcher):
     assert "runs that did not finish ok" in out and "RuntimeError: exploded on purpose" in line_with(out, "failed")
 
 
+def test_a_grid_study_resumed_from_storage_whose_last_trial_fails_names_the_best_of_every_session(cli, tmp_path, monkeypatch):
+    import optuna.samplers._grid as grid
+
+    monkeypatch.setattr(grid, "random", SimpleNamespace(choice=min))  # explode=False first, then explode=True
+    study = [*EXPLODING, "hydra/sweeper=optuna", "hydra/sweeper/sampler=grid", "hydra.sweeper.direction=maximize",
+             "hydra.sweeper.n_trials=1", "+model.explode=choice(false,true)", f"hydra.sweeper.storage=sqlite:///{tmp_path}/s.db",
+             "hydra.sweeper.study_name=s"]
+    code, first, err = cli("sweep", *study, f"hydra.sweep.dir={tmp_path}/one")
+    assert code == 0, err
+    value = result_of(tmp_path / "one" / "0")["metrics"]["val"]["accuracy"]
+    code, second, err = cli("sweep", *study, f"hydra.sweep.dir={tmp_path}/two")
+    assert code == 0 and result_of(tmp_path / "two" / "0")["status"] == "failed", err
+    assert line_with(second, "best trial:") == (f"best trial: val accuracy {value:.4f} with +model.explode=False; a trial of an "
+                                                "earlier session of this study (its run is in that session's sweep folder)")
+
+
+def test_a_grid_study_in_memory_whose_last_trial_fails_finds_its_best_in_the_records(cli, tmp_path, monkeypatch):
+    import optuna.samplers._grid as grid
+
+    monkeypatch.setattr(grid, "random", SimpleNamespace(choice=min))  # explode=False first, then explode=True
+    code, out, err = cli("sweep", *EXPLODING, "hydra/sweeper=optuna", "hydra/sweeper/sampler=grid", "hydra.sweeper.direction=maximize",
+                         "hydra.sweeper.n_trials=2", "+model.explode=choice(false,true)", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert code == 0, err
+    ok = result_of(tmp_path / "sweep" / "0")
+    assert line_with(out, "best trial:") == (
+        f"best trial: val accuracy {ok['metrics']['val']['accuracy']:.4f} with +model.explode=False; its test accuracy "
+        f"{ok['metrics']['test']['accuracy']:.4f} → {tmp_path / 'sweep' / '0'} (found in the trials' records: the sweeper "
+        "stopped before saving the study's best trial)")
+
+
+def test_a_resumed_seed_stays_within_optunas_32_bits(tmp_path):
+    from patcli.plugins import resumed_study_seed
+
+    storage = f"sqlite:///{tmp_path}/s.db"
+    optuna.create_study(study_name="s", storage=storage).optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    sweeper = OmegaConf.create({"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", "storage": storage,
+                                "study_name": "s", "sampler": {"seed": 2**32 - 1}})
+    assert resumed_study_seed(sweeper) == (2, 1)
+
+
 @pytest.mark.parametrize("failing", ["first", "last"])
 def test_optuna_study_optimises_val_tells_failed_trials_and_prints_the_best(cli, tmp_path, monkeypatch, failing):
     """The grid sampler draws its points at random; told of a failed last trial, it stops the study where Optuna
@@ -141,7 +181,7 @@ def test_optuna_study_optimises_val_tells_failed_trials_and_prints_the_best(cli,
     best = line_with(out, "best trial:")
     assert f"val accuracy {study.best_value:.4f} with +model.explode=False" in best
     assert f"its test accuracy {ok['metrics']['test']['accuracy']:.4f}" in best
-    assert ("found in the trials' records" in best) == (failing == "last")
+    assert "found in the trials' records" not in best  # the study's storage tells its best
     done = line_with(out, "done ")  # a trial's own line shows what the study sees: its test value only comes once
     assert f"val accuracy {ok['metrics']['val']['accuracy']:.4f}" in done and ", test " not in done
     assert out.count("test accuracy") == 1
@@ -166,11 +206,11 @@ def test_a_best_trial_from_an_earlier_session_of_the_study_says_where_it_ran(cap
     from patcli.records import RunRecord, write_record
     from patcli.sweeps import BestTrial
 
-    write_record(tmp_path / "0", RunRecord(method="pat", recipe="agp", model="gpt", dataset="pysrc", model_dataset_hash="h",
+    write_record(tmp_path / "1", RunRecord(method="pat", recipe="agp", model="gpt", dataset="pysrc", model_dataset_hash="h",
                                            seed=0, primary_metric="loss", higher_is_better=False, metrics={"val": {"loss": 2.0}}))
-    (tmp_path / "1").mkdir()
-    (tmp_path / "1" / "result.json").write_text("{")  # a damaged one is passed over
-    show_best_trial(BestTrial({"schedule.end": 0.5}, 1.9, None), [tmp_path / "1" / "result.json", tmp_path / "0" / "result.json"])
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "result.json").write_text("{")  # a damaged one is passed over
+    show_best_trial(BestTrial({"schedule.end": 0.5}, 1.9, None), [tmp_path])  # a study's sweep gives its folder
     assert capsys.readouterr().out.strip() == ("best trial: val loss 1.9000 with schedule.end=0.5; a trial of an earlier "
                                                "session of this study (its run is in that session's sweep folder)")
 

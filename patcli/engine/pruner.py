@@ -189,7 +189,7 @@ class Pruner:
         check_arguments(sparsity=sparsity, total_steps=total_steps, frequency=frequency, max_layer_sparsity=max_layer_sparsity,
                         schedule=schedule, scorer=scorer, allocation=allocation, pattern=pattern, regrowth=regrowth,
                         regularizer=regularizer)
-        # numpy's numbers are taken as Python's (a step count from np.ceil, a sparsity from np.linspace)
+        # numpy's numbers are taken as Python's (a step count from numpy integers, a sparsity from np.linspace)
         sparsity, max_layer_sparsity, total_steps, frequency = float(sparsity), float(max_layer_sparsity), int(total_steps), int(frequency)
         schedule, scorer, allocation, regrowth, regularizer = map(own_copy, (schedule, scorer, allocation, regrowth, regularizer))
         if not isinstance(model, nn.Module):

@@ -26,7 +26,7 @@ class ScheduleError(ValueError):
 
 
 def as_int_or_float(value: object, key: str, expected: str) -> int | float:
-    """A Python int or float from any integer or real number (numpy's too: ``epochs * np.ceil(n / batch)``)."""
+    """A Python int or float from any integer or real number (numpy's too: ``epochs * np.int64(batches)``)."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
