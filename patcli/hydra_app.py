@@ -509,8 +509,8 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
         trials, seed = resumed
         others = [o for o in others if not o.lstrip("+~").startswith("hydra.sweeper.sampler.seed=")]
         pinned.append(f"hydra.sweeper.sampler.seed={seed}")
-        console.print(f"resuming study {cfg.hydra.sweeper.study_name!r} after its {trials} trial{'s' * (trials != 1)}: its sampler draws with "
-                      f"seed {seed} (hydra.sweeper.sampler.seed + {trials}), so that it does not repeat them",
+        console.print(f"resuming study {cfg.hydra.sweeper.study_name!r} after its {trials} trial{'s' * (trials != 1)}: its sampler draws "
+                      f"with seed {seed} instead of {cfg.hydra.sweeper.sampler.seed}, so that it does not repeat them",
                       highlight=False, soft_wrap=True, markup=False)
     with claimed_sweep_dir(overrides, Path(directory)):
         try:  # Hydra's own CLI sets the mode; called directly, jobs would not know they are in a sweep
@@ -540,11 +540,14 @@ def checked_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunCon
     they share outside the sweep's folder: (jobs, composed configs, run configs). A sweeper that picks its jobs as it
     goes (Optuna) has its shared config and the edges of its search space checked: (None, [], [])."""
     jobs = sweep_jobs(overrides, cfg)
+    local = "submitit" not in str(cfg.hydra.launcher.get("_target_", ""))  # a cluster launcher runs jobs elsewhere
     if jobs is None:  # each trial checks itself when it starts
-        check_dense_cache_outside(cfg, [checked_study(overrides, cfg, check)])
+        config = checked_study(overrides, cfg, check)
+        if local and on_this_machine:
+            check_device_here(config)
+        check_dense_cache_outside(cfg, [config])
         return None, [], []
     composed, configs = [], []
-    local = "submitit" not in str(cfg.hydra.launcher.get("_target_", ""))  # a cluster launcher runs jobs elsewhere
     folders: dict[str, list[str]] = {}  # each job's subdir → the job
     for number, job in enumerate(jobs):
         job_cfg, config = checked_job(job, check, f"sweep job: {' '.join(job)}", on_this_machine=local and on_this_machine)

@@ -6,6 +6,7 @@ The plugins themselves (launch, sample, tell) stay Hydra's; this only fills the 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -100,6 +101,8 @@ def check_storage(sweeper: DictConfig) -> None:
     why = unwritable_reason(path, want_dir=False)
     if not why and not path.absolute().parent.is_dir():  # SQLite makes the file, not its folder
         why = f"{path.absolute().parent} does not exist; allowed: a file in an existing, writable directory"
+    if not why and path.is_file() and not is_sqlite_database(path):
+        why = f"{path} is not an SQLite database; allowed: a study's database file, or a new file name"
     if why:
         raise ConfigError("hydra.sweeper.storage", why)
 
@@ -136,6 +139,18 @@ def save_stored_best(sweeper: DictConfig, sweep_dir: Path) -> None:
         return
     best = study.best_trial
     OmegaConf.save({"name": "optuna", "best_params": best.params, "best_value": best.value}, sweep_dir / OPTUNA_RESULTS)
+
+
+def is_sqlite_database(path: Path) -> bool:
+    """Whether SQLite reads ``path`` as a database (an empty file is one), without writing to it."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+            connection.execute("PRAGMA schema_version")
+        return True
+    except sqlite3.DatabaseError:
+        return False
 
 
 def check_direction(sweeper: DictConfig, config: RunConfig) -> None:

@@ -196,7 +196,7 @@ def test_a_seeded_study_resumed_from_storage_searches_on_instead_of_repeating_it
     assert code == 0 and "resuming" not in first, err
     code, second, err = cli("sweep", *study_args, f"hydra.sweep.dir={tmp_path}/two")
     assert code == 0, err
-    assert "resuming study 's' after its 2 trials: its sampler draws with seed 5 (hydra.sweeper.sampler.seed + 2)" in second
+    assert "resuming study 's' after its 2 trials: its sampler draws with seed 5 instead of 3, so that it does not repeat them" in second
     drawn = [t.params["pruning.sparsity"] for t in optuna.load_study(study_name="s", storage=storage).trials]
     assert len(drawn) == 4 and len(set(drawn)) == 4  # seeded as before, the second session drew the first one's again
 
@@ -248,6 +248,15 @@ def test_sweeps_that_would_fail_inside_a_plugin_are_one_line_errors_before_they_
                        f"hydra.sweeper.storage=sqlite:///{tmp_path}/no/such/folder/study.db", "hydra.sweeper.study_name=s")
     assert code == 2 and err.strip() == f"error: hydra.sweeper.storage: {tmp_path}/no/such/folder does not exist; allowed: " \
                                         "a file in an existing, writable directory"
+    (tmp_path / "notes.db").write_text("not a database")  # every trial failed on it, then a traceback
+    code, _, err = cli("sweep", *FAST, "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize",
+                       f"hydra.sweeper.storage=sqlite:///{tmp_path}/notes.db", "hydra.sweeper.study_name=s")
+    assert code == 2 and err.strip() == f"error: hydra.sweeper.storage: {tmp_path}/notes.db is not an SQLite database; allowed: " \
+                                        "a study's database file, or a new file name"
+    code, _, err = cli("sweep", *FAST, "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", "trainer.device=cuda",
+                       "pruning.sparsity=interval(0.5,0.9)")  # every trial failed on the device, one by one
+    assert code == 2 and err.startswith("error: trainer.device:")
+    (tmp_path / "notes.db").unlink()
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun here
     code, _, err = cli("sweep", *FAST, "seed=0,1", "hydra/launcher=submitit_slurm")
     assert code == 2 and err.startswith("error: hydra/launcher: submitit_slurm submits to SLURM, and this machine has no srun")
