@@ -341,6 +341,8 @@ class RunConfig:
     def dense_key(self) -> str:
         """Identifies the dense run a baseline needs: model, dataset (fold included), trainer (minus init) and seed."""
         trainer = {k: v for k, v in (self.source.get("trainer") or {}).items() if k not in ("init_from", "device", "threads")}
+        if "eval_every" in trainer:  # how often a run is evaluated leaves its weights bit for bit the same: one key for
+            trainer["eval_every"] = TrainerConfig.eval_every  # all, the one runs at the default always had
         fold = self.val_fold()
         return config_hash({"md": self.model_dataset_hash(), "trainer": trainer, "seed": self.seed,
                             **({"val_fold": fold} if fold is not None else {})})

@@ -747,6 +747,21 @@ def test_the_fold_leaves_the_model_dataset_hash_of_older_runs_unchanged():
     # the hash and dense key of the default config computed by patcli before folds existed (commit b2e46b4)
     assert default.model_dataset_hash() == fold.model_dataset_hash() == "9571b9344bc8"
     assert default.dense_key() == "111b70191749" != fold.dense_key()
+    # evaluating every 5 epochs trains the same weights: the dense run of the default serves it (it trained another)
+    assert config("trainer.eval_every=5").dense_key() == "111b70191749" != config("trainer.epochs=61").dense_key()
+
+
+def test_how_often_a_run_is_evaluated_leaves_its_weights_the_same(cli, tmp_path):
+    """What lets the dense key ignore trainer.eval_every: evaluation draws nothing from the training's random streams."""
+    from safetensors.torch import load_file
+
+    weights = []
+    for every in (1, 3):
+        code, _, err = cli("train", *TINY, "trainer.epochs=3", "model.dropout=0.2", f"trainer.eval_every={every}",
+                           f"hydra.run.dir={tmp_path}/every{every}")
+        assert code == 0, err
+        weights.append(load_file(tmp_path / f"every{every}" / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_trainer_threads_hold_for_their_run_only(cli, tmp_path, monkeypatch, request):
