@@ -60,8 +60,8 @@ def seed_everything(seed: int) -> None:
 @contextlib.contextmanager
 def engine_quiet():
     """Pruners built only to check a config (or again, for a baseline's next round): their warnings about the model
-    (frozen or parametrized weights left dense) come once, from the run's own build."""
-    logger = logging.getLogger("patcli.engine.pruner")
+    (frozen or parametrized weights left dense, an exclude that keeps no channel) come once, from the run's own build."""
+    logger = logging.getLogger("patcli.engine")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
@@ -375,7 +375,8 @@ def sparsity_report(model: nn.Module, config: RunConfig) -> tuple[float, dict[st
     For channel modes the prunable weights are those the channels span (heads: the attention projections).
     """
     if isinstance(config.pattern, Structured):
-        layout = make_layout(model, config.pattern, config.pruning.include, config.pruning.exclude)
+        with engine_quiet():  # its warnings came when the run's pruner was built
+            layout = make_layout(model, config.pattern, config.pruning.include, config.pruning.exclude)
         weights = {n: p for n, p, counted in zip(layout.names, layout.params, layout.accounted) if counted}
     else:
         weights = select_prunable(model, config.pruning.include, config.pruning.exclude)

@@ -644,3 +644,33 @@ def test_latency_at_batch_64_is_timed_on_64_rows_when_validation_holds_fewer(cli
     code, _, err = cli("export", str(tmp_path / "run"))
     assert code == 0, err
     assert sorted(set(timed)) == [1, 64] and "batch64_before" in result_of(tmp_path / "run")["latency_ms"]
+
+
+@pytest.mark.parametrize("kind, model, excluded, producers", [
+    ("neurons", lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)),
+     "4.weight", "2.weight"),
+    ("heads", lambda: build_model(NamedConfig("gpt", {"n_layer": 2, "n_head": 4, "head_dim": 4, "d_model": 16}),
+                                  {"vocab_size": 11, "block_size": 8}),
+     "blocks.0.attn.out.weight", "blocks.0.attn.k.weight, blocks.0.attn.q.weight, blocks.0.attn.v.weight"),
+])
+def test_an_exclude_that_keeps_no_channel_says_which_layers_it_would_have_to_name(caplog, kind, model, excluded, producers):
+    """Excluding a head's output projection left its heads pruned without a word."""
+    built = model()
+    optimizer = torch.optim.SGD(built.parameters(), lr=0.1)
+    Pruner(built, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=1, pattern=PATTERNS.get(kind)(),
+           exclude=[excluded]).attach(optimizer)
+    assert [r.getMessage() for r in caplog.records if "keeps no" in r.getMessage()] == [
+        f"exclude pattern {excluded!r} keeps no {kind}: the columns of {excluded} go with the {kind} of {producers}, whose "
+        f"own weights it does not name (exclude those to keep these {kind})"]
+    caplog.clear()
+    Pruner(built, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=1, pattern=PATTERNS.get(kind)(),
+           exclude=[excluded, producers.split(", ")[0]]).attach(optimizer)
+    assert not [r for r in caplog.records if "keeps no" in r.getMessage()]  # naming a producer keeps its channels
+
+
+def test_an_exclude_that_keeps_no_channel_is_warned_once_in_the_run_log(cli, tmp_path):
+    code, out, err = cli("train", "model.hidden=[32,32]", "trainer.max_steps=10", "pruning=neurons", "pruning.sparsity=0.5",
+                         "pruning.exclude=[5.weight]", f"hydra.run.dir={tmp_path}/run")
+    assert code == 0, err
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert log.count("exclude pattern '5.weight' keeps no neurons: the columns of 5.weight go with the neurons of 3.weight") == 1

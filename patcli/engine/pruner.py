@@ -114,7 +114,7 @@ def make_layout(model: nn.Module, pattern: Pattern, include, exclude) -> Layout:
                     "the other weights (exclude %s to say so)", ", ".join(frozen), "it" if len(frozen) == 1 else "them")
     if isinstance(pattern, Structured):
         params = dict(model.named_parameters())
-        return ChannelLayout(params, channel_groups(model, pattern.kind, include, exclude), pattern.reduce)
+        return ChannelLayout(params, channel_groups(model, pattern.kind, include, exclude, warn=True), pattern.reduce)
     return TensorLayout(select_prunable(model, include, exclude), pattern)
 
 

@@ -9,12 +9,15 @@ never pruned.
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 from torch import nn
 
 from .layouts import ChannelGroup, Slice
 from .masks import as_list, matches_any
+
+log = logging.getLogger(__name__)
 
 PRODUCERS = {"neurons": (nn.Linear,), "filters": (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -49,10 +52,10 @@ class NoChannels(StructureError):
 
 
 def channel_groups(
-    model: nn.Module, kind: str, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()
+    model: nn.Module, kind: str, include: Iterable[str] = ("*",), exclude: Iterable[str] = (), warn: bool = False
 ) -> list[ChannelGroup]:
     """The prunable channel groups of ``kind`` (neurons | filters | heads) whose producing weight is included and
-    that touch no frozen parameter."""
+    that touch no frozen parameter; ``warn`` of an exclude pattern that keeps none (once, where a pruner is built)."""
     if hasattr(model, "channel_groups"):
         groups = model.channel_groups(kind)
     elif kind == "heads":
@@ -75,8 +78,27 @@ def channel_groups(
         producing = next((s for s in cut if shapes[s.param] == group.shape), cut[0] if cut else None)  # in any order
         return [s.param for s in cut if s.dim == producing.dim]
 
+    if warn:
+        warn_of_excludes_naming_no_channel(groups, own, exclude, kind)
     return [g for g in groups if any(matches_any(w, include) for w in own(g)) and not any(matches_any(w, exclude) for w in own(g))
             and not any(s.param in frozen for s in g.slices)]
+
+
+def warn_of_excludes_naming_no_channel(groups: list[ChannelGroup], own, exclude: list[str], kind: str) -> None:
+    """An exclude naming only weights whose columns follow other layers' channels (a head's output projection, the
+    layer after a neuron) keeps no channel: say which layers' it would have to name."""
+    owners = {w for g in groups for w in own(g)}
+    kept = [g for g in groups if not any(matches_any(w, exclude) for w in own(g))]  # another pattern may name them
+    for pattern in exclude:
+        if any(matches_any(w, [pattern]) for w in owners):
+            continue
+        following = [g for g in kept if any(matches_any(s.param, [pattern]) and s.param not in own(g) for s in g.slices)]
+        if following:
+            named = sorted({s.param for g in following for s in g.slices if matches_any(s.param, [pattern])})
+            producers = sorted({w for g in following for w in own(g)})
+            log.warning("exclude pattern %r keeps no %s: the columns of %s go with the %s of %s, whose own weights "
+                        "it does not name (exclude those to keep these %s)", pattern, kind, ", ".join(named), kind,
+                        ", ".join(producers), kind)
 
 
 def _plain_sequential(module: nn.Module) -> bool:
