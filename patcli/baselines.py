@@ -360,7 +360,7 @@ def as_trained(config: RunConfig, dense: RunConfig, dense_dir: Path) -> RunConfi
     return dataclasses.replace(config, seed=dense.seed, trainer=trainer, source=source)
 
 
-NOT_TRAINING = ("device", "threads", "init_from")  # where or from what a run starts, not how it trains
+NOT_TRAINING = ("device", "threads", "init_from", "eval_every")  # where, from what or how often it is looked at, not how it trains
 
 
 def _training(config: RunConfig) -> dict:

@@ -231,6 +231,17 @@ def test_prune_post_cli_reuses_a_given_dense_run_and_rejects_a_wrong_one(cli, tm
     assert code == 2 and "baseline.allocation: 'sensitivity' is not allowed; allowed: erk, global, lamp, uniform" in err
 
 
+def test_a_found_dense_run_serves_a_baseline_evaluated_at_another_interval_which_keeps_its_own(cli, tmp_path, caplog):
+    code, out, err = cli("prune-post", *TINY, "baseline=iterative", "pruning.sparsity=0.5")
+    assert code == 0, err
+    dense = result_of(run_dir_of(out))["dense_reference"]["run_id"]
+    code, out, err = cli("prune-post", *TINY, "baseline=iterative", "pruning.sparsity=0.6", "trainer.eval_every=2")
+    assert code == 0, err
+    record = result_of(run_dir_of(out))
+    assert record["dense_reference"]["run_id"] == dense  # the same weights: not trained again
+    assert record["config"]["trainer"]["eval_every"] == 2 and "was trained with" not in caplog.text
+
+
 def test_damaged_run_files_named_by_init_from_or_dense_are_one_line_errors_before_any_run_starts(cli, tmp_path):
     code, _, err = cli("train", *TINY, "pruning=none", f"hydra.run.dir={tmp_path}/dense")
     assert code == 0, err

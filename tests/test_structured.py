@@ -646,31 +646,48 @@ def test_latency_at_batch_64_is_timed_on_64_rows_when_validation_holds_fewer(cli
     assert sorted(set(timed)) == [1, 64] and "batch64_before" in result_of(tmp_path / "run")["latency_ms"]
 
 
-@pytest.mark.parametrize("kind, model, excluded, producers", [
-    ("neurons", lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)),
-     "4.weight", "2.weight"),
-    ("heads", lambda: build_model(NamedConfig("gpt", {"n_layer": 2, "n_head": 4, "head_dim": 4, "d_model": 16}),
-                                  {"vocab_size": 11, "block_size": 8}),
-     "blocks.0.attn.out.weight", "blocks.0.attn.k.weight, blocks.0.attn.q.weight, blocks.0.attn.v.weight"),
-])
-def test_an_exclude_that_keeps_no_channel_says_which_layers_it_would_have_to_name(caplog, kind, model, excluded, producers):
+def gpt_of_two_blocks():
+    return build_model(NamedConfig("gpt", {"n_layer": 2, "n_head": 4, "head_dim": 4, "d_model": 16}),
+                       {"vocab_size": 11, "block_size": 8})
+
+
+def kept_none_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "keeps no" in r.getMessage()]
+
+
+def test_an_exclude_of_an_output_projection_says_it_keeps_no_head_and_which_weights_would(caplog):
     """Excluding a head's output projection left its heads pruned without a word."""
-    built = model()
-    optimizer = torch.optim.SGD(built.parameters(), lr=0.1)
-    Pruner(built, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=1, pattern=PATTERNS.get(kind)(),
-           exclude=[excluded]).attach(optimizer)
-    assert [r.getMessage() for r in caplog.records if "keeps no" in r.getMessage()] == [
-        f"exclude pattern {excluded!r} keeps no {kind}: the columns of {excluded} go with the {kind} of {producers}, whose "
-        f"own weights it does not name (exclude those to keep these {kind})"]
-    caplog.clear()
-    Pruner(built, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=1, pattern=PATTERNS.get(kind)(),
-           exclude=[excluded, producers.split(", ")[0]]).attach(optimizer)
-    assert not [r for r in caplog.records if "keeps no" in r.getMessage()]  # naming a producer keeps its channels
+    model = gpt_of_two_blocks()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def build(*exclude, **settings):
+        caplog.clear()
+        Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=1, pattern=PATTERNS.get("heads")(),
+               exclude=list(exclude), **settings).attach(optimizer)
+        return kept_none_warnings(caplog)
+
+    assert build("blocks.0.attn.out.weight") == [
+        "exclude pattern 'blocks.0.attn.out.weight' keeps no heads: the columns of blocks.0.attn.out.weight go with the heads "
+        "of blocks.0.attn.k.weight, blocks.0.attn.q.weight, blocks.0.attn.v.weight, whose own weights it does not name "
+        "(exclude those to keep these heads)"]
+    assert build("blocks.0.attn.out.weight", "blocks.0.attn.k.weight") == []  # naming Q, K or V keeps the heads
+    assert build("blocks.0.attn.out.weight", include=["blocks.1.*"]) == []  # those heads were not pruned anyway
+    assert build("*.bias") == []  # a head's own biases are not another layer's columns
 
 
-def test_an_exclude_that_keeps_no_channel_is_warned_once_in_the_run_log(cli, tmp_path):
-    code, out, err = cli("train", "model.hidden=[32,32]", "trainer.max_steps=10", "pruning=neurons", "pruning.sparsity=0.5",
-                         "pruning.exclude=[5.weight]", f"hydra.run.dir={tmp_path}/run")
+def test_an_exclude_of_the_layer_after_neurons_or_filters_is_not_warned_of(caplog):
+    """The classifier excluded serves every mode of a sweep (unstructured keeps it dense)."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    Pruner(model, sparsity=0.5, schedule=SCHEDULES.get("oneshot")(), total_steps=1, pattern=PATTERNS.get("neurons")(),
+           exclude=["4.weight"]).attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert kept_none_warnings(caplog) == []
+
+
+def test_an_exclude_that_keeps_no_head_is_warned_once_in_the_run_log(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCLI_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "corpus.txt").write_text("for i in range(10):\n    print(i * i)\n" * 100)
+    code, _, err = cli("train", "model=gpt", "model.d_model=16", "model.n_head=2", "dataset=text", "dataset.path=corpus.txt",
+                       "dataset.block_size=16", "trainer.max_steps=5", "pruning=heads", "pruning.sparsity=0.5",
+                       "pruning.exclude=[blocks.0.attn.out.weight]", "hydra.run.dir=run")
     assert code == 0, err
-    log = (tmp_path / "run" / "run.log").read_text()
-    assert log.count("exclude pattern '5.weight' keeps no neurons: the columns of 5.weight go with the neurons of 3.weight") == 1
+    assert (tmp_path / "run" / "run.log").read_text().count("exclude pattern 'blocks.0.attn.out.weight' keeps no heads") == 1

@@ -78,27 +78,28 @@ def channel_groups(
         producing = next((s for s in cut if shapes[s.param] == group.shape), cut[0] if cut else None)  # in any order
         return [s.param for s in cut if s.dim == producing.dim]
 
-    if warn:
-        warn_of_excludes_naming_no_channel(groups, own, exclude, kind)
-    return [g for g in groups if any(matches_any(w, include) for w in own(g)) and not any(matches_any(w, exclude) for w in own(g))
-            and not any(s.param in frozen for s in g.slices)]
+    selected = [g for g in groups if any(matches_any(w, include) for w in own(g)) and not any(matches_any(w, exclude) for w in own(g))
+                and not any(s.param in frozen for s in g.slices)]
+    if warn and kind == "heads":  # a layer after neurons or filters (the classifier) is the exclude that serves every mode
+        warn_of_excludes_naming_no_heads(groups, selected, own, exclude, shapes)
+    return selected
 
 
-def warn_of_excludes_naming_no_channel(groups: list[ChannelGroup], own, exclude: list[str], kind: str) -> None:
-    """An exclude naming only weights whose columns follow other layers' channels (a head's output projection, the
-    layer after a neuron) keeps no channel: say which layers' it would have to name."""
+def warn_of_excludes_naming_no_heads(groups: list[ChannelGroup], selected: list[ChannelGroup], own, exclude: list[str],
+                                     weights) -> None:
+    """An exclude naming only an output projection, whose columns go with the heads of the Q, K and V before it, keeps
+    no head: say which weights it would have to name (``selected``: the heads pruned; ``weights``: the 2-D and up)."""
     owners = {w for g in groups for w in own(g)}
-    kept = [g for g in groups if not any(matches_any(w, exclude) for w in own(g))]  # another pattern may name them
     for pattern in exclude:
         if any(matches_any(w, [pattern]) for w in owners):
             continue
-        following = [g for g in kept if any(matches_any(s.param, [pattern]) and s.param not in own(g) for s in g.slices)]
+        following = [g for g in selected if any(s.param in weights and s.param not in own(g) and matches_any(s.param, [pattern])
+                                                for s in g.slices)]
         if following:
-            named = sorted({s.param for g in following for s in g.slices if matches_any(s.param, [pattern])})
-            producers = sorted({w for g in following for w in own(g)})
-            log.warning("exclude pattern %r keeps no %s: the columns of %s go with the %s of %s, whose own weights "
-                        "it does not name (exclude those to keep these %s)", pattern, kind, ", ".join(named), kind,
-                        ", ".join(producers), kind)
+            named = sorted({s.param for g in following for s in g.slices if s.param in weights and matches_any(s.param, [pattern])})
+            log.warning("exclude pattern %r keeps no heads: the columns of %s go with the heads of %s, whose own weights "
+                        "it does not name (exclude those to keep these heads)", pattern, ", ".join(named),
+                        ", ".join(sorted({w for g in following for w in own(g)})))
 
 
 def _plain_sequential(module: nn.Module) -> bool:
