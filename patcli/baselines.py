@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, RunConfig, parse
+from .config import NOT_TRAINING, ConfigError, RunConfig, parse
 from .data import DataBundle, load_dataset
 from .dense import check_dense_run, dense_reference, load_run_config, resolve_dense
 from .engine import ALLOCATIONS, PATTERNS, SCHEDULES, Pruner
@@ -358,9 +358,6 @@ def as_trained(config: RunConfig, dense: RunConfig, dense_dir: Path) -> RunConfi
     source = {**config.source, "seed": dense.seed, "trainer": {**(dense.source.get("trainer") or {}), **kept}}
     trainer = dataclasses.replace(dense.trainer, **{k: getattr(config.trainer, k) for k in NOT_TRAINING})
     return dataclasses.replace(config, seed=dense.seed, trainer=trainer, source=source)
-
-
-NOT_TRAINING = ("device", "threads", "init_from", "eval_every")  # where, from what or how often it is looked at, not how it trains
 
 
 def _training(config: RunConfig) -> dict:

@@ -174,9 +174,9 @@ def show_best_trial(best: BestTrial | None, record_paths: list[Path] = ()) -> No
 def metric_named(record_paths: list[Path]) -> str:
     """The primary metric the first readable record names ("metric" where none can be read); a folder (a study's
     sweep folder) is searched for records."""
-    from .records import RESULT_FILE, read_record
+    from .records import find_record_files, read_record
 
-    for path in (found for p in record_paths for found in (sorted(p.glob(f"**/{RESULT_FILE}")) if p.is_dir() else [p])):
+    for path in find_record_files(list(record_paths)):
         try:
             return read_record(path).primary_metric
         except ValueError:  # a damaged record (RecordError, ConfigError): the next one may name it

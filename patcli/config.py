@@ -340,12 +340,18 @@ class RunConfig:
 
     def dense_key(self) -> str:
         """Identifies the dense run a baseline needs: model, dataset (fold included), trainer (minus init) and seed."""
-        trainer = {k: v for k, v in (self.source.get("trainer") or {}).items() if k not in ("init_from", "device", "threads")}
-        if "eval_every" in trainer:  # how often a run is evaluated leaves its weights bit for bit the same: one key for
-            trainer["eval_every"] = TrainerConfig.eval_every  # all, the one runs at the default always had
+        given = self.source.get("trainer") or {}
+        trainer = {k: v for k, v in given.items() if k not in NOT_TRAINING}
+        if "eval_every" in given:  # keys made before it was known not to change the weights held it: the default keeps
+            trainer["eval_every"] = TrainerConfig.eval_every  # theirs
         fold = self.val_fold()
         return config_hash({"md": self.model_dataset_hash(), "trainer": trainer, "seed": self.seed,
                             **({"val_fold": fold} if fold is not None else {})})
+
+
+# Trainer settings that say where, from what or how often a run is looked at, not how it trains (its weights are bit for
+# bit the same whatever they are): a dense run serves baselines whatever they hold, and a baseline keeps its own
+NOT_TRAINING = ("device", "threads", "init_from", "eval_every")
 
 
 def config_hash(data: Any) -> str:
