@@ -141,10 +141,19 @@ def save_stored_best(sweeper: DictConfig, sweep_dir: Path) -> None:
     OmegaConf.save({"name": "optuna", "best_params": best.params, "best_value": best.value}, sweep_dir / OPTUNA_RESULTS)
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
 def is_sqlite_database(path: Path) -> bool:
-    """Whether SQLite reads ``path`` as a database (an empty file is one), without writing to it."""
+    """Whether ``path`` is an SQLite database SQLite can read, without writing to it. An empty file is one (SQLite
+    makes it one); any other file must begin with SQLite's header, as SQLite also takes a one-byte file for an empty
+    database and would write over it."""
     import sqlite3
 
+    with path.open("rb") as file:
+        header = file.read(len(SQLITE_HEADER))
+    if header and header != SQLITE_HEADER:
+        return False
     try:
         with contextlib.closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)) as connection:
             connection.execute("PRAGMA schema_version")

@@ -3,6 +3,7 @@ apart, the summary table, and one-line errors for missing plugins and a wrong st
 
 import json
 import re
+import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ from hydra.core.plugins import Plugins
 from omegaconf import OmegaConf
 
 from patcli.hydra_app import conf_dir
-from patcli.plugins import JOBLIB_LAUNCHER, job_threads
+from patcli.plugins import JOBLIB_LAUNCHER, is_sqlite_database, job_threads
 
 from conftest import TINY, result_of
 
@@ -261,6 +262,16 @@ def test_sweeps_that_would_fail_inside_a_plugin_are_one_line_errors_before_they_
     code, _, err = cli("sweep", *FAST, "seed=0,1", "hydra/launcher=submitit_slurm")
     assert code == 2 and err.startswith("error: hydra/launcher: submitit_slurm submits to SLURM, and this machine has no srun")
     assert len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_a_storage_file_is_an_sqlite_database_only_when_empty_or_written_by_sqlite(tmp_path):
+    (tmp_path / "empty.db").touch()  # SQLite makes an empty file a database
+    (tmp_path / "one_byte.db").write_bytes(b"x")  # SQLite reads it as empty too, and writes a database over it
+    with sqlite3.connect(tmp_path / "study.db") as connection:
+        connection.execute("CREATE TABLE trials (id INTEGER)")
+    verdicts = {path.name: is_sqlite_database(path) for path in sorted(tmp_path.iterdir())}
+    assert verdicts == {"empty.db": True, "one_byte.db": False, "study.db": True}
+    assert (tmp_path / "one_byte.db").read_bytes() == b"x"
 
 
 @pytest.mark.parametrize("sweep, expected", [
