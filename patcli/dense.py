@@ -87,7 +87,7 @@ def load_run_config(run_dir: Path, key: str = "dense") -> RunConfig:
 
 def find_dense(config: RunConfig) -> Path | None:
     """The newest finished dense run under ``output_root`` whose key matches (not one continued from another run)."""
-    key = config.dense_key()
+    key, model_dataset = config.dense_key(), config.model_dataset_hash()
     matches = []
     for path in find_record_files([Path(config.output_root)]):
         try:
@@ -95,13 +95,26 @@ def find_dense(config: RunConfig) -> Path | None:
         except RecordError:  # not a run this could reuse
             continue
         continued = (record.config.get("trainer") or {}).get("init_from")  # more steps than its key says
-        if record.method == "dense" and record.status == "ok" and not continued and record.extra.get("dense_key") == key:
+        if record.method == "dense" and record.status == "ok" and not continued and key in keys_of(record, model_dataset):
             damage = _damage(path.parent)
             if damage:  # every baseline would fail on it, sweep after sweep: one is trained in its place
                 log.warning("the dense run %s cannot be reused (%s): a new one is trained", path.parent, damage)
                 continue
             matches.append(path.parent)
     return max(matches, key=lambda p: (p / RESULT_FILE).stat().st_mtime) if matches else None
+
+
+def keys_of(record: RunRecord, model_dataset: str) -> set:
+    """The dense keys a dense run's record answers to: the one it stored and, for a run of the model and data asked
+    for, the one this version computes from its config. A key written before a setting left the key (``eval_every``)
+    holds that setting, and would leave the run unmatched."""
+    keys = {record.extra.get("dense_key")}
+    if record.model_dataset_hash == model_dataset:
+        try:
+            keys.add(parse_run_config(record.config).dense_key())
+        except (ConfigError, OSError):  # a config older patcli took, or its text file gone: its stored key alone
+            pass
+    return keys
 
 
 def _damage(run_dir: Path) -> str | None:

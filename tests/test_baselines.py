@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from patcli.config import parse_run_config
+from patcli.config import config_hash, parse_run_config
 from patcli.dense import resolve_dense
 from patcli.hydra_app import conf_dir
 from patcli.records import find_record_files, read_record
@@ -240,6 +240,19 @@ def test_a_found_dense_run_serves_a_baseline_evaluated_at_another_interval_which
     record = result_of(run_dir_of(out))
     assert record["dense_reference"]["run_id"] == dense  # the same weights: not trained again
     assert record["config"]["trainer"]["eval_every"] == 2 and "was trained with" not in caplog.text
+
+
+def test_a_dense_run_recorded_before_eval_every_left_the_dense_key_still_serves_its_baselines(cli, tmp_path):
+    code, out, _ = cli("train", *TINY, "pruning=none", "trainer.eval_every=2")
+    dense_dir = run_dir_of(out)
+    record = result_of(dense_dir)
+    config = parse_run_config(record["config"])
+    trainer = {k: v for k, v in record["config"]["trainer"].items() if k not in ("init_from", "device", "threads")}
+    record["extra"]["dense_key"] = config_hash({"md": config.model_dataset_hash(), "trainer": trainer, "seed": 0})
+    (dense_dir / "result.json").write_text(json.dumps(record))  # as patcli wrote it when the key held eval_every
+    code, out, err = cli("prune-post", *TINY, "baseline=magnitude", "trainer.eval_every=2")
+    assert code == 0, err
+    assert result_of(run_dir_of(out))["dense_reference"]["run_id"] == record["run_id"]  # not trained again
 
 
 def test_damaged_run_files_named_by_init_from_or_dense_are_one_line_errors_before_any_run_starts(cli, tmp_path):
