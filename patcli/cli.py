@@ -107,7 +107,7 @@ def train(
     """
     result = _run(ctx.args, show_config=cfg, check=_not_a_baseline)
     if cfg:
-        console.print(result, highlight=False, markup=False)
+        print_config(result)
         return
     console.print(f"run dir: {result.hydra_cfg.hydra.runtime.output_dir}", highlight=False, soft_wrap=True)
 
@@ -129,7 +129,7 @@ def sweep(
 
     result = _run(ctx.args, multirun=True, show_config=cfg)
     if cfg:
-        console.print(result, highlight=False, markup=False)
+        print_config(result)
         return
     if not result.directory.exists():
         print_error("the sweep launched no jobs")
@@ -171,6 +171,11 @@ def show_best_trial(best: BestTrial | None, record_paths: list[Path] = ()) -> No
     console.print(line, highlight=False, soft_wrap=True)
 
 
+def print_config(text: str) -> None:
+    """``--cfg``'s YAML with every line whole: wrapped at a pipe's width, a long value or job line broke the YAML."""
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
 def metric_named(record_paths: list[Path]) -> str:
     """The primary metric the first readable record names ("metric" where none can be read); a folder (a study's
     sweep folder) is searched for records."""
@@ -204,7 +209,7 @@ def prune_post(
     """
     result = _run(ctx.args, show_config=cfg, check=_a_baseline)
     if cfg:
-        console.print(result, highlight=False, markup=False)
+        print_config(result)
         return
     console.print(f"run dir: {result.hydra_cfg.hydra.runtime.output_dir}", highlight=False, soft_wrap=True)
 

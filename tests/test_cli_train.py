@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from patcli.data import load_dataset
@@ -124,6 +125,19 @@ def test_sweep_cfg_shows_its_first_job_and_lists_what_every_job_sets(cli, tmp_pa
     assert "sparsity: 0.5" in config and "name: magnitude" in config and "seed: 3" in config
     assert listing.splitlines() == ["#   0: pruning.sparsity=0.5 scorer=magnitude", "#   1: pruning.sparsity=0.5 scorer=movement",
                                     "#   2: pruning.sparsity=0.8 scorer=magnitude", "#   3: pruning.sparsity=0.8 scorer=movement"]
+
+
+def test_cfg_lines_wider_than_the_terminal_stay_whole_so_the_output_stays_yaml(cli, tmp_path):
+    folder = "a_folder_name_long_enough_to_pass_the_width_a_console_wraps_lines_at_when_its_output_goes_to_a_pipe" * 2
+    code, out, _ = cli("train", "--cfg", f"output_root={folder}")
+    assert code == 0 and yaml.safe_load(out)["output_root"] == folder
+    swept = [f"trainer.{key}={values}" for key, values in (("lr", "0.001,0.002"), ("weight_decay", "0.01,0.02"),
+             ("batch_size", "32,64"), ("lr_schedule", "constant,cosine"), ("warmup_steps", "0,1"), ("max_steps", "3,4"), ("grad_clip", "1.5,2.5"))]
+    code, out, _ = cli("sweep", "--cfg", *swept, f"output_root={folder}", "scorer=magnitude,movement")
+    listing = out.split("what each job sets:\n")[1].splitlines()
+    assert code == 0 and len(listing) == 256 and all(line.startswith("#   ") for line in listing)
+    assert max(len(line) for line in listing) > 160 and yaml.safe_load(out)["output_root"] == folder
+
 
 @pytest.mark.parametrize(
     "override, expected",
