@@ -95,9 +95,9 @@ def check_storage(sweeper: DictConfig) -> None:
     except ArgumentError as error:  # a bare file name, or sqlite:/ with one slash
         raise ConfigError("hydra.sweeper.storage", f"{storage!r} is not a database URL; allowed: e.g. "
                                                    "sqlite:///study.db (a file beside the run), or null") from error
-    if not storage.startswith("sqlite:///"):
+    path = sqlite_file(storage)
+    if path is None:
         return
-    path = Path(storage.removeprefix("sqlite:///"))
     why = unwritable_reason(path, want_dir=False)
     if not why and not path.absolute().parent.is_dir():  # SQLite makes the file, not its folder
         why = f"{path.absolute().parent} does not exist; allowed: a file in an existing, writable directory"
@@ -115,7 +115,8 @@ def resumed_study_seed(sweeper: DictConfig) -> tuple[int, int] | None:
     name, seed = sweeper.get("study_name"), sampler.get("seed")
     if sweeper.get("_target_") != OPTUNA_SWEEPER or not storage or name is None or seed is None:
         return None  # without a name, Optuna starts a new study each time
-    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+    path = sqlite_file(storage)
+    if path is not None and not path.is_file():
         return None  # a new study (and no database file made here)
     import optuna
 
@@ -139,6 +140,16 @@ def save_stored_best(sweeper: DictConfig, sweep_dir: Path) -> None:
         return
     best = study.best_trial
     OmegaConf.save({"name": "optuna", "best_params": best.params, "best_value": best.value}, sweep_dir / OPTUNA_RESULTS)
+
+
+def sqlite_file(storage: str) -> Path | None:
+    """The file an SQLite storage URL names (its query, e.g. ``?timeout=30``, left out); None for any other storage,
+    or SQLite in memory. The URL must parse (check_storage)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(storage)
+    database = url.database if url.get_backend_name() == "sqlite" else None
+    return Path(database) if database and database != ":memory:" else None
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"

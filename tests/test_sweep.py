@@ -159,6 +159,21 @@ def test_a_resumed_seed_stays_within_optunas_32_bits(tmp_path):
     assert resumed_study_seed(sweeper) == (2, 1)
 
 
+@pytest.mark.parametrize("query", ["", "?timeout=30"])
+def test_a_storage_url_with_a_query_names_the_same_database_file(tmp_path, query):
+    from patcli.config import ConfigError
+    from patcli.plugins import check_storage, resumed_study_seed
+
+    storage = f"sqlite:///{tmp_path}/s.db{query}"
+    optuna.create_study(study_name="s", storage=storage).optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    sweeper = OmegaConf.create({"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", "storage": storage,
+                                "study_name": "s", "sampler": {"seed": 7}})
+    assert resumed_study_seed(sweeper) == (2, 9)
+    (tmp_path / "s.db").write_text("not a database")
+    with pytest.raises(ConfigError, match=f"{tmp_path}/s.db is not an SQLite database"):
+        check_storage(sweeper)
+
+
 @pytest.mark.parametrize("failing", ["first", "last"])
 def test_optuna_study_optimises_val_tells_failed_trials_and_prints_the_best(cli, tmp_path, monkeypatch, failing):
     """The grid sampler draws its points at random; told of a failed last trial, it stops the study where Optuna
