@@ -673,6 +673,8 @@ def test_an_exclude_of_an_output_projection_says_it_keeps_no_head_and_which_weig
     assert build("blocks.0.attn.out.weight", "blocks.0.attn.k.weight") == []  # naming Q, K or V keeps the heads
     assert build("blocks.0.attn.out.weight", include=["blocks.1.*"]) == []  # those heads were not pruned anyway
     assert build("*.bias") == []  # a head's own biases are not another layer's columns
+    with caplog.at_level("ERROR", logger="patcli.engine"):  # the engine's loggers, as README says, set as one
+        assert build("blocks.0.attn.out.weight") == []
 
 
 def test_an_exclude_of_the_layer_after_neurons_or_filters_is_not_warned_of(caplog):
