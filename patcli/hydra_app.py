@@ -340,6 +340,7 @@ def task(cfg: DictConfig) -> float | None:
         # config (output_root, dense, dataset.path) mean the directory the sweep was started from
         os.chdir(started_in)
     source = job_config(cfg)
+    keep_overrides(hydra, Path(hydra.runtime.output_dir))
     threads = job_threads(hydra.launcher)
     if threads and not source["trainer"].get("threads"):  # parallel jobs must not fight over the cores
         source["trainer"]["threads"] = threads
@@ -353,6 +354,17 @@ def task(cfg: DictConfig) -> float | None:
     except Exception as error:  # raised again by launch: Hydra would first print a line of its own to stderr
         _single_run_errors.append(error)
         return None
+
+
+def keep_overrides(hydra: DictConfig, run_dir: Path) -> None:
+    """Every run keeps its overrides in ``.hydra``, as Hydra does by default: a study finds its best trial's run by
+    them. With hydra.output_subdir elsewhere or null, Hydra keeps them elsewhere or nowhere."""
+    from .sweeps import OVERRIDES_FILE
+
+    if hydra.output_subdir != ".hydra":
+        path = run_dir / OVERRIDES_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(hydra.overrides.task, path)
 
 
 def check_no_flags(overrides: list[str]) -> None:
@@ -545,6 +557,8 @@ def checked_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunCon
         config = checked_study(overrides, cfg, check)
         if local and on_this_machine:
             check_device_here(config)
+        if local:
+            check_trial_folders(cfg)
         check_dense_cache_outside(cfg, [config])
         return None, [], []
     composed, configs = [], []
@@ -563,6 +577,17 @@ def checked_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunCon
         folders[folder] = job
     check_dense_cache_outside(cfg, configs)
     return jobs, composed, configs
+
+
+def check_trial_folders(cfg: DictConfig) -> None:
+    """A study's trials are known only as they run: a hydra.sweep.subdir the same for two trial numbers gives every
+    trial one folder (one named by the trial's values differs where they do)."""
+    subdir = str(OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir"))
+    folder = job_subdir(cfg, 0) if "override_dirname" not in subdir else None
+    if folder is not None and folder == job_subdir(cfg, 1):
+        raise UsageError(f"hydra.sweep.subdir: {subdir!r} is the same folder ({folder}) for every trial, so each would "
+                         "overwrite the one before; allowed: a name with the trial's number, e.g. ${hydra.job.num} "
+                         "(the default)")
 
 
 def sweep_jobs(overrides: list[str], cfg: DictConfig) -> list[list[str]] | None:

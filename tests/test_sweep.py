@@ -159,6 +159,25 @@ def test_a_resumed_seed_stays_within_optunas_32_bits(tmp_path):
     assert resumed_study_seed(sweeper) == (2, 1)
 
 
+@pytest.mark.parametrize("subdir", ["null", "meta"])
+def test_a_studys_best_trial_is_found_wherever_hydra_keeps_the_jobs_own_config(cli, tmp_path, subdir):
+    code, out, err = cli("sweep", *FAST, "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=1",
+                         "pruning.sparsity=interval(0.3,0.9)", f"hydra.output_subdir={subdir}", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert code == 0, err
+    record = result_of(tmp_path / "sweep" / "0")
+    assert line_with(out, "best trial:").endswith(f"; its test accuracy {record['metrics']['test']['accuracy']:.4f} → "
+                                                  f"{tmp_path / 'sweep' / '0'}")  # it said "a trial of an earlier session"
+
+
+def test_a_study_whose_trials_would_share_one_folder_is_refused_before_it_starts(cli, tmp_path):
+    code, _, err = cli("sweep", *FAST, "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=2",
+                       "pruning.sparsity=interval(0.3,0.9)", "hydra.sweep.subdir=x", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert code == 2 and err.strip() == ("error: hydra.sweep.subdir: 'x' is the same folder (x) for every trial, so each would "
+                                         "overwrite the one before; allowed: a name with the trial's number, e.g. "
+                                         "${hydra.job.num} (the default)"), err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("query", ["", "?timeout=30"])
 def test_a_storage_url_with_a_query_names_the_same_database_file(tmp_path, query):
     from patcli.config import ConfigError
