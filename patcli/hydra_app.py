@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
 from hydra.initialize import initialize_config_dir
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import TOP_LEVEL, ConfigError, RunConfig, parse_run_config
@@ -115,9 +115,8 @@ def _unknown_key_error(key: str, overrides: list[str]) -> UsageError:
     if key == "experiment":  # a preset is appended to the defaults, not chosen from them
         return UsageError(f"experiment: a preset is added with a plus; allowed: patcli sweep +experiment=NAME ({', '.join(experiments())})")
     parent, _, _ = key.rpartition(".")
-    choices = [o for o in overrides if re.fullmatch(r"[\w/]+=[\w,.-]+", o)]
     try:
-        cfg = GlobalHydra.instance().hydra.compose_config(CONFIG_NAME, choices, run_mode=RunMode.RUN)
+        cfg = composed_choices(overrides)
         parts = key.split(".")  # the deepest group that exists: prunin.sparsity is unknown at prunin
         depth = len(parts) - 1
         while depth and not isinstance(OmegaConf.select(cfg, ".".join(parts[:depth])), DictConfig):
@@ -131,9 +130,12 @@ def _unknown_key_error(key: str, overrides: list[str]) -> UsageError:
             how = f"{key}.KEY=VALUE ({', '.join(keys)})" if keys else f"+{key}.KEY=VALUE"
             return UsageError(f"{key}: takes its keys one at a time; allowed: {how}")
         node = OmegaConf.select(cfg, parent) if parent else cfg
-        allowed = [k for k in node.keys() if k != "hydra"]
+        chosen = parent in config_groups()  # its name is chosen with GROUP=OPTION, never set
+        allowed = [k for k in node.keys() if k != "hydra" and not (chosen and k == "name")]
+        if chosen and not allowed:
+            return UsageError(f"{key}: unknown key; {parent}={node.get('name')} takes no settings")
     except Exception:
-        allowed = list(TOP_LEVEL)
+        parent, allowed = "", list(TOP_LEVEL)
     given = next((o.lstrip("+") for o in overrides if o.split("=", 1)[0].lstrip("+") == key), f"{key}=VALUE")
     if parent and not allowed:  # a node of keys of one's own, empty so far (hydra.job.env_set)
         return UsageError(f"{key}: unknown key; {parent} has none yet, a new one is added with a plus: +{given}")
@@ -141,6 +143,31 @@ def _unknown_key_error(key: str, overrides: list[str]) -> UsageError:
     if parent == "model" and allowed == ["_target_"]:  # model=custom: its arguments are keys of one's own
         hint = f"; an argument of your model's class is added with a plus: +{key}=VALUE"
     return UsageError(f"{key}: unknown key; allowed: {', '.join(f'{parent}.{a}' if parent else a for a in allowed)}{hint}")
+
+
+def composed_choices(overrides: list[str]) -> DictConfig:
+    """The config as the user's group choices compose it, for hints: a swept choice (scorer=a,b) counts as its first
+    option, so the hint of a sweep's mistake names the keys its jobs have."""
+    choices = [o.split(",", 1)[0] for o in overrides if re.fullmatch(r"[\w/]+=[\w,.-]+", o)]
+    return GlobalHydra.instance().hydra.compose_config(CONFIG_NAME, choices, run_mode=RunMode.RUN)
+
+
+def holds_a_list(key: str, overrides: list[str]) -> bool:
+    try:
+        return isinstance(OmegaConf.select(composed_choices(overrides), key.lstrip("+")), ListConfig)
+    except Exception:  # a hint only
+        return False
+
+
+def unparsable_override(overrides: list[str]) -> str | None:
+    """The first override Hydra's grammar refuses, which its own message does not name."""
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+        except (HydraException, ValueError):  # the grammar's error, or the value of a function like float(abc)
+            return override
+    return None
 
 
 def translate_hydra_error(error: Exception, overrides: list[str]) -> UsageError:
@@ -160,15 +187,23 @@ def translate_hydra_error(error: Exception, overrides: list[str]) -> UsageError:
         key, value = ambiguous.group(1), ambiguous.group(2).replace("'", "")
         if key.lstrip("+") in PATH_KEYS:
             one = f"one path (a name with a comma quoted: {key}='{value}')"
-        else:  # a config group takes one option; a key may hold a list
-            one = "one option" if key.lstrip("+") in config_groups() else f"one value, a list {key}=[a,b]"
+        elif key.lstrip("+") in config_groups():
+            one = "one option"
+        else:
+            one = f"one list, e.g. {key}=[a,b]" if holds_a_list(key, overrides) else "one value"
         return UsageError(f"{key}: {value} is several values; allowed: {one}, or several runs with patcli sweep {key}={value}")
+    swept = re.search(r"Sweep parameters '([^'=]+)=(.*)' requires --multirun", text)
+    if swept:  # range(), interval(), choice() or glob() given to train/prune-post
+        key, value = swept.groups()
+        return UsageError(f"{key}: {value} is a sweep; allowed: one value, or several runs with patcli sweep {key}={value}")
     merging = re.match(r"Error merging override ([^=]+)=(.*)", text)
     why = str(error.__cause__).splitlines() if error.__cause__ is not None else []
     if merging and why and why[0]:  # OmegaConf says why (a type) on the first line of the cause
         return UsageError(f"{merging.group(1)}: {why[0]}")
     if isinstance(error, OverrideParseException):
-        return UsageError(f"cannot parse override: {' '.join(text.split())}")
+        why = " ".join(text.split())
+        bad = unparsable_override(overrides)
+        return UsageError(f"{bad.split('=', 1)[0].lstrip('+~')}: cannot parse {bad!r}: {why}" if bad else f"cannot parse override: {why}")
     return UsageError(text.splitlines()[0] if text else error.__class__.__name__)
 
 
@@ -375,6 +410,13 @@ def check_no_flags(overrides: list[str]) -> None:
                          "trainer.epochs=3 (the command's --help lists the keys)")
 
 
+def check_keys_given(overrides: list[str]) -> None:
+    """``=0.9`` (a script's empty variable before it) ended in a ValueError traceback inside Hydra."""
+    keyless = next((o for o in overrides if "=" in o and not o.lstrip("+~").split("=", 1)[0].strip()), None)
+    if keyless:
+        raise UsageError(f"{keyless}: an override needs a key; allowed: KEY=VALUE, e.g. pruning.sparsity=0.9")
+
+
 def check_no_mode(overrides: list[str]) -> None:
     """``hydra.mode=MULTIRUN`` on train ended in an AssertionError inside Hydra: the command is what chooses."""
     if any(o.lstrip("+~").split("=", 1)[0].strip() == "hydra.mode" for o in overrides):
@@ -466,6 +508,7 @@ def launch(
     """Compose + validate, then hand the run (or sweep) to Hydra. Returns Hydra's job return(s)."""
     check_single_process()
     check_no_flags(overrides)
+    check_keys_given(overrides)
     check_no_mode(overrides)
     overrides = absolute_paths(overrides)
     check_group_overrides(overrides)

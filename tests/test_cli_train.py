@@ -150,8 +150,8 @@ def test_cfg_lines_wider_than_the_terminal_stay_whole_so_the_output_stays_yaml(c
         ("trainer.epochs=abc", "trainer.epochs: expected an integer"),
         ("schedule.end=5000", "schedule.end: step 5000 is after the run's last step"),
         ("trainer.optimizer=lion", "trainer.optimizer: 'lion' is not allowed; allowed: adamw, adam, sgd"),
-        ("pruning.sparsity=0.5,0.9", "pruning.sparsity: 0.5,0.9 is several values; allowed: one value, a list "
-         "pruning.sparsity=[a,b], or several runs with patcli sweep pruning.sparsity=0.5,0.9"),
+        ("pruning.sparsity=0.5,0.9", "pruning.sparsity: 0.5,0.9 is several values; allowed: one value, or several runs "
+         "with patcli sweep pruning.sparsity=0.5,0.9"),
         ("schedule.end=0.1 schedule.begin=0.5", "comes before schedule.begin (step "),
         ("trainer.lr=nan", "trainer.lr: nan is out of range; allowed: a finite number > 0"),
         ("trainer.weight_decay=-1", "trainer.weight_decay: -1.0 is out of range; allowed: a finite number >= 0"),
@@ -194,7 +194,8 @@ def test_cfg_lines_wider_than_the_terminal_stay_whole_so_the_output_stays_yaml(c
         ("schedule=", "schedule=: not an option name; allowed: one of agp, "),  # Hydra's message, no options
         # ran on a default its record lacked (scorer: null, for the magnitude it used)
         # the group check's own parse let Hydra's error out as a traceback
-        ("trainer.lr=float(abc)", "cannot parse override: Error parsing override 'trainer.lr=float(abc)' ValueError "),
+        ("trainer.lr=float(abc)", "trainer.lr: cannot parse 'trainer.lr=float(abc)': Error parsing override "
+                                  "'trainer.lr=float(abc)' ValueError "),
         # "allowed: (none)"
         ("+scorer.foo=1", "scorer.foo: unknown key; scorer=magnitude takes no settings"),
         ("+pruning.foo=1", "pruning.foo: unknown key; allowed: pruning.sparsity, pruning.frequency, "),
@@ -208,9 +209,23 @@ def test_cfg_lines_wider_than_the_terminal_stay_whole_so_the_output_stays_yaml(c
                                 "patcli sweep schedule=agp,linear"),  # it suggested a list
         ("trainer.max_steps=20 trainer.warmup_steps=20", "trainer.warmup_steps: 20 is not below the run's 20 steps, so the "
                                                          "whole run would be warm-up; allowed: 0 to 19"),
-        ("schedule=alternating schedule.end=0.5", "schedule.end: unknown key; allowed: schedule.name, schedule.begin"),
+        # it listed schedule.name, which is chosen with schedule=..., never set
+        ("schedule=alternating schedule.end=0.5", "schedule.end: unknown key; allowed: schedule.begin, schedule.compressed"),
+        ("scorer.foo=1", "scorer.foo: unknown key; scorer=magnitude takes no settings"),  # "allowed: scorer.name"
+        # the list form it offered was refused in turn: "expected a number"
+        ("trainer.lr=0.1,0.01", "trainer.lr: 0.1,0.01 is several values; allowed: one value, or several runs with patcli "
+                                "sweep trainer.lr=0.1,0.01"),
+        ("model.hidden=[32],[16]", "model.hidden: [32],[16] is several values; allowed: one list, e.g. model.hidden=[a,b], "
+                                   "or several runs with patcli sweep model.hidden=[32],[16]"),
+        # "Sweep parameters 'pruning.sparsity=range(1,3)' requires --multirun", a flag patcli does not have
+        ("pruning.sparsity=range(1,3)", "pruning.sparsity: range(1,3) is a sweep; allowed: one value, or several runs with "
+                                        "patcli sweep pruning.sparsity=range(1,3)"),
+        ("=0.9", "=0.9: an override needs a key; allowed: KEY=VALUE, e.g. pruning.sparsity=0.9"),  # a ValueError traceback
+        # the parser's message named no override
+        ("pruning.sparsity=0.5,", "pruning.sparsity: cannot parse 'pruning.sparsity=0.5,': mismatched input '<EOF>'"),
+        ("model.hidden=[1,2", "model.hidden: cannot parse 'model.hidden=[1,2': no viable alternative at input '[1,2'"),
         ("schedule=alternating schedule.final=0.9 schedule.begin=0.5", "schedule.final: the final phase"),
-        ("model._target_=torch.nn.Linear", "model._target_: unknown key; allowed: model.name, model.hidden, model.activation, "
+        ("model._target_=torch.nn.Linear", "model._target_: unknown key; allowed: model.hidden, model.activation, "
          "model.dropout; for a model of your own: model=custom model._target_=package.Class"),
         ("seed=9223372036854775808", "seed: 9223372036854775808 is out of range; allowed: 0 <= seed < 2**63"),
         ("scorer=random scorer.seed=-1", "scorer.seed: -1 is out of range; allowed: 0 <= seed < 2**63"),

@@ -309,6 +309,11 @@ def test_a_storage_file_is_an_sqlite_database_only_when_empty_or_written_by_sqli
 
 
 @pytest.mark.parametrize("sweep, expected", [
+    # a swept choice made the hint list the top-level keys under the typo's parent: "trainer.seed, trainer.model, ..."
+    (["seed=0,1", "trainer.epoch=3"], "trainer.epoch: unknown key; allowed: trainer.epochs, trainer.max_steps"),
+    (["scorer=magnitude,movement", "pruning.sparsty=0.9"], "pruning.sparsty: unknown key; allowed: pruning.mode, "
+                                                           "pruning.sparsity"),
+    (["schedule=agp,cubic", "schedule.powr=2"], "schedule.powr: unknown key; allowed: schedule.begin, schedule.end"),
     (["pruning.sparsity=range(0,1,0)"], "pruning.sparsity: range(0, 1, 0) holds no value; allowed: range(start, stop, step)"),
     (["pruning.frequency=range(10,5)"], "pruning.frequency: range(10, 5, 1) holds no value"),
     (["pruning.sparsity=interval(0.5,0.9)"], "pruning.sparsity: interval() is sampled by a searching sweeper; allowed: hydra/sweeper=optuna"),
