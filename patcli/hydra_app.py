@@ -417,6 +417,16 @@ def check_keys_given(overrides: list[str]) -> None:
         raise UsageError(f"{keyless}: an override needs a key; allowed: KEY=VALUE, e.g. pruning.sparsity=0.9")
 
 
+def check_no_sweeper_params(overrides: list[str]) -> None:
+    """hydra.sweeper.params given whole on the command line broke inside OmegaConf's merge (a traceback), and its
+    keys one by one are refused by Hydra: on the command line, a search space is the searched keys' own overrides."""
+    given = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0].strip().startswith("hydra.sweeper.params")), None)
+    if given:
+        raise UsageError(f"{given.split('=', 1)[0].lstrip('+~')}: the searched keys are given as overrides of their own "
+                         "on the command line; allowed: e.g. 'pruning.sparsity=interval(0.5,0.9)' (hydra.sweeper.params "
+                         "is a sweep preset's, in its YAML file)")
+
+
 def check_no_mode(overrides: list[str]) -> None:
     """``hydra.mode=MULTIRUN`` on train ended in an AssertionError inside Hydra: the command is what chooses."""
     if any(o.lstrip("+~").split("=", 1)[0].strip() == "hydra.mode" for o in overrides):
@@ -510,6 +520,7 @@ def launch(
     check_no_flags(overrides)
     check_keys_given(overrides)
     check_no_mode(overrides)
+    check_no_sweeper_params(overrides)
     overrides = absolute_paths(overrides)
     check_group_overrides(overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="patcli"):
