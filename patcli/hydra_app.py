@@ -134,6 +134,10 @@ def _unknown_key_error(key: str, overrides: list[str]) -> UsageError:
         allowed = [k for k in node.keys() if k != "hydra" and not (chosen and k == "name")]
         if chosen and not allowed:
             return UsageError(f"{key}: unknown key; {parent}={node.get('name')} takes no settings")
+        if key == "pruning.sparsity" and node.get("mode") == "none":
+            return UsageError("pruning.sparsity: pruning=none trains the dense reference, which has no sparsity to set; "
+                              "allowed: leave it out (a sweep over dense and pruned runs: +experiment=pat_vs_post, or "
+                              "the sparsities of the pruned runs swept apart)")
     except Exception:
         parent, allowed = "", list(TOP_LEVEL)
     given = next((o.lstrip("+") for o in overrides if o.split("=", 1)[0].lstrip("+") == key), f"{key}=VALUE")
@@ -667,8 +671,8 @@ def sweep_jobs(overrides: list[str], cfg: DictConfig) -> list[list[str]] | None:
 def checked_job(job: list[str], check: Callable[[RunConfig], None] | None, note: str,
                 on_this_machine: bool = False) -> tuple[DictConfig, RunConfig]:
     """Compose and validate one job of a sweep; a mistake names the job it is in."""
-    composed = compose(job, RunMode.RUN)
     try:
+        composed = compose(job, RunMode.RUN)
         config = validate(job_config(composed), check)
         if on_this_machine:
             check_device_here(config)

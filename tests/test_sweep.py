@@ -309,6 +309,10 @@ def test_a_storage_file_is_an_sqlite_database_only_when_empty_or_written_by_sqli
 
 
 @pytest.mark.parametrize("sweep, expected", [
+    # "pruning.sparsity: unknown key", without the job: as if no run had a sparsity
+    (["pruning=unstructured,none", "pruning.sparsity=0.5,0.9"], "pruning.sparsity: pruning=none trains the dense reference, "
+     "which has no sparsity to set; allowed: leave it out (a sweep over dense and pruned runs: +experiment=pat_vs_post, or "
+     "the sparsities of the pruned runs swept apart) (sweep job: "),
     # an AttributeError traceback from OmegaConf's merge
     (["hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", 'hydra.sweeper.params={pruning.sparsity: "interval(0.1,0.9)"}'],
      "hydra.sweeper.params: the searched keys are given as overrides of their own on the command line; allowed: e.g. "
