@@ -220,6 +220,10 @@ def test_cfg_lines_wider_than_the_terminal_stay_whole_so_the_output_stays_yaml(c
         # "Sweep parameters 'pruning.sparsity=range(1,3)' requires --multirun", a flag patcli does not have
         ("pruning.sparsity=range(1,3)", "pruning.sparsity: range(1,3) is a sweep; allowed: one value, or several runs with "
                                         "patcli sweep pruning.sparsity=range(1,3)"),
+        # it ran, and recorded a reversal recipe in which no weight could return
+        ("regrowth=reversal schedule=oneshot", "regrowth: reversal re-chooses the masks at each mask update after the "
+                                               "first, and schedule=oneshot updates them once, so no pruned weight could "
+                                               "return; allowed: a schedule that updates the masks again"),
         ("=0.9", "=0.9: an override needs a key; allowed: KEY=VALUE, e.g. pruning.sparsity=0.9"),  # a ValueError traceback
         # the parser's message named no override
         ("pruning.sparsity=0.5,", "pruning.sparsity: cannot parse 'pruning.sparsity=0.5,': mismatched input '<EOF>'"),

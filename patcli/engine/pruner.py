@@ -31,7 +31,7 @@ from .masks import (MASKINGS, DenseShadowMasking, MaskSet, as_bytes, computed_we
 from .patterns import Pattern, Structured, Unstructured
 from .regrowth import NoRegrowth, Regrowth
 from .regularizers import Regularizer
-from .schedules import Schedule
+from .schedules import Schedule, ScheduleError
 from .scorers import Magnitude, Scorer
 from .structure import channel_groups
 
@@ -255,6 +255,12 @@ class Pruner:
         self._handles: list = []
         self._detached = False  # set by detach(): attach() then takes the weights as they are
         self.check_reachable()  # the final target under the caps: said now, not at an update late in training
+        if not self.regrowth.monotone and not self.regrowth.replaces_schedule and len(self.schedule.update_steps()) < 2:
+            times = "once" if self.schedule.update_steps() else "never"
+            raise ScheduleError("regrowth", f"{self.regrowth.name} re-chooses the masks at each mask update after the "
+                                f"first, and schedule={self.schedule.name} updates them {times}, so no pruned weight could "
+                                "return; allowed: a schedule that updates the masks again (e.g. constant or agp), or "
+                                "regrowth=none")
         if self.regrowth.replaces_schedule:
             self.regrowth.bind(total_steps)
             self._adopt([k.reshape(-1) for k in self.regrowth.initial_masks(self.masks.weights, sparsity, max_layer_sparsity)])
