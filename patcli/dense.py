@@ -42,6 +42,9 @@ def check_dense_run(run_dir: Path, config: RunConfig) -> RunRecord:
     """A finished dense patcli run of ``config``'s fold, or a ConfigError naming ``dense``."""
     if not os.path.isdir(run_dir):  # never raises, unlike pathlib (a name too long, a folder it may not read)
         raise ConfigError("dense", f"{run_dir} is not a directory; allowed: a run directory (the folder of its {RESULT_FILE})")
+    if not os.path.isfile(run_dir / RESULT_FILE):
+        raise ConfigError("dense", f"{run_dir} is not a patcli run (it holds no {RESULT_FILE}); allowed: the folder of "
+                          "a finished run of `patcli train pruning=none`")
     try:
         record = read_record(run_dir / RESULT_FILE)
     except RecordError as error:

@@ -223,7 +223,9 @@ def job_config(cfg: DictConfig) -> dict[str, Any]:
     try:
         return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     except OmegaConfBaseException as error:
-        raise UsageError(f"cannot resolve config: {str(error).splitlines()[0]}") from error
+        key = getattr(error, "full_key", None)  # the key whose interpolation failed
+        where = f"{key}: cannot resolve its interpolation" if key else "cannot resolve config"
+        raise UsageError(f"{where}: {str(error).splitlines()[0]}") from error
 
 
 def validate(source: dict[str, Any], check: Callable[[RunConfig], None] | None = None) -> RunConfig:

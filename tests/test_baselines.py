@@ -506,6 +506,18 @@ def test_a_dense_run_that_is_not_one_is_named_in_plain_words(tmp_path, method, s
         check_dense_run(tmp_path / "given", config_for(output_root=tmp_path))
 
 
+def test_a_dense_folder_that_holds_no_run_says_so_in_plain_words(tmp_path):
+    """It quoted a FileNotFoundError, and named nothing allowed."""
+    from patcli.config import ConfigError
+    from patcli.dense import check_dense_run
+
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ConfigError) as caught:
+        check_dense_run(tmp_path / "folder", config_for(output_root=tmp_path))
+    assert str(caught.value) == (f"dense: {tmp_path}/folder is not a patcli run (it holds no result.json); allowed: the "
+                                 "folder of a finished run of `patcli train pruning=none`")
+
+
 def test_a_model_dataset_mismatch_with_equal_settings_says_the_data_changed(tmp_path):
     """A text file edited since: the hash differs while every setting is the same."""
     config = config_for(output_root=tmp_path)
