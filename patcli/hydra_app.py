@@ -423,6 +423,16 @@ def check_keys_given(overrides: list[str]) -> None:
         raise UsageError(f"{keyless}: an override needs a key; allowed: KEY=VALUE, e.g. pruning.sparsity=0.9")
 
 
+def check_no_chdir(overrides: list[str]) -> None:
+    """hydra.job.chdir=true moved a run into its own folder, where a relative output_root found no dense run and
+    trained one inside the run's folder: patcli writes a run's files there itself."""
+    given = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0].strip() == "hydra.job.chdir"), None)
+    if given and given.split("=", 1)[-1].strip().lower() not in ("false", "null"):
+        raise UsageError(f"hydra.job.chdir: {given.split('=', 1)[-1]} is not allowed: a run works from the directory "
+                         "patcli started in (relative output_root, dense, dataset.path and trainer.init_from mean that "
+                         "one) and writes its files into its run folder itself; allowed: false (the default)")
+
+
 def check_no_sweeper_params(overrides: list[str]) -> None:
     """hydra.sweeper.params given whole on the command line broke inside OmegaConf's merge (a traceback), and its
     keys one by one are refused by Hydra: on the command line, a search space is the searched keys' own overrides."""
@@ -527,6 +537,7 @@ def launch(
     check_keys_given(overrides)
     check_no_mode(overrides)
     check_no_sweeper_params(overrides)
+    check_no_chdir(overrides)
     overrides = absolute_paths(overrides)
     check_group_overrides(overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="patcli"):
