@@ -80,6 +80,21 @@ def check_optuna_settings(sweeper: DictConfig) -> None:
     seed = (sweeper.get("sampler") or {}).get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
         raise ConfigError("hydra.sweeper.sampler.seed", f"{seed!r} is out of range; allowed: 0 <= seed < 2**32, or null")
+    check_sampler(sweeper.sampler)
+
+
+def check_sampler(sampler: DictConfig) -> None:
+    """The sampler is made as the sweeper makes it (the grid one as a partial, its search space added later): a
+    class or setting it cannot take failed inside the sweeper."""
+    from hydra.utils import instantiate
+
+    try:
+        instantiate(sampler)
+    except Exception as error:  # an import, a signature or the sampler's own check: whichever, one line
+        why = " ".join(str(error).split()) or type(error).__name__
+        raise ConfigError("hydra.sweeper.sampler", f"Optuna's sampler cannot be made ({why}); allowed: "
+                                                   "hydra/sweeper/sampler=tpe, random, cmaes, grid, nsgaii or motpe, with "
+                                                   "their own settings") from error
 
 
 def check_storage(sweeper: DictConfig) -> None:
@@ -88,13 +103,19 @@ def check_storage(sweeper: DictConfig) -> None:
     if sweeper.get("_target_") != OPTUNA_SWEEPER or not storage:
         return
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     try:
-        make_url(storage)
+        url = make_url(storage)
     except ArgumentError as error:  # a bare file name, or sqlite:/ with one slash
         raise ConfigError("hydra.sweeper.storage", f"{storage!r} is not a database URL; allowed: e.g. "
                                                    "sqlite:///study.db (a file beside the run), or null") from error
+    try:  # the dialect and its driver, as the sweeper's engine would load them (nothing is connected to)
+        dialect = url.get_dialect()
+        (getattr(dialect, "import_dbapi", None) or dialect.dbapi)()  # SQLAlchemy 2 names it import_dbapi
+    except (NoSuchModuleError, ImportError) as error:
+        raise ConfigError("hydra.sweeper.storage", f"{storage} cannot be opened here ({error}); allowed: sqlite:///FILE, "
+                                                   "or a database whose driver is installed") from error
     path = sqlite_file(storage)
     if path is None:
         return

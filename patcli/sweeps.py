@@ -50,6 +50,21 @@ def check_sweep_functions(overrides: list[str], cfg: DictConfig) -> None:
                                        "a list a,b,c or range() with the basic sweeper")
             if sweep.start > sweep.end:
                 raise ConfigError(key, f"interval({sweep.start}, {sweep.end}) has its ends reversed; allowed: interval(low, high) with low <= high")
+        if not basic and override.is_sweep_override():
+            check_optuna_distribution(override)
+
+
+def check_optuna_distribution(override) -> None:
+    """What the Optuna sweeper makes of a searched override once started (a log interval from 0 is no distribution)."""
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
+
+    try:
+        create_optuna_distribution_from_override(override)
+    except (ValueError, AssertionError, NotImplementedError) as error:
+        value = override.input_line.split("=", 1)[1]
+        raise ConfigError(override.get_key_element(), f"Optuna cannot search {value} ({error}); allowed: interval(low, "
+                                                      "high), tag(log, interval(low, high)) with low > 0, range() or "
+                                                      "choice()") from error
 
 
 def expand_jobs(overrides: list[str], cfg: DictConfig) -> list[list[str]] | None:

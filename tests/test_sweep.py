@@ -271,6 +271,14 @@ def test_optuna_direction_must_fit_the_primary_metric(cli, tmp_path):
     # Optuna samples a range's stop too (its distributions' high), which Python's range() leaves out
     ("pruning.sparsity=range(0.5,1.0,0.25)", "pruning.sparsity: 1.0 is out of range; allowed: 0.0 <= value < 1.0 "
                                              "(searched: pruning.sparsity=1.0)"),
+    # each of these was a traceback from inside the sweeper, after the sweep's folder was made
+    ("pruning.sparsity=tag(log,interval(0.0,0.9))", "pruning.sparsity: Optuna cannot search tag(log,interval(0.0,0.9)) "
+                                                    "(The `low` value must be larger than 0 for a log distribution"),
+    ("hydra.sweeper.sampler._target_=nope.Sampler", "hydra.sweeper.sampler: Optuna's sampler cannot be made (Error locating "
+                                                    "target 'nope.Sampler'"),
+    ("hydra.sweeper.storage=bogus://x", "hydra.sweeper.storage: bogus://x cannot be opened here (Can't load plugin: "
+                                        "sqlalchemy.dialects:bogus); allowed: sqlite:///FILE, or a database whose driver "
+                                        "is installed"),
 ])
 def test_an_optuna_search_space_no_trial_could_run_is_a_one_line_error_before_the_study(cli, tmp_path, searched, expected):
     code, _, err = cli("sweep", *FAST, "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", searched)
