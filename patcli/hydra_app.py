@@ -177,6 +177,8 @@ def unparsable_override(overrides: list[str]) -> str | None:
 def translate_hydra_error(error: Exception, overrides: list[str]) -> UsageError:
     """Hydra's multi-line composition messages → one line with the key and what is allowed."""
     text = str(error)
+    if (given := sweeper_params_given(overrides)) and ("hydra.sweeper.params" in text or "Hydra's configuration" in text):
+        return sweeper_params_error(given)  # a preset's search space given a key of its own, or one swept key by key
     missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
     if missing:
         return _group_error(missing.group(1), missing.group(2))
@@ -434,13 +436,22 @@ def check_no_chdir(overrides: list[str]) -> None:
 
 
 def check_no_sweeper_params(overrides: list[str]) -> None:
-    """hydra.sweeper.params given whole on the command line broke inside OmegaConf's merge (a traceback), and its
-    keys one by one are refused by Hydra: on the command line, a search space is the searched keys' own overrides."""
-    given = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0].strip().startswith("hydra.sweeper.params")), None)
-    if given:
-        raise UsageError(f"{given.split('=', 1)[0].lstrip('+~')}: the searched keys are given as overrides of their own "
-                         "on the command line; allowed: e.g. 'pruning.sparsity=interval(0.5,0.9)' (hydra.sweeper.params "
-                         "is a sweep preset's, in its YAML file)")
+    """hydra.sweeper.params given on the command line without a preset that sets it broke inside OmegaConf's merge
+    (a traceback): on the command line, a search space is the searched keys' own overrides."""
+    given = sweeper_params_given(overrides)
+    preset = any(o.lstrip("+").startswith("experiment=") for o in overrides)  # a preset's params may be replaced
+    if given and not preset:
+        raise sweeper_params_error(given)
+
+
+def sweeper_params_given(overrides: list[str]) -> str | None:
+    return next((o for o in overrides if o.lstrip("+~").split("=", 1)[0].strip().startswith("hydra.sweeper.params")), None)
+
+
+def sweeper_params_error(given: str) -> UsageError:
+    return UsageError(f"{given.split('=', 1)[0].lstrip('+~')}: the searched keys are given as overrides of their own on "
+                      "the command line; allowed: e.g. 'pruning.sparsity=interval(0.5,0.9)' (hydra.sweeper.params is a "
+                      "sweep preset's, in its YAML file, whose own keys it may set)")
 
 
 def check_no_mode(overrides: list[str]) -> None:

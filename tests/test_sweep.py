@@ -325,8 +325,13 @@ def test_a_storage_file_is_an_sqlite_database_only_when_empty_or_written_by_sqli
     (["hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", 'hydra.sweeper.params={pruning.sparsity: "interval(0.1,0.9)"}'],
      "hydra.sweeper.params: the searched keys are given as overrides of their own on the command line; allowed: e.g. "
      "'pruning.sparsity=interval(0.5,0.9)'"),
-    (["+experiment=tune_schedule", "+hydra.sweeper.params.scorer=choice(magnitude)"], "hydra.sweeper.params.scorer: the "
-     "searched keys are given as overrides of their own"),  # "Sweeping over Hydra's configuration is not supported"
+    (["hydra/sweeper=optuna", "+hydra.sweeper.params.scorer=choice(magnitude)"], "hydra.sweeper.params.scorer: the "
+     "searched keys are given as overrides of their own"),
+    # "Sweeping over Hydra's configuration is not supported", and "unknown key; allowed: ..., hydra.sweeper.params"
+    (["+experiment=tune_schedule", "hydra.sweeper.params.scorer=choice(magnitude)"], "hydra.sweeper.params.scorer: the "
+     "searched keys are given as overrides of their own"),
+    (["+experiment=tune_schedule", 'hydra.sweeper.params={pruning.sparsity: "interval(0.1,0.9)"}'], "hydra.sweeper.params: "
+     "the searched keys are given as overrides of their own"),
     # a swept choice made the hint list the top-level keys under the typo's parent: "trainer.seed, trainer.model, ..."
     (["seed=0,1", "trainer.epoch=3"], "trainer.epoch: unknown key; allowed: trainer.epochs, trainer.max_steps"),
     (["scorer=magnitude,movement", "pruning.sparsty=0.9"], "pruning.sparsty: unknown key; allowed: pruning.mode, "
