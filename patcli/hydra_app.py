@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import functools
+import multiprocessing
 import os
 import re
 import secrets
@@ -612,20 +613,33 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
         except KeyboardInterrupt:  # a launcher's worker stopped with it leaves no record of its own
             record_unfinished(Path(directory))
             raise
-        except concurrent.futures.BrokenExecutor as error:  # a worker died (killed, out of memory): the jobs it held
-            why = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
-            record_unfinished(Path(directory), RuntimeError(f"the launcher's worker died ({why})"), status="failed")
-            return SweepResult(Path(directory), [], study=study, stopped=why)
         except ValueError as error:
             if not (study and "No trials are completed yet" in str(error)):
                 raise
             returns = None  # every trial failed, so the study has no best trial; the records say why
-        except RuntimeError as error:  # the grid sampler stops the study when its last trial is told as failed,
-            if not (study and "Study.stop" in str(error)):  # outside where Optuna allows it: every trial has run,
-                raise  # the sweeper saved no best trial: the storage or, for a study in memory, the records tell it
+        except (RuntimeError, TimeoutError, multiprocessing.TimeoutError) as error:
+            what = launcher_stop(error)
+            if what:  # the jobs the launcher held are recorded; the table shows what ran
+                said = (str(error).splitlines() or [""])[0]
+                why = f"{type(error).__name__}: {said}" if said else type(error).__name__
+                record_unfinished(Path(directory), RuntimeError(f"{what} ({why})"), status="failed")
+                return SweepResult(Path(directory), [], study=study, stopped=why)
+            # the grid sampler stops the study when its last trial is told as failed, outside where Optuna allows it:
+            if not (study and "Study.stop" in str(error)):  # every trial has run, the sweeper saved no best trial:
+                raise  # the storage or, for a study in memory, the records tell it
             save_stored_best(cfg.hydra.sweeper, Path(directory))
             returns = None
     return SweepResult(Path(directory), job_dirs(returns), study=study)
+
+
+def launcher_stop(error: BaseException) -> str | None:
+    """Why the launcher stopped the sweep, said on the records of the jobs it held: a worker that died (killed, out of
+    memory) or a time limit (joblib's timeout, submitit's timeout_min); None for an error that is not the launcher's."""
+    if isinstance(error, concurrent.futures.BrokenExecutor):
+        return "the launcher's worker died"
+    if isinstance(error, (TimeoutError, multiprocessing.TimeoutError)) or type(error).__name__ == "UncompletedJobError":
+        return "the launcher's time limit ran out"
+    return None
 
 
 def checked_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunConfig], None] | None,

@@ -55,6 +55,12 @@ def check_launcher(launcher: DictConfig) -> None:
     if str(launcher.get("_target_", "")).endswith("SlurmLauncher") and shutil.which("srun") is None:
         raise ConfigError("hydra/launcher", "submitit_slurm submits to SLURM, and this machine has no srun on PATH; "
                                             "allowed here: basic, joblib or submitit_local, or run from a SLURM login node")
+    for key in ("timeout", "timeout_min"):  # joblib's seconds, submitit's minutes: 0 or below stopped every job at once
+        limit = launcher.get(key)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+            unit = "minutes" if key == "timeout_min" else "seconds"
+            raise ConfigError(f"hydra.launcher.{key}", f"{limit!r} is out of range; allowed: {unit} > 0"
+                                                       f"{', or null (no limit)' if key == 'timeout' else ''}")
     if launcher.get("_target_") != JOBLIB_LAUNCHER:
         return
     import joblib

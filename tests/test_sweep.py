@@ -2,8 +2,10 @@
 apart, the summary table, and one-line errors for missing plugins and a wrong study direction."""
 
 import json
+import multiprocessing
 import re
 import sqlite3
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -70,6 +72,16 @@ def test_a_joblib_n_jobs_that_launches_nothing_is_a_one_line_error_before_the_sw
     code, _, err = cli("sweep", *FAST, "hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}", "seed=0,1",
                        "hydra.sweep.dir=sweep")
     assert code == 2 and err.startswith("error: hydra.launcher.n_jobs: ") and "allowed: jobs at a time >= 1" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("limit, expected", [("hydra.launcher.timeout=0", "hydra.launcher.timeout: 0.0 is out of range; "
+                                              "allowed: seconds > 0, or null (no limit)"),
+                                             ("hydra.launcher.timeout=-1", "hydra.launcher.timeout: -1.0 is out of range")])
+def test_a_launcher_time_limit_no_job_could_meet_is_a_one_line_error_before_the_sweep(cli, tmp_path, limit, expected):
+    """It stopped every job at once, in a TimeoutError traceback, and left a sweep folder without records."""
+    code, _, err = cli("sweep", *FAST, "hydra/launcher=joblib", limit, "seed=0,1", "hydra.sweep.dir=sweep")
+    assert code == 2 and err.startswith(f"error: {expected}"), err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "sweep").exists()
 
 
@@ -567,28 +579,36 @@ def test_a_subdir_only_the_job_can_resolve_is_left_to_the_job(tmp_path, monkeypa
         assert job_subdir(composed, 0) == "7"
 
 
+class UncompletedJobError(RuntimeError):
+    """submitit's, by name: its launcher is an extra the tests do not install."""
+
+
 @pytest.mark.parametrize("search", [[], ["hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", "schedule.end=interval(0.5,0.9)"]],
                          ids=["basic", "optuna"])
-def test_a_launcher_worker_that_dies_leaves_its_jobs_recorded_failed_a_table_and_exit_1(cli, tmp_path, monkeypatch, search):
+@pytest.mark.parametrize("stop, said", [
+    (BrokenProcessPool("A worker process managed by the executor was unexpectedly terminated."), "the launcher's worker died"),
+    (multiprocessing.TimeoutError(), "the launcher's time limit ran out"),  # joblib's timeout, a traceback
+    (UncompletedJobError("Job 7 (task: 0) with path x has not produced any output"), "the launcher's time limit ran out"),
+], ids=["worker died", "joblib timeout", "submitit timeout"])
+def test_a_launcher_that_stops_leaves_its_jobs_recorded_failed_a_table_and_exit_1(cli, tmp_path, monkeypatch, search, stop, said):
     """A joblib worker killed mid-sweep (out of memory, kill -9) ended in a TerminatedWorkerError traceback, no table,
-    and no record for the jobs it held."""
-    from concurrent.futures.process import BrokenProcessPool
-
+    and no record for the jobs it held; a launcher's time limit, in its own traceback."""
     from hydra._internal.hydra import Hydra
 
-    def dies(self, config_name, task_function, overrides, *args, **kwargs):
+    def stops(self, config_name, task_function, overrides, *args, **kwargs):
         folder = Path(next(o for o in overrides if o.startswith("hydra.sweep.dir=")).split("=", 1)[1].strip("'"))
-        (folder / "0" / ".hydra").mkdir(parents=True)  # a job in flight when its worker died
+        (folder / "0" / ".hydra").mkdir(parents=True)  # a job in flight when the launcher stopped
         (folder / "0" / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml({"seed": 0, "pruning": {"sparsity": 0.5}}))
-        raise BrokenProcessPool("A worker process managed by the executor was unexpectedly terminated.")
+        raise stop
 
-    monkeypatch.setattr(Hydra, "multirun", dies)
+    monkeypatch.setattr(Hydra, "multirun", stops)
     code, out, err = cli("sweep", *FAST, *(search or ["pruning.sparsity=0.5,0.9"]), "hydra.sweep.dir=sw")
     assert code == 1 and "Traceback" not in err  # a study saved no best trial: it said "no trial finished ok"
-    assert err.strip().endswith("error: the sweep stopped: BrokenProcessPool: A worker process managed by the executor was "
-                                "unexpectedly terminated.; the jobs it held are recorded as failed, those not started are missing")
+    why = f"{type(stop).__name__}: {stop}" if str(stop) else type(stop).__name__
+    assert err.strip().endswith(f"error: the sweep stopped: {why}; the jobs it held are recorded as failed, those not "
+                                "started are missing")
     record = result_of(tmp_path / "sw" / "0")
-    assert record["status"] == "failed" and "the launcher's worker died" in record["error"]
+    assert record["status"] == "failed" and record["error"] == f"RuntimeError: {said} ({why})"
     assert "runs that did not finish ok" in out
 
 
