@@ -88,8 +88,9 @@ def load_run_config(run_dir: Path, key: str = "dense") -> RunConfig:
         raise ConfigError(key, f"{run_dir / CONFIG_SNAPSHOT} is damaged or not a patcli config snapshot ({why})") from error
 
 
-def find_dense(config: RunConfig) -> Path | None:
-    """The newest finished dense run under ``output_root`` whose key matches (not one continued from another run)."""
+def find_dense(config: RunConfig, warn: bool = True) -> Path | None:
+    """The newest finished dense run under ``output_root`` whose key matches (not one continued from another run);
+    ``warn``: say which matching runs are damaged (once per search that decides)."""
     key, model_dataset = config.dense_key(), config.model_dataset_hash()
     matches = []
     for path in find_record_files([Path(config.output_root)]):
@@ -100,10 +101,10 @@ def find_dense(config: RunConfig) -> Path | None:
         continued = (record.config.get("trainer") or {}).get("init_from")  # more steps than its key says
         if record.method == "dense" and record.status == "ok" and not continued and key in keys_of(record, model_dataset):
             damage = _damage(path.parent)
-            if damage:  # every baseline would fail on it, sweep after sweep: one is trained in its place
+            if not damage:
+                matches.append(path.parent)
+            elif warn:  # every baseline would fail on it, sweep after sweep: one is trained in its place
                 log.warning("the dense run %s cannot be reused (%s): a new one is trained", path.parent, damage)
-                continue
-            matches.append(path.parent)
     return max(matches, key=lambda p: (p / RESULT_FILE).stat().st_mtime) if matches else None
 
 
@@ -143,7 +144,7 @@ def resolve_dense(config: RunConfig, progress=None) -> Path:
     from .training import resolve_device
 
     key = config.dense_key()
-    if find_dense(config) is None:  # it will be trained here: a device this machine lacks is a config mistake
+    if find_dense(config, warn=False) is None:  # to be trained here: a device this machine lacks is a config mistake
         resolve_device(config.trainer.device)
     cache = Path(config.output_root) / "dense"
     cache.mkdir(parents=True, exist_ok=True)
