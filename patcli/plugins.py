@@ -63,6 +63,9 @@ def check_launcher(launcher: DictConfig) -> None:
                                                        f"{', or null (no limit)' if key == 'timeout' else ''}")
     if launcher.get("_target_") != JOBLIB_LAUNCHER:
         return
+    if launcher.get("backend") not in (None, "loky"):  # the plugin runs loky whatever is asked, without a word
+        raise ConfigError("hydra.launcher.backend", f"{launcher.backend!r} is not used: Hydra's joblib launcher always "
+                                                    "runs its jobs in loky processes; allowed: loky, or null")
     import joblib
 
     cores, n_jobs = joblib.cpu_count(), launcher.get("n_jobs", -1)
