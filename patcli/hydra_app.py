@@ -527,6 +527,16 @@ def absolute_paths(overrides: list[str]) -> list[str]:
     return rewritten
 
 
+def check_one_path_each(overrides: list[str]) -> None:
+    """A comma in a single run's path is several values to Hydra: said here, before each is made absolute, so that
+    the quoted form offered is the path as given."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+") in PATH_KEYS and re.fullmatch(r"[^'\"()\[\]{}$=]+,[^'\"()\[\]{}$=]+", value):
+            raise UsageError(f"{key}: {value} is several values; allowed: one path (a name with a comma quoted: "
+                             f"{key}='{value}'), or several runs with patcli sweep {key}={value}")
+
+
 def check_single_process() -> None:
     """Every process torchrun starts would run the whole job and write a record of its own: refuse up front."""
     world = os.environ.get("WORLD_SIZE", "1")
@@ -550,6 +560,8 @@ def launch(
     check_no_mode(overrides)
     check_no_sweeper_params(overrides)
     check_no_chdir(overrides)
+    if not multirun:
+        check_one_path_each(overrides)
     overrides = absolute_paths(overrides)
     check_group_overrides(overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="patcli"):

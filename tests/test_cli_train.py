@@ -512,6 +512,10 @@ def test_several_paths_given_to_a_single_run_are_shown_as_given(cli, tmp_path):
     code, _, err = cli("train", *TINY, "dense=/tmp/a,/tmp/b")
     assert code == 2 and err.strip() == ("error: dense: /tmp/a,/tmp/b is several values; allowed: one path (a name with a "
                                          "comma quoted: dense='/tmp/a,/tmp/b'), or several runs with patcli sweep dense=/tmp/a,/tmp/b")
+    code, _, err = cli("train", *TINY, "dataset.path=a,b.txt")  # it offered each half made absolute on its own
+    assert code == 2 and err.strip() == ("error: dataset.path: a,b.txt is several values; allowed: one path (a name with a "
+                                         "comma quoted: dataset.path='a,b.txt'), or several runs with patcli sweep "
+                                         "dataset.path=a,b.txt")
 
 
 def test_a_quoted_or_home_relative_path_is_saved_absolute(cli, tmp_path, monkeypatch):
