@@ -120,7 +120,7 @@ def plan(config: RunConfig) -> Plan:
         with engine_quiet():
             pruner = build_pruner(config, model, steps, evaluate_fn=never_called)  # pattern fits?
         pruner.detach()  # only a check: the run builds its own, and a channel scorer's model hooks must go
-        update_steps = len(pruner.schedule.update_steps())
+        update_steps = pruner.schedule.update_count()
     check_shrinks(model, pruned, data)
     if config.trainer.init_from:
         load_weights(model, check_init_from(config), "trainer.init_from")
@@ -233,9 +233,11 @@ def never_called() -> float:
 def warn_if_one_jump(schedule: Schedule, frequency: int) -> None:
     """A gradual schedule whose updates are too sparse for its ramp prunes everything at one step: say so."""
     gradual = schedule.curve(0.0) < schedule.curve(1.0) and getattr(schedule, "monotone", True)
+    if not gradual or schedule.update_count() > 1000:  # a ramp of that many updates is no jump (and long to list)
+        return
     steps = schedule.update_steps()
     rising = [t for t in steps if schedule.target(t) > schedule.initial_sparsity]
-    if not (gradual and len(rising) == 1):
+    if len(rising) != 1:
         return
     ramp = schedule.end_step - schedule.begin_step
     advice = ("schedule.end equals schedule.begin; set end later for a ramp" if ramp == 0

@@ -127,6 +127,12 @@ def test_sweep_cfg_shows_its_first_job_and_lists_what_every_job_sets(cli, tmp_pa
                                     "#   2: pruning.sparsity=0.8 scorer=magnitude", "#   3: pruning.sparsity=0.8 scorer=movement"]
 
 
+def test_a_run_of_very_many_steps_is_checked_without_walking_them(cli, tmp_path):
+    """The check listed every step's mask update: trainer.epochs=10**20 (a few zeros too many) never finished."""
+    code, out, err = cli("train", "--cfg", f"trainer.epochs={10**20}")
+    assert code == 0 and yaml.safe_load(out)["trainer"]["epochs"] == 10**20, err
+
+
 def test_cfg_lines_wider_than_the_terminal_stay_whole_so_the_output_stays_yaml(cli, tmp_path):
     folder = "a_folder_name_long_enough_to_pass_the_width_a_console_wraps_lines_at_when_its_output_goes_to_a_pipe" * 2
     code, out, _ = cli("train", "--cfg", f"output_root={folder}")

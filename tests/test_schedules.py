@@ -1,5 +1,7 @@
 """Schedules equal their closed forms and change masks at exactly the documented steps."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -111,3 +113,20 @@ def test_alternating_phase_lengths_in_steps_are_lengths_not_steps_of_the_run():
         bound("alternating", total=20, frequency=1, begin=2, compressed=21, decompressed=2, final=5)
     with pytest.raises(ScheduleError, match=r"^schedule.final: the final phase \(20 steps\) starts at step 0, not after the warm-up"):
         bound("alternating", total=20, frequency=1, begin=2, compressed=4, decompressed=2, final=20)
+
+
+@pytest.mark.parametrize("name", SCHEDULES.names())
+def test_update_steps_listed_and_counted_equal_the_walk_over_every_step(name):
+    """They were found by walking every step: trainer.epochs=10**20 never got past the config check."""
+    cls, checked = SCHEDULES.get(name), 0
+    for total, frequency, begin, end, phase in itertools.product([1, 7, 101], [1, 3, 60], [0, 0.1, 5], [0.3, 1.0, 40],
+                                                                 [1, 0.05, 4]):
+        settings = {"oneshot": {}, "fixed": {}, "alternating": {"compressed": phase, "decompressed": phase}}.get(name, {"end": end})
+        try:
+            schedule = cls(**settings, **({} if name == "fixed" else {"begin": begin})).bind(total, 0.9, frequency)
+        except ScheduleError:  # a phase or ramp that does not fit the run
+            continue
+        walk = [t for t in range(schedule.begin_step, schedule.end_step + 1) if schedule.is_update_step(t)]
+        assert schedule.update_steps() == walk and schedule.update_count() == len(walk), (total, frequency, begin, end, phase)
+        checked += 1
+    assert checked >= 30

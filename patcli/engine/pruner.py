@@ -255,8 +255,8 @@ class Pruner:
         self._handles: list = []
         self._detached = False  # set by detach(): attach() then takes the weights as they are
         self.check_reachable()  # the final target under the caps: said now, not at an update late in training
-        if not self.regrowth.monotone and not self.regrowth.replaces_schedule and len(self.schedule.update_steps()) < 2:
-            times = "once" if self.schedule.update_steps() else "never"
+        if not self.regrowth.monotone and not self.regrowth.replaces_schedule and self.schedule.update_count() < 2:
+            times = "once" if self.schedule.update_count() else "never"
             raise ScheduleError("regrowth", f"{self.regrowth.name} re-chooses the masks at each mask update after the "
                                 f"first, and schedule={self.schedule.name} updates them {times}, so no pruned weight could "
                                 "return; allowed: a schedule that updates the masks again (e.g. constant or agp), or "

@@ -124,7 +124,14 @@ class Schedule:
         return True
 
     def update_steps(self) -> list[int]:
-        return [t for t in range(self.begin_step, self.end_step + 1) if self.is_update_step(t)]
+        """Every step whose mask update the schedule asks for, listed without walking the run step by step."""
+        steps = list(range(self.begin_step, self.end_step + 1, self.frequency))
+        return steps if steps[-1:] == [self.end_step] else [*steps, self.end_step]
+
+    def update_count(self) -> int:
+        """len(update_steps()), counted: a run of many steps (trainer.epochs=10**9) would list millions."""
+        span = self.end_step - self.begin_step
+        return span // self.frequency + 1 + (span % self.frequency != 0)
 
 
 AGP_POWER = 3.0  # Zhu & Gupta's cubic ramp
@@ -288,6 +295,12 @@ class Alternating(Schedule):
     def masks_enforced(self, t: int) -> bool:
         return self.phase(t) == "compressed"
 
+    def update_steps(self) -> list[int]:  # where each compressed phase starts, and the final one
+        return [*range(self.begin_step, self.end_step, self.compressed_steps + self.decompressed_steps), self.end_step]
+
+    def update_count(self) -> int:
+        return -(-(self.end_step - self.begin_step) // (self.compressed_steps + self.decompressed_steps)) + 1
+
 
 @SCHEDULES.register("fixed")
 @dataclass
@@ -301,3 +314,9 @@ class Fixed(Schedule):
 
     def is_update_step(self, t: int) -> bool:
         return False
+
+    def update_steps(self) -> list[int]:
+        return []
+
+    def update_count(self) -> int:
+        return 0
