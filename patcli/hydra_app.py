@@ -688,14 +688,12 @@ def checked_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunCon
 
 
 def check_trial_folders(cfg: DictConfig) -> None:
-    """A study's trials are known only as they run: a hydra.sweep.subdir the same for two trial numbers gives every
-    trial one folder (one named by the trial's values differs where they do)."""
+    """A study's trials are known only as they run: a hydra.sweep.subdir with no interpolation gives every trial one
+    folder (one that reads the trial's number, values or settings differs where they do)."""
     subdir = str(OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir"))
-    folder = job_subdir(cfg, 0) if "override_dirname" not in subdir else None
-    if folder is not None and folder == job_subdir(cfg, 1):
-        raise UsageError(f"hydra.sweep.subdir: {subdir!r} is the same folder ({folder}) for every trial, so each would "
-                         "overwrite the one before; allowed: a name with the trial's number, e.g. ${hydra.job.num} "
-                         "(the default)")
+    if "${" not in subdir:
+        raise UsageError(f"hydra.sweep.subdir: {subdir!r} is the same folder for every trial, so each would overwrite "
+                         "the one before; allowed: a name with the trial's number, e.g. ${hydra.job.num} (the default)")
 
 
 def sweep_jobs(overrides: list[str], cfg: DictConfig) -> list[list[str]] | None:
