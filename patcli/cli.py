@@ -125,6 +125,7 @@ def sweep(
     Parallel jobs: hydra/launcher=joblib; SLURM: hydra/launcher=submitit_slurm (extras "sweep", "slurm" of the checkout: pip install -e ".\\[sweep]").
     Jobs go to output_root/multirun/<date>/<time>-<id>/<n>/ (hydra.sweep.dir=DIR to choose).
     """
+    from .records import find_record_files
     from .sweeps import best_trial
 
     result = _run(ctx.args, multirun=True, show_config=cfg)
@@ -135,7 +136,8 @@ def sweep(
         print_error("the sweep launched no jobs")
         raise typer.Exit(code=2)
     # a study chooses on validation, so its table shows validation; the best trial's test metric is reported once
-    show_comparison(result.record_paths, None, "val" if result.study else "test", "table", None, None)
+    if not result.stopped or any(find_record_files(result.record_paths)):  # a launcher may stop before any job is recorded
+        show_comparison(result.record_paths, None, "val" if result.study else "test", "table", None, None)
     if result.stopped:  # the jobs never started have no record: the table holds what ran (a study saved no best trial)
         console.print(f"sweep dir: {result.directory}", highlight=False, soft_wrap=True)
         print_error(f"the sweep stopped: {result.stopped}; the jobs it held are recorded as failed, those not started "

@@ -586,6 +586,20 @@ def test_a_subdir_only_the_job_can_resolve_is_left_to_the_job(tmp_path, monkeypa
         assert job_subdir(composed, 0) == "7"
 
 
+def test_a_launcher_that_stops_before_any_job_is_recorded_says_why(cli, tmp_path, monkeypatch):
+    """It said only "no run records (result.json) under ...", with exit code 2."""
+    from hydra._internal.hydra import Hydra
+
+    def stops(self, *args, **kwargs):
+        raise multiprocessing.TimeoutError()
+
+    monkeypatch.setattr(Hydra, "multirun", stops)
+    code, out, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.dir=sw")
+    assert code == 1 and err.strip() == ("error: the sweep stopped: TimeoutError; the jobs it held are recorded as failed, "
+                                         "those not started are missing"), err
+    assert out.strip().splitlines()[-1] == f"sweep dir: {tmp_path}/sw"
+
+
 class UncompletedJobError(RuntimeError):
     """submitit's, by name: its launcher is an extra the tests do not install."""
 
