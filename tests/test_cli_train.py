@@ -228,8 +228,14 @@ def test_cfg_lines_wider_than_the_terminal_stay_whole_so_the_output_stays_yaml(c
                                         "patcli sweep pruning.sparsity=range(1,3)"),
         # it ran, and recorded a reversal recipe in which no weight could return
         ("regrowth=reversal schedule=oneshot", "regrowth: reversal re-chooses the masks at each mask update after the "
-                                               "first, and schedule=oneshot updates them once, so no pruned weight could "
-                                               "return; allowed: a schedule that updates the masks again"),
+                                               "first that prunes, and this run's schedule=oneshot prunes at 1 (steps "
+                                               "0–0, frequency=50), so no pruned weight could return; allowed: more "
+                                               "updates that prune (a later schedule end, a lower frequency or a longer "
+                                               "run), or regrowth=none"),
+        # an update at step 0 prunes nothing: one at step 30 is the only one that prunes
+        ("regrowth=reversal trainer.optimizer=sgd", "regrowth: reversal re-chooses the masks at each mask update after "
+                                                    "the first that prunes, and this run's schedule=agp prunes at 1 "
+                                                    "(steps 0–30, frequency=50)"),
         ("trainer.lr=${foo}", "trainer.lr: cannot resolve its interpolation: Interpolation key 'foo' not found"),
         # it trained a dense run inside the run's own folder, found by no later run
         ("hydra.job.chdir=true", "hydra.job.chdir: true is not allowed: a run works from the directory patcli started in"),
@@ -682,7 +688,8 @@ def test_the_dense_reference_of_a_baseline_records_the_default_pruning_groups(cl
     from patcli.hydra_app import pruning_defaults
 
     code, out, err = cli("prune-post", *TINY, "baseline=pat_from_dense", "pruning.sparsity=0.5", "scorer=movement",
-                         "schedule=cubic", "allocation=lamp", "regrowth=reversal", "trainer.optimizer=sgd")
+                         "schedule=cubic", "allocation=lamp", "regrowth=reversal", "trainer.optimizer=sgd",
+                         "pruning.frequency=2")  # updates that prune after the first, for reversal to revive at
     assert code == 0, err
     assert "does not apply" not in out + err + caplog.text
     (dense,) = [d for d in (tmp_path / "outputs" / "dense").iterdir() if d.is_dir()]

@@ -13,6 +13,7 @@ from patcli.engine import REGROWTHS, REGULARIZERS, SCHEDULES, Pruner
 from patcli.engine.layouts import ChannelGroup, ChannelLayout, Slice
 from patcli.engine.regrowth import drop_fraction_at
 from patcli.engine.regularizers import soft_threshold_
+from patcli.engine.schedules import Schedule, ScheduleError
 
 from conftest import result_of, run_dir_of
 
@@ -28,6 +29,32 @@ def step(model, optimizer, generator):
     optimizer.zero_grad()
     nn.functional.cross_entropy(model(inputs), targets).backward()
     optimizer.step()
+
+
+class Milestones(Schedule):
+    """A schedule of one's own, unregistered (no name): the target at steps 0, 30 and 60, by a rule of its own."""
+
+    def curve(self, p: float) -> float:
+        return self.final_sparsity
+
+    def is_update_step(self, t: int) -> bool:
+        return t in (0, 30, 60)
+
+
+def test_a_schedule_of_ones_own_is_counted_by_its_own_rule_and_named_by_its_class():
+    """Counted by the base class's stride (one update) it was refused under reversal, whose message then crashed on
+    the missing name."""
+    model = tiny()
+    pruner = Pruner(model, sparsity=0.5, schedule=Milestones(begin=0, end=60), total_steps=80, frequency=50,
+                    regrowth=REGROWTHS.get("reversal")()).attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert pruner.schedule.update_steps() == [0, 30, 60] and pruner.schedule.update_count() == 3
+
+    class Once(Milestones):
+        def is_update_step(self, t: int) -> bool:
+            return t == 0
+
+    with pytest.raises(ScheduleError, match=r"^regrowth: reversal re-chooses .* this run's schedule=Once prunes at 1 "):
+        Pruner(model, sparsity=0.5, schedule=Once(begin=0, end=60), total_steps=80, regrowth=REGROWTHS.get("reversal")())
 
 
 def test_reversal_brings_back_a_pruned_weight_whose_gradient_pushes_it_up():

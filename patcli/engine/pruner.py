@@ -255,18 +255,29 @@ class Pruner:
         self._handles: list = []
         self._detached = False  # set by detach(): attach() then takes the weights as they are
         self.check_reachable()  # the final target under the caps: said now, not at an update late in training
-        if not self.regrowth.monotone and not self.regrowth.replaces_schedule and self.schedule.update_count() < 2:
-            times = "once" if self.schedule.update_count() else "never"
-            raise ScheduleError("regrowth", f"{self.regrowth.name} re-chooses the masks at each mask update after the "
-                                f"first, and schedule={self.schedule.name} updates them {times}, so no pruned weight could "
-                                "return; allowed: a schedule that updates the masks again (e.g. constant or agp), or "
-                                "regrowth=none")
+        if not self.regrowth.monotone and not self.regrowth.replaces_schedule:
+            self.check_revivable()
         if self.regrowth.replaces_schedule:
             self.regrowth.bind(total_steps)
             self._adopt([k.reshape(-1) for k in self.regrowth.initial_masks(self.masks.weights, sparsity, max_layer_sparsity)])
         if self.regularizer is not None:
             self.regularizer.check(self.layout)
             self.regularizer.bind(total_steps)
+
+    def check_revivable(self) -> None:
+        """Reversal revives weights at the updates after the first that prunes: a schedule with fewer than two such
+        updates ran as plain pruning, under a reversal recipe's name."""
+        schedule = self.schedule
+        if schedule.update_count() > 1000:  # a ramp of that many updates prunes at more than one of them
+            return
+        pruning = sum(schedule.target(t) > 0 for t in schedule.update_steps())
+        if pruning < 2:
+            name = getattr(schedule, "name", type(schedule).__name__)  # a schedule of one's own may have none
+            raise ScheduleError("regrowth", f"{getattr(self.regrowth, 'name', 'reversal')} re-chooses the masks at each "
+                                f"mask update after the first that prunes, and this run's schedule={name} prunes at "
+                                f"{pruning} (steps {schedule.begin_step}–{schedule.end_step}, frequency="
+                                f"{schedule.frequency}), so no pruned weight could return; allowed: more updates that "
+                                "prune (a later schedule end, a lower frequency or a longer run), or regrowth=none")
 
     def check_model(self) -> None:
         """The weights are still the model's, in the dtype and on the device the masks were made for: checked at

@@ -124,14 +124,22 @@ class Schedule:
         return True
 
     def update_steps(self) -> list[int]:
-        """Every step whose mask update the schedule asks for, listed without walking the run step by step."""
+        """Every step whose mask update the schedule asks for, listed without walking the run step by step (a
+        schedule of one's own with a rule of its own is walked)."""
+        if type(self).is_update_step is not Schedule.is_update_step:
+            return self.walked_update_steps()
         steps = list(range(self.begin_step, self.end_step + 1, self.frequency))
         return steps if steps[-1:] == [self.end_step] else [*steps, self.end_step]
 
     def update_count(self) -> int:
         """len(update_steps()), counted: a run of many steps (trainer.epochs=10**9) would list millions."""
+        if type(self).is_update_step is not Schedule.is_update_step:
+            return len(self.walked_update_steps())
         span = self.end_step - self.begin_step
         return span // self.frequency + 1 + (span % self.frequency != 0)
+
+    def walked_update_steps(self) -> list[int]:
+        return [t for t in range(self.begin_step, self.end_step + 1) if self.is_update_step(t)]
 
 
 AGP_POWER = 3.0  # Zhu & Gupta's cubic ramp
@@ -296,9 +304,13 @@ class Alternating(Schedule):
         return self.phase(t) == "compressed"
 
     def update_steps(self) -> list[int]:  # where each compressed phase starts, and the final one
+        if type(self).is_update_step is not Alternating.is_update_step:
+            return self.walked_update_steps()
         return [*range(self.begin_step, self.end_step, self.compressed_steps + self.decompressed_steps), self.end_step]
 
     def update_count(self) -> int:
+        if type(self).is_update_step is not Alternating.is_update_step:
+            return len(self.walked_update_steps())
         return -(-(self.end_step - self.begin_step) // (self.compressed_steps + self.decompressed_steps)) + 1
 
 
