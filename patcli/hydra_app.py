@@ -130,6 +130,10 @@ def _unknown_key_error(key: str, overrides: list[str]) -> UsageError:
             keys = list(holder.keys())
             how = f"{key}.KEY=VALUE ({', '.join(keys)})" if keys else f"+{key}.KEY=VALUE"
             return UsageError(f"{key}: takes its keys one at a time; allowed: {how}")
+        if holder is not None:  # the swept options have it; the sweep's own config is composed with the default's
+            return UsageError(f"{key}: the sweep's config is composed with {parent}'s default option before each job "
+                              f"chooses its own, and the default has no such key; allowed: ++{key}=VALUE (each job's "
+                              "option must take it)")
         node = OmegaConf.select(cfg, parent) if parent else cfg
         chosen = parent in config_groups()  # its name is chosen with GROUP=OPTION, never set
         allowed = [k for k in node.keys() if k != "hydra" and not (chosen and k == "name")]

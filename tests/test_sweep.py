@@ -336,6 +336,10 @@ def test_a_storage_file_is_an_sqlite_database_only_when_empty_or_written_by_sqli
 
 
 @pytest.mark.parametrize("sweep, expected", [
+    # "unknown key; allowed: baseline.rounds, baseline.finetune_fraction, baseline.lr"
+    (["baseline=iterative,pat_from_dense", "baseline.finetune_fraction=0.5"], "baseline.finetune_fraction: the sweep's "
+     "config is composed with baseline's default option before each job chooses its own, and the default has no such "
+     "key; allowed: ++baseline.finetune_fraction=VALUE (each job's option must take it)"),
     # "pruning.sparsity: unknown key", without the job: as if no run had a sparsity
     (["pruning=unstructured,none", "pruning.sparsity=0.5,0.9"], "pruning.sparsity: pruning=none trains the dense reference, "
      "which has no sparsity to set; allowed: leave it out (a sweep over dense and pruned runs: +experiment=pat_vs_post, or "
