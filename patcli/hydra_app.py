@@ -430,14 +430,14 @@ def check_keys_given(overrides: list[str]) -> None:
         raise UsageError(f"{keyless}: an override needs a key; allowed: KEY=VALUE, e.g. pruning.sparsity=0.9")
 
 
-def check_no_chdir(overrides: list[str]) -> None:
+def check_no_chdir(cfg: DictConfig) -> None:
     """hydra.job.chdir=true moved a run into its own folder, where a relative output_root found no dense run and
-    trained one inside the run's folder: patcli writes a run's files there itself."""
-    given = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0].strip() == "hydra.job.chdir"), None)
-    if given and given.split("=", 1)[-1].strip().lower() not in ("false", "null"):
-        raise UsageError(f"hydra.job.chdir: {given.split('=', 1)[-1]} is not allowed: a run works from the directory "
-                         "patcli started in (relative output_root, dense, dataset.path and trainer.init_from mean that "
-                         "one) and writes its files into its run folder itself; allowed: false (the default)")
+    trained one inside the run's folder: patcli writes a run's files there itself. Read composed: Hydra takes yes,
+    on and 1 for true."""
+    if cfg.hydra.job.get("chdir"):
+        raise UsageError("hydra.job.chdir: true is not allowed: a run works from the directory patcli started in "
+                         "(relative output_root, dense, dataset.path and trainer.init_from mean that one) and writes its "
+                         "files into its run folder itself; allowed: false (the default)")
 
 
 def check_no_sweeper_params(overrides: list[str]) -> None:
@@ -563,13 +563,13 @@ def launch(
     check_keys_given(overrides)
     check_no_mode(overrides)
     check_no_sweeper_params(overrides)
-    check_no_chdir(overrides)
     if not multirun:
         check_one_path_each(overrides)
     overrides = absolute_paths(overrides)
     check_group_overrides(overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="patcli"):
         cfg = compose(overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
+        check_no_chdir(cfg)
         preset = next((o for o in overrides if o.lstrip("+").startswith("experiment=")), None)
         if preset and not multirun:  # its settings are a sweep's: a single run would quietly ignore them
             raise UsageError(f"experiment: {preset} is a sweep preset; allowed: patcli sweep +{preset.lstrip('+')}")

@@ -239,6 +239,7 @@ def test_cfg_lines_wider_than_the_terminal_stay_whole_so_the_output_stays_yaml(c
         ("trainer.lr=${foo}", "trainer.lr: cannot resolve its interpolation: Interpolation key 'foo' not found"),
         # it trained a dense run inside the run's own folder, found by no later run
         ("hydra.job.chdir=true", "hydra.job.chdir: true is not allowed: a run works from the directory patcli started in"),
+        ("hydra.job.chdir=yes", "hydra.job.chdir: true is not allowed"),  # as Hydra reads it; off, no and 0 pass
         ("=0.9", "=0.9: an override needs a key; allowed: KEY=VALUE, e.g. pruning.sparsity=0.9"),  # a ValueError traceback
         # the parser's message named no override
         ("pruning.sparsity=0.5,", "pruning.sparsity: cannot parse 'pruning.sparsity=0.5,': mismatched input '<EOF>'"),
