@@ -38,6 +38,7 @@ def check_sweep_functions(overrides: list[str], cfg: DictConfig) -> None:
     """Sweep functions the sweeper would fail on once started, as one line naming the key: a range() with step 0 or
     no value, an interval() with its ends reversed, or one given to the basic sweeper, which cannot sample it."""
     basic = cfg.hydra.sweeper.get("_target_") == BASIC_SWEEPER
+    grid = str((cfg.hydra.sweeper.get("sampler") or {}).get("_target_", "")).endswith("GridSampler")
     for override in parsed_overrides(overrides, cfg):
         sweep, key = override.value(), override.get_key_element()
         if isinstance(sweep, RangeSweep):
@@ -48,6 +49,9 @@ def check_sweep_functions(overrides: list[str], cfg: DictConfig) -> None:
             if basic:
                 raise ConfigError(key, "interval() is sampled by a searching sweeper; allowed: hydra/sweeper=optuna, or "
                                        "a list a,b,c or range() with the basic sweeper")
+            if grid:
+                raise ConfigError(key, "interval() is sampled, and the grid sampler only goes through listed values; "
+                                       "allowed: choice() or range() with hydra/sweeper/sampler=grid, or another sampler")
             if sweep.start > sweep.end:
                 raise ConfigError(key, f"interval({sweep.start}, {sweep.end}) has its ends reversed; allowed: interval(low, high) with low <= high")
         if not basic and override.is_sweep_override():

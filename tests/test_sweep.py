@@ -295,12 +295,14 @@ def test_optuna_direction_must_fit_the_primary_metric(cli, tmp_path):
                                                     "(The `low` value must be larger than 0 for a log distribution"),
     ("hydra.sweeper.sampler._target_=nope.Sampler", "hydra.sweeper.sampler: Optuna's sampler cannot be made (Error locating "
                                                     "target 'nope.Sampler'"),
+    ("hydra/sweeper/sampler=grid pruning.sparsity=interval(0.5,0.9)", "pruning.sparsity: interval() is sampled, and the "
+                                                                     "grid sampler only goes through listed values"),
     ("hydra.sweeper.storage=bogus://x", "hydra.sweeper.storage: bogus://x cannot be opened here (Can't load plugin: "
                                         "sqlalchemy.dialects:bogus); allowed: sqlite:///FILE, or a database whose driver "
                                         "is installed"),
 ])
 def test_an_optuna_search_space_no_trial_could_run_is_a_one_line_error_before_the_study(cli, tmp_path, searched, expected):
-    code, _, err = cli("sweep", *FAST, "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", searched)
+    code, _, err = cli("sweep", *FAST, "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", *searched.split())
     assert code == 2 and err.startswith(f"error: {expected}") and len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []
 
