@@ -88,9 +88,11 @@ def load_run_config(run_dir: Path, key: str = "dense") -> RunConfig:
         raise ConfigError(key, f"{run_dir / CONFIG_SNAPSHOT} is damaged or not a patcli config snapshot ({why})") from error
 
 
-def find_dense(config: RunConfig, warn: bool = True) -> Path | None:
-    """The newest finished dense run under ``output_root`` whose key matches (not one continued from another run);
-    ``warn``: say which matching runs are damaged (once per search that decides)."""
+_passed_over: set[Path] = set()  # damaged dense runs already warned of
+
+
+def find_dense(config: RunConfig) -> Path | None:
+    """The newest finished dense run under ``output_root`` whose key matches (not one continued from another run)."""
     key, model_dataset = config.dense_key(), config.model_dataset_hash()
     matches = []
     for path in find_record_files([Path(config.output_root)]):
@@ -103,8 +105,9 @@ def find_dense(config: RunConfig, warn: bool = True) -> Path | None:
             damage = _damage(path.parent)
             if not damage:
                 matches.append(path.parent)
-            elif warn:  # every baseline would fail on it, sweep after sweep: one is trained in its place
-                log.warning("the dense run %s cannot be reused (%s): a new one is trained", path.parent, damage)
+            elif path.parent.resolve() not in _passed_over:  # every baseline would fail on it, sweep after sweep
+                _passed_over.add(path.parent.resolve())  # said once a process: a sweep looks for each job's dense run
+                log.warning("the dense run %s cannot be reused (%s), so it is passed over", path.parent, damage)
     return max(matches, key=lambda p: (p / RESULT_FILE).stat().st_mtime) if matches else None
 
 
@@ -144,7 +147,7 @@ def resolve_dense(config: RunConfig, progress=None) -> Path:
     from .training import resolve_device
 
     key = config.dense_key()
-    if find_dense(config, warn=False) is None:  # to be trained here: a device this machine lacks is a config mistake
+    if find_dense(config) is None:  # it will be trained here: a device this machine lacks is a config mistake
         resolve_device(config.trainer.device)
     cache = Path(config.output_root) / "dense"
     cache.mkdir(parents=True, exist_ok=True)

@@ -180,6 +180,8 @@ def test_a_cached_dense_run_missing_its_weights_or_config_is_trained_again_not_r
     assert code == 0, err
     assert result_of(tmp_path / "second")["status"] == "ok" and (dense / "model.safetensors").stat().st_size > 0
     assert (tmp_path / "second" / "run.log").read_text().count(f"{dense.name} cannot be reused") == 1  # it was said twice
+    code, _, err = cli("prune-post", *TINY, "baseline=gradient", "hydra.run.dir=third")  # the new one serves
+    assert code == 0 and "cannot be reused" not in (tmp_path / "third" / "run.log").read_text()  # "a new one is trained"
 
 
 def test_a_link_put_in_the_dense_cache_is_replaced_and_its_target_left_alone(cli, tmp_path):
