@@ -135,10 +135,11 @@ def _unknown_key_error(key: str, overrides: list[str]) -> UsageError:
                               f"chooses its own, and the default has no such key; allowed: ++{key}=VALUE (each job's "
                               "option must take it)")
         node = OmegaConf.select(cfg, parent) if parent else cfg
-        chosen = parent in config_groups()  # its name is chosen with GROUP=OPTION, never set
-        allowed = [k for k in node.keys() if k != "hydra" and not (chosen and k == "name")]
+        chosen = parent in config_groups()  # its name (pruning's mode) is chosen with GROUP=OPTION, never set
+        selector = SELECTOR.get(parent, "name")
+        allowed = [k for k in node.keys() if k != "hydra" and not (chosen and k == selector)]
         if chosen and not allowed:
-            return UsageError(f"{key}: unknown key; {parent}={node.get('name')} takes no settings")
+            return UsageError(f"{key}: unknown key; {parent}={node.get(selector)} takes no settings")
         if key == "pruning.sparsity" and node.get("mode") == "none":
             return UsageError("pruning.sparsity: pruning=none trains the dense reference, which has no sparsity to set; "
                               "allowed: leave it out (a sweep over dense and pruned runs: +experiment=pat_vs_post, or "

@@ -359,8 +359,8 @@ def test_a_storage_file_is_an_sqlite_database_only_when_empty_or_written_by_sqli
      "the searched keys are given as overrides of their own"),
     # a swept choice made the hint list the top-level keys under the typo's parent: "trainer.seed, trainer.model, ..."
     (["seed=0,1", "trainer.epoch=3"], "trainer.epoch: unknown key; allowed: trainer.epochs, trainer.max_steps"),
-    (["scorer=magnitude,movement", "pruning.sparsty=0.9"], "pruning.sparsty: unknown key; allowed: pruning.mode, "
-                                                           "pruning.sparsity"),
+    (["scorer=magnitude,movement", "pruning.sparsty=0.9"], "pruning.sparsty: unknown key; allowed: pruning.sparsity, "
+                                                           "pruning.frequency"),  # not pruning.mode, chosen with pruning=
     (["schedule=agp,cubic", "schedule.powr=2"], "schedule.powr: unknown key; allowed: schedule.begin, schedule.end"),
     (["pruning.sparsity=range(0,1,0)"], "pruning.sparsity: range(0, 1, 0) holds no value; allowed: range(start, stop, step)"),
     (["pruning.frequency=range(10,5)"], "pruning.frequency: range(10, 5, 1) holds no value"),
