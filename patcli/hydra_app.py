@@ -519,7 +519,8 @@ def absolute_paths(overrides: list[str]) -> list[str]:
     rewritten = []
     for override in overrides:
         key, _, value = override.partition("=")
-        items = [item.strip() for item in value.split(",")]  # Hydra ignores spaces around a sweep's commas
+        # Hydra ignores spaces around a sweep's commas, and takes an escaped one (\,) as part of the value
+        items = [item.strip().replace("\\,", ",") for item in re.split(r"(?<!\\),", value)]
         single = re.fullmatch(r"'([^'\\]*)'|\"([^\"\\]*)\"", value)  # one path the user quoted (spaces, commas)
         if key.lstrip("+") in PATH_KEYS and single and "$" not in value:  # an interpolation is Hydra's to resolve
             override = f"{key}={quoted(_absolute(single.group(1) or single.group(2) or ''))}"
@@ -537,7 +538,7 @@ def check_one_path_each(overrides: list[str]) -> None:
     the quoted form offered is the path as given."""
     for override in overrides:
         key, _, value = override.partition("=")
-        if key.lstrip("+") in PATH_KEYS and re.fullmatch(r"[^'\"()\[\]{}$=]+,[^'\"()\[\]{}$=]+", value):
+        if key.lstrip("+") in PATH_KEYS and re.fullmatch(r"[^'\"()\[\]{}$=]+", value) and re.search(r"(?<!\\),", value):
             raise UsageError(f"{key}: {value} is several values; allowed: one path (a name with a comma quoted: "
                              f"{key}='{value}'), or several runs with patcli sweep {key}={value}")
 

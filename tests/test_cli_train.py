@@ -539,6 +539,11 @@ def test_a_quoted_or_home_relative_path_is_saved_absolute(cli, tmp_path, monkeyp
     assert absolute_paths(["dataset.path='my data.txt'", "dense=~/runs/d", 'trainer.init_from="a,b"', "dense='${oc.env:D}'"]) == [
         f"dataset.path='{tmp_path}/my data.txt'", f"dense='{tmp_path}/home/runs/d'", f"trainer.init_from='{tmp_path}/a,b'",
         "dense='${oc.env:D}'"]  # an interpolation is left to Hydra
+    # a comma escaped for Hydra is part of the name: each half was made absolute on its own, then refused as two paths
+    assert absolute_paths(["dataset.path=x\\,y.txt", "dense=a\\,b,c"]) == [f"dataset.path='{tmp_path}/x,y.txt'",
+                                                                        f"dense='{tmp_path}/a,b','{tmp_path}/c'"]
+    code, _, err = cli("train", "--cfg", "model=gpt", "dataset=text", "dataset.path=x\\,y.txt")
+    assert code == 2 and err.startswith(f"error: dataset.path: {tmp_path}/x,y.txt is not a file;"), err
 
 
 def test_a_hydra_error_without_a_message_is_named_by_its_type():
