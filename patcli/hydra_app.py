@@ -184,7 +184,8 @@ def translate_hydra_error(error: Exception, overrides: list[str]) -> UsageError:
     """Hydra's multi-line composition messages → one line with the key and what is allowed."""
     text = str(error)
     if (given := sweeper_params_given(overrides)) and ("hydra.sweeper.params" in text or "Hydra's configuration" in text):
-        return sweeper_params_error(given)  # a preset's search space given a key of its own, or one swept key by key
+        named = [o for o in overrides if f"'{o.lstrip('+~').split('=', 1)[0]}'" in text]  # the one Hydra's message names
+        return sweeper_params_error(named[0] if named else given)  # a key the preset's space lacks, or one swept
     missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
     if missing:
         return _group_error(missing.group(1), missing.group(2))

@@ -357,6 +357,8 @@ def test_a_storage_file_is_an_sqlite_database_only_when_empty_or_written_by_sqli
      "searched keys are given as overrides of their own"),
     (["+experiment=tune_schedule", 'hydra.sweeper.params={pruning.sparsity: "interval(0.1,0.9)"}'], "hydra.sweeper.params: "
      "the searched keys are given as overrides of their own"),
+    (["+experiment=pat_vs_post", "hydra.sweeper.params.seed='0'", "hydra.sweeper.params.pruning.sparsity='0.5'"],
+     "hydra.sweeper.params.pruning.sparsity: the searched keys"),  # it named params.seed, which the preset's space has
     # a swept choice made the hint list the top-level keys under the typo's parent: "trainer.seed, trainer.model, ..."
     (["seed=0,1", "trainer.epoch=3"], "trainer.epoch: unknown key; allowed: trainer.epochs, trainer.max_steps"),
     (["scorer=magnitude,movement", "pruning.sparsty=0.9"], "pruning.sparsty: unknown key; allowed: pruning.sparsity, "
