@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import re
 import secrets
+import shutil
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -280,20 +281,35 @@ def run_dir_key(overrides: list[str], multirun: bool) -> str:
     return key if any(o.lstrip("+").startswith(f"{key}=") for o in overrides) else "output_root"
 
 
-def claim_run_dir(overrides: list[str], cfg: DictConfig) -> list[str]:
-    """Take the run directory once the run is checked, and pin it for Hydra: the overrides to run with.
+@contextmanager
+def claimed_run_dir(overrides: list[str], cfg: DictConfig) -> Iterator[list[str]]:
+    """Take the run directory once the run is checked, and pin it for Hydra: yields the overrides to run with.
 
     Two runs started together into one hydra.run.dir both passed check_run_dir, and the second merged its metrics
     into the first's and replaced its files. Making the folder Hydra keeps the run's config in is atomic: one wins.
+    A run that stops before it begins (Ctrl-C while Hydra sets it up, a disk too full for Hydra's own files) gives
+    the claim back, so that a retry into the folder is not refused as a run's.
     """
     directory = Path(str(cfg.hydra.run.dir)).absolute()  # resolved once: ${now:} and ${uid:} would differ later
+    made = not os.path.isdir(directory)
     directory.mkdir(parents=True, exist_ok=True)
     try:  # Hydra's own config folder by default; with hydra.output_subdir elsewhere, an empty one as the claim
         (directory / ".hydra").mkdir()
     except FileExistsError:
         raise UsageError(f"{run_dir_key(overrides, False)}: {directory} was taken by another run started at the same "
                          "time; allowed: a directory no run uses") from None
-    return [*(o for o in overrides if not o.lstrip("+").startswith("hydra.run.dir=")), f"hydra.run.dir={quoted(str(directory))}"]
+    try:
+        yield [*(o for o in overrides if not o.lstrip("+").startswith("hydra.run.dir=")), f"hydra.run.dir={quoted(str(directory))}"]
+    except BaseException:
+        log = directory / "run.log"
+        unstarted = {".hydra", "run.log"} if os.path.isfile(log) and os.path.getsize(log) == 0 else {".hydra"}
+        if set(os.listdir(directory)) <= unstarted:  # Hydra's own files alone: no record, no metrics, no log line
+            shutil.rmtree(directory / ".hydra", ignore_errors=True)
+            for name in unstarted - {".hydra"}:
+                (directory / name).unlink(missing_ok=True)
+            if made:
+                directory.rmdir()
+        raise
 
 
 # Made in a sweep's folder, atomically, before its jobs start: one sweep per folder, and a folder known as a sweep's
@@ -318,8 +334,9 @@ def claimed_sweep_dir(overrides: list[str], directory: Path) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if os.listdir(directory) == [SWEEP_MARK]:
-            (directory / SWEEP_MARK).unlink()
+        if set(os.listdir(directory)) <= {SWEEP_MARK, "multirun.yaml"}:  # no job began (Ctrl-C while workers start)
+            for name in (SWEEP_MARK, "multirun.yaml"):
+                (directory / name).unlink(missing_ok=True)
             if made:
                 directory.rmdir()
         raise
@@ -592,15 +609,15 @@ def launch(
             if show_config:
                 return as_yaml(cfg)
             check_device_here(config)
-            overrides = claim_run_dir(overrides, cfg)
         try:
             if multirun:
                 return multirun_sweep(overrides, cfg)
-            _single_run_errors.clear()
-            returned = GlobalHydra.instance().hydra.run(CONFIG_NAME, task, overrides)
-            if _single_run_errors:
-                raise _single_run_errors.pop()
-            return returned
+            with claimed_run_dir(overrides, cfg) as pinned:
+                _single_run_errors.clear()
+                returned = GlobalHydra.instance().hydra.run(CONFIG_NAME, task, pinned)
+                if _single_run_errors:
+                    raise _single_run_errors.pop()
+                return returned
         except (MissingConfigException, ConfigCompositionException, OverrideParseException) as error:
             raise translate_hydra_error(error, overrides) from error
 

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -370,6 +371,31 @@ def test_a_hydra_output_subdir_nested_or_the_run_folder_itself_still_holds_the_r
     code, out, err = cli("train", *TINY, "hydra.run.dir=run", f"hydra.output_subdir={subdir}")
     assert code == 0, err
     assert {"config.yaml", "hydra.yaml", "overrides.yaml"} <= {p.name for p in (tmp_path / "run" / subdir).iterdir()}
+
+
+@pytest.mark.parametrize("stop, exit_code", [(KeyboardInterrupt(), 130), (OSError(27, "File too large"), 1)],
+                         ids=["ctrl-c", "disk full"])
+def test_a_run_that_stops_before_it_begins_gives_its_folder_back(cli, tmp_path, monkeypatch, stop, exit_code):
+    """Ctrl-C while Hydra set the run up left .hydra behind, and a retry into the folder was refused as a run's; a disk
+    too full for Hydra's own snapshot ended in a traceback, with the same leftover."""
+    from hydra._internal.hydra import Hydra
+
+    run = Hydra.run
+
+    def stops(self, config_name, task_function, overrides, *args, **kwargs):
+        snapshot = Path(next(o for o in overrides if o.startswith("hydra.run.dir=")).split("=", 1)[1].strip("'")) / ".hydra"
+        (snapshot / "hydra.yaml").write_text("hydra:\n  run:\n")  # Hydra's own file, cut short
+        stop.filename = str(snapshot / "hydra.yaml")
+        raise stop
+
+    monkeypatch.setattr(Hydra, "run", stops)
+    code, _, err = cli("train", *TINY, "hydra.run.dir=run")
+    said = "error: interrupted" if exit_code == 130 else f"error: {tmp_path}/run/.hydra/hydra.yaml: File too large"
+    assert code == exit_code and err.startswith(said) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(Hydra, "run", run)
+    code, out, err = cli("train", *TINY, "hydra.run.dir=run")
+    assert code == 0 and result_of(tmp_path / "run")["status"] == "ok", err
 
 
 def test_a_run_folder_whose_name_ends_in_a_backslash_runs(cli, tmp_path):

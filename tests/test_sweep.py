@@ -594,6 +594,22 @@ def test_a_subdir_only_the_job_can_resolve_is_left_to_the_job(tmp_path, monkeypa
         assert job_subdir(composed, 0) == "7"
 
 
+def test_a_sweep_stopped_before_any_job_began_gives_its_folder_back(cli, tmp_path, monkeypatch):
+    """Ctrl-C while joblib's workers started left .patcli-sweep and multirun.yaml, and a retry was refused as a sweep's."""
+    from hydra._internal.hydra import Hydra
+
+    def stops(self, config_name, task_function, overrides, *args, **kwargs):
+        folder = Path(next(o for o in overrides if o.startswith("hydra.sweep.dir=")).split("=", 1)[1].strip("'"))
+        (folder / "multirun.yaml").write_text("hydra:\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Hydra, "multirun", stops)
+    code, _, err = cli("sweep", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.dir=sw")
+    assert code == 130 and not (tmp_path / "sw").exists(), err
+    code, _, err = cli("sweep", "--cfg", *FAST, "pruning.sparsity=0.5,0.9", "hydra.sweep.dir=sw")
+    assert code == 0, err
+
+
 def test_a_launcher_that_stops_before_any_job_is_recorded_says_why(cli, tmp_path, monkeypatch):
     """It said only "no run records (result.json) under ...", with exit code 2."""
     from hydra._internal.hydra import Hydra
