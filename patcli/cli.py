@@ -348,13 +348,17 @@ def export(
     from .export import export_run
 
     try:
-        record = export_run(run_dir, measure_latency=latency)
+        with terminate_as_interrupt():  # SIGTERM too goes through the cleanup of the export's temporary folder
+            record = export_run(run_dir, measure_latency=latency)
     except ConfigError as error:
         print_error(str(error))
         raise typer.Exit(code=2) from None
     except WriteError as error:  # a full disk: the older export and the record stay as they were
         print_error(str(error))
         raise typer.Exit(code=1) from None
+    except KeyboardInterrupt as stop:
+        print_error("interrupted (the older export and the record stay as they were)")
+        raise typer.Exit(code=143 if isinstance(stop, Terminated) else 130) from None
     console.print(f"params {record.params_total:,} → {record.params_after:,}; bytes {record.bytes_before:,} → "
                   f"{record.bytes_after:,} ({record.bytes_after / record.bytes_before:.3f}×)", highlight=False)
     for batch in (1, 64) if latency else ():  # --no-latency: the figures an earlier export measured are not shown as new

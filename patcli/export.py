@@ -71,8 +71,11 @@ def export_model(model: nn.Module, config: RunConfig, data: DataBundle, run_dir:
     # through a link, or into a folder holding more than an export (a user's notes, a run copied there): only the
     # export's own files are replaced, as swapping the folder whole would delete the rest
     in_place = final != link or (final.is_dir() and any(p.name not in EXPORT_FILES for p in final.iterdir()))
-    (final if in_place else final.parent).mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=final if in_place else final.parent, prefix=".export."))  # never shared
+    try:
+        (final if in_place else final.parent).mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=final if in_place else final.parent, prefix=".export."))  # never shared
+    except OSError as error:  # a run folder made read-only (an archived copy, a teammate's run)
+        raise WriteError(final, error.strerror or str(error)) from error
     with_default_mode(partial)
     try:
         record.bytes_before = (run_dir / MODEL_FILE).stat().st_size if (run_dir / MODEL_FILE).exists() else None

@@ -611,9 +611,12 @@ def test_an_elementwise_pattern_has_no_smaller_model_and_says_what_to_use():
 
 def test_an_export_that_cannot_be_written_is_one_line_naming_the_export_folder(cli, tmp_path, monkeypatch):
     """A full disk ended `patcli export` in two chained tracebacks naming a temporary folder deleted right after."""
+    import tempfile
+
     from safetensors import SafetensorError
 
     from patcli import runner
+    from patcli.cli import Terminated
 
     code, _, _ = cli("train", "model.hidden=[16,16]", "trainer.epochs=1", f"hydra.run.dir={tmp_path}/u")
     assert code == 0
@@ -626,6 +629,21 @@ def test_an_export_that_cannot_be_written_is_one_line_naming_the_export_folder(c
     assert code == 1 and "Traceback" not in err + out, err
     assert err.strip() == f"error: cannot write {tmp_path}/u/export: Error while serializing: IoError(Os {{ code: 28, kind: StorageFull }})"
     assert not (tmp_path / "u" / "export").exists() and not list((tmp_path / "u").glob(".export*"))
+
+    def terminated(*args, **kwargs):  # SIGTERM, as the CLI takes it: it left .export.XXXX behind
+        raise Terminated
+
+    monkeypatch.setattr(runner, "save_file", terminated)
+    code, out, err = cli("export", str(tmp_path / "u"))
+    assert code == 143 and err.strip() == "error: interrupted (the older export and the record stay as they were)", err
+    assert not list((tmp_path / "u").glob(".export*"))
+
+    def read_only(*args, **kwargs):  # a run folder made read-only (an archived copy): a PermissionError traceback
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    code, out, err = cli("export", str(tmp_path / "u"))
+    assert code == 1 and err.strip() == f"error: cannot write {tmp_path}/u/export: Permission denied", err
 
 
 def test_latency_at_batch_64_is_timed_on_64_rows_when_validation_holds_fewer(cli, tmp_path, monkeypatch):
