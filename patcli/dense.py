@@ -55,6 +55,9 @@ def check_dense_run(run_dir: Path, config: RunConfig) -> RunRecord:
     if not os.path.isfile(run_dir / CONFIG_SNAPSHOT):
         raise ConfigError("dense", f"{run_dir} has no {CONFIG_SNAPSHOT} to rebuild its model and data from")
     load_run_config(run_dir)  # readable, before anything runs
+    mismatch = snapshot_mismatch(run_dir, record)
+    if mismatch:
+        raise ConfigError("dense", f"{run_dir}: {mismatch}; allowed: a dense run whose files are intact")
     if record.model_dataset_hash != config.model_dataset_hash():  # the baseline would prune another model than it records
         raise ConfigError("dense", f"{run_dir} was trained with another model/dataset config ({record.model} on "
                                    f"{record.dataset}; {config.model_dataset_changes(record.config)}); allowed: a dense "
@@ -102,7 +105,7 @@ def find_dense(config: RunConfig) -> Path | None:
             continue
         continued = (record.config.get("trainer") or {}).get("init_from")  # more steps than its key says
         if record.method == "dense" and record.status == "ok" and not continued and key in keys_of(record, model_dataset):
-            damage = _damage(path.parent)
+            damage = _damage(path.parent, record)
             if not damage:
                 matches.append(path.parent)
             elif path.parent.resolve() not in _passed_over:  # every baseline would fail on it, sweep after sweep
@@ -124,8 +127,9 @@ def keys_of(record: RunRecord, model_dataset: str) -> set:
     return keys
 
 
-def _damage(run_dir: Path) -> str | None:
-    """What a finished dense run lacks for a baseline to start from: its weights (readable) or its config snapshot."""
+def _damage(run_dir: Path, record: RunRecord) -> str | None:
+    """What a finished dense run lacks for a baseline to start from: its weights (readable) or a config snapshot
+    that rebuilds what it trained."""
     from safetensors import SafetensorError, safe_open
 
     if not os.path.isfile(run_dir / CONFIG_SNAPSHOT):
@@ -135,6 +139,23 @@ def _damage(run_dir: Path) -> str | None:
             pass
     except (SafetensorError, OSError) as error:
         return f"{MODEL_FILE} unreadable: {error}"
+    return snapshot_mismatch(run_dir, record)
+
+
+def snapshot_mismatch(run_dir: Path, record: RunRecord) -> str | None:
+    """Why a run's config snapshot cannot rebuild what its record says it trained: unreadable, or naming another model,
+    data or trainer (cut short by a full disk, edited by hand; a baseline rebuilds its dense run from it); None when
+    it can."""
+    try:
+        snapshot = load_run_config(run_dir)
+    except ConfigError as error:
+        return error.message
+    try:
+        recorded = parse_run_config(record.config)
+    except (ConfigError, OSError):  # a record an older patcli wrote: its snapshot is what there is to go by
+        return None
+    if snapshot.model_dataset_hash() != recorded.model_dataset_hash() or snapshot.dense_key() != recorded.dense_key():
+        return f"{CONFIG_SNAPSHOT} no longer matches its record (cut short or edited)"
     return None
 
 

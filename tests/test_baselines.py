@@ -184,6 +184,25 @@ def test_a_cached_dense_run_missing_its_weights_or_config_is_trained_again_not_r
     assert code == 0 and "cannot be reused" not in (tmp_path / "third" / "run.log").read_text()  # "a new one is trained"
 
 
+@pytest.mark.parametrize("cut", ["valid YAML", "broken YAML"])
+def test_a_dense_runs_snapshot_cut_short_is_refused_when_given_and_passed_over_when_found(cli, tmp_path, cut):
+    """Cut to valid YAML, the snapshot rebuilt a model and trainer other than the run's, and the baseline's record said
+    ok with another model/data hash; broken, a dense run found in the cache stopped every baseline with exit 2."""
+    code, _, err = cli("prune-post", *TINY, "baseline=magnitude", "hydra.run.dir=first")
+    assert code == 0, err
+    (dense,) = [p for p in (tmp_path / "outputs" / "dense").iterdir() if p.is_dir()]
+    snapshot = dense / ".hydra" / "config.yaml"
+    text = snapshot.read_text()
+    snapshot.write_text(text[:text.index("trainer:") + len("trainer:\n")] if cut == "valid YAML" else text + "\n: [")
+    code, _, err = cli("prune-post", *TINY, "baseline=magnitude", f"dense={dense}")
+    why = "no longer matches its record (cut short or edited)" if cut == "valid YAML" else "is damaged or not a patcli config"
+    assert code == 2 and err.startswith(f"error: dense: {dense}") and why in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = cli("prune-post", *TINY, "baseline=magnitude", "hydra.run.dir=second")  # found in the cache
+    assert code == 0 and result_of(tmp_path / "second")["status"] == "ok", err
+    assert f"{dense.name} cannot be reused" in (tmp_path / "second" / "run.log").read_text()
+    assert result_of(tmp_path / "second")["model_dataset_hash"] == result_of(tmp_path / "first")["model_dataset_hash"]
+
+
 def test_a_link_put_in_the_dense_cache_is_replaced_and_its_target_left_alone(cli, tmp_path):
     code, _, err = cli("prune-post", *TINY, "baseline=magnitude", "hydra.run.dir=first")
     assert code == 0, err
