@@ -4,8 +4,6 @@ ends as quietly as it does later, not in a traceback through Hydra's or rich's i
 import signal
 import sys
 
-INTERRUPTED = (130, 143)  # the exit codes of Ctrl-C and SIGTERM
-
 
 def main() -> None:
     try:
@@ -15,7 +13,6 @@ def main() -> None:
         raise SystemExit(130) from None
     try:
         run_cli()
-    except SystemExit as stop:
-        if stop.code in INTERRUPTED:  # the run is recorded and the process ends: a second Ctrl-C would only break
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # into the interpreter's exit with a traceback
-        raise
+    except SystemExit:  # the command is done and its runs recorded: a Ctrl-C now (a second one, or one while a joblib
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # sweep's workers are joined at exit) would only break into the
+        raise  # interpreter's exit with a traceback

@@ -1061,14 +1061,16 @@ def test_ctrl_c_while_the_cli_loads_exits_130_without_a_traceback(monkeypatch, c
     assert stop.value.code == 130 and capsys.readouterr().err == "error: interrupted\n"
 
 
-def test_once_interrupted_the_command_ignores_a_further_ctrl_c_while_the_process_exits(monkeypatch):
-    """A second SIGINT 10 ms after the first broke into the interpreter's exit (torch's finalizers) with a traceback."""
+@pytest.mark.parametrize("exit_code", [130, 0, 1])
+def test_once_the_command_is_done_a_ctrl_c_while_the_process_exits_is_ignored(monkeypatch, exit_code):
+    """A second SIGINT 10 ms after the first broke into the interpreter's exit (torch's finalizers) with a traceback;
+    so did a first one while a finished joblib sweep's workers were joined at exit (about 2 s), with exit code 0."""
     import signal
 
     from patcli import cli, entry
 
     def stopped():
-        raise SystemExit(130)
+        raise SystemExit(exit_code)
 
     monkeypatch.setattr(cli, "main", stopped)
     before = signal.getsignal(signal.SIGINT)
