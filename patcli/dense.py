@@ -10,7 +10,9 @@ import copy
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 from filelock import FileLock
@@ -19,7 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config import ConfigError, RunConfig, parse_run_config
 from .hydra_app import pruning_defaults
-from .records import MODEL_FILE, RESULT_FILE, RecordError, RunRecord, find_record_files, read_record, status_words
+from .records import (MODEL_FILE, RESULT_FILE, RecordError, RunRecord, WriteError, find_record_files, read_record,
+                      status_words)
 
 log = logging.getLogger(__name__)
 CONFIG_SNAPSHOT = Path(".hydra") / "config.yaml"
@@ -172,7 +175,7 @@ def resolve_dense(config: RunConfig, progress=None) -> Path:
         resolve_device(config.trainer.device)
     cache = Path(config.output_root) / "dense"
     cache.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache / f"{key}.lock")):
+    with held_lock(cache / f"{key}.lock"):
         found = find_dense(config)
         if found is not None:
             return found
@@ -181,6 +184,20 @@ def resolve_dense(config: RunConfig, progress=None) -> Path:
             raise FloatingPointError(f"the dense reference in {cache / key} diverged with these settings ({diverged}); "
                                      "lower trainer.lr, or delete that folder to train it again")
         return train_dense(config, cache / key, progress)
+
+
+@contextmanager
+def held_lock(path: Path) -> Iterator[None]:
+    """The file lock of one dense key; one that cannot be taken (a folder in its place) is a WriteError naming it."""
+    lock = FileLock(str(path))
+    try:
+        lock.acquire()
+    except OSError as error:
+        raise WriteError(path, error.strerror or str(error)) from error
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _diverged(run_dir: Path) -> str | None:
@@ -199,8 +216,10 @@ def train_dense(config: RunConfig, run_dir: Path, progress=None) -> Path:
 
     if run_dir.is_symlink():  # a link put there by hand: train into a folder of our own, the link's target untouched
         run_dir.unlink()
-    elif run_dir.exists():  # an attempt that never finished (interrupted, killed): its metrics would mix into this run's
+    elif run_dir.is_dir():  # an attempt that never finished (interrupted, killed): its metrics would mix into this run's
         shutil.rmtree(run_dir)
+    elif run_dir.exists():  # not an attempt of ours: left alone
+        raise WriteError(run_dir, "a file is where the dense run's folder goes; allowed: move or delete it")
     log.info("training the dense reference into %s", run_dir)
     try:
         execute(parse_run_config(dense_source(config)), run_dir, progress, label="dense reference")

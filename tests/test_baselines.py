@@ -203,6 +203,27 @@ def test_a_dense_runs_snapshot_cut_short_is_refused_when_given_and_passed_over_w
     assert result_of(tmp_path / "second")["model_dataset_hash"] == result_of(tmp_path / "first")["model_dataset_hash"]
 
 
+def test_a_file_in_the_dense_caches_way_is_left_alone_and_named_in_one_line(cli, tmp_path):
+    """A file where the dense run's folder goes, or a folder where its lock goes, ended in a traceback."""
+    import shutil
+
+    code, _, err = cli("prune-post", *TINY, "baseline=magnitude", "hydra.run.dir=first")
+    assert code == 0, err
+    (dense,) = [p for p in (tmp_path / "outputs" / "dense").iterdir() if p.is_dir()]
+    shutil.rmtree(dense)
+    dense.write_text("a note of one's own")
+    code, _, err = cli("prune-post", *TINY, "baseline=magnitude", "hydra.run.dir=second")
+    assert code == 1 and err.strip() == (f"error: cannot write outputs/dense/{dense.name}: a file is where the dense run's "
+                                         "folder goes; allowed: move or delete it"), err
+    assert dense.read_text() == "a note of one's own"
+    dense.unlink()
+    lock = dense.with_name(f"{dense.name}.lock")
+    lock.unlink()
+    lock.mkdir()
+    code, _, err = cli("prune-post", *TINY, "baseline=magnitude", "hydra.run.dir=third")
+    assert code == 1 and err.strip().startswith(f"error: cannot write outputs/dense/{dense.name}.lock: "), err
+
+
 def test_a_link_put_in_the_dense_cache_is_replaced_and_its_target_left_alone(cli, tmp_path):
     code, _, err = cli("prune-post", *TINY, "baseline=magnitude", "hydra.run.dir=first")
     assert code == 0, err
