@@ -270,7 +270,9 @@ def check_run_dir(overrides: list[str], cfg: DictConfig, multirun: bool) -> None
     root = cfg.get("output_root")  # where shared dense runs go, whatever the run dir
     if root is not None and not str(root).strip():  # runs, dense runs and sweeps would go to the filesystem's root
         raise UsageError("output_root: empty; allowed: a directory path")
-    why = root is not None and unwritable_reason(Path(str(root)) / "dense", want_dir=True)
+    baseline = (cfg.get("baseline") or {}).get("name", "none")  # a sweep's jobs may choose one of their own
+    needs_cache = multirun or (baseline != "none" and not cfg.get("dense"))
+    why = needs_cache and root is not None and unwritable_reason(Path(str(root)) / "dense", want_dir=True)
     if why:
         raise UsageError(f"output_root: {why}")
 

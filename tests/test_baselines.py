@@ -203,6 +203,18 @@ def test_a_dense_runs_snapshot_cut_short_is_refused_when_given_and_passed_over_w
     assert result_of(tmp_path / "second")["model_dataset_hash"] == result_of(tmp_path / "first")["model_dataset_hash"]
 
 
+def test_a_dense_cache_that_cannot_be_written_stops_only_the_runs_that_need_it(cli, tmp_path):
+    """train refused to run while output_root/dense, which it never writes, could not be made."""
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "dense").write_text("in the way")
+    code, _, err = cli("train", *TINY, "hydra.run.dir=run")
+    assert code == 0 and result_of(tmp_path / "run")["status"] == "ok", err
+    code, _, err = cli("prune-post", *TINY, "baseline=magnitude", "hydra.run.dir=baseline")
+    assert code == 2 and err.startswith("error: output_root: ") and len(err.strip().splitlines()) == 1, err
+    code, _, err = cli("prune-post", *TINY, "baseline=magnitude", f"dense={tmp_path}/run", "hydra.run.dir=given")
+    assert code == 2 and "dense: " in err  # a PAT run is no dense one: refused for that, not for the cache
+
+
 def test_a_file_in_the_dense_caches_way_is_left_alone_and_named_in_one_line(cli, tmp_path):
     """A file where the dense run's folder goes, or a folder where its lock goes, ended in a traceback."""
     import shutil
