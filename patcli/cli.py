@@ -82,9 +82,6 @@ def _run(args: list[str], **kwargs) -> object:
     except (FloatingPointError, WriteError) as error:  # training diverged, or a full disk: the record says failed
         print_error(f"{error}{unrecorded_note(error)}")
         raise typer.Exit(code=1) from None
-    except OSError as error:  # Hydra's own files (its config snapshot, multirun.yaml) on a full disk, before the run
-        print_error(f"{error.filename}: {error.strerror}" if error.filename else str(error))
-        raise typer.Exit(code=1) from None
     except KeyboardInterrupt as stop:
         why = getattr(stop, "unrecorded", None)
         print_error(f"interrupted (its record could not be written: {why})" if why else

@@ -155,11 +155,10 @@ def snapshot_mismatch(run_dir: Path, record: RunRecord) -> str | None:
         return error.message
     try:
         recorded = parse_run_config(record.config)
-    except (ConfigError, OSError):  # a record an older patcli wrote: its snapshot is what there is to go by
+        same = snapshot.model_dataset_hash() == recorded.model_dataset_hash() and snapshot.dense_key() == recorded.dense_key()
+    except (ConfigError, OSError):  # a record an older patcli wrote, or a text file gone: the checks after this say it
         return None
-    if snapshot.model_dataset_hash() != recorded.model_dataset_hash() or snapshot.dense_key() != recorded.dense_key():
-        return f"{CONFIG_SNAPSHOT} no longer matches its record (cut short or edited)"
-    return None
+    return None if same else f"{CONFIG_SNAPSHOT} no longer matches its record (cut short or edited)"
 
 
 def resolve_dense(config: RunConfig, progress=None) -> Path:

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import TOP_LEVEL, ConfigError, RunConfig, parse_run_config
+from .records import WriteError
 
 if TYPE_CHECKING:
     from .sweeps import SweepResult
@@ -270,8 +271,9 @@ def check_run_dir(overrides: list[str], cfg: DictConfig, multirun: bool) -> None
     root = cfg.get("output_root")  # where shared dense runs go, whatever the run dir
     if root is not None and not str(root).strip():  # runs, dense runs and sweeps would go to the filesystem's root
         raise UsageError("output_root: empty; allowed: a directory path")
-    baseline = (cfg.get("baseline") or {}).get("name", "none")  # a sweep's jobs may choose one of their own
-    needs_cache = multirun or (baseline != "none" and not cfg.get("dense"))
+    baseline = OmegaConf.select(cfg, "baseline.name", default="none", throw_on_resolution_failure=False)
+    dense = OmegaConf.select(cfg, "dense", throw_on_resolution_failure=False)  # validate says what fails to resolve
+    needs_cache = multirun or (baseline != "none" and not dense)  # a sweep's jobs may choose a baseline of their own
     why = needs_cache and root is not None and unwritable_reason(Path(str(root)) / "dense", want_dir=True)
     if why:
         raise UsageError(f"output_root: {why}")
@@ -616,7 +618,10 @@ def launch(
                 return multirun_sweep(overrides, cfg)
             with claimed_run_dir(overrides, cfg) as pinned:
                 _single_run_errors.clear()
-                returned = GlobalHydra.instance().hydra.run(CONFIG_NAME, task, pinned)
+                try:
+                    returned = GlobalHydra.instance().hydra.run(CONFIG_NAME, task, pinned)
+                except OSError as error:  # Hydra's own files (its config snapshot) on a full disk: the job's go to its record
+                    raise WriteError(error.filename or cfg.hydra.run.dir, error.strerror or str(error)) from error
                 if _single_run_errors:
                     raise _single_run_errors.pop()
                 return returned
@@ -667,6 +672,8 @@ def multirun_sweep(overrides: list[str], cfg: DictConfig) -> SweepResult:
                 raise  # the storage or, for a study in memory, the records tell it
             save_stored_best(cfg.hydra.sweeper, Path(directory))
             returns = None
+        except OSError as error:  # Hydra's own multirun.yaml on a full disk: each job's errors go to its record
+            raise WriteError(error.filename or directory, error.strerror or str(error)) from error
     return SweepResult(Path(directory), job_dirs(returns), study=study)
 
 
@@ -692,7 +699,7 @@ def checked_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunCon
         if local and on_this_machine:
             check_device_here(config)
         if local:
-            check_trial_folders(cfg)
+            check_trial_folders(overrides, cfg)
         check_dense_cache_outside(cfg, [config])
         return None, [], []
     composed, configs = [], []
@@ -713,13 +720,21 @@ def checked_sweep(overrides: list[str], cfg: DictConfig, check: Callable[[RunCon
     return jobs, composed, configs
 
 
-def check_trial_folders(cfg: DictConfig) -> None:
-    """A study's trials are known only as they run: a hydra.sweep.subdir with no interpolation gives every trial one
-    folder (one that reads the trial's number, values or settings differs where they do)."""
+def check_trial_folders(overrides: list[str], cfg: DictConfig) -> None:
+    """A study's trials are known only as they run: a hydra.sweep.subdir the same for two trial numbers gives every
+    trial one folder, unless it reads a searched key (or the override_dirname of the trial's values), which differs
+    where the trials do."""
+    from .sweeps import parsed_overrides
+
     subdir = str(OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir"))
-    if "${" not in subdir:
-        raise UsageError(f"hydra.sweep.subdir: {subdir!r} is the same folder for every trial, so each would overwrite "
-                         "the one before; allowed: a name with the trial's number, e.g. ${hydra.job.num} (the default)")
+    searched = [o.get_key_element() for o in parsed_overrides(overrides, cfg) if o.is_sweep_override()]
+    if "override_dirname" in subdir or any(key in subdir for key in searched):
+        return
+    folder = job_subdir(cfg, 0)
+    if folder is not None and folder == job_subdir(cfg, 1):
+        raise UsageError(f"hydra.sweep.subdir: {subdir!r} is the same folder ({folder}) for every trial, so each would "
+                         "overwrite the one before; allowed: a name with the trial's number, e.g. ${hydra.job.num} "
+                         "(the default)")
 
 
 def sweep_jobs(overrides: list[str], cfg: DictConfig) -> list[list[str]] | None:

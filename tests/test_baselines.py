@@ -215,6 +215,25 @@ def test_a_dense_cache_that_cannot_be_written_stops_only_the_runs_that_need_it(c
     assert code == 2 and "dense: " in err  # a PAT run is no dense one: refused for that, not for the cache
 
 
+def test_a_dense_value_that_cannot_resolve_is_one_line(cli, tmp_path):
+    """Read for the cache check before validation, it ended in an InterpolationKeyError traceback."""
+    code, _, err = cli("prune-post", *TINY, "baseline=magnitude", "dense=${nope}")
+    assert code == 2 and err.strip() == "error: dense: cannot resolve its interpolation: Interpolation key 'nope' not found"
+
+
+def test_a_given_dense_run_whose_text_file_is_gone_is_named_as_another_dataset(cli, tmp_path, monkeypatch):
+    """The snapshot check read the gone file first and blamed dataset.path, a path the user never gave."""
+    monkeypatch.setenv("PATCLI_CACHE", str(tmp_path / "cache"))
+    text = ["model=gpt", "model.d_model=16", "model.n_head=2", "dataset=text", "dataset.block_size=16", "trainer.max_steps=5"]
+    for name in ("old.txt", "new.txt"):
+        (tmp_path / name).write_text("for i in range(10):\n    print(i * i)\n" * 100)
+    code, _, err = cli("train", *text, "dataset.path=old.txt", "pruning=none", "hydra.run.dir=dense")
+    assert code == 0, err
+    (tmp_path / "old.txt").unlink()
+    code, _, err = cli("prune-post", *text, "dataset.path=new.txt", "baseline=magnitude", f"dense={tmp_path}/dense")
+    assert code == 2 and err.startswith(f"error: dense: {tmp_path}/dense was trained with another model/dataset config"), err
+
+
 def test_a_file_in_the_dense_caches_way_is_left_alone_and_named_in_one_line(cli, tmp_path):
     """A file where the dense run's folder goes, or a folder where its lock goes, ended in a traceback."""
     import shutil

@@ -390,7 +390,7 @@ def test_a_run_that_stops_before_it_begins_gives_its_folder_back(cli, tmp_path, 
 
     monkeypatch.setattr(Hydra, "run", stops)
     code, _, err = cli("train", *TINY, "hydra.run.dir=run")
-    said = "error: interrupted" if exit_code == 130 else f"error: {tmp_path}/run/.hydra/hydra.yaml: File too large"
+    said = "error: interrupted" if exit_code == 130 else f"error: cannot write {tmp_path}/run/.hydra/hydra.yaml: File too large"
     assert code == exit_code and err.startswith(said) and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
     monkeypatch.setattr(Hydra, "run", run)

@@ -187,10 +187,13 @@ def test_a_studys_best_trial_is_found_wherever_hydra_keeps_the_jobs_own_config(c
 def test_a_study_whose_trials_would_share_one_folder_is_refused_before_it_starts(cli, tmp_path):
     code, _, err = cli("sweep", *FAST, "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=2",
                        "pruning.sparsity=interval(0.3,0.9)", "hydra.sweep.subdir=x", f"hydra.sweep.dir={tmp_path}/sweep")
-    assert code == 2 and err.strip() == ("error: hydra.sweep.subdir: 'x' is the same folder for every trial, so each would "
-                                         "overwrite the one before; allowed: a name with the trial's number, e.g. "
+    assert code == 2 and err.strip() == ("error: hydra.sweep.subdir: 'x' is the same folder (x) for every trial, so each "
+                                         "would overwrite the one before; allowed: a name with the trial's number, e.g. "
                                          "${hydra.job.num} (the default)"), err
     assert list(tmp_path.iterdir()) == []
+    code, _, err = cli("sweep", "--cfg", *FAST, "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize",
+                       "pruning.sparsity=interval(0.3,0.9)", "hydra.sweep.subdir=t_${seed}")  # a key no trial changes
+    assert code == 2 and err.startswith("error: hydra.sweep.subdir: 't_${seed}' is the same folder (t_0)"), err
     for named in ("sp_${pruning.sparsity}", "${hydra.job.override_dirname}"):  # each trial's own values name its folder
         code, _, err = cli("sweep", "--cfg", *FAST, "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize",
                            "pruning.sparsity=interval(0.3,0.9)", f"hydra.sweep.subdir={named}")
