@@ -148,7 +148,7 @@ def _unknown_key_error(key: str, overrides: list[str]) -> UsageError:
                               "the sparsities of the pruned runs swept apart)")
     except Exception:
         parent, allowed = "", list(TOP_LEVEL)
-    given = next((o.lstrip("+") for o in overrides if o.split("=", 1)[0].lstrip("+") == key), f"{key}=VALUE")
+    given = next((o.lstrip("+") for o in overrides if override_key(o) == key), f"{key}=VALUE")
     if parent and not allowed:  # a node of keys of one's own, empty so far (hydra.job.env_set)
         return UsageError(f"{key}: unknown key; {parent} has none yet, a new one is added with a plus: +{given}")
     hint = "; for a model of your own: model=custom model._target_=package.Class" if key == "model._target_" else ""
@@ -186,7 +186,7 @@ def translate_hydra_error(error: Exception, overrides: list[str]) -> UsageError:
     """Hydra's multi-line composition messages → one line with the key and what is allowed."""
     text = str(error)
     if (given := sweeper_params_given(overrides)) and ("hydra.sweeper.params" in text or "Hydra's configuration" in text):
-        named = [o for o in overrides if f"'{o.lstrip('+~').split('=', 1)[0]}'" in text]  # the one Hydra's message names
+        named = [o for o in overrides if f"'{override_key(o)}'" in text]  # the one Hydra's message names
         return sweeper_params_error(named[0] if named else given)  # a key the preset's space lacks, or one swept
     missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
     if missing:
@@ -218,7 +218,7 @@ def translate_hydra_error(error: Exception, overrides: list[str]) -> UsageError:
     if isinstance(error, OverrideParseException):
         why = " ".join(text.split())
         bad = unparsable_override(overrides)
-        return UsageError(f"{bad.split('=', 1)[0].lstrip('+~')}: cannot parse {bad!r}: {why}" if bad else f"cannot parse override: {why}")
+        return UsageError(f"{override_key(bad)}: cannot parse {bad!r}: {why}" if bad else f"cannot parse override: {why}")
     return UsageError(text.splitlines()[0] if text else error.__class__.__name__)
 
 
@@ -438,6 +438,11 @@ def keep_overrides(hydra: DictConfig, run_dir: Path) -> None:
         OmegaConf.save(hydra.overrides.task, path)
 
 
+def override_key(override: str) -> str:
+    """The key an override sets, without its +, ++ or ~ (``+trainer.lr=0.1`` → ``trainer.lr``)."""
+    return override.lstrip("+~").split("=", 1)[0].strip()
+
+
 def check_no_flags(overrides: list[str]) -> None:
     """``--sparsity 0.9`` reached Hydra's parser, whose message names neither the key nor the way to write it."""
     flag = next((o for o in overrides if o.startswith("-")), None)
@@ -448,7 +453,7 @@ def check_no_flags(overrides: list[str]) -> None:
 
 def check_keys_given(overrides: list[str]) -> None:
     """``=0.9`` (a script's empty variable before it) ended in a ValueError traceback inside Hydra."""
-    keyless = next((o for o in overrides if "=" in o and not o.lstrip("+~").split("=", 1)[0].strip()), None)
+    keyless = next((o for o in overrides if "=" in o and not override_key(o)), None)
     if keyless:
         raise UsageError(f"{keyless}: an override needs a key; allowed: KEY=VALUE, e.g. pruning.sparsity=0.9")
 
@@ -473,18 +478,18 @@ def check_no_sweeper_params(overrides: list[str]) -> None:
 
 
 def sweeper_params_given(overrides: list[str]) -> str | None:
-    return next((o for o in overrides if o.lstrip("+~").split("=", 1)[0].strip().startswith("hydra.sweeper.params")), None)
+    return next((o for o in overrides if override_key(o).startswith("hydra.sweeper.params")), None)
 
 
 def sweeper_params_error(given: str) -> UsageError:
-    return UsageError(f"{given.split('=', 1)[0].lstrip('+~')}: the searched keys are given as overrides of their own on "
+    return UsageError(f"{override_key(given)}: the searched keys are given as overrides of their own on "
                       "the command line; allowed: e.g. 'pruning.sparsity=interval(0.5,0.9)' (hydra.sweeper.params is a "
                       "sweep preset's, in its YAML file, whose own keys it may set)")
 
 
 def check_no_mode(overrides: list[str]) -> None:
     """``hydra.mode=MULTIRUN`` on train ended in an AssertionError inside Hydra: the command is what chooses."""
-    if any(o.lstrip("+~").split("=", 1)[0].strip() == "hydra.mode" for o in overrides):
+    if any(override_key(o) == "hydra.mode" for o in overrides):
         raise UsageError("hydra.mode: the command sets it (train and prune-post run one job, sweep a multirun); "
                          "allowed: leave it out")
 

@@ -123,23 +123,25 @@ class Schedule:
         """Whether pruned weights are held at zero at step t; only phase-based schedules lift masks."""
         return True
 
+    def update_stride(self) -> int | None:
+        """Steps between mask updates from ``begin`` (each schedule's last one falls at ``end``); None for a rule of
+        one's own (``is_update_step`` overridden), whose steps are found one by one."""
+        return self.frequency if type(self).is_update_step is Schedule.is_update_step else None
+
     def update_steps(self) -> list[int]:
-        """Every step whose mask update the schedule asks for, listed without walking the run step by step (a
-        schedule of one's own with a rule of its own is walked)."""
-        if type(self).is_update_step is not Schedule.is_update_step:
-            return self.walked_update_steps()
-        steps = list(range(self.begin_step, self.end_step + 1, self.frequency))
-        return steps if steps[-1:] == [self.end_step] else [*steps, self.end_step]
+        """Every step whose mask update the schedule asks for, listed by stride: walking a long run step by step
+        (trainer.epochs=10**20) never ended."""
+        stride = self.update_stride()
+        if stride is None:
+            return [t for t in range(self.begin_step, self.end_step + 1) if self.is_update_step(t)]
+        return [*range(self.begin_step, self.end_step, stride), self.end_step]
 
     def update_count(self) -> int:
-        """len(update_steps()), counted: a run of many steps (trainer.epochs=10**9) would list millions."""
-        if type(self).is_update_step is not Schedule.is_update_step:
-            return len(self.walked_update_steps())
-        span = self.end_step - self.begin_step
-        return span // self.frequency + 1 + (span % self.frequency != 0)
-
-    def walked_update_steps(self) -> list[int]:
-        return [t for t in range(self.begin_step, self.end_step + 1) if self.is_update_step(t)]
+        """len(update_steps()), counted without listing them."""
+        stride = self.update_stride()
+        if stride is None:
+            return len(self.update_steps())
+        return -(-(self.end_step - self.begin_step) // stride) + 1
 
 
 AGP_POWER = 3.0  # Zhu & Gupta's cubic ramp
@@ -303,15 +305,9 @@ class Alternating(Schedule):
     def masks_enforced(self, t: int) -> bool:
         return self.phase(t) == "compressed"
 
-    def update_steps(self) -> list[int]:  # where each compressed phase starts, and the final one
-        if type(self).is_update_step is not Alternating.is_update_step:
-            return self.walked_update_steps()
-        return [*range(self.begin_step, self.end_step, self.compressed_steps + self.decompressed_steps), self.end_step]
-
-    def update_count(self) -> int:
-        if type(self).is_update_step is not Alternating.is_update_step:
-            return len(self.walked_update_steps())
-        return -(-(self.end_step - self.begin_step) // (self.compressed_steps + self.decompressed_steps)) + 1
+    def update_stride(self) -> int | None:  # each compressed phase starts with an update, the final one at end
+        own = type(self).is_update_step is Alternating.is_update_step
+        return self.compressed_steps + self.decompressed_steps if own else None
 
 
 @SCHEDULES.register("fixed")
@@ -327,8 +323,5 @@ class Fixed(Schedule):
     def is_update_step(self, t: int) -> bool:
         return False
 
-    def update_steps(self) -> list[int]:
-        return []
-
-    def update_count(self) -> int:
-        return 0
+    def update_stride(self) -> int | None:
+        return None  # no update at all: found one by one, from begin to end
